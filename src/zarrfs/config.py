@@ -1,0 +1,124 @@
+"""Every tunable of zarrfs as a documented constant, and the frozen `Config` a mount runs with.
+
+Owns: defaults and the `Config` value object. `cli` builds a `Config` from arguments and the
+environment; everything else only reads it. No I/O here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+#: Bucket holding DANDI data (blobs, zarr, dandiset metadata, published manifests).
+DEFAULT_BUCKET = "dandiarchive"
+#: Region of the public bucket; irrelevant for custom endpoints but botocore wants one.
+DEFAULT_REGION = "us-east-2"
+#: DANDI REST API, used only to resolve `draft` and `latest`.
+DEFAULT_API_URL = "https://api.dandiarchive.org/api"
+#: Manifest roots tried after `s3://<bucket>/zarr-manifest/` (see DANDI-FORMATS: Zarr manifests).
+DATALAD_MANIFEST_ROOT = "https://datasets.datalad.org/dandi/zarr-manifests/zarr-manifests-v2-sorted/"
+
+#: Reads are served in aligned blocks of this size; each block is one ranged GET and one cache item.
+BLOCK_SIZE = 1 << 20
+#: Default byte budget of the in-memory block cache.
+DEFAULT_MEMORY_CACHE_SIZE = 512 << 20
+#: Default byte budget for loaded manifest indexes (evicted ones reload from the disk cache).
+DEFAULT_MANIFEST_MEMORY = 1 << 30
+#: Concurrent S3 requests at most, across the whole mount.
+MAX_CONCURRENT_REQUESTS = 32
+#: Attempts per S3/HTTP request (first try included) for retryable failures.
+MAX_ATTEMPTS = 5
+#: First retry back-off in seconds; doubles each attempt, with full jitter, capped by RETRY_MAX_DELAY.
+RETRY_BASE_DELAY = 0.1
+RETRY_MAX_DELAY = 5.0
+#: Per-attempt deadline for one request (cancel scope around the whole request, body included).
+REQUEST_TIMEOUT = 60.0
+#: Per-attempt deadline for small metadata documents (assets.jsonld, manifests) is longer: they can be big.
+DOCUMENT_TIMEOUT = 600.0
+#: Kernel entry/attribute cache lifetimes. Content is immutable, so these are long (one day).
+ENTRY_TIMEOUT = 86400.0
+ATTR_TIMEOUT = 86400.0
+#: Lifetime of cached negative lookups (Zarr readers probe many missing keys).
+NEGATIVE_TIMEOUT = 86400.0
+#: Threads used for CPU-heavy work (manifest parsing and conversion).
+CPU_THREADS = 2
+#: Seconds `zarrfs mount` waits for a background mount to become live.
+MOUNT_READY_TIMEOUT = 120.0
+
+
+def default_cache_dir() -> Path:
+    """The per-user cache dir (XDG on Linux), e.g. ~/.cache/zarrfs."""
+    return Path(platformdirs.user_cache_dir("zarrfs", appauthor=False))
+
+
+def env_endpoint_url() -> str | None:
+    """S3 endpoint from the environment, as AWS tools read it."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """What to mount: a dandiset id and a version (`0.YYMMDD.HHMM`, `draft` or `latest`)."""
+
+    dandiset_id: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.dandiset_id}@{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class S3Settings:
+    """How to reach the bucket."""
+
+    endpoint_url: str | None = None
+    bucket: str = DEFAULT_BUCKET
+    region: str = DEFAULT_REGION
+    unsigned: bool = True
+    max_concurrency: int = MAX_CONCURRENT_REQUESTS
+    max_attempts: int = MAX_ATTEMPTS
+    request_timeout: float = REQUEST_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything one mount runs with. Built once by `cli`, never mutated."""
+
+    source: Source
+    mountpoint: Path
+    s3: S3Settings = field(default_factory=S3Settings)
+    manifest_roots: tuple[str, ...] = ()
+    api_url: str = DEFAULT_API_URL
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    memory_cache_size: int = DEFAULT_MEMORY_CACHE_SIZE
+    manifest_memory: int = DEFAULT_MANIFEST_MEMORY
+    block_size: int = BLOCK_SIZE
+    foreground: bool = False
+    debug: bool = False
+    allow_other: bool = False
+    fsname: str = "zarrfs"
+
+
+def default_manifest_roots(bucket: str) -> tuple[str, ...]:
+    """`s3://<bucket>/zarr-manifest/`, then the DataLad mirror of manifests."""
+    return (f"s3://{bucket}/zarr-manifest/", DATALAD_MANIFEST_ROOT)
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Parse `512M`, `2G`, `1.5GiB`, `1048576` into bytes. Raises ValueError on anything else."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS and t[-1:] else ""
+    number = t[: len(t) - len(unit)] if unit else t
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512M, 2G)") from None
+    if value < 0:
+        raise ValueError(f"size must not be negative: {text!r}")
+    return int(value * _SIZE_UNITS[unit])
