@@ -1,0 +1,9 @@
+"""`python -m zarrfs`: the same as the `zarrfs` command."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,314 @@
+"""Command line: arguments -> a frozen `Config`, logging, user-facing errors -> exit codes.
+
+Owns: `zarrfs mount|unmount|demo`, the `mount.zarrfs` helper for /etc/fstab, daemonizing a mount
+(the parent returns 0 only once the child reports the mount live, else prints the child's one-line
+error and exits non-zero) and exit codes. Never calls FUSE or S3 itself: `mount.serve` does.
+
+Exit codes: 0 success; 1 unexpected internal error; 2 bad usage or SOURCE; 3 dandiset or version not
+found; 4 mountpoint or FUSE problem; 5 remote data unavailable (S3/API unreachable, bad metadata).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from hashlib import sha1
+from pathlib import Path
+
+from . import __version__
+from . import config as cfg
+from .errors import DataError, MountError, UserError
+
+log = logging.getLogger("zarrfs")
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_REMOTE = 5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zarrfs",
+        description="Mount a published DANDI dandiset version read-only, every file pinned to the "
+        "exact S3 object version that was published.",
+    )
+    parser.add_argument("--version", action="version", version=f"zarrfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("mount", help="mount DANDISET@VERSION at MOUNTPOINT")
+    m.add_argument("source", metavar="SOURCE", help="000123@0.251101.1200, DANDI:000123/draft, "
+                   "https://dandiarchive.org/dandiset/000123/latest")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    add_mount_options(m)
+
+    u = sub.add_parser("unmount", help="unmount a zarrfs mount")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    u.add_argument("-z", "--lazy", action="store_true", help="detach even if busy")
+
+    d = sub.add_parser("demo", help="build a sample dandiset in an embedded local S3 and mount two "
+                       "versions side by side (Ctrl-C to stop)")
+    d.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?",
+                   help="directory to hold the mounts (default: ./zarrfs-demo)")
+    d.add_argument("--check", action="store_true",
+                   help="run the demo's checks and exit instead of waiting for Ctrl-C")
+    d.add_argument("--debug", action="store_true")
+    return parser
+
+
+def add_mount_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint-url", metavar="URL",
+                   help="S3 endpoint (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, or AWS)")
+    p.add_argument("--bucket", default=cfg.DEFAULT_BUCKET, help="bucket (default: %(default)s)")
+    p.add_argument("--region", default=cfg.DEFAULT_REGION, help="region (default: %(default)s)")
+    p.add_argument("--manifest-root", metavar="URL", action="append", dest="manifest_roots",
+                   help="where Zarr manifests live (s3://, https://, file://); repeatable, tried in "
+                   "order (default: s3://<bucket>/zarr-manifest/, then the DataLad mirror)")
+    p.add_argument("--api-url", default=cfg.DEFAULT_API_URL,
+                   help="DANDI API, only for draft/latest (default: %(default)s)")
+    p.add_argument("--cache-dir", type=Path, help=f"default: {cfg.default_cache_dir()}")
+    p.add_argument("--memory-cache-size", default="512M", metavar="SIZE",
+                   help="in-memory block cache budget (default: %(default)s)")
+    p.add_argument("--manifest-memory", default="1G", metavar="SIZE",
+                   help="budget for loaded manifest indexes (default: %(default)s)")
+    p.add_argument("--signed", action="store_true",
+                   help="sign requests with AWS credentials (default: anonymous)")
+    p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="comma-separated mount options (allow_other, endpoint_url=..., bucket=..., "
+                   "cache_dir=..., ...)")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("--debug", action="store_true", help="debug logging (implies nothing else)")
+    p.add_argument("--log-file", type=Path, help="log file of a background mount")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+
+_O_KEYS = {
+    "endpoint_url", "bucket", "region", "api_url", "cache_dir", "memory_cache_size",
+    "manifest_memory", "manifest_root", "log_file",
+}
+_O_IGNORED = {"ro", "rw", "nodev", "nosuid", "noexec", "auto", "noauto", "user", "users", "_netdev",
+              "defaults", "nofail", "exec", "dev", "suid"}
+
+
+def apply_o_options(args: argparse.Namespace) -> None:
+    """Fold `-o a,b=c` into the parsed arguments (mount(8)/fstab style)."""
+    for group in args.options:
+        for item in filter(None, (s.strip() for s in group.split(","))):
+            key, _, value = item.partition("=")
+            key = key.replace("-", "_")
+            if key == "allow_other":
+                args.allow_other = True
+            elif key in ("foreground", "debug", "signed"):
+                setattr(args, key, True)
+            elif key == "manifest_root":
+                args.manifest_roots = [*(args.manifest_roots or []), value]
+            elif key in _O_KEYS and value:
+                setattr(args, key, Path(value) if key in ("cache_dir", "log_file") else value)
+            elif key in _O_IGNORED or key.startswith("x-"):
+                continue
+            else:
+                raise UserError(f"unknown mount option {item!r}")
+
+
+def config_from_args(args: argparse.Namespace) -> cfg.Config:
+    from .dandi import parse_source
+
+    apply_o_options(args)
+    source = parse_source(args.source)
+    try:
+        memory = cfg.parse_size(args.memory_cache_size)
+        manifest_memory = cfg.parse_size(args.manifest_memory)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    endpoint = args.endpoint_url or cfg.env_endpoint_url()
+    s3 = cfg.S3Settings(endpoint_url=endpoint, bucket=args.bucket, region=args.region,
+                        unsigned=not args.signed)
+    roots = tuple(args.manifest_roots or cfg.default_manifest_roots(args.bucket))
+    for root in roots:
+        if not root.startswith(("s3://", "https://", "http://", "file:///")):
+            raise UserError(f"bad --manifest-root {root!r}: use s3://, https:// or file:///")
+    return cfg.Config(
+        source=source,
+        mountpoint=args.mountpoint.absolute(),
+        s3=s3,
+        manifest_roots=roots,
+        api_url=args.api_url.rstrip("/"),
+        cache_dir=(args.cache_dir or cfg.default_cache_dir()).absolute(),
+        memory_cache_size=memory,
+        manifest_memory=manifest_memory,
+        foreground=args.foreground,
+        debug=args.debug,
+        allow_other=args.allow_other,
+    )
+
+
+def setup_logging(debug: bool, log_file: Path | None = None) -> None:
+    handler: logging.Handler
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("botocore", "aiobotocore", "httpx", "httpcore", "urllib3", "werkzeug",
+                  "asyncio", "pyfuse3"):
+        logging.getLogger(noisy).setLevel(logging.INFO if debug else logging.WARNING)
+
+
+def _exit_code(e: BaseException) -> int:
+    if isinstance(e, UserError):
+        return e.exit_code
+    if isinstance(e, DataError):
+        return EXIT_REMOTE
+    return EXIT_INTERNAL
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"zarrfs: error: {message}", file=sys.stderr)
+    return code
+
+
+def default_log_file(config: cfg.Config) -> Path:
+    tag = sha1(str(config.mountpoint).encode()).hexdigest()[:10]
+    return config.cache_dir / "logs" / f"mount-{config.source.dandiset_id}-{tag}.log"
+
+
+def run_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .mount import check_mountpoint
+
+    config = config_from_args(args)
+    check_mountpoint(config.mountpoint)
+    if not config.foreground:
+        return _spawn_background(config, args, argv)
+    ready_fd = args.ready_fd
+    setup_logging(config.debug, args.log_file if ready_fd is not None else None)
+    try:
+        _serve_foreground(config, ready_fd)
+    except (UserError, DataError) as e:
+        if ready_fd is not None:
+            _report(ready_fd, f"ERROR {_exit_code(e)} {e}")
+        log.error("%s", e)
+        return _exit_code(e) if ready_fd is not None else _fail(str(e), _exit_code(e))
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_OK
+
+
+def _serve_foreground(config: cfg.Config, ready_fd: int | None) -> None:
+    import trio
+
+    from .mount import serve
+
+    def ready() -> None:
+        if ready_fd is not None:
+            _report(ready_fd, "READY")
+
+    trio.run(lambda: serve(config, on_ready=ready))
+
+
+def _report(fd: int, line: str) -> None:
+    try:
+        os.write(fd, (line.replace("\n", " ") + "\n").encode())
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _spawn_background(config: cfg.Config, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run the mount in a detached child; return once it reports the mount live or failed."""
+    log_file = (args.log_file or default_log_file(config)).absolute()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    read_fd, write_fd = os.pipe()
+    command = [sys.executable, "-m", "zarrfs", *argv, "--foreground",
+               "--ready-fd", str(write_fd), "--log-file", str(log_file)]
+    with open(os.devnull, "rb") as devnull, open(log_file, "ab") as log_out:
+        child = subprocess.Popen(
+            command, stdin=devnull, stdout=log_out, stderr=log_out,
+            pass_fds=(write_fd,), start_new_session=True, close_fds=True,
+        )
+    os.close(write_fd)
+    message = _wait_for_child(read_fd, child, cfg.MOUNT_READY_TIMEOUT)
+    os.close(read_fd)
+    if message == "READY":
+        return EXIT_OK
+    if child.poll() is None:
+        child.terminate()
+    if os.path.ismount(config.mountpoint):
+        _fusermount(config.mountpoint, lazy=True)
+    if message.startswith("ERROR "):
+        _, code, text = message.split(" ", 2)
+        return _fail(text, int(code))
+    return _fail(f"{message} (see {log_file})", EXIT_INTERNAL)
+
+
+def _wait_for_child(fd: int, child: subprocess.Popen[bytes], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    while b"\n" not in buffer:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return f"the mount did not become ready within {timeout:.0f} s"
+        readable, _, _ = select.select([fd], [], [], min(remaining, 1.0))
+        if readable:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                code = child.wait()
+                return f"the mount process exited with status {code} before it was ready"
+            buffer += chunk
+    return buffer.split(b"\n", 1)[0].decode("utf-8", "replace")
+
+
+def _fusermount(mountpoint: Path, *, lazy: bool) -> subprocess.CompletedProcess[str]:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool is None:
+        raise MountError("fusermount3 not found (install the fuse3 package)")
+    command = [tool, "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+def run_unmount(args: argparse.Namespace) -> int:
+    mountpoint = args.mountpoint.absolute()
+    if not os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is not mounted")
+    result = _fusermount(mountpoint, lazy=args.lazy)
+    if result.returncode != 0:
+        raise MountError(result.stderr.strip() or f"unmounting {mountpoint} failed")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "mount":
+            return run_mount(args, argv)
+        if args.command == "unmount":
+            return run_unmount(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(args)
+    except (UserError, DataError) as e:
+        return _fail(str(e), _exit_code(e))
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return EXIT_USAGE
+
+
+def mount_helper_main(argv: Sequence[str] | None = None) -> int:
+    """`mount.zarrfs SOURCE MOUNTPOINT [-o OPTIONS]`, as mount(8) calls it for fstab entries."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return main(["mount", *argv])

@@ -1,0 +1,350 @@
+"""The DANDI resolver: `SOURCE` strings -> `Source`, and a `Source` -> the pinned list of its assets.
+
+Owns: parsing the user's SOURCE spellings, parsing asset records (`assets.jsonld` items or API rows),
+mapping their S3 URLs onto the configured bucket, and resolving a version. A published version comes
+only from `dandisets/<id>/<version>/assets.jsonld` in the bucket; the REST API is used only for `latest`
+(to learn the newest published version) and `draft` (whose Zarrs are pinned to the checksum each has at
+resolution time). Never touches FUSE, and reads remote data only through `remote.Remote`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+import trio
+
+from .config import Source
+from .errors import ObjectMissing, RemoteError, SourceError, VersionNotFound
+from .manifest import is_checksum
+from .remote import Remote
+
+log = logging.getLogger(__name__)
+
+DANDISET_ID_RE = re.compile(r"^\d{6}$")
+PUBLISHED_VERSION_RE = re.compile(r"^0\.\d{6}\.\d{4}$")
+ZARR_MEDIA_TYPE = "application/x-zarr"
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_BLOB_KEY_RE = re.compile(rf"^blobs/[0-9a-f]{{3}}/[0-9a-f]{{3}}/{_UUID}$")
+_ZARR_KEY_RE = re.compile(rf"^zarr/(?P<zarr_id>{_UUID})/?$")
+_VIRTUAL_HOST_RE = re.compile(r"^(?P<bucket>.+)\.s3(?:[.-][a-z0-9-]+)?\.amazonaws\.com$")
+_PATH_STYLE_HOST_RE = re.compile(r"^s3(?:[.-][a-z0-9-]+)?\.amazonaws\.com$")
+#: Concurrent API calls while pinning the Zarrs of a draft.
+_API_CONCURRENCY = 16
+API_PAGE_SIZE = 1000
+
+
+# --- SOURCE parsing ---------------------------------------------------------------------------------
+
+
+def parse_source(text: str) -> Source:
+    """Parse `000123@0.251101.1200`, `DANDI:000123/0.251101.1200` or a dandiarchive.org URL.
+
+    VERSION is a published version (`0.YYMMDD.HHMM`), `draft` or `latest`. Raises SourceError with a
+    message showing the accepted forms.
+    """
+    t = text.strip()
+    dandiset = version = None
+    if m := re.match(r"^(?:dandi:)?(\d+)@([^/@\s]+)$", t, re.IGNORECASE):
+        dandiset, version = m.groups()
+    elif m := re.match(r"^DANDI:(\d+)/([^/\s]+)/?$", t, re.IGNORECASE):
+        dandiset, version = m.groups()
+    elif t.startswith(("https://", "http://")):
+        url = urlsplit(t)
+        parts = [p for p in url.path.split("/") if p]
+        host = url.hostname or ""
+        if host.endswith("dandiarchive.org") and len(parts) >= 3 and parts[0] == "dandiset":
+            dandiset, version = parts[1], parts[2]
+        elif host.endswith("dandiarchive.org") and len(parts) == 2 and parts[0] == "dandiset":
+            raise SourceError(f"{text!r} names no version: append /<version>, /draft or /latest")
+    if dandiset is None or version is None:
+        raise SourceError(
+            f"cannot parse SOURCE {text!r}: expected DANDISET@VERSION (000123@0.251101.1200), "
+            "DANDI:DANDISET/VERSION or https://dandiarchive.org/dandiset/DANDISET/VERSION"
+        )
+    if not DANDISET_ID_RE.match(dandiset):
+        raise SourceError(f"bad dandiset id {dandiset!r} in {text!r}: expected six digits, e.g. 000123")
+    version = version.lower() if version.lower() in ("draft", "latest") else version
+    if version not in ("draft", "latest") and not PUBLISHED_VERSION_RE.match(version):
+        raise SourceError(
+            f"bad version {version!r} in {text!r}: expected 0.YYMMDD.HHMM, 'draft' or 'latest'"
+        )
+    return Source(dandiset, version)
+
+
+# --- asset records ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AssetRecord:
+    """One asset of a resolved version: a blob (one file) or a Zarr (a directory tree).
+
+    `problem` is set when the asset is listed but cannot be served exactly (no S3 URL, no checksum
+    yet, ...); opening or listing it then fails with EIO and the problem is logged.
+    """
+
+    asset_id: str
+    path: str
+    size: int
+    mtime_ns: int
+    blob_key: str | None = None
+    blob_etag: str | None = None
+    zarr_id: str | None = None
+    zarr_checksum: str | None = None
+    problem: str | None = None
+
+    @property
+    def is_zarr(self) -> bool:
+        return self.zarr_id is not None
+
+
+def s3_key_from_url(url: str) -> str | None:
+    """The object key of an `https://<bucket>.s3[.<region>].amazonaws.com/<key>` URL, else None.
+
+    The bucket of the URL is deliberately dropped: keys are re-targeted at the configured bucket.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or parts.query:
+        return None
+    host = (parts.hostname or "").lower()
+    path = unquote(parts.path)
+    if _VIRTUAL_HOST_RE.match(host) and not _PATH_STYLE_HOST_RE.match(host):
+        key = path.lstrip("/")
+    elif _PATH_STYLE_HOST_RE.match(host):
+        _, _, key = path.lstrip("/").partition("/")
+    else:
+        return None
+    return key or None
+
+
+def check_asset_path(path: str) -> str | None:
+    """Why `path` cannot be an asset path (absolute, empty components, `.`/`..`), or None."""
+    if not path or path.startswith("/") or path.endswith("/"):
+        return "empty or absolute path"
+    for part in path.split("/"):
+        if part in ("", ".", "..") or "\0" in part:
+            return f"bad path component {part!r}"
+    return None
+
+
+def _timestamp_ns(value: object) -> int:
+    if not isinstance(value, str):
+        return 0
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return 0
+    if dt.tzinfo is None:
+        return 0
+    return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
+
+
+def parse_asset_record(record: dict[str, Any]) -> AssetRecord:
+    """Parse one `assets.jsonld` item (the `metadata` of an API asset row).
+
+    Raises ValueError when the record cannot name a path at all; problems that still allow showing the
+    asset (no usable S3 URL, missing checksum) are recorded in `problem`.
+    """
+    path = record.get("path")
+    if not isinstance(path, str) or (why := check_asset_path(path)):
+        raise ValueError(f"asset record with unusable path {path!r}")
+    asset_id = str(record.get("identifier") or str(record.get("id", "")).removeprefix("dandiasset:"))
+    size = record.get("contentSize")
+    if not isinstance(size, int) or size < 0:
+        raise ValueError(f"asset {path!r} has no valid contentSize")
+    urls = record.get("contentUrl") or []
+    if isinstance(urls, str):
+        urls = [urls]
+    keys = [k for k in (s3_key_from_url(u) for u in urls if isinstance(u, str)) if k]
+    digest = record.get("digest") or {}
+    is_zarr = record.get("encodingFormat") == ZARR_MEDIA_TYPE or any(
+        k.startswith("zarr/") for k in keys
+    )
+    if is_zarr:
+        zarr_id = next((m.group("zarr_id") for k in keys if (m := _ZARR_KEY_RE.match(k))), None)
+        checksum = digest.get("dandi:dandi-zarr-checksum")
+        problem = None
+        if zarr_id is None:
+            problem = f"no S3 URL of the form zarr/<zarr id>/ in contentUrl {urls!r}"
+        elif not isinstance(checksum, str) or not is_checksum(checksum):
+            problem = f"no valid dandi:dandi-zarr-checksum ({checksum!r})"
+            checksum = None
+        return AssetRecord(
+            asset_id=asset_id,
+            path=path,
+            size=size,
+            mtime_ns=_timestamp_ns(record.get("dateModified")),
+            zarr_id=zarr_id or "",
+            zarr_checksum=checksum,
+            problem=problem,
+        )
+    blob_key = next((k for k in keys if _BLOB_KEY_RE.match(k)), None)
+    etag = digest.get("dandi:dandi-etag")
+    return AssetRecord(
+        asset_id=asset_id,
+        path=path,
+        size=size,
+        mtime_ns=_timestamp_ns(record.get("blobDateModified") or record.get("dateModified")),
+        blob_key=blob_key,
+        blob_etag=etag if isinstance(etag, str) else None,
+        problem=None if blob_key else f"no S3 URL of the form blobs/... in contentUrl {urls!r}",
+    )
+
+
+def parse_asset_records(records: Iterable[object]) -> list[AssetRecord]:
+    """Parse many records, logging and skipping those without a usable path."""
+    assets = []
+    for record in records:
+        if not isinstance(record, dict):
+            log.warning("skipping an asset record that is not an object: %.80r", record)
+            continue
+        try:
+            assets.append(parse_asset_record(record))
+        except ValueError as e:
+            log.warning("skipping asset: %s", e)
+    return assets
+
+
+# --- resolution -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedVersion:
+    """A dandiset version with every asset pinned: what a mount shows."""
+
+    source: Source
+    assets: tuple[AssetRecord, ...]
+    dandiset_yaml: bytes | None
+    published: bool
+
+
+def version_prefix(source: Source) -> str:
+    return f"dandisets/{source.dandiset_id}/{source.version}/"
+
+
+async def resolve(source: Source, remote: Remote, *, bucket: str, api_url: str) -> ResolvedVersion:
+    """Resolve `source` to its pinned assets. Raises VersionNotFound when it does not exist."""
+    if source.version == "latest":
+        source = Source(source.dandiset_id, await _latest_version(source, remote, api_url))
+    if source.version == "draft":
+        assets = await _draft_assets(source, remote, api_url)
+    else:
+        assets = await _published_assets(source, remote, bucket)
+    yaml = await _dandiset_yaml(source, remote)
+    return ResolvedVersion(
+        source=source, assets=tuple(assets), dandiset_yaml=yaml, published=source.version != "draft"
+    )
+
+
+async def _published_assets(source: Source, remote: Remote, bucket: str) -> list[AssetRecord]:
+    key = version_prefix(source) + "assets.jsonld"
+    try:
+        data = await remote.s3.get_bytes(key)
+    except ObjectMissing:
+        raise VersionNotFound(
+            f"dandiset {source.dandiset_id} version {source.version} not found: "
+            f"no s3://{bucket}/{key}"
+        ) from None
+    try:
+        records = await trio.to_thread.run_sync(json.loads, data)
+    except ValueError as e:
+        raise RemoteError(f"s3://{bucket}/{key} is not valid JSON: {e}") from None
+    if not isinstance(records, list):
+        raise RemoteError(f"s3://{bucket}/{key} is not a JSON array of asset records")
+    return parse_asset_records(records)
+
+
+async def _dandiset_yaml(source: Source, remote: Remote) -> bytes | None:
+    key = version_prefix(source) + "dandiset.yaml"
+    try:
+        return await remote.s3.get_bytes(key)
+    except ObjectMissing:
+        log.warning("no %s: the mount will not show dandiset.yaml", key)
+        return None
+
+
+async def _api_json(remote: Remote, url: str, what: str) -> Any:
+    try:
+        return await remote.http.get_json(url)
+    except ObjectMissing:
+        raise VersionNotFound(f"{what} not found ({url})") from None
+
+
+async def _latest_version(source: Source, remote: Remote, api_url: str) -> str:
+    info = await _api_json(
+        remote, f"{api_url}/dandisets/{source.dandiset_id}/", f"dandiset {source.dandiset_id}"
+    )
+    latest = (info or {}).get("most_recent_published_version") or {}
+    version = latest.get("version")
+    if not isinstance(version, str) or not PUBLISHED_VERSION_RE.match(version):
+        raise VersionNotFound(f"dandiset {source.dandiset_id} has no published version")
+    log.info("latest published version of %s is %s", source.dandiset_id, version)
+    return version
+
+
+async def _draft_assets(source: Source, remote: Remote, api_url: str) -> list[AssetRecord]:
+    query = urlencode({"metadata": "true", "page_size": API_PAGE_SIZE})
+    url: str | None = f"{api_url}/dandisets/{source.dandiset_id}/versions/draft/assets/?{query}"
+    what = f"dandiset {source.dandiset_id} version draft"
+    records: list[object] = []
+    seen_pages: set[str] = set()
+    while url:
+        if url in seen_pages:
+            raise RemoteError(f"API pagination loops at {url}")
+        seen_pages.add(url)
+        page = await _api_json(remote, url, what)
+        for row in page.get("results") or []:
+            records.append(_record_from_api_row(row))
+        nxt = page.get("next")
+        url = nxt if isinstance(nxt, str) and nxt else None
+        if url and "metadata" not in parse_qs(urlsplit(url).query):
+            url += ("&" if "?" in url else "?") + "metadata=true"
+    assets = parse_asset_records(records)
+    pinned: dict[int, AssetRecord] = {}
+    limiter = trio.CapacityLimiter(_API_CONCURRENCY)
+
+    async def pin(i: int, asset: AssetRecord) -> None:
+        async with limiter:
+            pinned[i] = await _pin_draft_zarr(asset, remote, api_url)
+
+    async with trio.open_nursery() as nursery:
+        for i, asset in enumerate(assets):
+            if asset.is_zarr and asset.zarr_id:
+                nursery.start_soon(pin, i, asset)
+    return [pinned.get(i, a) for i, a in enumerate(assets)]
+
+
+def _record_from_api_row(row: dict[str, Any]) -> dict[str, Any]:
+    """An API asset row -> an `assets.jsonld`-shaped record (its metadata, completed from the row)."""
+    record = dict(row.get("metadata") or {})
+    record.setdefault("path", row.get("path"))
+    record.setdefault("identifier", row.get("asset_id"))
+    record.setdefault("contentSize", row.get("size"))
+    record.setdefault("dateModified", row.get("modified"))
+    if row.get("zarr") and not record.get("contentUrl"):
+        record["encodingFormat"] = ZARR_MEDIA_TYPE
+        record["contentUrl"] = [f"https://dandiarchive.s3.amazonaws.com/zarr/{row['zarr']}/"]
+    return record
+
+
+async def _pin_draft_zarr(asset: AssetRecord, remote: Remote, api_url: str) -> AssetRecord:
+    """Pin a draft Zarr to the checksum the API reports for it now."""
+    url = f"{api_url}/zarr/{asset.zarr_id}/"
+    try:
+        info = await remote.http.get_json(url)
+    except (ObjectMissing, RemoteError) as e:
+        return replace(asset, zarr_checksum=None, problem=f"cannot pin draft Zarr ({url}): {e}")
+    status, checksum = info.get("status"), info.get("checksum")
+    if status != "Complete" or not isinstance(checksum, str) or not is_checksum(checksum):
+        return replace(
+            asset,
+            zarr_checksum=None,
+            problem=f"draft Zarr is not finalized (status {status!r}, checksum {checksum!r})",
+        )
+    return replace(asset, zarr_checksum=checksum, problem=None)

@@ -1,0 +1,203 @@
+"""The pyfuse3 adapter: translates FUSE requests to `Filesystem` calls and domain errors to errno.
+
+Owns: `pyfuse3.Operations` handlers, attribute structs (modes 0555/0444, timeouts), file and directory
+handles, and the one place where `ZarrfsError` becomes `FUSEError` (`_errors`). Thin by design: no S3,
+no parsing, no cache policy. Unknown exceptions are bugs and are deliberately not converted here.
+Every write-like request fails with EROFS (the mount is also made with the `ro` option, so the kernel
+usually answers those itself).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from itertools import count
+from typing import Any
+
+import pyfuse3
+
+from . import config
+from .errors import NoAttribute, ReadOnly, ZarrfsError, errno_for
+from .filesystem import Filesystem, OpenFile, describe_object
+from .s3_reader import ObjectRef
+from .tree import Entry
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+#: Extended attributes on files: where the bytes come from.
+XATTR_URL = b"user.zarrfs.s3_url"
+XATTR_ETAG = b"user.zarrfs.etag"
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Map a domain error to FUSEError. The only translation point of zarrfs."""
+    try:
+        yield
+    except ZarrfsError as e:
+        raise pyfuse3.FUSEError(errno_for(e)) from e
+
+
+class ZarrfsOperations(pyfuse3.Operations):
+    """Read-only FUSE operations over one `Filesystem`."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        fs: Filesystem,
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+        entry_timeout: float = config.ENTRY_TIMEOUT,
+        attr_timeout: float = config.ATTR_TIMEOUT,
+        negative_timeout: float = config.NEGATIVE_TIMEOUT,
+    ) -> None:
+        super().__init__()
+        self.fs = fs
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self.negative_timeout = negative_timeout
+        self._files: dict[int, OpenFile] = {}
+        self._handles = count(1)
+
+    # --- attributes -----------------------------------------------------------------------------
+
+    def attributes(self, entry: Entry) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = entry.ino
+        attr.generation = 0
+        attr.entry_timeout = self.entry_timeout
+        attr.attr_timeout = self.attr_timeout
+        if entry.is_dir:
+            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_nlink = 2
+            attr.st_size = 0
+        else:
+            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_nlink = 1
+            attr.st_size = entry.size
+        attr.st_uid = self.uid
+        attr.st_gid = self.gid
+        attr.st_rdev = 0
+        attr.st_blksize = 1 << 17
+        attr.st_blocks = (attr.st_size + 511) // 512
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = entry.mtime_ns
+        return attr
+
+    def _negative(self) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = 0  # cached by the kernel for entry_timeout
+        attr.entry_timeout = self.negative_timeout
+        return attr
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        try:
+            entry = await self.fs.lookup(parent_inode, name)
+        except ZarrfsError as e:
+            if errno_for(e) == errno.ENOENT:
+                return self._negative()
+            raise pyfuse3.FUSEError(errno_for(e)) from e
+        return self.attributes(entry)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with _errors():
+            return self.attributes(await self.fs.getattr(inode))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        return None  # inode numbers are derived, never reused: nothing to release
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        with _errors():
+            await self.fs.opendir(inode)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        with _errors():
+            entries = await self.fs.readdir(fh, start_id)
+            for name, entry, next_id in entries:
+                if not pyfuse3.readdir_reply(token, name, self.attributes(entry), next_id):
+                    break
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        with _errors():
+            if flags & _WRITE_FLAGS:
+                raise ReadOnly("opened for writing")
+            handle = await self.fs.open(inode)
+        fh = next(self._handles)
+        self._files[fh] = handle
+        # Content is immutable: the kernel may keep its page cache across opens.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        with _errors():
+            return await self.fs.read(self._files[fh], off, size)
+
+    async def release(self, fh: int) -> None:
+        self._files.pop(fh, None)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        return None  # nothing is ever dirty
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        stats = self.fs.statfs()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_blocks = (stats.total_bytes + 4095) // 4096
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = stats.files
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return not mode & os.W_OK
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        with _errors():
+            entry = await self.fs.getattr(inode)
+        return [] if entry.is_dir else [XATTR_URL, XATTR_ETAG]
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        with _errors():
+            if name not in (XATTR_URL, XATTR_ETAG):
+                raise NoAttribute(name.decode("utf-8", "replace"))
+            entry = await self.fs.getattr(inode)
+            if entry.is_dir:
+                raise NoAttribute(name.decode("utf-8", "replace"))
+            handle = await self.fs.open(inode)
+            source = handle.source
+            if not isinstance(source, ObjectRef):
+                raise NoAttribute(name.decode("utf-8", "replace"))
+            if name == XATTR_URL:
+                return describe_object(self.fs.ns.bucket, source).encode()
+            if source.etag is None:
+                raise NoAttribute(name.decode("utf-8", "replace"))
+            return source.etag.encode()
+
+    # --- everything that would write: EROFS -------------------------------------------------------
+
+    async def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
+    write = setxattr = removexattr = create = _read_only

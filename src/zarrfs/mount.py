@@ -1,0 +1,108 @@
+"""Mount lifecycle: one AsyncExitStack, one nursery, pyfuse3 init/main/close, signals.
+
+Owns: wiring a `Config` into a running mount (remote clients, resolver, namespace, caches, FUSE
+operations), telling the waiting parent process when the mount is live (or why it failed), and tearing
+everything down on SIGINT/SIGTERM/SIGHUP or an external unmount. No domain logic lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+
+import pyfuse3
+import trio
+
+from . import config as cfg
+from .chunk_cache import BlockCache
+from .config import Config
+from .dandi import resolve
+from .errors import MountError
+from .filesystem import Filesystem
+from .fuse_ops import ZarrfsOperations
+from .manifest_cache import ManifestCache
+from .remote import Remote
+from .tree import Namespace
+
+log = logging.getLogger(__name__)
+
+#: Most FUSE requests handled concurrently.
+MAX_FUSE_TASKS = 64
+
+
+def fuse_options(config: Config) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname={config.fsname}", "subtype=zarrfs", "ro"}
+    if config.allow_other:
+        options.add("allow_other")
+    return options
+
+
+async def serve(config: Config, *, on_ready: Callable[[], None] | None = None) -> None:
+    """Resolve, mount and serve until a signal or an external unmount; always unmounts."""
+    async with AsyncExitStack() as stack:
+        remote = await stack.enter_async_context(Remote.open(config.s3))
+        resolved = await resolve(
+            config.source, remote, bucket=config.s3.bucket, api_url=config.api_url
+        )
+        namespace = Namespace(resolved, bucket=config.s3.bucket)
+        log.info(
+            "resolved %s: %d assets (%d Zarrs)",
+            resolved.source,
+            len(resolved.assets),
+            len(namespace.zarr_assets()),
+        )
+        manifests = ManifestCache(
+            remote,
+            roots=config.manifest_roots or cfg.default_manifest_roots(config.s3.bucket),
+            cache_dir=config.cache_dir,
+            memory_budget=config.manifest_memory,
+            cpu_limiter=trio.CapacityLimiter(cfg.CPU_THREADS),
+        )
+        blocks = BlockCache(config.memory_cache_size, config.block_size)
+        fs = Filesystem(namespace, manifests, blocks, remote.s3)
+        ops = ZarrfsOperations(fs)
+        try:
+            pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
+        except RuntimeError as e:
+            raise MountError(f"cannot mount at {config.mountpoint}: {e}") from None
+        stack.callback(_close)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_wait_for_signals, nursery.cancel_scope)
+            log.info("mounted %s at %s", resolved.source, config.mountpoint)
+            if on_ready is not None:
+                on_ready()
+            await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
+            nursery.cancel_scope.cancel()
+        log.info("unmounted %s", config.mountpoint)
+
+
+def _close() -> None:
+    try:
+        pyfuse3.close(unmount=True)
+    except Exception as e:  # noqa: BLE001 - teardown must finish; the mount may be gone already
+        log.warning("while unmounting: %s", e)
+
+
+async def _wait_for_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s, unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def check_mountpoint(path: os.PathLike[str] | str) -> None:
+    """Raise MountError unless `path` is an existing directory that is not already a mount."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise MountError(f"mountpoint {p} does not exist")
+    if not os.path.isdir(p):
+        raise MountError(f"mountpoint {p} is not a directory")
+    if os.path.ismount(p):
+        raise MountError(f"{p} is already a mount point")
+    if not os.access(p, os.W_OK | os.X_OK) and os.getuid() != 0:
+        raise MountError(f"mountpoint {p} is not writable by you (FUSE needs that)")
