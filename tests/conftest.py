@@ -54,9 +54,9 @@ def sample(local_s3: LocalS3) -> SampleDandiset:
 
 @pytest.fixture(scope="session")
 def fake_api(sample: SampleDandiset) -> Iterator[str]:
-    from zarrfs.fake_api import FakeDandiApi
+    from zarrfs.fake_api import FakeDandiAPI
 
-    with FakeDandiApi(sample) as api:
+    with FakeDandiAPI(sample) as api:
         yield api.url
 
 
