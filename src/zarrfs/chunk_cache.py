@@ -1,0 +1,213 @@
+"""A byte-bounded in-memory LRU of immutable blocks, with one fetch per block at a time.
+
+Owns: splitting a read of an object version into aligned blocks of `block_size` bytes, the LRU of
+those blocks (cachetools `LRUCache` sized by `len`, keyed by `(key, version_id, block_index)`),
+single-flight fetching (a `dict[key, _Flight]` of in-flight fetches: concurrent readers of one
+missing block share one fetch and get its bytes or its error), and optional sequential readahead of
+the next block.
+
+Never does: S3 or HTTP (the `fetch(ref, start, end)` callable is injected; in production it is
+`S3Reader.read_range`), invalidation (every key carries an immutable version), or caching errors.
+
+Concurrency: all state is touched only from tasks of one trio run, and never across an `await`
+between a check and the matching update, so no lock is needed. A fetch runs in the task of the
+reader that missed; if that task is cancelled, its waiters wake up and one of them fetches the block
+again (no waiter hangs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import trio
+from cachetools import LRUCache
+
+from zarrfs.errors import IntegrityError
+
+log = logging.getLogger(__name__)
+
+#: (object key, version id, block index)
+BlockKey = tuple[str, str | None, int]
+
+#: How many readahead markers are remembered (a marker is dropped when its block is first read).
+READAHEAD_MARKERS = 4096
+
+
+class BlockSource(Protocol):
+    """What the cache needs to know about an object version (`s3_reader.ObjectRef` satisfies it)."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def version_id(self) -> str | None: ...
+    @property
+    def size(self) -> int: ...
+
+
+R = TypeVar("R", bound=BlockSource)
+
+
+@dataclass(slots=True)
+class _Flight:
+    """One in-flight block fetch. `done` is set on success, error or cancellation of the fetcher."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+    error: Exception | None = None
+
+
+class BlockCache:
+    """Aligned, immutable blocks of object versions in a byte-bounded LRU."""
+
+    def __init__(self, max_bytes: int, block_size: int) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must not be negative, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.block_size = block_size
+        self._lru: LRUCache[BlockKey, bytes] = LRUCache(maxsize=max_bytes, getsizeof=len)
+        self._inflight: dict[BlockKey, _Flight] = {}
+        self._readahead: LRUCache[BlockKey, bool] = LRUCache(maxsize=READAHEAD_MARKERS)
+        self._hits = 0
+        self._misses = 0
+
+    async def read(
+        self,
+        ref: R,
+        offset: int,
+        size: int,
+        fetch: Callable[[R, int, int], Awaitable[bytes]],
+        readahead_nursery: trio.Nursery | None = None,
+    ) -> bytes:
+        """Bytes [offset, min(offset + size, ref.size)) of `ref`; b"" at or past the end.
+
+        Missing blocks are fetched concurrently with `fetch(ref, start, end)`. With
+        `readahead_nursery`, a read whose last block had to be fetched (or was itself read ahead)
+        starts fetching the next block in that nursery, so a sequential reader finds it ready.
+        """
+        if offset < 0 or size < 0:
+            raise ValueError(f"negative offset or size: {offset}, {size}")
+        end = min(offset + size, ref.size)
+        if offset >= end:
+            return b""
+        bs = self.block_size
+        first, last = offset // bs, (end - 1) // bs
+        if first == last:
+            block, sequential = await self._block(ref, first, fetch)
+            result = block[offset - first * bs : end - first * bs]
+        else:
+            blocks: list[bytes] = [b""] * (last - first + 1)
+            errors: list[Exception] = []
+            flags: list[bool] = [False] * len(blocks)
+
+            async def fill(i: int, nursery: trio.Nursery) -> None:
+                try:
+                    blocks[i], flags[i] = await self._block(ref, first + i, fetch)
+                except Exception as exc:
+                    errors.append(exc)
+                    nursery.cancel_scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                for i in range(len(blocks)):
+                    nursery.start_soon(fill, i, nursery)
+            if errors:
+                raise errors[0]
+            sequential = flags[-1]
+            data = b"".join(blocks)
+            result = data[offset - first * bs : end - first * bs]
+        if readahead_nursery is not None and sequential:
+            self._start_readahead(ref, last + 1, fetch, readahead_nursery)
+        return result
+
+    def stats(self) -> dict[str, int]:
+        """hits (blocks served without a fetch of their own), misses (fetches), bytes, items."""
+        return {
+            "hits": self._hits,
+            "misses": self._misses,
+            "bytes": int(self._lru.currsize),
+            "items": len(self._lru),
+        }
+
+    # --- internals --------------------------------------------------------------------------------
+
+    async def _block(
+        self,
+        ref: R,
+        index: int,
+        fetch: Callable[[R, int, int], Awaitable[bytes]],
+        consume_marker: bool = True,
+    ) -> tuple[bytes, bool]:
+        """Block `index` of `ref`, and whether the read looks sequential (missed, or read ahead)."""
+        key: BlockKey = (ref.key, ref.version_id, index)
+        read_ahead = self._readahead.pop(key, False) if consume_marker else False
+        while True:
+            cached = self._lru.get(key)
+            if cached is not None:
+                self._hits += 1
+                return cached, read_ahead
+            flight = self._inflight.get(key)
+            if flight is None:
+                break
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            if flight.data is not None:
+                self._hits += 1
+                return flight.data, read_ahead
+            # the fetcher was cancelled: try again (possibly becoming the fetcher)
+        self._misses += 1
+        flight = _Flight()
+        self._inflight[key] = flight
+        start = index * self.block_size
+        stop = min(start + self.block_size, ref.size)
+        try:
+            data = await fetch(ref, start, stop)
+            if len(data) != stop - start:
+                raise IntegrityError(
+                    f"{ref.key} (version {ref.version_id}): block {index} has {len(data)} bytes, "
+                    f"expected {stop - start}"
+                )
+            flight.data = data
+            if len(data) <= self.max_bytes:
+                self._lru[key] = data
+        except Exception as exc:
+            flight.error = exc
+            raise
+        finally:
+            del self._inflight[key]
+            flight.done.set()
+        return data, True
+
+    def _start_readahead(
+        self,
+        ref: R,
+        index: int,
+        fetch: Callable[[R, int, int], Awaitable[bytes]],
+        nursery: trio.Nursery,
+    ) -> None:
+        if index * self.block_size >= ref.size:
+            return
+        key: BlockKey = (ref.key, ref.version_id, index)
+        if key in self._lru or key in self._inflight:
+            return
+        self._readahead[key] = True
+        nursery.start_soon(self._read_ahead, ref, index, fetch)
+
+    async def _read_ahead(
+        self,
+        ref: R,
+        index: int,
+        fetch: Callable[[R, int, int], Awaitable[bytes]],
+    ) -> None:
+        key: BlockKey = (ref.key, ref.version_id, index)
+        if key in self._lru or key in self._inflight:
+            return
+        try:
+            await self._block(ref, index, fetch, consume_marker=False)
+        except Exception as exc:
+            # not cached: a reader that needs this block fetches it again and sees any error itself
+            log.debug("readahead of %s block %d failed: %s", ref.key, index, exc)

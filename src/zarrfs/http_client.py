@@ -1,0 +1,159 @@
+"""Plain HTTP(S) GETs of documents: the DANDI API, DataLad's manifest mirror, other metadata.
+
+Owns: the only `httpx.AsyncClient` of zarrfs (httpx runs on trio), retries of transient failures
+through `retry.retry` (transport errors, timeouts, 5xx, 429) and the translation of HTTP failures
+into zarrfs errors (404/410 -> `ObjectMissing`, any other 4xx -> `RemoteError`).
+
+Never does: S3 object versions (see `s3_reader`), caching, or interpretation of what it fetched
+beyond JSON decoding. A download is written to `dest.part` and renamed into place only when
+complete.
+
+Concurrency: one client (one connection pool) per `HttpClient`, shared by all tasks of the trio run
+that opened it; a `trio.CapacityLimiter` bounds the requests in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import trio
+
+from zarrfs import config
+from zarrfs.errors import ObjectMissing, RemoteError
+from zarrfs.retry import retry
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Bytes per chunk of a streamed download.
+DOWNLOAD_CHUNK = 1 << 20
+#: Bodies larger than this are JSON-decoded in a worker thread.
+THREAD_DECODE_THRESHOLD = 1 << 20
+#: Concurrent HTTP requests at most per client (documents are few and large).
+MAX_CONCURRENT_HTTP = 8
+
+
+class HttpStatusError(Exception):
+    """A retryable HTTP status (5xx, 429); never leaves this module (it becomes a `RemoteError`)."""
+
+    def __init__(self, url: str, status: int) -> None:
+        super().__init__(f"HTTP {status} from {url}")
+        self.status = status
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Transport errors (connect, read, protocol, timeouts) and 5xx/429 statuses."""
+    return isinstance(exc, httpx.TransportError | HttpStatusError)
+
+
+def _check_status(url: str, response: httpx.Response) -> None:
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    if status in (404, 410):
+        raise ObjectMissing(f"GET {url}: HTTP {status} (not found)")
+    if status >= 500 or status == 429:
+        raise HttpStatusError(url, status)
+    raise RemoteError(f"GET {url}: HTTP {status} {response.reason_phrase}")
+
+
+class HttpClient:
+    """GETs documents over HTTP(S). Create with `async with HttpClient.open()`."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        max_attempts: int,
+        timeout: float,
+        max_concurrency: int,
+    ) -> None:
+        self._client = client
+        self.max_attempts = max_attempts
+        self.timeout = timeout
+        self._limiter = trio.CapacityLimiter(max_concurrency)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        *,
+        max_attempts: int = config.MAX_ATTEMPTS,
+        timeout: float = config.DOCUMENT_TIMEOUT,
+        stall_timeout: float = config.REQUEST_TIMEOUT,
+        max_concurrency: int = MAX_CONCURRENT_HTTP,
+    ) -> AsyncIterator[HttpClient]:
+        """`timeout` bounds one attempt; `stall_timeout` bounds each connect/read/write wait."""
+        async with httpx.AsyncClient(
+            timeout=httpx.Timeout(stall_timeout),
+            follow_redirects=True,
+            headers={"User-Agent": "zarrfs"},
+        ) as client:
+            yield cls(
+                client,
+                max_attempts=max_attempts,
+                timeout=timeout,
+                max_concurrency=max_concurrency,
+            )
+
+    async def get_bytes(self, url: str) -> bytes:
+        """The whole body of `url`."""
+
+        async def attempt() -> bytes:
+            async with self._limiter:
+                response = await self._client.get(url)
+                _check_status(url, response)
+                return response.content
+
+        return await self._retry(attempt, f"GET {url}")
+
+    async def get_json(self, url: str) -> Any:
+        """`url` decoded as JSON; a body that is not JSON is a `RemoteError`."""
+        data = await self.get_bytes(url)
+        try:
+            if len(data) > THREAD_DECODE_THRESHOLD:
+                return await trio.to_thread.run_sync(json.loads, data)
+            return json.loads(data)
+        except ValueError as exc:
+            raise RemoteError(f"GET {url}: response is not JSON: {exc}") from exc
+
+    async def download(self, url: str, dest: Path) -> int:
+        """Stream `url` to `dest` (via `dest.part`, then an atomic rename); returns its size."""
+        dest = Path(dest)
+        part = dest.with_name(dest.name + ".part")
+
+        async def attempt() -> int:
+            async with self._limiter, self._client.stream("GET", url) as response:
+                _check_status(url, response)
+                done = False
+                written = 0
+                try:
+                    async with await trio.open_file(part, "wb") as f:
+                        async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK):
+                            await f.write(chunk)
+                            written += len(chunk)
+                    os.replace(part, dest)
+                    done = True
+                finally:
+                    if not done:
+                        part.unlink(missing_ok=True)
+                return written
+
+        return await self._retry(attempt, f"GET {url} -> {dest}")
+
+    async def _retry(self, attempt: Callable[[], Awaitable[T]], what: str) -> T:
+        return await retry(
+            attempt,
+            what=what,
+            max_attempts=self.max_attempts,
+            timeout=self.timeout,
+            is_retryable=is_retryable,
+        )

@@ -1,0 +1,113 @@
+"""Fetch a document named by URL, whatever its scheme: `s3://`, `http(s)://` or `file://`.
+
+Owns: the dispatch of a URL to the one `S3Reader` (`s3://BUCKET/KEY`, BUCKET must be the configured
+bucket), the one `HttpClient` (`http://`, `https://`) or the local filesystem (`file:///abs/path`,
+read in a worker thread), with the same error types for all three (`ObjectMissing` when absent).
+
+Never does: caching, parsing, retries of its own (the two clients retry), or talking to a second S3
+endpoint.
+
+Concurrency: the clients it holds bound their own requests; local file work runs in
+`trio.to_thread.run_sync`, so the event loop never blocks on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import trio
+
+from zarrfs.config import S3Settings
+from zarrfs.errors import ObjectMissing, RemoteError
+from zarrfs.http_client import HttpClient
+from zarrfs.s3_reader import S3Reader
+
+
+class Remote:
+    """One `S3Reader` and one `HttpClient` behind URL-based `get_bytes` and `download`."""
+
+    def __init__(self, s3: S3Reader, http: HttpClient) -> None:
+        self.s3 = s3
+        self.http = http
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: S3Settings) -> AsyncIterator[Remote]:
+        async with S3Reader.open(settings) as s3, HttpClient.open() as http:
+            yield cls(s3, http)
+
+    async def get_bytes(self, url: str) -> bytes:
+        """The whole content at `url`."""
+        scheme = urlsplit(url).scheme.lower()
+        if scheme == "s3":
+            return await self.s3.get_bytes(self._s3_key(url))
+        if scheme in ("http", "https"):
+            return await self.http.get_bytes(url)
+        if scheme == "file":
+            path = _file_path(url)
+            return await trio.to_thread.run_sync(_read_local, path, url)
+        raise RemoteError(f"unsupported URL scheme {scheme!r}: {url}")
+
+    async def download(self, url: str, dest: Path) -> int:
+        """Copy the content at `url` to `dest` (atomically, via `dest.part`); returns its size."""
+        scheme = urlsplit(url).scheme.lower()
+        if scheme == "s3":
+            return await self.s3.download(self._s3_key(url), dest)
+        if scheme in ("http", "https"):
+            return await self.http.download(url, dest)
+        if scheme == "file":
+            path = _file_path(url)
+            return await trio.to_thread.run_sync(_copy_local, path, Path(dest), url)
+        raise RemoteError(f"unsupported URL scheme {scheme!r}: {url}")
+
+    def _s3_key(self, url: str) -> str:
+        parts = urlsplit(url)
+        bucket, key = parts.netloc, unquote(parts.path.lstrip("/"))
+        if bucket != self.s3.bucket:
+            raise RemoteError(
+                f"{url}: bucket {bucket!r} is not the configured bucket {self.s3.bucket!r} "
+                "(zarrfs talks to one S3 endpoint and bucket)"
+            )
+        if not key:
+            raise RemoteError(f"{url}: no object key")
+        return key
+
+
+def _file_path(url: str) -> Path:
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise RemoteError(f"{url}: file URLs must be local (file:///abs/path)")
+    path = Path(unquote(parts.path))
+    if not path.is_absolute():
+        raise RemoteError(f"{url}: file URLs need an absolute path")
+    return path
+
+
+def _read_local(path: Path, url: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ObjectMissing(f"{url}: no such file") from exc
+    except OSError as exc:
+        raise RemoteError(f"{url}: {exc}") from exc
+
+
+def _copy_local(path: Path, dest: Path, url: str) -> int:
+    part = dest.with_name(dest.name + ".part")
+    try:
+        shutil.copyfile(path, part)
+        os.replace(part, dest)
+    except FileNotFoundError as exc:
+        part.unlink(missing_ok=True)
+        if not path.exists():
+            raise ObjectMissing(f"{url}: no such file") from exc
+        raise RemoteError(f"{url}: {exc}") from exc
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise RemoteError(f"{url}: {exc}") from exc
+    return dest.stat().st_size
