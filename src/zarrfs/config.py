@@ -35,7 +35,7 @@ MAX_ATTEMPTS = 5
 RETRY_BASE_DELAY = 0.1
 RETRY_MAX_DELAY = 5.0
 #: Per-attempt deadline for one request (cancel scope around the whole request, body included).
-REQUEST_TIMEOUT = 60.0
+REQUEST_TIMEOUT = 30.0
 #: Per-attempt deadline for small metadata documents (assets.jsonld, manifests) is longer: they can be big.
 DOCUMENT_TIMEOUT = 600.0
 #: Kernel entry/attribute cache lifetimes. Content is immutable, so these are long (one day).

@@ -1,14 +1,27 @@
 """An embedded local S3 (moto server) shaped like the public DANDI bucket.
 
-Owns: starting and stopping a `moto.server.ThreadedMotoServer` on 127.0.0.1 with a free port, and
-creating a versioned bucket that anonymous clients may read (as the real archive allows). Used by
-`zarrfs demo`, the test suite and the benchmarks; never by a real mount.
+Owns: running a moto S3 server on 127.0.0.1 with a free port and creating a versioned bucket that
+anonymous clients may read (as the real archive allows). Used by `zarrfs demo`, the test suite and the
+benchmarks; never by a real mount.
+
+By default the server runs in its own process (`python -m zarrfs.locals3`): a client in the same
+process that holds the GIL while it blocks in a read syscall on the mount (h5py does) would otherwise
+stop the server thread and deadlock. `isolated=False` runs it as a thread in this process instead, for
+tests that wrap moto's in-process backend. `latency` adds a delay to every response (a WSGI middleware;
+`tc netem` is not available here) to imitate a remote store.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -24,6 +37,30 @@ PUBLIC_READ_ACTIONS = [
 
 #: Credentials used by the writer client; moto accepts any.
 WRITER_KEY = "zarrfs-local"
+#: Seconds to wait for a server process to report its port.
+START_TIMEOUT = 60.0
+
+
+def _make_server(latency: float) -> Any:
+    """A threaded werkzeug server around moto's WSGI app, on a free loopback port."""
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        create_backend_app,
+    )
+    from moto.server import MotoRequestHandler  # type: ignore[attr-defined]
+    from werkzeug.serving import make_server
+
+    app: Callable[..., Iterable[bytes]] = DomainDispatcherApplication(create_backend_app)
+    if latency > 0:
+        inner = app
+
+        def delayed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            time.sleep(latency)
+            return inner(environ, start_response)
+
+        app = delayed
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    return make_server("127.0.0.1", 0, app, True, request_handler=MotoRequestHandler)
 
 
 class LocalS3:
@@ -33,21 +70,43 @@ class LocalS3:
     zarrfs gets as `--endpoint-url`; `client` is a signed boto3 client for writing.
     """
 
-    def __init__(self, bucket: str = "dandiarchive") -> None:
+    def __init__(
+        self, bucket: str = "dandiarchive", *, isolated: bool = True, latency: float = 0.0
+    ) -> None:
         self.bucket = bucket
-        self._server: Any = None
+        self.isolated = isolated
+        self.latency = latency
         self.endpoint_url = ""
         self.client: Any = None
+        self.pid: int | None = None
+        self._process: subprocess.Popen[str] | None = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> LocalS3:
         import boto3
-        from moto.server import ThreadedMotoServer
 
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self._server.start()
-        host, port = self._server.get_host_and_port()
-        self.endpoint_url = f"http://{host}:{port}"
+        if self.isolated:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "zarrfs.locals3", "--latency", str(self.latency)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+            )
+            self.pid = self._process.pid
+            assert self._process.stdout is not None
+            line = self._process.stdout.readline().strip()
+            if not line.startswith("PORT "):
+                self.stop()
+                raise RuntimeError(f"local S3 server did not start (said {line!r})")
+            port = int(line.split()[1])
+        else:
+            self._server = _make_server(self.latency)
+            self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+            self._thread.start()
+            port = self._server.server_address[1]
+        self.endpoint_url = f"http://127.0.0.1:{port}"
         self.client = boto3.client(
             "s3",
             endpoint_url=self.endpoint_url,
@@ -74,9 +133,20 @@ class LocalS3:
         return self
 
     def stop(self) -> None:
+        if self._process is not None:
+            process, self._process = self._process, None
+            if process.stdin is not None:
+                process.stdin.close()  # the server exits when its stdin closes
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.terminate()
+                process.wait(timeout=10)
         if self._server is not None:
-            self._server.stop()
+            self._server.shutdown()
             self._server = None
+            if self._thread is not None:
+                self._thread.join()
 
     def __enter__(self) -> LocalS3:
         return self.start()
@@ -88,3 +158,19 @@ class LocalS3:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _serve_until_stdin_closes(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="moto S3 server for zarrfs tests and demo")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added per response")
+    args = parser.parse_args(argv)
+    server = _make_server(args.latency)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    print(f"PORT {server.server_address[1]}", flush=True)
+    sys.stdin.read()  # returns when the parent closes our stdin or dies
+    server.shutdown()
+
+
+if __name__ == "__main__":
+    _serve_until_stdin_closes()

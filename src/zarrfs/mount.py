@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: Most FUSE requests handled concurrently.
 MAX_FUSE_TASKS = 64
+#: Seconds in-flight requests get to finish after a stop signal before they are cancelled.
+SHUTDOWN_GRACE = 5.0
 
 
 def fuse_options(config: Config) -> set[str]:
@@ -92,7 +94,10 @@ async def _wait_for_signals(scope: trio.CancelScope) -> None:
         async for signum in signals:
             log.info("received %s, unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
-            return
+            break
+    await trio.sleep(SHUTDOWN_GRACE)
+    log.warning("requests still running %.0f s after the stop signal: cancelling them", SHUTDOWN_GRACE)
+    scope.cancel()
 
 
 def check_mountpoint(path: os.PathLike[str] | str) -> None:
