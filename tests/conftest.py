@@ -113,8 +113,17 @@ def mount(
         path.mkdir()
         log = base / "zarrfs.log"
         cache = cache_dir or base / "cache"
-        args = ["mount", "-f", source, str(path), "--endpoint-url", sample.endpoint_url,
-                "--cache-dir", str(cache), *extra]
+        args = [
+            "mount",
+            "-f",
+            source,
+            str(path),
+            "--endpoint-url",
+            sample.endpoint_url,
+            "--cache-dir",
+            str(cache),
+            *extra,
+        ]
         with open(log, "wb") as out:
             process = subprocess.Popen(zarrfs_command(*args), stdout=out, stderr=subprocess.STDOUT)
         mounted = Mounted(path, process, log)

@@ -22,10 +22,15 @@ SAMPLE = Path(__file__).parents[2] / "shared" / "reference" / "samples"
         ("000123@LATEST", Source("000123", "latest")),
         ("DANDI:000123/0.251101.1200", Source("000123", "0.251101.1200")),
         ("dandi:000108/draft", Source("000108", "draft")),
-        ("https://dandiarchive.org/dandiset/000123/0.251101.1200", Source("000123", "0.251101.1200")),
+        (
+            "https://dandiarchive.org/dandiset/000123/0.251101.1200",
+            Source("000123", "0.251101.1200"),
+        ),
         ("https://dandiarchive.org/dandiset/000123/latest/", Source("000123", "latest")),
-        ("https://dandiarchive.org/dandiset/000123/draft/files?location=sub-1",
-         Source("000123", "draft")),
+        (
+            "https://dandiarchive.org/dandiset/000123/draft/files?location=sub-1",
+            Source("000123", "draft"),
+        ),
     ],
 )
 def test_sources(text: str, expected: Source) -> None:
@@ -58,7 +63,9 @@ def test_real_blob_record() -> None:
     assert asset.size == 18792
     assert asset.blob_etag == "6ec084ca9d3be17ec194a8f700d65344-1"
     assert not asset.is_zarr and asset.problem is None
-    assert asset.mtime_ns == 1603289435457789000  # blobDateModified 2020-10-21T10:10:35.457789-04:00
+    assert (
+        asset.mtime_ns == 1603289435457789000
+    )  # blobDateModified 2020-10-21T10:10:35.457789-04:00
 
 
 def test_zarr_record_and_url_shapes() -> None:
@@ -67,8 +74,10 @@ def test_zarr_record_and_url_shapes() -> None:
         "path": "sub-1/x.ome.zarr",
         "contentSize": 5,
         "encodingFormat": "application/x-zarr",
-        "contentUrl": [f"https://dandiarchive.s3.us-east-2.amazonaws.com/zarr/{zid}/",
-                       "https://api.dandiarchive.org/api/assets/x/download/"],
+        "contentUrl": [
+            f"https://dandiarchive.s3.us-east-2.amazonaws.com/zarr/{zid}/",
+            "https://api.dandiarchive.org/api/assets/x/download/",
+        ],
         "digest": {"dandi:dandi-zarr-checksum": "481a2f77ab786a0f45aafd5db0971caa-0--0"},
         "dateModified": "2023-03-02T17:10:45.742644-05:00",
     }
@@ -83,8 +92,14 @@ def test_zarr_record_and_url_shapes() -> None:
 
 def test_records_with_unusable_paths_are_skipped() -> None:
     good = {"path": "a.nwb", "contentSize": 1, "contentUrl": []}
-    bad = [{"path": "../etc/passwd", "contentSize": 1}, {"path": "/abs", "contentSize": 1},
-           {"path": "a//b", "contentSize": 1}, {"contentSize": 1}, {"path": "x", "contentSize": -1}, 7]
+    bad = [
+        {"path": "../etc/passwd", "contentSize": 1},
+        {"path": "/abs", "contentSize": 1},
+        {"path": "a//b", "contentSize": 1},
+        {"contentSize": 1},
+        {"path": "x", "contentSize": -1},
+        7,
+    ]
     assets = parse_asset_records([good, *bad])
     assert [a.path for a in assets] == ["a.nwb"]
     assert "no S3 URL" in (assets[0].problem or "")

@@ -44,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser("mount", help="mount DANDISET@VERSION at MOUNTPOINT")
-    m.add_argument("source", metavar="SOURCE", help="000123@0.251101.1200, DANDI:000123/draft, "
-                   "https://dandiarchive.org/dandiset/000123/latest")
+    m.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="000123@0.251101.1200, DANDI:000123/draft, "
+        "https://dandiarchive.org/dandiset/000123/latest",
+    )
     m.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     add_mount_options(m)
 
@@ -53,37 +57,76 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     u.add_argument("-z", "--lazy", action="store_true", help="detach even if busy")
 
-    d = sub.add_parser("demo", help="build a sample dandiset in an embedded local S3 and mount two "
-                       "versions side by side (Ctrl-C to stop)")
-    d.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?",
-                   help="directory to hold the mounts (default: ./zarrfs-demo)")
-    d.add_argument("--check", action="store_true",
-                   help="run the demo's checks and exit instead of waiting for Ctrl-C")
+    d = sub.add_parser(
+        "demo",
+        help="build a sample dandiset in an embedded local S3 and mount two "
+        "versions side by side (Ctrl-C to stop)",
+    )
+    d.add_argument(
+        "mountpoint",
+        metavar="MOUNTPOINT",
+        type=Path,
+        nargs="?",
+        help="directory to hold the mounts (default: ./zarrfs-demo)",
+    )
+    d.add_argument(
+        "--check",
+        action="store_true",
+        help="run the demo's checks and exit instead of waiting for Ctrl-C",
+    )
     d.add_argument("--debug", action="store_true")
     return parser
 
 
 def add_mount_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoint-url", metavar="URL",
-                   help="S3 endpoint (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, or AWS)")
+    p.add_argument(
+        "--endpoint-url",
+        metavar="URL",
+        help="S3 endpoint (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, or AWS)",
+    )
     p.add_argument("--bucket", default=cfg.DEFAULT_BUCKET, help="bucket (default: %(default)s)")
     p.add_argument("--region", default=cfg.DEFAULT_REGION, help="region (default: %(default)s)")
-    p.add_argument("--manifest-root", metavar="URL", action="append", dest="manifest_roots",
-                   help="where Zarr manifests live (s3://, https://, file://); repeatable, tried in "
-                   "order (default: s3://<bucket>/zarr-manifest/, then the DataLad mirror)")
-    p.add_argument("--api-url", default=cfg.DEFAULT_API_URL,
-                   help="DANDI API, only for draft/latest (default: %(default)s)")
+    p.add_argument(
+        "--manifest-root",
+        metavar="URL",
+        action="append",
+        dest="manifest_roots",
+        help="where Zarr manifests live (s3://, https://, file://); repeatable, tried in "
+        "order (default: s3://<bucket>/zarr-manifest/, then the DataLad mirror)",
+    )
+    p.add_argument(
+        "--api-url",
+        default=cfg.DEFAULT_API_URL,
+        help="DANDI API, only for draft/latest (default: %(default)s)",
+    )
     p.add_argument("--cache-dir", type=Path, help=f"default: {cfg.default_cache_dir()}")
-    p.add_argument("--memory-cache-size", default="512M", metavar="SIZE",
-                   help="in-memory block cache budget (default: %(default)s)")
-    p.add_argument("--manifest-memory", default="1G", metavar="SIZE",
-                   help="budget for loaded manifest indexes (default: %(default)s)")
-    p.add_argument("--signed", action="store_true",
-                   help="sign requests with AWS credentials (default: anonymous)")
+    p.add_argument(
+        "--memory-cache-size",
+        default="512M",
+        metavar="SIZE",
+        help="in-memory block cache budget (default: %(default)s)",
+    )
+    p.add_argument(
+        "--manifest-memory",
+        default="1G",
+        metavar="SIZE",
+        help="budget for loaded manifest indexes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--signed",
+        action="store_true",
+        help="sign requests with AWS credentials (default: anonymous)",
+    )
     p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
-    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                   help="comma-separated mount options (allow_other, endpoint_url=..., bucket=..., "
-                   "cache_dir=..., ...)")
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="comma-separated mount options (allow_other, endpoint_url=..., bucket=..., "
+        "cache_dir=..., ...)",
+    )
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--debug", action="store_true", help="debug logging (implies nothing else)")
     p.add_argument("--log-file", type=Path, help="log file of a background mount")
@@ -91,11 +134,33 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
 
 
 _O_KEYS = {
-    "endpoint_url", "bucket", "region", "api_url", "cache_dir", "memory_cache_size",
-    "manifest_memory", "manifest_root", "log_file",
+    "endpoint_url",
+    "bucket",
+    "region",
+    "api_url",
+    "cache_dir",
+    "memory_cache_size",
+    "manifest_memory",
+    "manifest_root",
+    "log_file",
 }
-_O_IGNORED = {"ro", "rw", "nodev", "nosuid", "noexec", "auto", "noauto", "user", "users", "_netdev",
-              "defaults", "nofail", "exec", "dev", "suid"}
+_O_IGNORED = {
+    "ro",
+    "rw",
+    "nodev",
+    "nosuid",
+    "noexec",
+    "auto",
+    "noauto",
+    "user",
+    "users",
+    "_netdev",
+    "defaults",
+    "nofail",
+    "exec",
+    "dev",
+    "suid",
+}
 
 
 def apply_o_options(args: argparse.Namespace) -> None:
@@ -129,8 +194,9 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
     except ValueError as e:
         raise UserError(str(e)) from None
     endpoint = args.endpoint_url or cfg.env_endpoint_url()
-    s3 = cfg.S3Settings(endpoint_url=endpoint, bucket=args.bucket, region=args.region,
-                        unsigned=not args.signed)
+    s3 = cfg.S3Settings(
+        endpoint_url=endpoint, bucket=args.bucket, region=args.region, unsigned=not args.signed
+    )
     roots = tuple(args.manifest_roots or cfg.default_manifest_roots(args.bucket))
     for root in roots:
         if not root.startswith(("s3://", "https://", "http://", "file:///")):
@@ -161,8 +227,16 @@ def setup_logging(debug: bool, log_file: Path | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("botocore", "aiobotocore", "httpx", "httpcore", "urllib3", "werkzeug",
-                  "asyncio", "pyfuse3"):
+    for noisy in (
+        "botocore",
+        "aiobotocore",
+        "httpx",
+        "httpcore",
+        "urllib3",
+        "werkzeug",
+        "asyncio",
+        "pyfuse3",
+    ):
         logging.getLogger(noisy).setLevel(logging.INFO if debug else logging.WARNING)
 
 
@@ -230,12 +304,26 @@ def _spawn_background(config: cfg.Config, args: argparse.Namespace, argv: Sequen
     log_file = (args.log_file or default_log_file(config)).absolute()
     log_file.parent.mkdir(parents=True, exist_ok=True)
     read_fd, write_fd = os.pipe()
-    command = [sys.executable, "-m", "zarrfs", *argv, "--foreground",
-               "--ready-fd", str(write_fd), "--log-file", str(log_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "zarrfs",
+        *argv,
+        "--foreground",
+        "--ready-fd",
+        str(write_fd),
+        "--log-file",
+        str(log_file),
+    ]
     with open(os.devnull, "rb") as devnull, open(log_file, "ab") as log_out:
         child = subprocess.Popen(
-            command, stdin=devnull, stdout=log_out, stderr=log_out,
-            pass_fds=(write_fd,), start_new_session=True, close_fds=True,
+            command,
+            stdin=devnull,
+            stdout=log_out,
+            stderr=log_out,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            close_fds=True,
         )
     os.close(write_fd)
     message = _wait_for_child(read_fd, child, cfg.MOUNT_READY_TIMEOUT)

@@ -19,7 +19,9 @@ DEFAULT_REGION = "us-east-2"
 #: DANDI REST API, used only to resolve `draft` and `latest`.
 DEFAULT_API_URL = "https://api.dandiarchive.org/api"
 #: Manifest roots tried after `s3://<bucket>/zarr-manifest/` (see DANDI-FORMATS: Zarr manifests).
-DATALAD_MANIFEST_ROOT = "https://datasets.datalad.org/dandi/zarr-manifests/zarr-manifests-v2-sorted/"
+DATALAD_MANIFEST_ROOT = (
+    "https://datasets.datalad.org/dandi/zarr-manifests/zarr-manifests-v2-sorted/"
+)
 
 #: Reads are served in aligned blocks of this size; each block is one ranged GET and one cache item.
 BLOCK_SIZE = 1 << 20

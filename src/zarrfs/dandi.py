@@ -51,9 +51,7 @@ def parse_source(text: str) -> Source:
     """
     t = text.strip()
     dandiset = version = None
-    if m := re.match(r"^(?:dandi:)?(\d+)@([^/@\s]+)$", t, re.IGNORECASE):
-        dandiset, version = m.groups()
-    elif m := re.match(r"^DANDI:(\d+)/([^/\s]+)/?$", t, re.IGNORECASE):
+    if (m := re.match(r"^(?:dandi:)?(\d+)@([^/@\s]+)$", t, re.IGNORECASE)) or (m := re.match(r"^DANDI:(\d+)/([^/\s]+)/?$", t, re.IGNORECASE)):
         dandiset, version = m.groups()
     elif t.startswith(("https://", "http://")):
         url = urlsplit(t)
@@ -69,7 +67,9 @@ def parse_source(text: str) -> Source:
             "DANDI:DANDISET/VERSION or https://dandiarchive.org/dandiset/DANDISET/VERSION"
         )
     if not DANDISET_ID_RE.match(dandiset):
-        raise SourceError(f"bad dandiset id {dandiset!r} in {text!r}: expected six digits, e.g. 000123")
+        raise SourceError(
+            f"bad dandiset id {dandiset!r} in {text!r}: expected six digits, e.g. 000123"
+        )
     version = version.lower() if version.lower() in ("draft", "latest") else version
     if version not in ("draft", "latest") and not PUBLISHED_VERSION_RE.match(version):
         raise SourceError(
@@ -153,8 +153,10 @@ def parse_asset_record(record: dict[str, Any]) -> AssetRecord:
     """
     path = record.get("path")
     if not isinstance(path, str) or (why := check_asset_path(path)):
-        raise ValueError(f"asset record with unusable path {path!r}")
-    asset_id = str(record.get("identifier") or str(record.get("id", "")).removeprefix("dandiasset:"))
+        raise ValueError(f"asset record with unusable path {path!r} ({why or 'not a string'})")
+    asset_id = str(
+        record.get("identifier") or str(record.get("id", "")).removeprefix("dandiasset:")
+    )
     size = record.get("contentSize")
     if not isinstance(size, int) or size < 0:
         raise ValueError(f"asset {path!r} has no valid contentSize")

@@ -24,19 +24,31 @@ DEMO_DIR = "zarrfs-demo"
 READY_TIMEOUT = 60.0
 
 
-def _mount(source: str, path: Path, endpoint: str, cache: Path, log: Path, debug: bool) -> (
-    subprocess.Popen[bytes]
-):
+def _mount(
+    source: str, path: Path, endpoint: str, cache: Path, log: Path, debug: bool
+) -> subprocess.Popen[bytes]:
     path.mkdir(parents=True, exist_ok=True)
     if os.path.ismount(path):
         raise MountError(f"{path} is already mounted (a previous demo?): zarrfs unmount {path}")
-    command = [sys.executable, "-m", "zarrfs", "mount", "-f", source, str(path),
-               "--endpoint-url", endpoint, "--cache-dir", str(cache)]
+    command = [
+        sys.executable,
+        "-m",
+        "zarrfs",
+        "mount",
+        "-f",
+        source,
+        str(path),
+        "--endpoint-url",
+        endpoint,
+        "--cache-dir",
+        str(cache),
+    ]
     if debug:
         command.append("--debug")
     with open(log, "ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
     deadline = time.monotonic() + READY_TIMEOUT
     while not os.path.ismount(path):
         if process.poll() is not None:
@@ -88,8 +100,10 @@ def _show_differences(mounts: dict[str, Path]) -> bool:
     ok = ok and changed > 0
     with h5py.File(p2 / EPHYS_PATH, "r") as f:
         data = f["acquisition/ElectricalSeries/data"]
-        print(f"h5py: {EPHYS_PATH}: ElectricalSeries {data.shape} {data.dtype}, "
-              f"first samples {data[0, :4].tolist()}")
+        print(
+            f"h5py: {EPHYS_PATH}: ElectricalSeries {data.shape} {data.dtype}, "
+            f"first samples {data[0, :4].tolist()}"
+        )
     return ok
 
 

@@ -560,7 +560,9 @@ def _first_bad_entry(value: object, path: str = "") -> str:
         if isinstance(child, dict):
             return _first_bad_entry(child, f"{path}/{name}")
         if not isinstance(child, _Dir):
-            return f"entry {path}/{name} is not [versionId, lastModified, size, ETag]: {child!r:.80}"
+            return (
+                f"entry {path}/{name} is not [versionId, lastModified, size, ETag]: {child!r:.80}"
+            )
     return f"{path or 'entries'} is malformed"
 
 

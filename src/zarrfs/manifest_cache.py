@@ -93,7 +93,9 @@ class ManifestCache:
             event = self._inflight.get(key)
             if event is None:
                 break
-            await event.wait()  # then look again: loaded, failed, or (cancelled loader) ours to load
+            await (
+                event.wait()
+            )  # then look again: loaded, failed, or (cancelled loader) ours to load
         event = self._inflight[key] = trio.Event()
         try:
             index = await self._load(asset)
@@ -133,6 +135,7 @@ class ManifestCache:
     async def _fetch_and_convert(self, asset: AssetRecord, path: Path) -> ManifestIndex:
         zarr_id, checksum = asset.zarr_id or "", asset.zarr_checksum or ""
         tried: list[str] = []
+        rejected: DataError | None = None
         for root in self._roots:
             url = manifest_url(root, zarr_id, checksum)
             tmp = self._tmp / f"{zarr_id}-{checksum}-{os.getpid()}-{id(asset)}.json"
@@ -151,11 +154,16 @@ class ManifestCache:
                 return await self._convert(asset, url, tmp, path)
             except ObjectMissing:
                 tried.append(f"{url}: not found")
+            except (IntegrityError, ManifestError) as e:
+                tried.append(f"{url}: rejected")  # logged by _convert; another root may be intact
+                rejected = rejected or e
             except RemoteError as e:
                 tried.append(f"{url}: {e}")
                 log.warning("manifest of %s: %s: %s", asset.path, url, e)
             finally:
-                await trio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
+                await trio.to_thread.run_sync(tmp.unlink, True)
+        if rejected is not None:
+            raise rejected
         message = (
             f"Zarr asset {asset.path} (zarr {zarr_id}, checksum {checksum}): no manifest found ("
             + "; ".join(tried)
@@ -176,28 +184,31 @@ class ManifestCache:
             del built  # drop the heap columns; serve from the memory map instead
             return ManifestIndex.load(dest, zarr_id=zarr_id, checksum=checksum)
 
-        async with trio.open_nursery() as nursery:
+        failure: ManifestError | IntegrityError | None = None
+        async with trio.open_nursery() as nursery:  # only for the progress reporter
             nursery.start_soon(self._report_progress, asset.path, started)
             try:
                 index = await trio.to_thread.run_sync(convert, limiter=self._limiter)
-            except IntegrityError as e:
-                log.error(
-                    "Zarr asset %s (zarr %s): manifest %s does not match the published checksum "
-                    "%s: %s; refusing to serve this Zarr",
-                    asset.path,
-                    zarr_id,
-                    url,
-                    checksum,
-                    e,
-                )
-                raise IntegrityError(
-                    f"Zarr asset {asset.path}: manifest {url} fails verification: {e}"
-                ) from e
-            except ManifestError as e:
-                log.error("Zarr asset %s: manifest %s is unusable: %s", asset.path, url, e)
-                raise ManifestError(f"Zarr asset {asset.path}: manifest {url}: {e}") from e
+            except (ManifestError, IntegrityError) as e:
+                failure = e  # raised below, outside the nursery, so it is not wrapped in a group
             finally:
                 nursery.cancel_scope.cancel()
+        if isinstance(failure, IntegrityError):
+            log.error(
+                "Zarr asset %s (zarr %s): manifest %s does not match the published checksum "
+                "%s: %s; refusing to serve this Zarr",
+                asset.path,
+                zarr_id,
+                url,
+                checksum,
+                failure,
+            )
+            raise IntegrityError(
+                f"Zarr asset {asset.path}: manifest {url} fails verification: {failure}"
+            ) from failure
+        if failure is not None:
+            log.error("Zarr asset %s: manifest %s is unusable: %s", asset.path, url, failure)
+            raise ManifestError(f"Zarr asset {asset.path}: manifest {url}: {failure}") from failure
         log.info(
             "indexed manifest of %s: %d files, %d nodes in %.1f s",
             asset.path,

@@ -85,7 +85,7 @@ async def serve(config: Config, *, on_ready: Callable[[], None] | None = None) -
 def _close() -> None:
     try:
         pyfuse3.close(unmount=True)
-    except Exception as e:  # noqa: BLE001 - teardown must finish; the mount may be gone already
+    except Exception as e:
         log.warning("while unmounting: %s", e)
 
 
@@ -96,7 +96,9 @@ async def _wait_for_signals(scope: trio.CancelScope) -> None:
             pyfuse3.terminate()
             break
     await trio.sleep(SHUTDOWN_GRACE)
-    log.warning("requests still running %.0f s after the stop signal: cancelling them", SHUTDOWN_GRACE)
+    log.warning(
+        "requests still running %.0f s after the stop signal: cancelling them", SHUTDOWN_GRACE
+    )
     scope.cancel()
 
 

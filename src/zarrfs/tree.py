@@ -153,7 +153,12 @@ class Namespace:
         if asset.is_zarr:
             slot = len(self._zarr_roots)
             node = self._add(
-                name, parent=parent.ino, is_dir=True, mtime_ns=asset.mtime_ns, asset=asset, slot=slot
+                name,
+                parent=parent.ino,
+                is_dir=True,
+                mtime_ns=asset.mtime_ns,
+                asset=asset,
+                slot=slot,
             )
             self._zarr_roots.append(node)
             dirs[asset.path] = node
@@ -169,9 +174,7 @@ class Namespace:
         self._insert(pending, parent, node)
 
     @staticmethod
-    def _file_exists(
-        pending: dict[int, dict[bytes, _Top]], parent: _Top, name: bytes
-    ) -> bool:
+    def _file_exists(pending: dict[int, dict[bytes, _Top]], parent: _Top, name: bytes) -> bool:
         return name in pending.get(parent.ino, {})
 
     # --- inode arithmetic -----------------------------------------------------------------------
@@ -298,7 +301,9 @@ class Namespace:
             assert asset is not None
             if asset.problem or asset.blob_key is None:
                 raise DataError(f"asset {asset.path} cannot be served: {asset.problem}")
-            return ObjectRef(key=asset.blob_key, version_id=None, size=asset.size, etag=asset.blob_etag)
+            return ObjectRef(
+                key=asset.blob_key, version_id=None, size=asset.size, etag=asset.blob_etag
+            )
         root, mnode = split
         idx = self._check_index(root, index)
         if mnode == 0 or idx.is_dir(mnode):

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Mount a dandiset version for a batch job or a container, run a command, always unmount.
+#
+#   scripts/mount.sh SOURCE MOUNTPOINT [ZARRFS MOUNT OPTIONS...] [-- COMMAND ARGS...]
+#
+# Mounts SOURCE (e.g. 000123@0.251101.1200) at MOUNTPOINT and returns control only once the mount is
+# live. With a COMMAND, runs it and exits with its exit code; without one, keeps the mount until
+# SIGINT/SIGTERM. Either way the mount is removed on exit (trap). The zarrfs executable is $ZARRFS,
+# else `zarrfs` on PATH, else this checkout's .venv/bin/zarrfs.
+set -uo pipefail
+
+usage() { echo "usage: $0 SOURCE MOUNTPOINT [zarrfs mount options...] [-- COMMAND ARGS...]" >&2; exit 2; }
+[ $# -ge 2 ] || usage
+source_spec=$1; mountpoint=$2; shift 2
+opts=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do opts+=("$1"); shift; done
+[ $# -gt 0 ] && shift  # drop "--"
+
+zarrfs=${ZARRFS:-}
+if [ -z "$zarrfs" ]; then
+  if command -v zarrfs >/dev/null 2>&1; then zarrfs=zarrfs
+  else zarrfs="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/zarrfs"; fi
+fi
+
+mkdir -p "$mountpoint" || exit 4
+"$zarrfs" mount "${opts[@]}" "$source_spec" "$mountpoint" || exit $?
+
+child=""
+cleanup() {
+  [ -n "$child" ] && kill "$child" 2>/dev/null && wait "$child" 2>/dev/null
+  if mountpoint -q "$mountpoint" 2>/dev/null || grep -qs " $(realpath "$mountpoint") " /proc/mounts; then
+    "$zarrfs" unmount "$mountpoint" 2>/dev/null || fusermount3 -u -z "$mountpoint"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+
+if [ $# -eq 0 ]; then
+  echo "mounted $source_spec at $mountpoint; Ctrl-C or SIGTERM unmounts" >&2
+  sleep infinity & child=$!
+  wait "$child"
+  exit 0
+fi
+"$@" & child=$!
+wait "$child"; rc=$?
+child=""
+exit "$rc"

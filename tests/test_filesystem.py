@@ -1,0 +1,170 @@
+"""Tier 2: the domain operations and the pyfuse3 handlers, awaited directly without a mount.
+
+The filesystem is wired exactly as `mount.serve` wires it, against the sample dandiset in a local S3.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pyfuse3
+import pytest
+
+from zarrfs.chunk_cache import BlockCache
+from zarrfs.config import S3Settings, Source, default_manifest_roots
+from zarrfs.dandi import resolve
+from zarrfs.errors import DataError, NotFound
+from zarrfs.filesystem import Filesystem
+from zarrfs.fuse_ops import XATTR_URL, ZarrfsOperations
+from zarrfs.manifest_cache import ManifestCache
+from zarrfs.remote import Remote
+from zarrfs.sample import OME_PATH, OME_V2_DELETED, V1, V2, SampleDandiset
+from zarrfs.tree import ROOT_INO
+
+pytestmark = pytest.mark.trio
+
+
+async def make_fs(sample: SampleDandiset, version: str, cache: Path) -> AsyncIterator[Filesystem]:
+    settings = S3Settings(endpoint_url=sample.endpoint_url, bucket=sample.bucket)
+    async with Remote.open(settings) as remote:
+        resolved = await resolve(
+            Source(sample.dandiset_id, version), remote, bucket=sample.bucket, api_url="http://x"
+        )
+        from zarrfs.tree import Namespace
+
+        manifests = ManifestCache(
+            remote,
+            roots=default_manifest_roots(sample.bucket),
+            cache_dir=cache,
+            memory_budget=1 << 30,
+        )
+        yield Filesystem(
+            Namespace(resolved, bucket=sample.bucket),
+            manifests,
+            BlockCache(1 << 26, 1 << 16),
+            remote.s3,
+        )
+
+
+async def walk(fs: Filesystem, ino: int, prefix: str = "") -> dict[str, int]:
+    found = {}
+    await fs.opendir(ino)
+    for name, entry, _ in await fs.readdir(ino, 0):
+        path = prefix + name.decode()
+        if entry.is_dir:
+            found.update(await walk(fs, entry.ino, path + "/"))
+        else:
+            found[path] = entry.ino
+    return found
+
+
+async def resolve_path(fs: Filesystem, path: str) -> int:
+    ino = ROOT_INO
+    for part in path.split("/"):
+        ino = (await fs.lookup(ino, part.encode())).ino
+    return ino
+
+
+async def test_every_file_through_the_domain_layer(sample: SampleDandiset, tmp_path: Path) -> None:
+    async for fs in make_fs(sample, V1, tmp_path):
+        files = await walk(fs, ROOT_INO)
+        expected = sample.versions[V1].files
+        assert sorted(files) == sorted(expected)
+        for path, ino in files.items():
+            handle = await fs.open(ino)
+            data = b""
+            while chunk := await fs.read(handle, len(data), 50_000):
+                data += chunk
+            assert data == expected[path], path
+            assert (await fs.getattr(ino)).size == len(expected[path])
+
+
+async def test_handlers(sample: SampleDandiset, tmp_path: Path) -> None:
+    async for fs in make_fs(sample, V2, tmp_path):
+        ops = ZarrfsOperations(fs)
+        ctx = None
+        attr = await ops.getattr(ROOT_INO, ctx)  # type: ignore[arg-type]
+        assert stat.S_ISDIR(attr.st_mode) and attr.st_mode & 0o777 == 0o555
+        chunk_path = f"{OME_PATH}/0/0/0/0/0"
+        ino = await resolve_path(fs, chunk_path)
+        attr = await ops.lookup(
+            await resolve_path(fs, chunk_path.rsplit("/", 1)[0]),
+            b"0",
+            ctx,  # type: ignore[arg-type]
+        )
+        assert attr.st_ino == ino and attr.st_mode == stat.S_IFREG | 0o444
+        assert attr.st_size == len(sample.versions[V2].files[chunk_path])
+        assert attr.entry_timeout >= 3600 and attr.attr_timeout >= 3600
+        # negative lookups are answered with st_ino 0 so that the kernel caches them
+        deleted_parent, deleted_name = f"{OME_PATH}/{OME_V2_DELETED[0]}".rsplit("/", 1)
+        negative = await ops.lookup(
+            await resolve_path(fs, deleted_parent),
+            deleted_name.encode(),
+            ctx,  # type: ignore[arg-type]
+        )
+        assert negative.st_ino == 0 and negative.entry_timeout >= 3600
+        info = await ops.open(ino, os.O_RDONLY, ctx)  # type: ignore[arg-type]
+        assert info.keep_cache
+        data = await ops.read(info.fh, 0, 1 << 20)
+        assert data == sample.versions[V2].files[chunk_path]
+        await ops.release(info.fh)
+        url = await ops.getxattr(ino, XATTR_URL, ctx)  # type: ignore[arg-type]
+        zarr_id = sample.versions[V2].zarr_ids[OME_PATH]
+        assert url.decode().startswith(f"s3://{sample.bucket}/zarr/{zarr_id}/0/0/0/0/0?versionId=")
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await ops.open(ino, flags, ctx)  # type: ignore[arg-type]
+            assert e.value.errno == errno.EROFS
+        for call in (
+            ops.unlink(ROOT_INO, b"x", ctx),
+            ops.mkdir(ROOT_INO, b"x", 0o755, ctx),
+            ops.write(1, 0, b"x"),
+            ops.setxattr(ino, b"user.x", b"1", ctx),
+            ops.create(ROOT_INO, b"x", 0o644, os.O_WRONLY, ctx),
+        ):  # type: ignore[arg-type]
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await call
+            assert e.value.errno == errno.EROFS
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.getattr(ROOT_INO + 10_000, ctx)  # type: ignore[arg-type]
+        assert e.value.errno == errno.ENOENT
+        stats = await ops.statfs(ctx)  # type: ignore[arg-type]
+        assert stats.f_files == 4 and stats.f_blocks > 0
+
+
+async def test_tampered_manifest_is_eio_not_data(
+    sample: SampleDandiset, local_s3: object, tmp_path: Path
+) -> None:
+    from zarrfs.locals3 import LocalS3
+    from zarrfs.sample import build_sample
+
+    assert isinstance(local_s3, LocalS3)
+    other = build_sample(local_s3, "000555")
+    key = other.versions[V1].manifest_keys[OME_PATH]
+    body = other.versions[V1].manifests[OME_PATH]
+    tampered = body.replace(
+        b'"0": {',
+        b'"0": {\n  "extra": ["v", "2025-01-01T00:00:00+00:00", 1, '
+        b'"d41d8cd98f00b204e9800998ecf8427e"],',
+        1,
+    )
+    assert tampered != body
+    local_s3.client.put_object(Bucket=other.bucket, Key=key, Body=tampered)
+    async for fs in make_fs(other, V1, tmp_path):
+        zarr_ino = await resolve_path(fs, OME_PATH)
+        with pytest.raises(DataError, match="recompute"):
+            await fs.lookup(zarr_ino, b".zattrs")
+        with pytest.raises(DataError):  # remembered, not re-fetched
+            await fs.readdir(zarr_ino, 0)
+        assert fs.manifests.stats["fetches"] == 1
+        # the other Zarr and the blobs are unaffected
+        files = sample.versions[V1].files
+        blob = next(p for p in files if p.endswith(".nwb"))
+        handle = await fs.open(await resolve_path(fs, blob))
+        assert await fs.read(handle, 0, 100) == other.versions[V1].files[blob][:100]
+        with pytest.raises(NotFound):
+            await fs.lookup(ROOT_INO, b"nope")
