@@ -152,8 +152,9 @@ def parse_asset_record(record: dict[str, Any]) -> AssetRecord:
     asset (no usable S3 URL, missing checksum) are recorded in `problem`.
     """
     path = record.get("path")
-    if not isinstance(path, str) or (why := check_asset_path(path)):
-        raise ValueError(f"asset record with unusable path {path!r} ({why or 'not a string'})")
+    why = check_asset_path(path) if isinstance(path, str) else "not a string"
+    if why:
+        raise ValueError(f"asset record with unusable path {path!r} ({why})")
     asset_id = str(
         record.get("identifier") or str(record.get("id", "")).removeprefix("dandiasset:")
     )
