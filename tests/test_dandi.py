@@ -103,3 +103,24 @@ def test_records_with_unusable_paths_are_skipped() -> None:
     assets = parse_asset_records([good, *bad])
     assert [a.path for a in assets] == ["a.nwb"]
     assert "no S3 URL" in (assets[0].problem or "")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 64, 1 << 20])
+def test_streamed_json_array_equals_json_loads(chunk_size: int) -> None:
+    import io
+
+    from zarrfs.dandi import iter_json_array
+
+    items = [{"path": f"a/{i}.nwb", "x": "é" * (i % 5), "n": [i, {"k": None}]} for i in range(50)]
+    for doc in (
+        json.dumps(items),
+        json.dumps(items, indent=2),
+        "[]",
+        " [ ] ",
+        json.dumps([1, 22, 333]),
+    ):
+        got = list(iter_json_array(io.BytesIO(doc.encode()), chunk_size=chunk_size))
+        assert got == json.loads(doc)
+    for bad in ("{}", "[1, 2", "[1 2]", "[{]", ""):
+        with pytest.raises(ValueError):
+            list(iter_json_array(io.BytesIO(bad.encode()), chunk_size=chunk_size))

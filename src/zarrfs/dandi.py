@@ -9,10 +9,14 @@ resolution time). Never touches FUSE, and reads remote data only through `remote
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -51,7 +55,9 @@ def parse_source(text: str) -> Source:
     """
     t = text.strip()
     dandiset = version = None
-    if (m := re.match(r"^(?:dandi:)?(\d+)@([^/@\s]+)$", t, re.IGNORECASE)) or (m := re.match(r"^DANDI:(\d+)/([^/\s]+)/?$", t, re.IGNORECASE)):
+    if (m := re.match(r"^(?:dandi:)?(\d+)@([^/@\s]+)$", t, re.IGNORECASE)) or (
+        m := re.match(r"^DANDI:(\d+)/([^/\s]+)/?$", t, re.IGNORECASE)
+    ):
         dandiset, version = m.groups()
     elif t.startswith(("https://", "http://")):
         url = urlsplit(t)
@@ -214,6 +220,64 @@ def parse_asset_records(records: Iterable[object]) -> list[AssetRecord]:
     return assets
 
 
+def iter_json_array(stream: BinaryIO, chunk_size: int = 1 << 20) -> Iterator[Any]:
+    """Yield the items of a JSON array one at a time, reading `stream` incrementally.
+
+    Memory is bounded by the largest item plus one chunk, however long the array. Raises ValueError
+    on anything that is not a well-formed JSON array.
+    """
+    text = io.TextIOWrapper(stream, encoding="utf-8")
+    decoder = json.JSONDecoder()
+    buf, pos, eof = "", 0, False
+
+    def fill() -> bool:
+        nonlocal buf, pos, eof
+        more = text.read(max(chunk_size, len(buf) - pos))
+        eof = not more
+        buf, pos = buf[pos:] + more, 0
+        return not eof
+
+    def skip_ws() -> str:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf):
+                return buf[pos]
+            if not fill():
+                return ""
+
+    if skip_ws() != "[":
+        raise ValueError("not a JSON array")
+    pos += 1
+    if skip_ws() == "]":
+        return
+    while True:
+        try:
+            item, end = decoder.raw_decode(buf, pos)
+            if end == len(buf) and not eof:
+                raise json.JSONDecodeError("item may continue", buf, end)
+        except json.JSONDecodeError:
+            if eof or not fill():
+                raise ValueError("truncated or malformed JSON array") from None
+            continue
+        pos = end
+        yield item
+        sep = skip_ws()
+        if sep == "]":
+            return
+        if sep != ",":
+            raise ValueError(f"expected ',' or ']' in JSON array, found {sep!r}")
+        pos += 1
+        skip_ws()
+
+
+def read_asset_records(path: Path) -> list[AssetRecord]:
+    """Parse an `assets.jsonld` file item by item (it can be large); CPU-bound, run in a thread."""
+    with open(path, "rb") as f:
+        return parse_asset_records(iter_json_array(f))
+
+
 # --- resolution -------------------------------------------------------------------------------------
 
 
@@ -247,20 +311,21 @@ async def resolve(source: Source, remote: Remote, *, bucket: str, api_url: str) 
 
 async def _published_assets(source: Source, remote: Remote, bucket: str) -> list[AssetRecord]:
     key = version_prefix(source) + "assets.jsonld"
-    try:
-        data = await remote.s3.get_bytes(key)
-    except ObjectMissing:
-        raise VersionNotFound(
-            f"dandiset {source.dandiset_id} version {source.version} not found: "
-            f"no s3://{bucket}/{key}"
-        ) from None
-    try:
-        records = await trio.to_thread.run_sync(json.loads, data)
-    except ValueError as e:
-        raise RemoteError(f"s3://{bucket}/{key} is not valid JSON: {e}") from None
-    if not isinstance(records, list):
-        raise RemoteError(f"s3://{bucket}/{key} is not a JSON array of asset records")
-    return parse_asset_records(records)
+    with tempfile.TemporaryDirectory(prefix="zarrfs-assets-") as tmp:
+        local = Path(tmp) / "assets.jsonld"
+        try:
+            await remote.s3.download(key, local)
+        except ObjectMissing:
+            raise VersionNotFound(
+                f"dandiset {source.dandiset_id} version {source.version} not found: "
+                f"no s3://{bucket}/{key}"
+            ) from None
+        try:
+            return await trio.to_thread.run_sync(read_asset_records, local)
+        except ValueError as e:
+            raise RemoteError(
+                f"s3://{bucket}/{key} is not a JSON array of asset records: {e}"
+            ) from None
 
 
 async def _dandiset_yaml(source: Source, remote: Remote) -> bytes | None:
