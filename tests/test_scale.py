@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from conftest import Mounted
 from zarrfs.config import S3Settings
 from zarrfs.dandi import AssetRecord
 from zarrfs.locals3 import LocalS3
@@ -26,8 +27,6 @@ from zarrfs.sample import (
     manifest_key,
     zarr_checksum_of,
 )
-
-from conftest import Mounted
 
 DANDISET = "000901"
 VERSION = "0.251105.0900"
