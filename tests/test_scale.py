@@ -70,7 +70,7 @@ def leaf(path: str, rng: random.Random) -> ManifestLeaf:
         version_id="".join(
             rng.choice("abcdefghijklmnopqrstuvwxyzABCDEF0123456789._") for _ in range(32)
         ),
-        last_modified="2025-11-05T08:00:%02d+00:00" % rng.randrange(60),
+        last_modified=f"2025-11-05T08:00:{rng.randrange(60):02d}+00:00",
         size=rng.randrange(1, 1 << 20),
         etag=f"{rng.getrandbits(128):032x}",
     )
