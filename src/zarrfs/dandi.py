@@ -159,7 +159,7 @@ def parse_asset_record(record: dict[str, Any]) -> AssetRecord:
     """
     path = record.get("path")
     why = check_asset_path(path) if isinstance(path, str) else "not a string"
-    if why:
+    if why or not isinstance(path, str):
         raise ValueError(f"asset record with unusable path {path!r} ({why})")
     asset_id = str(
         record.get("identifier") or str(record.get("id", "")).removeprefix("dandiasset:")

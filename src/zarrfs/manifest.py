@@ -442,7 +442,8 @@ class ManifestIndex:
 
         def prim(name: str) -> np.ndarray[Any, Any]:
             chunk = table.column(name).chunk(0)
-            return chunk.to_numpy(zero_copy_only=True)
+            array: np.ndarray[Any, Any] = chunk.to_numpy(zero_copy_only=True)
+            return array
 
         def binary(name: str) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
             chunk = table.column(name).chunk(0)
@@ -584,7 +585,7 @@ def _finish(builder: _Builder, root: _Dir, *, zarr_id: str, checksum: str) -> Ma
     parent[1:] = np.repeat(order.astype(np.uint64), counts)[: n - 1]
     if int(counts.sum()) != n - 1:
         raise ManifestError("internal: child runs do not cover every node")  # a bug, not bad input
-    columns = {
+    columns: dict[str, np.ndarray[Any, Any]] = {
         "name_off": np.frombuffer(b.name_off, dtype=np.int64).copy(),
         "name_data": np.frombuffer(bytes(b.name_data), dtype=np.uint8),
         "vid_off": np.frombuffer(b.vid_off, dtype=np.int64).copy(),
