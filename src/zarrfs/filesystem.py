@@ -12,6 +12,8 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import trio
+
 from .chunk_cache import BlockCache
 from .errors import DataError
 from .manifest import ManifestIndex
@@ -53,6 +55,8 @@ class Filesystem:
         self.manifests = manifests
         self.blocks = blocks
         self.reader = reader
+        #: Where sequential readahead fetches run; set by `mount.serve` once its nursery is open.
+        self.readahead_nursery: trio.Nursery | None = None
 
     async def _index(self, ino: int, *, inside_only: bool) -> ManifestIndex | None:
         asset = self.ns.zarr_of(ino, inside_only=inside_only)
@@ -85,7 +89,9 @@ class Filesystem:
         if isinstance(source, InlineFile):
             return source.data[offset : offset + size]
         try:
-            return await self.blocks.read(source, offset, size, self.reader.read_range)
+            return await self.blocks.read(
+                source, offset, size, self.reader.read_range, self.readahead_nursery
+            )
         except DataError as e:
             log.error(
                 "read of %s failed (%s, %d bytes at %d): %s",

@@ -74,6 +74,7 @@ async def serve(config: Config, *, on_ready: Callable[[], None] | None = None) -
         stack.callback(_close)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_wait_for_signals, nursery.cancel_scope)
+            fs.readahead_nursery = nursery
             log.info("mounted %s at %s", resolved.source, config.mountpoint)
             if on_ready is not None:
                 on_ready()
