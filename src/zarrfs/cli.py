@@ -270,10 +270,11 @@ def run_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         _serve_foreground(config, ready_fd)
     except (UserError, DataError) as e:
-        if ready_fd is not None:
-            _report(ready_fd, f"ERROR {_exit_code(e)} {e}")
-        log.error("%s", e)
-        return _exit_code(e) if ready_fd is not None else _fail(str(e), _exit_code(e))
+        if ready_fd is None:
+            return _fail(str(e), _exit_code(e))
+        log.error("%s", e)  # the log file of a background mount
+        _report(ready_fd, f"ERROR {_exit_code(e)} {e}")
+        return _exit_code(e)
     except KeyboardInterrupt:
         return 130
     return EXIT_OK

@@ -1,0 +1,195 @@
+"""The command line as a user meets it: `python -m zarrfs ...` in a subprocess.
+
+Every failure must exit with the documented code (2 usage or SOURCE, 3 not found, 4 mountpoint,
+5 remote), print exactly one `zarrfs: error: ...` line and no traceback, and leave no mount and no
+daemon behind.
+None of these tests gets as far as mounting; the successful paths are in `test_mount`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from zarrfs.locals3 import LocalS3
+
+MISSING_VERSION = "0.990101.0000"
+EXIT_DEADLINE = 20.0
+
+
+def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    return subprocess.run(
+        [sys.executable, "-m", "zarrfs", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
+    )
+
+
+def processes_mentioning(path: Path) -> list[int]:
+    needle = os.fsencode(path)
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in argv:
+            pids.append(int(entry))
+    return pids
+
+
+def assert_nothing_left(mnt: Path) -> None:
+    deadline = time.monotonic() + EXIT_DEADLINE
+    while pids := processes_mentioning(mnt):
+        if time.monotonic() > deadline:
+            pytest.fail(f"processes {pids} still run for {mnt}")
+        time.sleep(0.05)
+    assert not os.path.ismount(mnt)
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
+    """Exit `code`; stderr is one `zarrfs: error:` line holding every needle; no traceback."""
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert lines[0].startswith("zarrfs: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Path:
+    path = tmp_path / "cli-mountpoint"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A local TCP port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize(
+    ("source", "needle"),
+    [
+        ("000123", "cannot parse SOURCE"),
+        ("abc@draft", "abc@draft"),
+        ("000123@1.0", "bad version '1.0'"),
+        ("12345@draft", "12345"),
+        ("000123@", "000123@"),
+        ("https://dandiarchive.org/dandiset/000123", "names no version"),
+    ],
+)
+def test_bad_source_exits_2(mnt: Path, tmp_path: Path, source: str, needle: str) -> None:
+    for mode in ([], ["-f"]):
+        result = run_cli("mount", *mode, source, str(mnt), "--cache-dir", str(tmp_path / "c"))
+        assert_user_error(result, 2, needle)
+    assert_nothing_left(mnt)
+
+
+@pytest.mark.parametrize("foreground", [True, False], ids=["foreground", "background"])
+def test_missing_version_exits_3_naming_the_key(
+    local_s3: LocalS3, mnt: Path, tmp_path: Path, foreground: bool
+) -> None:
+    args = ["mount", *(["-f"] if foreground else [])]
+    result = run_cli(
+        *args,
+        f"000123@{MISSING_VERSION}",
+        str(mnt),
+        "--endpoint-url",
+        local_s3.endpoint_url,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
+    assert_user_error(result, 3, f"dandisets/000123/{MISSING_VERSION}/assets.jsonld")
+    assert_nothing_left(mnt)
+
+
+@pytest.mark.parametrize("foreground", [True, False], ids=["foreground", "background"])
+def test_unreachable_s3_exits_5(
+    closed_port: int, mnt: Path, tmp_path: Path, foreground: bool
+) -> None:
+    args = ["mount", *(["-f"] if foreground else [])]
+    result = run_cli(
+        *args,
+        "000123@0.251101.1200",
+        str(mnt),
+        "--endpoint-url",
+        f"http://127.0.0.1:{closed_port}",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
+    assert result.returncode == 5, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("zarrfs: error: ")]
+    assert len(errors) == 1, result.stderr
+    assert "assets.jsonld" in errors[0]
+    assert_nothing_left(mnt)
+
+
+def test_missing_mountpoint_exits_4(tmp_path: Path) -> None:
+    missing = tmp_path / "does-not-exist"
+    result = run_cli("mount", "000123@0.251101.1200", str(missing))
+    assert_user_error(result, 4, str(missing), "does not exist")
+    assert not missing.exists()
+
+
+def test_mountpoint_that_is_a_file_exits_4(tmp_path: Path) -> None:
+    path = tmp_path / "a-file"
+    path.write_bytes(b"not a directory")
+    result = run_cli("mount", "-f", "000123@0.251101.1200", str(path))
+    assert_user_error(result, 4, str(path), "not a directory")
+    assert path.read_bytes() == b"not a directory"
+
+
+def test_unmount_of_a_non_mount_fails_with_a_message(mnt: Path) -> None:
+    result = run_cli("unmount", str(mnt))
+    assert result.returncode != 0
+    assert_user_error(result, result.returncode, str(mnt), "not mounted")
+    missing = mnt / "missing"
+    assert_user_error(run_cli("unmount", str(missing)), result.returncode, str(missing))
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (["-o", "bogus"], "bogus"),
+        (["-o", "ro,allow_other,no_such_thing=1"], "no_such_thing"),
+        (["--manifest-root", "ftp://example.org/manifests/"], "ftp://"),
+        (["--memory-cache-size", "lots"], "lots"),
+    ],
+)
+def test_bad_options_exit_2(mnt: Path, tmp_path: Path, options: list[str], needle: str) -> None:
+    result = run_cli(
+        "mount", "000123@0.251101.1200", str(mnt), "--cache-dir", str(tmp_path / "c"), *options
+    )
+    assert_user_error(result, 2, needle)
+    assert_nothing_left(mnt)
+
+
+def test_usage_errors_and_version() -> None:
+    missing = run_cli("mount")
+    assert missing.returncode == 2 and "usage:" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    unknown = run_cli("frobnicate")
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("zarrfs ")
