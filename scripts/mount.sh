@@ -23,18 +23,19 @@ if [ -z "$zarrfs" ]; then
 fi
 
 mkdir -p "$mountpoint" || exit 4
-"$zarrfs" mount "${opts[@]}" "$source_spec" "$mountpoint" || exit $?
 
 child=""
+is_mounted() { grep -qs " $(realpath "$mountpoint") fuse" /proc/mounts; }
 cleanup() {
-  [ -n "$child" ] && kill "$child" 2>/dev/null && wait "$child" 2>/dev/null
-  if mountpoint -q "$mountpoint" 2>/dev/null || grep -qs " $(realpath "$mountpoint") " /proc/mounts; then
-    "$zarrfs" unmount "$mountpoint" 2>/dev/null || fusermount3 -u -z "$mountpoint"
-  fi
+  if [ -n "$child" ]; then kill "$child" 2>/dev/null; wait "$child" 2>/dev/null; fi
+  if is_mounted; then "$zarrfs" unmount "$mountpoint" 2>/dev/null || fusermount3 -u -z "$mountpoint"; fi
 }
+# Traps first: a signal that arrives while mounting still unmounts.
 trap cleanup EXIT
 trap 'exit 143' TERM
 trap 'exit 130' INT
+
+"$zarrfs" mount "${opts[@]}" "$source_spec" "$mountpoint" || exit $?
 
 if [ $# -eq 0 ]; then
   echo "mounted $source_spec at $mountpoint; Ctrl-C or SIGTERM unmounts" >&2

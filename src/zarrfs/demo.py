@@ -143,8 +143,8 @@ Local S3 endpoint: {s3.endpoint_url}   mount log: {log}""")
             if args.check:
                 print("demo check " + ("passed" if ok else "FAILED"))
                 return 0 if ok else 1
-            print("\nPress Ctrl-C to unmount and stop.")
             try:
+                print("\nPress Ctrl-C to unmount and stop.", flush=True)
                 while all(p.poll() is None for _, p in processes):
                     signal.signal(signal.SIGTERM, signal.default_int_handler)
                     time.sleep(0.5)

@@ -1,0 +1,126 @@
+"""The two ways users start zarrfs besides `zarrfs mount`: the demo and `scripts/mount.sh`.
+
+Both run as real subprocesses with real FUSE mounts, and must leave nothing mounted behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import require_fuse
+
+from zarrfs.sample import EPHYS_PATH, V1, SampleDandiset
+
+REPO = Path(__file__).resolve().parents[1]
+MOUNT_SH = REPO / "scripts" / "mount.sh"
+pytestmark = pytest.mark.fuse
+
+
+def mounts_under(base: Path) -> list[str]:
+    with open("/proc/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[1].startswith(str(base))]
+
+
+def script_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    env["ZARRFS"] = str(Path(sys.executable).with_name("zarrfs"))
+    return env
+
+
+def test_demo_check_mounts_both_versions_and_cleans_up(tmp_path: Path) -> None:
+    require_fuse()
+    result = subprocess.run(
+        [sys.executable, "-m", "zarrfs", "demo", str(tmp_path), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "demo check passed" in out
+    assert f"mounted 000123@{V1} at {tmp_path / ('000123@' + V1)}" in out
+    assert "zarr.open_group" in out  # the one-liner to try
+    assert mounts_under(tmp_path) == []
+
+
+def test_demo_unmounts_on_ctrl_c(tmp_path: Path) -> None:
+    require_fuse()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "zarrfs", "demo", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 180
+        seen = ""
+        while "Press Ctrl-C" not in seen:
+            line = process.stdout.readline()
+            assert line, f"demo ended early:\n{seen}"
+            seen += line
+            assert time.monotonic() < deadline
+        assert len(mounts_under(tmp_path)) == 2
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        assert mounts_under(tmp_path) == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for path in mounts_under(tmp_path):
+            subprocess.run(["fusermount3", "-u", "-z", path], check=False)
+
+
+def test_mount_sh_runs_the_command_and_passes_its_exit_code(
+    sample: SampleDandiset, tmp_path: Path
+) -> None:
+    require_fuse()
+    mnt = tmp_path / "mnt"
+    blob = sample.versions[V1].files[EPHYS_PATH]
+    command = f'test "$(stat -c %s {mnt}/{EPHYS_PATH})" = {len(blob)} && exit 7'
+    result = subprocess.run(
+        [str(MOUNT_SH), f"000123@{V1}", str(mnt), "--endpoint-url", sample.endpoint_url,
+         "--cache-dir", str(tmp_path / "cache"), "--", "sh", "-c", command],
+        capture_output=True, text=True, timeout=120, check=False, env=script_env(),
+    )  # fmt: skip
+    assert result.returncode == 7, result.stderr
+    assert not os.path.ismount(mnt)
+
+
+def test_mount_sh_failure_and_sigterm(sample: SampleDandiset, tmp_path: Path) -> None:
+    require_fuse()
+    mnt = tmp_path / "mnt"
+    bad = subprocess.run(
+        [str(MOUNT_SH), "000123@0.990101.0000", str(mnt), "--endpoint-url", sample.endpoint_url,
+         "--", "true"],
+        capture_output=True, text=True, timeout=120, check=False, env=script_env(),
+    )  # fmt: skip
+    assert bad.returncode == 3 and "not found" in bad.stderr
+    assert not os.path.ismount(mnt)
+    # a long-running job is stopped by SIGTERM, and the mount still goes away
+    process = subprocess.Popen(
+        [str(MOUNT_SH), f"000123@{V1}", str(mnt), "--endpoint-url", sample.endpoint_url,
+         "--cache-dir", str(tmp_path / "cache"), "--", "sleep", "300"],
+        env=script_env(),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mnt):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 143
+        assert not os.path.ismount(mnt)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
