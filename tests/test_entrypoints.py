@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_fuse
 
+from conftest import require_fuse
 from zarrfs.sample import EPHYS_PATH, V1, SampleDandiset
 
 REPO = Path(__file__).resolve().parents[1]

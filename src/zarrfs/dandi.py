@@ -15,11 +15,10 @@ import logging
 import re
 import tempfile
 from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import BinaryIO
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import trio
