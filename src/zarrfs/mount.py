@@ -106,8 +106,12 @@ async def _wait_for_signals(scope: trio.CancelScope) -> None:
 def check_mountpoint(path: os.PathLike[str] | str) -> None:
     """Raise MountError unless `path` is an existing directory that is not already a mount."""
     p = os.fspath(path)
-    if not os.path.exists(p):
-        raise MountError(f"mountpoint {p} does not exist")
+    try:
+        os.stat(p)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {p} does not exist") from None
+    except OSError as e:
+        raise MountError(f"cannot access mountpoint {p}: {e.strerror}") from None
     if not os.path.isdir(p):
         raise MountError(f"mountpoint {p} is not a directory")
     if os.path.ismount(p):
