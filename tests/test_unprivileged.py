@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_fuse
 
+from conftest import require_fuse
 from zarrfs.sample import EPHYS_PATH, OME_PATH, V1, SampleDandiset
 
 USER = "zarrfs-test"
