@@ -515,17 +515,42 @@ def parse_manifest(
     the entries do not add up to the expected checksum.
     """
     _prescan(data[:4096])
-    builder = _Builder()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ManifestError(f"manifest is not UTF-8: {e}") from None
-    del data
+    return _parse_text(text, zarr_id=zarr_id, expected_checksum=expected_checksum, progress=progress)
+
+
+def parse_manifest_file(
+    path: Path,
+    *,
+    zarr_id: str,
+    expected_checksum: str,
+    progress: Callable[[str], None] | None = None,
+) -> ManifestIndex:
+    """`parse_manifest` of a file, holding only the decoded text (not also its bytes) while parsing."""
+    with open(path, "rb") as f:
+        _prescan(f.read(4096))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"manifest is not UTF-8: {e}") from None
+    return _parse_text(text, zarr_id=zarr_id, expected_checksum=expected_checksum, progress=progress)
+
+
+def _parse_text(
+    text: str,
+    *,
+    zarr_id: str,
+    expected_checksum: str,
+    progress: Callable[[str], None] | None,
+) -> ManifestIndex:
+    builder = _Builder()
     try:
         doc = json.loads(text, object_pairs_hook=builder.hook)
     except ValueError as e:
         raise ManifestError(f"manifest is not valid JSON: {e}") from None
-    del text
     if progress is not None:
         progress("parsed")
     if not isinstance(doc, dict) or doc.get("schemaVersion") != SUPPORTED_SCHEMA:

@@ -24,7 +24,7 @@ import trio
 
 from .dandi import AssetRecord
 from .errors import DataError, IntegrityError, ManifestError, ObjectMissing, RemoteError
-from .manifest import ManifestIndex, parse_manifest
+from .manifest import ManifestIndex, parse_manifest_file
 from .remote import Remote
 
 log = logging.getLogger(__name__)
@@ -177,9 +177,7 @@ class ManifestCache:
         started = time.monotonic()
 
         def convert() -> ManifestIndex:
-            data = src.read_bytes()
-            built = parse_manifest(data, zarr_id=zarr_id, expected_checksum=checksum)
-            del data
+            built = parse_manifest_file(src, zarr_id=zarr_id, expected_checksum=checksum)
             built.write(dest)
             del built  # drop the heap columns; serve from the memory map instead
             return ManifestIndex.load(dest, zarr_id=zarr_id, checksum=checksum)
