@@ -85,7 +85,7 @@ async def test_every_file_through_the_domain_layer(sample: SampleDandiset, tmp_p
 
 async def test_handlers(sample: SampleDandiset, tmp_path: Path) -> None:
     async for fs in make_fs(sample, V2, tmp_path):
-        ops = ZarrfsOperations(fs)
+        ops = ZarrfsOperations(fs, xattrs=True)
         ctx = None
         attr = await ops.getattr(ROOT_INO, ctx)  # type: ignore[arg-type]
         assert stat.S_ISDIR(attr.st_mode) and attr.st_mode & 0o777 == 0o555

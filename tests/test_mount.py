@@ -207,6 +207,7 @@ def pair(
                 start_mount(
                     base,
                     f"{sample.dandiset_id}@{version}",
+                    "--xattr",
                     endpoint=sample.endpoint_url,
                     cache=base / "cache",
                 )
@@ -725,3 +726,14 @@ def test_background_mount_and_unmount(tmp_path: Path, sample: SampleDandiset) ->
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
         for pid in processes_mentioning(mnt):
             os.kill(pid, 15)
+
+
+def test_without_xattr_option_the_kernel_stops_asking(
+    mount: Callable[..., Any], sample: SampleDandiset
+) -> None:
+    mounted = mount(f"{sample.dandiset_id}@{V1}")
+    chunk = mounted.path / OME_PATH / ".zgroup"
+    for _ in range(2):
+        assert_errno(errno.EOPNOTSUPP, os.getxattr, chunk, "user.zarrfs.s3_url")
+    for _ in range(2):
+        assert_errno(errno.EOPNOTSUPP, os.listxattr, chunk)

@@ -118,6 +118,8 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
         help="sign requests with AWS credentials (default: anonymous)",
     )
     p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    p.add_argument("--xattr", action="store_true", dest="xattrs",
+                   help="serve user.zarrfs.s3_url/etag extended attributes (slows `ls -l`)")
     p.add_argument(
         "-o",
         dest="options",
@@ -171,6 +173,8 @@ def apply_o_options(args: argparse.Namespace) -> None:
             key = key.replace("-", "_")
             if key == "allow_other":
                 args.allow_other = True
+            elif key in ("xattr", "xattrs"):
+                args.xattrs = True
             elif key in ("foreground", "debug", "signed"):
                 setattr(args, key, True)
             elif key == "manifest_root":
@@ -213,6 +217,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         foreground=args.foreground,
         debug=args.debug,
         allow_other=args.allow_other,
+        xattrs=args.xattrs,
     )
 
 

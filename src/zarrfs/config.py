@@ -101,6 +101,9 @@ class Config:
     foreground: bool = False
     debug: bool = False
     allow_other: bool = False
+    #: Serve `user.zarrfs.*` extended attributes. Off by default: with xattrs the kernel must ask the
+    #: daemon for every `getxattr` (`ls -l` makes three per entry), without them it stops asking.
+    xattrs: bool = False
     fsname: str = "zarrfs"
 
 

@@ -56,6 +56,7 @@ class ZarrfsOperations(pyfuse3.Operations):
         entry_timeout: float = config.ENTRY_TIMEOUT,
         attr_timeout: float = config.ATTR_TIMEOUT,
         negative_timeout: float = config.NEGATIVE_TIMEOUT,
+        xattrs: bool = False,
     ) -> None:
         super().__init__()
         self.fs = fs
@@ -64,6 +65,7 @@ class ZarrfsOperations(pyfuse3.Operations):
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
         self.negative_timeout = negative_timeout
+        self.xattrs = xattrs
         self._files: dict[int, OpenFile] = {}
         self._handles = count(1)
 
@@ -173,11 +175,15 @@ class ZarrfsOperations(pyfuse3.Operations):
         return not mode & os.W_OK
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel then stops asking (fast `ls -l`)
         with _errors():
             entry = await self.fs.getattr(inode)
         return [] if entry.is_dir else [XATTR_URL, XATTR_ETAG]
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         with _errors():
             if name not in (XATTR_URL, XATTR_ETAG):
                 raise NoAttribute(name.decode("utf-8", "replace"))

@@ -66,7 +66,7 @@ async def serve(config: Config, *, on_ready: Callable[[], None] | None = None) -
         )
         blocks = BlockCache(config.memory_cache_size, config.block_size)
         fs = Filesystem(namespace, manifests, blocks, remote.s3)
-        ops = ZarrfsOperations(fs)
+        ops = ZarrfsOperations(fs, xattrs=config.xattrs)
         try:
             pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
         except RuntimeError as e:
