@@ -216,3 +216,18 @@ def test_arrow_round_trip_and_header_checks(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ManifestError, match="unreadable"):
         ManifestIndex.load(path, zarr_id="zid", checksum=checksum)
+
+
+def test_bulk_children_match_per_node_accessors() -> None:
+    index = parse_manifest(real_manifest(), zarr_id="zid", expected_checksum=REAL_CHECKSUM)
+    for node in range(index.n_nodes):
+        if not index.is_dir(node):
+            assert index.children(node) == []
+            continue
+        expected = [
+            (c, index.name(c), index.is_dir(c), index.stat(c).size, index.stat(c).mtime_ns)
+            for c in index.child_range(node)
+        ]
+        assert index.children(node, 0, 10**6) == expected
+        for start, count in ((0, 1), (1, 3), (len(expected) - 1, 5), (len(expected), 5)):
+            assert index.children(node, start, count) == expected[start : start + count]

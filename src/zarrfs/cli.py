@@ -118,8 +118,12 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
         help="sign requests with AWS credentials (default: anonymous)",
     )
     p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
-    p.add_argument("--xattr", action="store_true", dest="xattrs",
-                   help="serve user.zarrfs.s3_url/etag extended attributes (slows `ls -l`)")
+    p.add_argument(
+        "--xattr",
+        action="store_true",
+        dest="xattrs",
+        help="serve user.zarrfs.s3_url/etag extended attributes (slows `ls -l`)",
+    )
     p.add_argument(
         "-o",
         dest="options",

@@ -280,6 +280,26 @@ class ManifestIndex:
         start = int(self._child_start[node])
         return range(start, start + int(self._child_count[node]))
 
+    def children(
+        self, node: int, start: int = 0, count: int = 256
+    ) -> list[tuple[int, bytes, bool, int, int]]:
+        """Up to `count` children of directory `node` from position `start`, in name order, as
+        (node id, name, is_dir, size, mtime_ns): one bulk conversion per call, for readdir."""
+        first = int(self._child_start[node])
+        end = first + int(self._child_count[node])
+        lo = min(first + start, end)
+        hi = min(lo + count, end)
+        if lo == hi:
+            return []
+        offsets = self._name_off[lo : hi + 1].tolist()
+        base = offsets[0]
+        blob = self._name_data[base : offsets[-1]].tobytes()
+        names = [blob[a - base : b - base] for a, b in zip(offsets, offsets[1:], strict=False)]
+        kinds = (self._kind[lo:hi] == KIND_DIR).tolist()
+        sizes = self._size[lo:hi].tolist()
+        mtimes = self._mtime[lo:hi].tolist()
+        return list(zip(range(lo, hi), names, kinds, sizes, mtimes, strict=True))
+
     def lookup(self, node: int, name: bytes) -> int | None:
         """The child of directory `node` called `name`, or None. Binary search over its child run."""
         if self._kind[node] != KIND_DIR:
@@ -519,7 +539,9 @@ def parse_manifest(
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ManifestError(f"manifest is not UTF-8: {e}") from None
-    return _parse_text(text, zarr_id=zarr_id, expected_checksum=expected_checksum, progress=progress)
+    return _parse_text(
+        text, zarr_id=zarr_id, expected_checksum=expected_checksum, progress=progress
+    )
 
 
 def parse_manifest_file(
@@ -536,7 +558,9 @@ def parse_manifest_file(
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ManifestError(f"manifest is not UTF-8: {e}") from None
-    return _parse_text(text, zarr_id=zarr_id, expected_checksum=expected_checksum, progress=progress)
+    return _parse_text(
+        text, zarr_id=zarr_id, expected_checksum=expected_checksum, progress=progress
+    )
 
 
 def _parse_text(

@@ -283,10 +283,13 @@ class Namespace:
         idx = self._check_index(root, index)
         if mnode >= idx.n_nodes or not idx.is_dir(mnode):
             raise NotADirectory(f"inode {ino} is not a directory")
-        children = idx.child_range(mnode)
-        for i in range(offset, len(children)):
-            child = children[i]
-            yield idx.name(child), self._zarr_entry(root, idx, child), i + 1
+        base = root.slot << ZARR_SHIFT
+        batch = 64  # the kernel takes a few dozen entries per request; grow for big listings
+        while rows := idx.children(mnode, offset, batch):
+            for child, name, is_dir, size, mtime_ns in rows:
+                offset += 1
+                yield name, Entry(base | child, is_dir, size, mtime_ns), offset
+            batch = min(batch * 4, 4096)
 
     def file_source(self, ino: int, index: ManifestIndex | None = None) -> FileSource:
         """Where the bytes of file `ino` come from."""
