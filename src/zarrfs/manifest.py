@@ -28,6 +28,7 @@ from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import pairwise
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -294,7 +295,7 @@ class ManifestIndex:
         offsets = self._name_off[lo : hi + 1].tolist()
         base = offsets[0]
         blob = self._name_data[base : offsets[-1]].tobytes()
-        names = [blob[a - base : b - base] for a, b in zip(offsets, offsets[1:], strict=False)]
+        names = [blob[a - base : b - base] for a, b in pairwise(offsets)]
         kinds = (self._kind[lo:hi] == KIND_DIR).tolist()
         sizes = self._size[lo:hi].tolist()
         mtimes = self._mtime[lo:hi].tolist()
