@@ -22,6 +22,7 @@ from zarrfs.locals3 import LocalS3
 from zarrfs.sample import SampleDandiset, build_sample
 
 MOUNT_DEADLINE = 60.0
+EXIT_DEADLINE = 20.0
 
 
 def fuse_problem() -> str | None:
@@ -76,27 +77,69 @@ def zarrfs_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "zarrfs", *args]
 
 
-def wait_for_mount(path: Path, process: subprocess.Popen[bytes] | None, log: Path | None) -> None:
+def start_mount(base: Path, source: str, *extra: str, endpoint: str, cache: Path) -> Mounted:
+    """`zarrfs mount -f` in a subprocess; returns once the mountpoint is live (fails fast)."""
+    path = base / "mnt"
+    path.mkdir(parents=True)
+    log = base / "zarrfs.log"
+    args = ["mount", "-f", source, str(path), "--endpoint-url", endpoint, "--cache-dir", str(cache)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            zarrfs_command(*args, *extra), stdout=out, stderr=subprocess.STDOUT
+        )
+    mounted = Mounted(path, process, log)
     deadline = time.monotonic() + MOUNT_DEADLINE
     while not os.path.ismount(path):
-        if process is not None and process.poll() is not None:
-            output = log.read_text(errors="replace") if log else ""
-            pytest.fail(f"zarrfs exited with {process.returncode} before mounting:\n{output}")
+        if process.poll() is not None:
+            pytest.fail(
+                f"zarrfs exited with {process.returncode} before mounting:\n{mounted.output()}"
+            )
         if time.monotonic() > deadline:
-            pytest.fail(f"{path} was not mounted within {MOUNT_DEADLINE} s")
+            stop_mount(mounted)
+            pytest.fail(f"{path} was not mounted within {MOUNT_DEADLINE} s:\n{mounted.output()}")
         time.sleep(0.05)
+    return mounted
 
 
-def unmount(path: Path, process: subprocess.Popen[bytes] | None = None) -> None:
-    if os.path.ismount(path):
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False, capture_output=True)
-    if process is not None and process.poll() is None:
-        process.terminate()
+def stop_mount(mounted: Mounted) -> None:
+    """Unmount (lazily), let the daemon exit by itself, else terminate, then kill."""
+    if os.path.ismount(mounted.path):
+        subprocess.run(
+            ["fusermount3", "-u", "-z", str(mounted.path)], check=False, capture_output=True
+        )
+    for stop in (None, mounted.process.terminate, mounted.process.kill):
+        if mounted.process.poll() is not None:
+            return
+        if stop is not None:
+            stop()
         try:
-            process.wait(timeout=10)
+            mounted.process.wait(timeout=EXIT_DEADLINE)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+            continue
+
+
+def processes_mentioning(path: Path) -> list[int]:
+    """Pids of live processes with `path` as one of their arguments."""
+    needle = os.fsencode(path)
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in argv:
+            pids.append(int(entry))
+    return pids
+
+
+def wait_until_no_process_mentions(path: Path) -> None:
+    deadline = time.monotonic() + EXIT_DEADLINE
+    while pids := processes_mentioning(path):
+        if time.monotonic() > deadline:
+            pytest.fail(f"processes {pids} still run for {path}")
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -109,28 +152,12 @@ def mount(
 
     def start(source: str, *extra: str, cache_dir: Path | None = None) -> Mounted:
         base = tmp_path_factory.mktemp("mnt")
-        path = base / "mnt"
-        path.mkdir()
-        log = base / "zarrfs.log"
-        cache = cache_dir or base / "cache"
-        args = [
-            "mount",
-            "-f",
-            source,
-            str(path),
-            "--endpoint-url",
-            sample.endpoint_url,
-            "--cache-dir",
-            str(cache),
-            *extra,
-        ]
-        with open(log, "wb") as out:
-            process = subprocess.Popen(zarrfs_command(*args), stdout=out, stderr=subprocess.STDOUT)
-        mounted = Mounted(path, process, log)
+        mounted = start_mount(
+            base, source, *extra, endpoint=sample.endpoint_url, cache=cache_dir or base / "cache"
+        )
         live.append(mounted)
-        wait_for_mount(path, process, log)
         return mounted
 
     yield start
     for mounted in live:
-        unmount(mounted.path, mounted.process)
+        stop_mount(mounted)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import processes_mentioning
 from zarrfs.locals3 import LocalS3
 
 MISSING_VERSION = "0.990101.0000"
@@ -33,21 +34,6 @@ def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[st
         check=False,
         env=env,
     )
-
-
-def processes_mentioning(path: Path) -> list[int]:
-    needle = os.fsencode(path)
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if needle in argv:
-            pids.append(int(entry))
-    return pids
 
 
 def assert_nothing_left(mnt: Path) -> None:

@@ -15,8 +15,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +25,16 @@ import numpy as np
 import pytest
 from zarr_checksum.tree import ZarrChecksumTree
 
+from conftest import (
+    EXIT_DEADLINE,
+    MOUNT_DEADLINE,
+    Mounted,
+    processes_mentioning,
+    start_mount,
+    stop_mount,
+    wait_until_no_process_mentions,
+)
+from conftest import zarrfs_command as zarrfs
 from zarrfs.locals3 import LocalS3
 from zarrfs.sample import (
     ARRAY_PATH,
@@ -48,67 +56,11 @@ from zarrfs.sample import (
 
 pytestmark = pytest.mark.fuse
 
-MOUNT_DEADLINE = 60.0
-EXIT_DEADLINE = 20.0
 TAMPER_ID = "000777"
 TAMPER_BUCKET = "zarrfs-tampered"
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def zarrfs(*args: str) -> list[str]:
-    return [sys.executable, "-m", "zarrfs", *args]
-
-
-@dataclass
-class LiveMount:
-    path: Path
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-
-def start_mount(base: Path, source: str, *extra: str, endpoint: str, cache: Path) -> LiveMount:
-    """`zarrfs mount -f` in a subprocess; returns once the mountpoint is live (fails fast)."""
-    path = base / "mnt"
-    path.mkdir(parents=True)
-    log = base / "zarrfs.log"
-    args = ["mount", "-f", source, str(path), "--endpoint-url", endpoint, "--cache-dir", str(cache)]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(zarrfs(*args, *extra), stdout=out, stderr=subprocess.STDOUT)
-    live = LiveMount(path, process, log)
-    deadline = time.monotonic() + MOUNT_DEADLINE
-    while not os.path.ismount(path):
-        if process.poll() is not None:
-            pytest.fail(
-                f"zarrfs exited with {process.returncode} before mounting:\n{live.output()}"
-            )
-        if time.monotonic() > deadline:
-            stop_mount(live)
-            pytest.fail(f"{path} was not mounted within {MOUNT_DEADLINE} s:\n{live.output()}")
-        time.sleep(0.05)
-    return live
-
-
-def stop_mount(live: LiveMount) -> None:
-    """Unmount (lazily), then make sure the daemon is gone: terminate, then kill."""
-    if os.path.ismount(live.path):
-        subprocess.run(
-            ["fusermount3", "-u", "-z", str(live.path)], check=False, capture_output=True
-        )
-    if live.process.poll() is None:
-        try:
-            live.process.wait(timeout=EXIT_DEADLINE)
-        except subprocess.TimeoutExpired:
-            live.process.terminate()
-            try:
-                live.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                live.process.kill()
-                live.process.wait(timeout=10)
 
 
 def raise_error(e: OSError) -> None:
@@ -163,30 +115,6 @@ def assert_errno(code: int, action: Callable[..., object], *args: object) -> Non
     assert info.value.errno == code, f"expected {errno.errorcode[code]}, got {info.value!r}"
 
 
-def processes_mentioning(path: Path) -> list[int]:
-    """Pids of live processes with `path` as one of their arguments."""
-    needle = os.fsencode(path)
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if needle in argv:
-            pids.append(int(entry))
-    return pids
-
-
-def wait_until_no_process_mentions(path: Path) -> None:
-    deadline = time.monotonic() + EXIT_DEADLINE
-    while pids := processes_mentioning(path):
-        if time.monotonic() > deadline:
-            pytest.fail(f"processes {pids} still run for {path}")
-        time.sleep(0.05)
-
-
 def chunk_key(zarr_id: str, rel: str) -> str:
     return f"zarr/{zarr_id}/{rel}"
 
@@ -199,7 +127,7 @@ def pair(
     tmp_path_factory: pytest.TempPathFactory, sample: SampleDandiset
 ) -> Iterator[dict[str, Path]]:
     """V1 and V2 mounted side by side (separate caches) for the whole module."""
-    live: list[LiveMount] = []
+    live: list[Mounted] = []
     try:
         for version in (V1, V2):
             base = tmp_path_factory.mktemp(f"pair-{version}")
