@@ -19,6 +19,7 @@ import pytest
 
 from conftest import processes_mentioning
 from zarrfs.locals3 import LocalS3
+from zarrfs.sample import SampleDandiset
 
 MISSING_VERSION = "0.990101.0000"
 EXIT_DEADLINE = 20.0
@@ -179,3 +180,34 @@ def test_usage_errors_and_version() -> None:
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
     version = run_cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("zarrfs ")
+
+
+def test_stale_mountpoint_gets_a_hint(sample: SampleDandiset, tmp_path: Path) -> None:
+    """A mount whose daemon died answers ENOTCONN; the error says how to clear it."""
+    from conftest import require_fuse
+
+    require_fuse()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "zarrfs", "mount", "-f", "000123@0.251101.1200", str(mnt),
+         "--endpoint-url", sample.endpoint_url, "--cache-dir", str(tmp_path / "cache")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mnt):
+            assert daemon.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        daemon.kill()  # no clean unmount: the kernel keeps a dead mount
+        daemon.wait()
+        result = run_cli("mount", "000123@0.251101.1200", str(mnt))
+        assert result.returncode == 4
+        # the kernel may still answer stat from its attribute cache ("already a mount point") or
+        # not ("Transport endpoint is not connected"); either way the way out is named
+        assert f"zarrfs unmount -z {mnt}" in result.stderr, result.stderr
+        assert run_cli("unmount", "-z", str(mnt)).returncode == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)

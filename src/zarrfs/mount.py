@@ -7,6 +7,7 @@ everything down on SIGINT/SIGTERM/SIGHUP or an external unmount. No domain logic
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -111,10 +112,14 @@ def check_mountpoint(path: os.PathLike[str] | str) -> None:
     except FileNotFoundError:
         raise MountError(f"mountpoint {p} does not exist") from None
     except OSError as e:
-        raise MountError(f"cannot access mountpoint {p}: {e.strerror}") from None
+        hint = f" (a stale mount? zarrfs unmount -z {p})" if e.errno == errno.ENOTCONN else ""
+        raise MountError(f"cannot access mountpoint {p}: {e.strerror}{hint}") from None
     if not os.path.isdir(p):
         raise MountError(f"mountpoint {p} is not a directory")
     if os.path.ismount(p):
-        raise MountError(f"{p} is already a mount point")
+        raise MountError(
+            f"{p} is already a mount point (unmount it first: zarrfs unmount {p}; "
+            f"if its daemon died: zarrfs unmount -z {p})"
+        )
     if not os.access(p, os.W_OK | os.X_OK) and os.getuid() != 0:
         raise MountError(f"mountpoint {p} is not writable by you (FUSE needs that)")
