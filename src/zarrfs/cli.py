@@ -375,9 +375,24 @@ def _fusermount(mountpoint: Path, *, lazy: bool) -> subprocess.CompletedProcess[
     return subprocess.run(command, capture_output=True, text=True, check=False)
 
 
+def is_mounted(path: Path) -> bool:
+    """True for a live mount and for a dead one (daemon gone: stat fails with ENOTCONN)."""
+    try:
+        if os.path.ismount(path):
+            return True
+    except OSError:
+        pass
+    target = str(path).replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
+    try:
+        with open("/proc/self/mounts") as mounts:
+            return any(line.split(" ")[1] == target for line in mounts)
+    except OSError:
+        return False
+
+
 def run_unmount(args: argparse.Namespace) -> int:
     mountpoint = args.mountpoint.absolute()
-    if not os.path.ismount(mountpoint):
+    if not is_mounted(mountpoint):
         raise MountError(f"{mountpoint} is not mounted")
     result = _fusermount(mountpoint, lazy=args.lazy)
     if result.returncode != 0:
