@@ -537,11 +537,11 @@ def parse_manifest(
     """
     _prescan(data[:4096])
     try:
-        text = data.decode("utf-8")
+        holder = [data.decode("utf-8")]
     except UnicodeDecodeError as e:
         raise ManifestError(f"manifest is not UTF-8: {e}") from None
     return _parse_text(
-        text, zarr_id=zarr_id, expected_checksum=expected_checksum, progress=progress
+        holder, zarr_id=zarr_id, expected_checksum=expected_checksum, progress=progress
     )
 
 
@@ -556,16 +556,16 @@ def parse_manifest_file(
     with open(path, "rb") as f:
         _prescan(f.read(4096))
     try:
-        text = path.read_text(encoding="utf-8")
+        holder = [path.read_text(encoding="utf-8")]
     except UnicodeDecodeError as e:
         raise ManifestError(f"manifest is not UTF-8: {e}") from None
     return _parse_text(
-        text, zarr_id=zarr_id, expected_checksum=expected_checksum, progress=progress
+        holder, zarr_id=zarr_id, expected_checksum=expected_checksum, progress=progress
     )
 
 
 def _parse_text(
-    text: str,
+    holder: list[str],
     *,
     zarr_id: str,
     expected_checksum: str,
@@ -573,7 +573,9 @@ def _parse_text(
 ) -> ManifestIndex:
     builder = _Builder()
     try:
-        doc = json.loads(text, object_pairs_hook=builder.hook)
+        # pop: nothing else references the text, so it is freed as soon as json.loads returns,
+        # before the columns are assembled (the peak of a conversion)
+        doc = json.loads(holder.pop(), object_pairs_hook=builder.hook)
     except ValueError as e:
         raise ManifestError(f"manifest is not valid JSON: {e}") from None
     if progress is not None:
