@@ -211,3 +211,18 @@ def test_stale_mountpoint_gets_a_hint(sample: SampleDandiset, tmp_path: Path) ->
         if daemon.poll() is None:
             daemon.kill()
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
+
+
+def test_mount_helper_translates_mount8_calls() -> None:
+    from zarrfs.cli import mount_helper_args
+
+    assert mount_helper_args(["000123@draft", "/mnt/d", "-o", "allow_other,cache_dir=/c"]) == [
+        "mount", "000123@draft", "/mnt/d", "-o", "allow_other,cache_dir=/c"
+    ]  # fmt: skip
+    assert mount_helper_args(["000123@draft", "/mnt/d", "-n", "-v", "-t", "fuse.zarrfs"]) == [
+        "mount", "000123@draft", "/mnt/d"
+    ]  # fmt: skip
+    assert mount_helper_args(["000123@draft", "/mnt/d", "-f"]) is None  # mount(8) -f: fake
+    assert mount_helper_args(["000123@draft", "/mnt/d", "-sv", "-o", "ro"]) == [
+        "mount", "000123@draft", "/mnt/d", "-o", "ro"
+    ]  # fmt: skip

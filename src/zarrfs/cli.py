@@ -421,7 +421,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
 
 
+def mount_helper_args(argv: Sequence[str]) -> list[str] | None:
+    """Translate mount(8)'s helper call `SOURCE DIR [-sfnv] [-N NS] [-o OPTS] [-t TYPE]` into
+    `zarrfs mount` arguments; None for a fake mount (`-f`), which must do nothing."""
+    positional: list[str] = []
+    options: list[str] = []
+    items = iter(argv)
+    for item in items:
+        if item == "-o":
+            options += ["-o", next(items, "")]
+        elif item in ("-N", "-t"):
+            next(items, None)  # namespace / filesystem type: nothing for us to do
+        elif item.startswith("-") and len(item) > 1 and set(item[1:]) <= set("sfnvr"):
+            if "f" in item[1:]:
+                return None
+        else:
+            positional.append(item)
+    return ["mount", *positional, *options]
+
+
 def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     """`mount.zarrfs SOURCE MOUNTPOINT [-o OPTIONS]`, as mount(8) calls it for fstab entries."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return main(["mount", *argv])
+    args = mount_helper_args(list(sys.argv[1:] if argv is None else argv))
+    return EXIT_OK if args is None else main(args)
