@@ -26,7 +26,7 @@ import httpx
 import trio
 
 from zarrfs import config
-from zarrfs.errors import ObjectMissing, RemoteError
+from zarrfs.errors import DataError, ObjectMissing, RemoteError
 from zarrfs.retry import retry
 
 log = logging.getLogger(__name__)
@@ -108,10 +108,9 @@ class HttpClient:
         """The whole body of `url`."""
 
         async def attempt() -> bytes:
-            async with self._limiter:
-                response = await self._client.get(url)
-                _check_status(url, response)
-                return response.content
+            response = await self._client.get(url)
+            _check_status(url, response)
+            return response.content
 
         return await self._retry(attempt, f"GET {url}")
 
@@ -131,7 +130,7 @@ class HttpClient:
         part = dest.with_name(dest.name + ".part")
 
         async def attempt() -> int:
-            async with self._limiter, self._client.stream("GET", url) as response:
+            async with self._client.stream("GET", url) as response:
                 _check_status(url, response)
                 done = False
                 written = 0
@@ -142,6 +141,8 @@ class HttpClient:
                             written += len(chunk)
                     os.replace(part, dest)
                     done = True
+                except OSError as e:  # the local disk: not retried, never a raw OSError
+                    raise DataError(f"GET {url}: cannot write {part}: {e}") from e
                 finally:
                     if not done:
                         part.unlink(missing_ok=True)
@@ -150,10 +151,20 @@ class HttpClient:
         return await self._retry(attempt, f"GET {url} -> {dest}")
 
     async def _retry(self, attempt: Callable[[], Awaitable[T]], what: str) -> T:
+        async def translated() -> T:
+            try:
+                return await attempt()
+            except httpx.HTTPError as e:
+                if is_retryable(e):
+                    raise
+                # redirect loops, undecodable bodies, bad URLs: not worth retrying, still EIO
+                raise RemoteError(f"{what}: {type(e).__name__}: {e}") from e
+
         return await retry(
-            attempt,
+            translated,
             what=what,
             max_attempts=self.max_attempts,
             timeout=self.timeout,
             is_retryable=is_retryable,
+            limiter=self._limiter,
         )

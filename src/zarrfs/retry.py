@@ -28,6 +28,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class _NoLimit:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LIMIT = _NoLimit()
+
+
 def backoff_delay(attempt: int, base_delay: float, max_delay: float) -> float:
     """Full-jitter delay before retry `attempt` (1-based): uniform [0, min(max, base*2^(n-1))]."""
     ceiling = min(max_delay, base_delay * (2 ** (attempt - 1)))
@@ -43,12 +54,14 @@ async def retry(
     is_retryable: Callable[[BaseException], bool],
     base_delay: float = config.RETRY_BASE_DELAY,
     max_delay: float = config.RETRY_MAX_DELAY,
+    limiter: trio.CapacityLimiter | None = None,
 ) -> T:
     """Await `op()` until it succeeds, at most `max_attempts` times.
 
     Each attempt runs inside `trio.fail_after(timeout)`; a timeout is retryable. An exception for
     which `is_retryable` is false propagates unchanged. After the last failed attempt, raises
-    `RemoteError` naming `what` and the cause (chained with `from`).
+    `RemoteError` naming `what` and the cause (chained with `from`). With a `limiter`, each attempt
+    first takes one of its slots, outside the deadline: waiting for a slot is not a slow server.
     """
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
@@ -56,8 +69,9 @@ async def retry(
     while True:
         attempt += 1
         try:
-            with trio.fail_after(timeout):
-                return await op()
+            async with limiter if limiter is not None else _NO_LIMIT:
+                with trio.fail_after(timeout):
+                    return await op()
         except trio.TooSlowError as exc:
             cause: Exception = exc
             reason = f"timed out after {timeout:g}s"

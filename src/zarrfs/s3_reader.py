@@ -35,7 +35,7 @@ from aiobotocore.session import get_session
 
 from zarrfs import config
 from zarrfs.config import S3Settings
-from zarrfs.errors import IntegrityError, ObjectMissing, RemoteError, ZarrfsError
+from zarrfs.errors import DataError, IntegrityError, ObjectMissing, RemoteError, ZarrfsError
 from zarrfs.retry import retry
 
 log = logging.getLogger(__name__)
@@ -213,14 +213,13 @@ class S3Reader:
             params["VersionId"] = ref.version_id
 
         async def attempt() -> bytes:
-            async with self._limiter:
-                resp = await self._client.get_object(**params)
-                body = resp["Body"]
-                async with body:
-                    self._verify_headers(ref, start, end, resp, name)
-                    data: bytes = await body.read()
-                self._check(name, "body length", end - start, len(data))
-                return data
+            resp = await self._client.get_object(**params)
+            body = resp["Body"]
+            async with body:
+                self._verify_headers(ref, start, end, resp, name)
+                data: bytes = await body.read()
+            self._check(name, "body length", end - start, len(data))
+            return data
 
         return await self._retry(attempt, what, ref.version_id, self.settings.request_timeout)
 
@@ -231,14 +230,13 @@ class S3Reader:
         params = self._params(key, version_id)
 
         async def attempt() -> bytes:
-            async with self._limiter:
-                resp = await self._client.get_object(**params)
-                body = resp["Body"]
-                async with body:
-                    self._verify_version(name, version_id, resp)
-                    data: bytes = await body.read()
-                self._check(name, "body length", resp.get("ContentLength", len(data)), len(data))
-                return data
+            resp = await self._client.get_object(**params)
+            body = resp["Body"]
+            async with body:
+                self._verify_version(name, version_id, resp)
+                data: bytes = await body.read()
+            self._check(name, "body length", resp.get("ContentLength", len(data)), len(data))
+            return data
 
         return await self._retry(attempt, what, version_id, self.settings.request_timeout)
 
@@ -262,25 +260,26 @@ class S3Reader:
         params = self._params(key, version_id)
 
         async def attempt() -> int:
-            async with self._limiter:
-                resp = await self._client.get_object(**params)
-                body = resp["Body"]
-                done = False
-                written = 0
-                try:
-                    async with body:
-                        self._verify_version(name, version_id, resp)
-                        async with await trio.open_file(part, "wb") as f:
-                            while chunk := await body.read(DOWNLOAD_CHUNK):
-                                await f.write(chunk)
-                                written += len(chunk)
-                    self._check(name, "size", resp.get("ContentLength", written), written)
-                    os.replace(part, dest)
-                    done = True
-                finally:
-                    if not done:
-                        part.unlink(missing_ok=True)
-                return written
+            resp = await self._client.get_object(**params)
+            body = resp["Body"]
+            done = False
+            written = 0
+            try:
+                async with body:
+                    self._verify_version(name, version_id, resp)
+                    async with await trio.open_file(part, "wb") as f:
+                        while chunk := await body.read(DOWNLOAD_CHUNK):
+                            await f.write(chunk)
+                            written += len(chunk)
+                self._check(name, "size", resp.get("ContentLength", written), written)
+                os.replace(part, dest)
+                done = True
+            except OSError as e:  # the local disk, not S3: not retried, but never a raw OSError
+                raise DataError(f"{what}: cannot write {part}: {e}") from e
+            finally:
+                if not done:
+                    part.unlink(missing_ok=True)
+            return written
 
         return await self._retry(attempt, what, version_id, timeout)
 
@@ -314,6 +313,7 @@ class S3Reader:
             max_attempts=self.settings.max_attempts,
             timeout=timeout,
             is_retryable=is_retryable,
+            limiter=self._limiter,
         )
 
     def _fail(self, name: str, field: str, expected: object, got: object) -> IntegrityError:
@@ -327,7 +327,8 @@ class S3Reader:
 
     def _verify_version(self, name: str, version_id: str | None, resp: Mapping[str, Any]) -> None:
         got = resp.get("VersionId")
-        if version_id is not None and got is not None and got != version_id:
+        if version_id is not None and got != version_id:
+            # absent counts as a mismatch: an endpoint that ignored ?versionId= served the live object
             raise self._fail(name, "VersionId", version_id, got)
 
     def _verify_headers(
@@ -336,7 +337,13 @@ class S3Reader:
         """Check a ranged GET's headers against `ref` before any body byte is read."""
         self._verify_version(name, ref.version_id, resp)
         got_etag = resp.get("ETag")
-        if ref.etag is not None and got_etag is not None:
+        if ref.etag is not None and ref.version_id is not None:
+            # a pinned version's ETag was recorded from this very object: it must match exactly
+            got = None if got_etag is None else _strip_etag(str(got_etag))
+            if got != _strip_etag(ref.etag):
+                raise self._fail(name, "ETag", _strip_etag(ref.etag), got)
+        elif ref.etag is not None and got_etag is not None:
+            # blobs: the record's dandi-etag is comparable only to an ETag of the same form
             expected, got = _strip_etag(ref.etag), _strip_etag(str(got_etag))
             if etag_form(expected) == etag_form(got) and expected != got:
                 raise self._fail(name, "ETag", expected, got)
