@@ -194,3 +194,63 @@ async def test_eviction_and_reload_return_identical_results(tmp_path: Path) -> N
             for _ in range(20):
                 nursery.start_soon(get)
         assert fresh.stats["fetches"] == 1 and all(r is results[0] for r in results)
+
+
+def one_manifest_root(tmp_path: Path) -> tuple[Path, AssetRecord]:
+    leaves = make_leaves(50, 3)
+    zarr_id, checksum = str(uuid.uuid4()), zarr_checksum_of(leaves)
+    roots = tmp_path / "roots"
+    target = Path(manifest_url(str(roots), zarr_id, checksum))
+    target.parent.mkdir(parents=True)
+    target.write_text(format_manifest(build_manifest(leaves)))
+    return roots, AssetRecord("a", "z.zarr", 0, 0, zarr_id=zarr_id, zarr_checksum=checksum)
+
+
+@pytest.mark.trio
+async def test_unusable_cache_dir_is_eio_or_memory_not_a_crash(tmp_path: Path) -> None:
+    from zarrfs.errors import DataError
+
+    roots, asset = one_manifest_root(tmp_path)
+    async with Remote.open(S3Settings(endpoint_url="http://127.0.0.1:9")) as remote:
+        # the cache dir is a file: nothing can be downloaded into it -> EIO, remembered
+        blocked = tmp_path / "not-a-dir"
+        blocked.write_text("x")
+        cache = ManifestCache(
+            remote, roots=[f"file://{roots}/"], cache_dir=blocked, memory_budget=1 << 20
+        )
+        for _ in range(2):
+            with pytest.raises(DataError, match="manifest cache"):
+                await cache.get(asset)
+        # only the index store is unusable: the verified index is served from memory
+        partial = tmp_path / "partial"
+        partial.mkdir()
+        (partial / "manifests").write_text("in the way")
+        cache = ManifestCache(
+            remote, roots=[f"file://{roots}/"], cache_dir=partial, memory_budget=1 << 20
+        )
+        index = await cache.get(asset)
+        assert index.recompute_checksum() == asset.zarr_checksum and index.n_files == 130
+
+
+def test_stale_temporary_files_are_swept(tmp_path: Path) -> None:
+    import time as time_
+
+    cache = ManifestCache(
+        None,  # type: ignore[arg-type]  # sweeping needs no remote
+        roots=["file:///nowhere/"],
+        cache_dir=tmp_path,
+        memory_budget=1,
+    )
+    (tmp_path / "tmp").mkdir()
+    old, fresh = tmp_path / "tmp" / "old.json", tmp_path / "tmp" / "fresh.json"
+    index_dir = tmp_path / "manifests" / "abc" / "abcdef"
+    index_dir.mkdir(parents=True)
+    old_index_tmp, kept_index = index_dir / ".x.arrow.1.tmp", index_dir / "x.arrow"
+    for path in (old, fresh, old_index_tmp, kept_index):
+        path.write_text("x")
+    two_days_ago = time_.time() - 2 * 86400
+    for path in (old, old_index_tmp, kept_index):
+        os.utime(path, (two_days_ago, two_days_ago))
+    assert cache.sweep_stale_temp_files() == 2
+    assert not old.exists() and not old_index_tmp.exists()
+    assert fresh.exists() and kept_index.exists()

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import uuid
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -430,7 +431,7 @@ class ManifestIndex:
         }
         table = table.replace_schema_metadata(meta)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique across containers
         try:
             with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table, max_chunksize=max(n, 1))

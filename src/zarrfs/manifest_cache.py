@@ -14,8 +14,8 @@ probe, then retried.
 from __future__ import annotations
 
 import logging
-import os
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 FAILURE_TTL = 30.0
 #: Conversions slower than this get progress log lines.
 SLOW_CONVERSION = 2.0
+#: Temporary files older than this in the cache dir were left by a killed process: removed at start.
+STALE_TEMP_AGE = 86400.0
 
 _Key = tuple[str, str]
 
@@ -68,6 +70,21 @@ class ManifestCache:
         self._limiter = cpu_limiter or trio.CapacityLimiter(2)
         self.stats = {"memory_hits": 0, "disk_loads": 0, "fetches": 0}
 
+    def sweep_stale_temp_files(self) -> int:
+        """Remove temporary files a killed process left behind (old enough not to be in use by
+        another mount sharing this cache dir). Synchronous; call before serving."""
+        removed = 0
+        now = time.time()
+        candidates = [*self._tmp.glob("*"), *self._dir.glob("*/*/.*.tmp")]
+        for path in candidates:
+            try:
+                if now - path.stat().st_mtime > STALE_TEMP_AGE:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                continue
+        return removed
+
     def index_path(self, zarr_id: str, checksum: str) -> Path:
         return self._dir / zarr_id[:3] / zarr_id / f"{checksum}.arrow"
 
@@ -88,17 +105,22 @@ class ManifestCache:
             failed = self._failures.get(key)
             if failed is not None:
                 if time.monotonic() - failed[0] < FAILURE_TTL:
-                    raise failed[1]
+                    # a fresh exception each time: re-raising one object grows its traceback
+                    raise type(failed[1])(*failed[1].args)
                 del self._failures[key]
             event = self._inflight.get(key)
             if event is None:
                 break
-            await (
-                event.wait()
-            )  # then look again: loaded, failed, or (cancelled loader) ours to load
+            # then look again: loaded, failed, or (the loader was cancelled) ours to load
+            await event.wait()
         event = self._inflight[key] = trio.Event()
         try:
             index = await self._load(asset)
+        except OSError as e:  # the local cache dir (full, read-only, ...): EIO, never a crash
+            error = ManifestError(f"Zarr asset {asset.path}: manifest cache {self._dir}: {e}")
+            log.error("%s", error)
+            self._failures[key] = (time.monotonic(), error)
+            raise error from e
         except DataError as e:
             self._failures[key] = (time.monotonic(), e)
             raise
@@ -138,7 +160,7 @@ class ManifestCache:
         rejected: DataError | None = None
         for root in self._roots:
             url = manifest_url(root, zarr_id, checksum)
-            tmp = self._tmp / f"{zarr_id}-{checksum}-{os.getpid()}-{id(asset)}.json"
+            tmp = self._tmp / f"{zarr_id}-{checksum}-{uuid.uuid4().hex}.json"  # unique per host
             await trio.to_thread.run_sync(lambda: self._tmp.mkdir(parents=True, exist_ok=True))
             try:
                 started = time.monotonic()
@@ -161,7 +183,7 @@ class ManifestCache:
                 tried.append(f"{url}: {e}")
                 log.warning("manifest of %s: %s: %s", asset.path, url, e)
             finally:
-                await trio.to_thread.run_sync(tmp.unlink, True)
+                tmp.unlink(missing_ok=True)  # synchronous: must happen even when cancelled
         if rejected is not None:
             raise rejected
         message = (
@@ -178,19 +200,25 @@ class ManifestCache:
 
         def convert() -> ManifestIndex:
             built = parse_manifest_file(src, zarr_id=zarr_id, expected_checksum=checksum)
-            built.write(dest)
+            try:
+                built.write(dest)
+            except OSError as e:  # the disk cache is an optimisation: serve from memory
+                log.warning("cannot keep the index of %s in %s: %s", asset.path, dest, e)
+                return built
             del built  # drop the heap columns; serve from the memory map instead
             return ManifestIndex.load(dest, zarr_id=zarr_id, checksum=checksum)
 
-        failure: ManifestError | IntegrityError | None = None
+        failure: Exception | None = None
         async with trio.open_nursery() as nursery:  # only for the progress reporter
             nursery.start_soon(self._report_progress, asset.path, started)
             try:
                 index = await trio.to_thread.run_sync(convert, limiter=self._limiter)
-            except (ManifestError, IntegrityError) as e:
-                failure = e  # raised below, outside the nursery, so it is not wrapped in a group
+            except Exception as e:  # re-raised unchanged below, outside the nursery (no group)
+                failure = e
             finally:
                 nursery.cancel_scope.cancel()
+        if failure is not None and not isinstance(failure, ManifestError | IntegrityError):
+            raise failure
         if isinstance(failure, IntegrityError):
             log.error(
                 "Zarr asset %s (zarr %s): manifest %s does not match the published checksum "

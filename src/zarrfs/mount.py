@@ -65,6 +65,8 @@ async def serve(config: Config, *, on_ready: Callable[[], None] | None = None) -
             memory_budget=config.manifest_memory,
             cpu_limiter=trio.CapacityLimiter(cfg.CPU_THREADS),
         )
+        if swept := await trio.to_thread.run_sync(manifests.sweep_stale_temp_files):
+            log.info("removed %d stale temporary files from %s", swept, config.cache_dir)
         blocks = BlockCache(config.memory_cache_size, config.block_size)
         fs = Filesystem(namespace, manifests, blocks, remote.s3)
         ops = ZarrfsOperations(fs, xattrs=config.xattrs)
