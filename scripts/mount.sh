@@ -43,7 +43,7 @@ if [ $# -eq 0 ]; then
   wait "$child"
   exit 0
 fi
-"$@" & child=$!
+"$@" <&0 & child=$!  # <&0: a background job would otherwise read /dev/null
 wait "$child"; rc=$?
 child=""
 exit "$rc"

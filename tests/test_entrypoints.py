@@ -93,6 +93,14 @@ def test_mount_sh_runs_the_command_and_passes_its_exit_code(
     )  # fmt: skip
     assert result.returncode == 7, result.stderr
     assert not os.path.ismount(mnt)
+    # the command keeps the script's standard input (a pipeline feeding a job)
+    piped = subprocess.run(
+        [str(MOUNT_SH), f"000123@{V1}", str(mnt), "--endpoint-url", sample.endpoint_url,
+         "--cache-dir", str(tmp_path / "cache"), "--", "sh", "-c", 'read x && test "$x" = hello'],
+        input="hello\n", capture_output=True, text=True, timeout=120, check=False, env=script_env(),
+    )  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
+    assert not os.path.ismount(mnt)
 
 
 def test_mount_sh_failure_and_sigterm(sample: SampleDandiset, tmp_path: Path) -> None:

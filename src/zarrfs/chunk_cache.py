@@ -25,7 +25,7 @@ from typing import Protocol, TypeVar
 import trio
 from cachetools import LRUCache
 
-from zarrfs.errors import IntegrityError
+from zarrfs.errors import DataError, IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,8 @@ class BlockCache:
             return
         try:
             await self._block(ref, index, fetch, consume_marker=False)
-        except Exception as exc:
+        except DataError as exc:
             # not cached: a reader that needs this block fetches it again and sees any error itself
             log.debug("readahead of %s block %d failed: %s", ref.key, index, exc)
+        except Exception:  # a bug; logged loudly rather than taking the mount's nursery down
+            log.exception("readahead of %s block %d failed unexpectedly", ref.key, index)
