@@ -46,7 +46,7 @@ def test_demo_check_mounts_both_versions_and_cleans_up(tmp_path: Path) -> None:
     out = result.stdout
     assert "demo check passed" in out
     assert f"mounted 000123@{V1} at {tmp_path / ('000123@' + V1)}" in out
-    assert "zarr.open_group" in out  # the one-liner to try
+    assert "zarr.open_array" in out  # the one-liner to try
     assert mounts_under(tmp_path) == []
 
 

@@ -336,11 +336,14 @@ async def _dandiset_yaml(source: Source, remote: Remote) -> bytes | None:
         return None
 
 
-async def _api_json(remote: Remote, url: str, what: str) -> Any:
+async def _api_json(remote: Remote, url: str, what: str) -> dict[str, Any]:
     try:
-        return await remote.http.get_json(url)
+        doc = await remote.http.get_json(url)
     except ObjectMissing:
         raise VersionNotFound(f"{what} not found ({url})") from None
+    if not isinstance(doc, dict):
+        raise RemoteError(f"{url}: expected a JSON object from the API, got {type(doc).__name__}")
+    return doc
 
 
 async def _latest_version(source: Source, remote: Remote, api_url: str) -> str:
@@ -367,6 +370,8 @@ async def _draft_assets(source: Source, remote: Remote, api_url: str) -> list[As
         seen_pages.add(url)
         page = await _api_json(remote, url, what)
         for row in page.get("results") or []:
+            if not isinstance(row, dict):
+                raise RemoteError(f"{url}: an asset row is not a JSON object: {row!r:.80}")
             records.append(_record_from_api_row(row))
         nxt = page.get("next")
         url = nxt if isinstance(nxt, str) and nxt else None
@@ -407,6 +412,8 @@ async def _pin_draft_zarr(asset: AssetRecord, remote: Remote, api_url: str) -> A
         info = await remote.http.get_json(url)
     except (ObjectMissing, RemoteError) as e:
         return replace(asset, zarr_checksum=None, problem=f"cannot pin draft Zarr ({url}): {e}")
+    if not isinstance(info, dict):
+        return replace(asset, zarr_checksum=None, problem=f"{url} did not return a JSON object")
     status, checksum = info.get("status"), info.get("checksum")
     if status != "Complete" or not isinstance(checksum, str) or not is_checksum(checksum):
         return replace(

@@ -42,6 +42,7 @@ def _mount(
         endpoint,
         "--cache-dir",
         str(cache),
+        "--xattr",  # so that `getfattr` shows where each file comes from
     ]
     if debug:
         command.append("--debug")
@@ -136,7 +137,7 @@ def run_demo(args: argparse.Namespace) -> int:
 Try:
   ls -l {p1}/sub-01/sub-01_sample.ome.zarr/0/0/0
   diff <(xxd {p1}/sub-01/sub-01_sample.ome.zarr/.zattrs) <(xxd {p2}/sub-01/sub-01_sample.ome.zarr/.zattrs)
-  python -c "import zarr; print(zarr.open_group('{p1}/sub-01/sub-01_sample.ome.zarr', mode='r')['0'][0, 0, :3, :6])"
+  python -c "import zarr; [print(v, zarr.open_array(v + '/sub-01/sub-01_sample.ome.zarr/0', mode='r')[0, 0, :2, :4]) for v in ('{p1}', '{p2}')]"
   getfattr -d {p1}/sub-01/sub-01_sample.ome.zarr/0/0/0/0/0
   zarrfs mount {dandiset}@{V1} /another/dir --endpoint-url {s3.endpoint_url}
 Local S3 endpoint: {s3.endpoint_url}   mount log: {log}""")

@@ -57,9 +57,17 @@ class Filesystem:
         self.reader = reader
         #: Where sequential readahead fetches run; set by `mount.serve` once its nursery is open.
         self.readahead_nursery: trio.Nursery | None = None
+        self._reported: set[str] = set()
 
     async def _index(self, ino: int, *, inside_only: bool) -> ManifestIndex | None:
-        asset = self.ns.zarr_of(ino, inside_only=inside_only)
+        try:
+            asset = self.ns.zarr_of(ino, inside_only=inside_only)
+        except DataError as e:  # an asset that cannot be served at all: say why, once
+            message = str(e)
+            if message not in self._reported:
+                self._reported.add(message)
+                log.error("%s", message)
+            raise
         return None if asset is None else await self.manifests.get(asset)
 
     async def getattr(self, ino: int) -> Entry:

@@ -52,6 +52,11 @@ async def serve(config: Config, *, on_ready: Callable[[], None] | None = None) -
             config.source, remote, bucket=config.s3.bucket, api_url=config.api_url
         )
         namespace = Namespace(resolved, bucket=config.s3.bucket)
+        for asset in resolved.assets:
+            if asset.problem:
+                log.warning(
+                    "asset %s is listed but cannot be served (EIO): %s", asset.path, asset.problem
+                )
         log.info(
             "resolved %s: %d assets (%d Zarrs)",
             resolved.source,
