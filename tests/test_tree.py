@@ -8,7 +8,7 @@ from zarrfs.config import Source
 from zarrfs.dandi import AssetRecord, ResolvedVersion
 from zarrfs.errors import DataError, IsADirectory, NotADirectory, NotFound
 from zarrfs.manifest import parse_manifest
-from zarrfs.s3_reader import ObjectRef
+from zarrfs.refs import ObjectRef
 from zarrfs.sample import ManifestLeaf, build_manifest, format_manifest, zarr_checksum_of
 from zarrfs.tree import ROOT_INO, ZARR_SHIFT, InlineFile, Namespace
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import trio
@@ -26,7 +26,9 @@ import trio
 from .config import Source
 from .errors import ObjectMissing, RemoteError, SourceError, VersionNotFound
 from .manifest import is_checksum
-from .remote import Remote
+
+if TYPE_CHECKING:  # the resolver is handed a Remote; importing it would pull in aiobotocore
+    from .remote import Remote
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from .chunk_cache import BlockCache
 from .errors import DataError
 from .manifest import ManifestIndex
 from .manifest_cache import ManifestCache
-from .s3_reader import ObjectRef, S3Reader
+from .refs import ObjectRef
+from .s3_reader import S3Reader
 from .tree import Entry, FileSource, InlineFile, Namespace
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import pyfuse3
 from . import config
 from .errors import NoAttribute, ReadOnly, ZarrfsError, errno_for
 from .filesystem import Filesystem, OpenFile, describe_object
-from .s3_reader import ObjectRef
+from .refs import ObjectRef
 from .tree import Entry
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND

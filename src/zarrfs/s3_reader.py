@@ -22,7 +22,6 @@ import re
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +35,7 @@ from aiobotocore.session import get_session
 from zarrfs import config
 from zarrfs.config import S3Settings
 from zarrfs.errors import DataError, IntegrityError, ObjectMissing, RemoteError, ZarrfsError
+from zarrfs.refs import ObjectRef
 from zarrfs.retry import retry
 
 log = logging.getLogger(__name__)
@@ -81,18 +81,6 @@ class _HttpxSession(HttpxSession):  # type: ignore[misc]
                 "ignore", message=r".*prefers httpx2", category=DeprecationWarning
             )
             super().__init__(*args, **kwargs)
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectRef:
-    """One immutable object version in the configured bucket."""
-
-    key: str
-    #: None: the key itself is immutable (blobs), so the current version is read.
-    version_id: str | None
-    size: int
-    #: Expected ETag without quotes; None skips the ETag check.
-    etag: str | None
 
 
 def etag_form(etag: str) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from .dandi import AssetRecord, ResolvedVersion
 from .errors import DataError, IsADirectory, NotADirectory, NotFound
 from .manifest import ManifestIndex
-from .s3_reader import ObjectRef
+from .refs import ObjectRef
 
 log = logging.getLogger(__name__)
 
