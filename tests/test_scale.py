@@ -254,3 +254,32 @@ def test_stale_temporary_files_are_swept(tmp_path: Path) -> None:
     assert cache.sweep_stale_temp_files() == 2
     assert not old.exists() and not old_index_tmp.exists()
     assert fresh.exists() and kept_index.exists()
+
+
+@pytest.mark.trio
+async def test_a_cancelled_loader_hands_over_to_its_waiters(tmp_path: Path) -> None:
+    import trio.testing
+
+    roots, asset = one_manifest_root(tmp_path)
+    async with Remote.open(S3Settings(endpoint_url="http://127.0.0.1:9")) as remote:
+        cache = ManifestCache(
+            remote, roots=[f"file://{roots}/"], cache_dir=tmp_path / "c", memory_budget=1 << 20
+        )
+        results = []
+        first = trio.CancelScope()
+
+        async def loader() -> None:
+            with first:
+                await cache.get(asset)
+
+        async def waiter() -> None:
+            results.append(await cache.get(asset))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            first.cancel()
+        assert first.cancelled_caught
+        assert len(results) == 1 and results[0].recompute_checksum() == asset.zarr_checksum
