@@ -21,6 +21,8 @@ import pytest
 from zarrfs.locals3 import LocalS3
 from zarrfs.sample import SampleDandiset, build_sample
 
+#: Real DANDI files (a manifest, an asset record) in the shared reference beside the checkout.
+REFERENCE_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "samples"
 MOUNT_DEADLINE = 60.0
 EXIT_DEADLINE = 20.0
 

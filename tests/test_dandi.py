@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import REFERENCE_SAMPLES
 from zarrfs.config import Source
 from zarrfs.dandi import parse_asset_record, parse_asset_records, parse_source, s3_key_from_url
 from zarrfs.errors import SourceError
 
-SAMPLE = Path(__file__).parents[2] / "shared" / "reference" / "samples"
+SAMPLE = REFERENCE_SAMPLES
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REFERENCE_SAMPLES
 from zarrfs.errors import IntegrityError, ManifestError
 from zarrfs.manifest import EMPTY_CHECKSUM, ManifestIndex, parse_manifest
 from zarrfs.sample import ManifestLeaf, build_manifest, format_manifest, zarr_checksum_of
 
-SAMPLE = Path(__file__).parents[2] / "shared" / "reference" / "samples"
+SAMPLE = REFERENCE_SAMPLES
 REAL = SAMPLE / "zarr-manifest-v2-real-509.json"
 REAL_CHECKSUM = "6ddc4625befef8d6f9796835648162be-509--710206390"
 

@@ -26,6 +26,7 @@ from botocore.config import Config as BotoConfig
 from zarr_checksum import compute_zarr_checksum
 from zarr_checksum.generators import ZarrArchiveFile
 
+from conftest import REFERENCE_SAMPLES
 from zarrfs.fake_api import MAX_PAGE_SIZE, FakeDandiAPI
 from zarrfs.locals3 import LocalS3
 from zarrfs.sample import (
@@ -54,7 +55,7 @@ from zarrfs.sample import (
     to_yaml,
 )
 
-REFERENCE = Path("/work/shared/reference/samples")
+REFERENCE = REFERENCE_SAMPLES
 REAL_MANIFEST = REFERENCE / "zarr-manifest-v2-real-509.json"
 REAL_RECORD = REFERENCE / "asset-record-blob-000027.json"
 EMPTY_CHECKSUM = "481a2f77ab786a0f45aafd5db0971caa-0--0"
