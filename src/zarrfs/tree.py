@@ -309,6 +309,8 @@ class Namespace:
             )
         root, mnode = split
         idx = self._check_index(root, index)
+        if mnode >= idx.n_nodes:
+            raise NotFound(f"no inode {ino}")
         if mnode == 0 or idx.is_dir(mnode):
             raise IsADirectory(f"inode {ino} is a directory")
         obj = idx.entry_object(mnode)
