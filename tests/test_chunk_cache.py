@@ -214,7 +214,7 @@ async def test_short_fetch_is_an_integrity_error() -> None:
 
 
 async def test_sequential_readahead(autojump_clock: trio.abc.Clock) -> None:
-    cache = BlockCache(max_bytes=1 << 20, block_size=1000)
+    cache = BlockCache(max_bytes=1 << 20, block_size=1000, readahead_blocks=1)
     fetch = FakeFetch(delay=1.0)
     async with trio.open_nursery() as nursery:
         data = bytearray()
@@ -246,3 +246,21 @@ async def test_readahead_errors_are_not_fatal(autojump_clock: trio.abc.Clock) ->
     # block 1 was not cached; a real read fetches it again
     assert await cache.read(REF, 1000, 1000, fetch) == content(REF)[1000:2000]
     assert [c[2] for c in fetch.calls] == [0, 1000, 1000]
+
+
+async def test_readahead_window_follows_a_sequential_stream(autojump_clock: trio.abc.Clock) -> None:
+    cache = BlockCache(max_bytes=1 << 20, block_size=1000, readahead_blocks=3)
+    fetch = FakeFetch(delay=1.0)
+    async with trio.open_nursery() as nursery:
+        # a lone miss reads one block ahead only (random access must not fetch a window)
+        await cache.read(REF, 5000, 10, fetch, readahead_nursery=nursery)
+        await trio.sleep(5)
+        assert sorted(c[2] for c in fetch.calls) == [5000, 6000]
+        # reading the block that was read ahead shows a stream: keep 3 blocks in flight after it
+        await cache.read(REF, 6000, 1000, fetch, readahead_nursery=nursery)
+        await trio.sleep(5)
+        assert sorted(c[2] for c in fetch.calls) == [5000, 6000, 7000, 8000, 9000]
+        # ... and never past the end of the object, nor twice for the same block
+        await cache.read(REF, 7000, 3000, fetch, readahead_nursery=nursery)
+        await trio.sleep(5)
+    assert sorted(c[2] for c in fetch.calls) == [5000, 6000, 7000, 8000, 9000]

@@ -25,6 +25,7 @@ from typing import Protocol, TypeVar
 import trio
 from cachetools import LRUCache
 
+from zarrfs import config
 from zarrfs.errors import DataError, IntegrityError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ BlockKey = tuple[str, str | None, int]
 
 #: How many readahead markers are remembered (a marker is dropped when its block is first read).
 READAHEAD_MARKERS = 4096
+#: How a block was obtained, which drives readahead: a miss reads one block ahead, consuming a
+#: block that was itself read ahead (a sequential stream) keeps the whole window in flight.
+HIT, MISS, READ_AHEAD = 0, 1, 2
 
 
 class BlockSource(Protocol):
@@ -62,13 +66,16 @@ class _Flight:
 class BlockCache:
     """Aligned, immutable blocks of object versions in a byte-bounded LRU."""
 
-    def __init__(self, max_bytes: int, block_size: int) -> None:
+    def __init__(
+        self, max_bytes: int, block_size: int, readahead_blocks: int = config.READAHEAD_BLOCKS
+    ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if max_bytes < 0:
             raise ValueError(f"max_bytes must not be negative, got {max_bytes}")
         self.max_bytes = max_bytes
         self.block_size = block_size
+        self.readahead_blocks = max(1, readahead_blocks)
         self._lru: LRUCache[BlockKey, bytes] = LRUCache(maxsize=max_bytes, getsizeof=len)
         self._inflight: dict[BlockKey, _Flight] = {}
         self._readahead: LRUCache[BlockKey, bool] = LRUCache(maxsize=READAHEAD_MARKERS)
@@ -86,8 +93,9 @@ class BlockCache:
         """Bytes [offset, min(offset + size, ref.size)) of `ref`; b"" at or past the end.
 
         Missing blocks are fetched concurrently with `fetch(ref, start, end)`. With
-        `readahead_nursery`, a read whose last block had to be fetched (or was itself read ahead)
-        starts fetching the next block in that nursery, so a sequential reader finds it ready.
+        `readahead_nursery`, a read whose last block had to be fetched starts fetching the next
+        block in that nursery; a read whose last block had been read ahead (a sequential stream)
+        keeps `readahead_blocks` blocks in flight after it, so a sequential reader finds them ready.
         """
         if offset < 0 or size < 0:
             raise ValueError(f"negative offset or size: {offset}, {size}")
@@ -97,12 +105,12 @@ class BlockCache:
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
         if first == last:
-            block, sequential = await self._block(ref, first, fetch)
+            block, how = await self._block(ref, first, fetch)
             result = block[offset - first * bs : end - first * bs]
         else:
             blocks: list[bytes] = [b""] * (last - first + 1)
             errors: list[Exception] = []
-            flags: list[bool] = [False] * len(blocks)
+            flags: list[int] = [HIT] * len(blocks)
 
             async def fill(i: int, nursery: trio.Nursery) -> None:
                 try:
@@ -116,11 +124,13 @@ class BlockCache:
                     nursery.start_soon(fill, i, nursery)
             if errors:
                 raise errors[0]
-            sequential = flags[-1]
+            how = flags[-1]
             data = b"".join(blocks)
             result = data[offset - first * bs : end - first * bs]
-        if readahead_nursery is not None and sequential:
-            self._start_readahead(ref, last + 1, fetch, readahead_nursery)
+        if readahead_nursery is not None and how != HIT:
+            depth = self.readahead_blocks if how == READ_AHEAD else 1
+            for index in range(last + 1, last + 1 + depth):
+                self._start_readahead(ref, index, fetch, readahead_nursery)
         return result
 
     def stats(self) -> dict[str, int]:
@@ -140,15 +150,16 @@ class BlockCache:
         index: int,
         fetch: Callable[[R, int, int], Awaitable[bytes]],
         consume_marker: bool = True,
-    ) -> tuple[bytes, bool]:
-        """Block `index` of `ref`, and whether the read looks sequential (missed, or read ahead)."""
+    ) -> tuple[bytes, int]:
+        """Block `index` of `ref`, and how it was obtained (HIT, MISS or READ_AHEAD)."""
         key: BlockKey = (ref.key, ref.version_id, index)
         read_ahead = self._readahead.pop(key, False) if consume_marker else False
+        how = READ_AHEAD if read_ahead else HIT
         while True:
             cached = self._lru.get(key)
             if cached is not None:
                 self._hits += 1
-                return cached, read_ahead
+                return cached, how
             flight = self._inflight.get(key)
             if flight is None:
                 break
@@ -157,7 +168,7 @@ class BlockCache:
                 raise flight.error
             if flight.data is not None:
                 self._hits += 1
-                return flight.data, read_ahead
+                return flight.data, how
             # the fetcher was cancelled: try again (possibly becoming the fetcher)
         self._misses += 1
         flight = _Flight()
@@ -180,7 +191,8 @@ class BlockCache:
         finally:
             del self._inflight[key]
             flight.done.set()
-        return data, True
+        # a block meant to be read ahead but fetched by its reader still marks a sequential stream
+        return data, READ_AHEAD if read_ahead else MISS
 
     def _start_readahead(
         self,

@@ -25,6 +25,8 @@ DATALAD_MANIFEST_ROOT = (
 
 #: Reads are served in aligned blocks of this size; each block is one ranged GET and one cache item.
 BLOCK_SIZE = 1 << 20
+#: Blocks kept in flight ahead of a sequential reader (8 MiB with 1 MiB blocks).
+READAHEAD_BLOCKS = 8
 #: Default byte budget of the in-memory block cache.
 DEFAULT_MEMORY_CACHE_SIZE = 512 << 20
 #: Default byte budget for loaded manifest indexes (evicted ones reload from the disk cache).
