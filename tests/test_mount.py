@@ -665,3 +665,26 @@ def test_without_xattr_option_the_kernel_stops_asking(
         assert_errno(errno.EOPNOTSUPP, os.getxattr, chunk, "user.zarrfs.s3_url")
     for _ in range(2):
         assert_errno(errno.EOPNOTSUPP, os.listxattr, chunk)
+
+
+def test_concurrent_readers_on_a_fresh_mount_get_exact_bytes(
+    mount: Callable[..., Any], sample: SampleDandiset
+) -> None:
+    """16 threads read every file (several times, in different orders) of a fresh mount at once:
+    single-flight manifest loading and block fetching under real concurrency."""
+    from concurrent.futures import ThreadPoolExecutor
+    from random import Random
+
+    mounted = mount(f"{sample.dandiset_id}@{V1}")
+    expected = sample.versions[V1].files
+    jobs = [path for path in expected for _ in range(3)]
+    Random(5).shuffle(jobs)
+
+    def read(rel: str) -> tuple[str, bool]:
+        return rel, (mounted.path / rel).read_bytes() == expected[rel]
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(read, jobs))
+    assert [rel for rel, ok in results if not ok] == []
+    assert len(results) == 3 * len(expected)
+    assert mounted.output().count("fetched manifest of") == len(sample.versions[V1].zarr_ids)
