@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import stat
 import subprocess
 from collections.abc import Callable, Iterator
@@ -688,3 +689,17 @@ def test_concurrent_readers_on_a_fresh_mount_get_exact_bytes(
     assert [rel for rel, ok in results if not ok] == []
     assert len(results) == 3 * len(expected)
     assert mounted.output().count("fetched manifest of") == len(sample.versions[V1].zarr_ids)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_unmounts_and_exits_cleanly(
+    mount: Callable[..., Any], sample: SampleDandiset, signum: int
+) -> None:
+    mounted = mount(f"{sample.dandiset_id}@{V1}")
+    assert (mounted.path / "dandiset.yaml").read_bytes() == sample.versions[V1].files[
+        "dandiset.yaml"
+    ]
+    mounted.process.send_signal(signum)
+    assert mounted.process.wait(timeout=EXIT_DEADLINE) == 0
+    assert not os.path.ismount(mounted.path)
+    assert "unmounted" in mounted.output()
