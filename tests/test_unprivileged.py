@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_fuse
+from zarrfs.cli import is_mounted  # also sees mounts that root cannot stat
 from zarrfs.sample import EPHYS_PATH, OME_PATH, V1, SampleDandiset
 
 USER = "zarrfs-test"
@@ -50,12 +51,6 @@ def open_dev_fuse() -> Iterator[None]:
         yield
     finally:
         os.chmod("/dev/fuse", mode)
-
-
-def in_proc_mounts(path: Path) -> bool:
-    """os.path.ismount cannot tell as root: another user's FUSE mount refuses root's stat."""
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f)
 
 
 def as_user(user: pwd.struct_passwd, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -95,7 +90,7 @@ def test_ordinary_user_mounts_reads_and_unmounts(
                       "--endpoint-url", sample.endpoint_url, "--cache-dir", str(home / "cache"))  # fmt: skip
     try:
         assert mounted.returncode == 0, mounted.stderr
-        assert in_proc_mounts(mnt)
+        assert is_mounted(mnt)
         expected = sample.versions[V1].files
         for rel in (EPHYS_PATH, f"{OME_PATH}/.zattrs", f"{OME_PATH}/0/0/0/0/0"):
             read = as_user(user, python, "-c",
@@ -109,7 +104,7 @@ def test_ordinary_user_mounts_reads_and_unmounts(
             os.listdir(mnt)
         unmounted = as_user(user, python, "-m", "zarrfs", "unmount", str(mnt))
         assert unmounted.returncode == 0, unmounted.stderr
-        assert not in_proc_mounts(mnt)
+        assert not is_mounted(mnt)
     finally:
-        if in_proc_mounts(mnt):
+        if is_mounted(mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
