@@ -21,8 +21,8 @@ import pytest
 from zarrfs.locals3 import LocalS3
 from zarrfs.sample import SampleDandiset, build_sample
 
-#: Real DANDI files (a manifest, an asset record) in the shared reference beside the checkout.
-REFERENCE_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "samples"
+#: Real DANDI files (a manifest, an asset record), copied into the repository (see its README).
+REFERENCE_SAMPLES = Path(__file__).resolve().parent / "fixtures" / "dandi"
 MOUNT_DEADLINE = 60.0
 EXIT_DEADLINE = 20.0
 
