@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from zarrfs.locals3 import LocalS3
-from zarrfs.sample import (
+from zarrfs.demo.locals3 import LocalS3
+from zarrfs.demo.sample import (
     ManifestLeaf,
     blob_key,
     build_manifest,
@@ -274,7 +274,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100 chunks and an 8 MiB blob")
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--tools", default="zarrfs,rclone,s3fs", help="comma-separated")
-    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "zarrfs-bench-read")
+    parser.add_argument(
+        "--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "zarrfs-bench-read"
+    )
     args = parser.parse_args()
     n_chunks, chunk_size = (100, 256 << 10) if args.quick else (400, 256 << 10)
     blob_size = (8 if args.quick else 32) * MiB

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scale_data as sd
 
-from zarrfs.locals3 import LocalS3
+from zarrfs.demo.locals3 import LocalS3
 
 BIG_DANDISET = ("000950", "0.251105.1200")
 MANY_DANDISET = ("000951", "0.251105.1300")

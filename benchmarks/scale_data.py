@@ -33,7 +33,7 @@ from typing import Any, TextIO
 import numpy as np
 from zarr_checksum.checksum import ZarrChecksum, ZarrChecksumManifest
 
-from zarrfs.sample import (
+from zarrfs.demo.sample import (
     PUBLIC_API_URL,
     PUBLIC_S3_URL,
     SCHEMA_CONTEXT,
@@ -378,7 +378,7 @@ def put_big_zarr(
 def zarr_record(
     path: str, zarr_id: str, checksum: str, size: int, modified: datetime
 ) -> dict[str, Any]:
-    """An `assets.jsonld` item for a Zarr, in the shape `zarrfs.sample` writes."""
+    """An `assets.jsonld` item for a Zarr, in the shape `zarrfs.demo.sample` writes."""
     asset_id = str(uuid.uuid4())
     return {
         "@context": SCHEMA_CONTEXT,

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scale
 import scale_data as sd
 
-from zarrfs.locals3 import LocalS3
+from zarrfs.demo.locals3 import LocalS3
 
 _ENOSYS = "import errno, pyfuse3\nasync def _enosys(self, *a):\n    raise pyfuse3.FUSEError(errno.ENOSYS)\n"
 VARIANTS = {

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from zarrfs.locals3 import LocalS3
-from zarrfs.sample import SampleDandiset, build_sample
+from zarrfs.demo.locals3 import LocalS3
+from zarrfs.demo.sample import SampleDandiset, build_sample
 
 #: Real DANDI files (a manifest, an asset record), copied into the repository (see its README).
 REFERENCE_SAMPLES = Path(__file__).resolve().parent / "fixtures" / "dandi"
@@ -57,7 +57,7 @@ def sample(local_s3: LocalS3) -> SampleDandiset:
 
 @pytest.fixture(scope="session")
 def fake_api(sample: SampleDandiset) -> Iterator[str]:
-    from zarrfs.fake_api import FakeDandiAPI
+    from zarrfs.demo.fake_api import FakeDandiAPI
 
     with FakeDandiAPI(sample) as api:
         yield api.url

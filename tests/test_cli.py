@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import processes_mentioning
-from zarrfs.locals3 import LocalS3
-from zarrfs.sample import SampleDandiset
+from zarrfs.demo.locals3 import LocalS3
+from zarrfs.demo.sample import SampleDandiset
 
 MISSING_VERSION = "0.990101.0000"
 EXIT_DEADLINE = 20.0

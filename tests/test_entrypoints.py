@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_fuse
-from zarrfs.sample import EPHYS_PATH, V1, SampleDandiset
+from zarrfs.demo.sample import EPHYS_PATH, V1, SampleDandiset
 
 REPO = Path(__file__).resolve().parents[1]
 MOUNT_SH = REPO / "scripts" / "mount.sh"
@@ -132,3 +132,29 @@ def test_mount_sh_failure_and_sigterm(sample: SampleDandiset, tmp_path: Path) ->
             process.kill()
         if os.path.ismount(mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+
+
+def test_filesystem_imports_nothing_of_the_demo_extra() -> None:
+    """`pip install zarrfs` has no moto/boto3: mounting must not import them (nor the demo)."""
+    code = (
+        "import sys, zarrfs.cli, zarrfs.mount, zarrfs.filesystem, zarrfs.manifest_cache;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('moto', 'boto3', 'zarr', 'h5py')"
+        " or m.startswith('zarrfs.demo')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_demo_without_the_extra_says_how_to_get_it() -> None:
+    # a module set to None in sys.modules is one that cannot be imported
+    code = "import sys; sys.modules['moto'] = None; from zarrfs.cli import main; sys.exit(main(['demo']))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        "zarrfs: error: zarrfs demo needs the demo extra (moto[server] missing): "
+        "pip install 'zarrfs[demo]' (scripts/setup.sh installs it)"
+    )

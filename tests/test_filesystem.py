@@ -17,12 +17,12 @@ import pytest
 from zarrfs.chunk_cache import BlockCache
 from zarrfs.config import S3Settings, Source, default_manifest_roots
 from zarrfs.dandi import resolve
+from zarrfs.demo.sample import OME_PATH, OME_V2_DELETED, V1, V2, SampleDandiset
 from zarrfs.errors import DataError, NotFound
 from zarrfs.filesystem import Filesystem
 from zarrfs.fuse_ops import XATTR_URL, ZarrfsOperations
 from zarrfs.manifest_cache import ManifestCache
 from zarrfs.remote import Remote
-from zarrfs.sample import OME_PATH, OME_V2_DELETED, V1, V2, SampleDandiset
 from zarrfs.tree import ROOT_INO
 
 pytestmark = pytest.mark.trio
@@ -139,8 +139,8 @@ async def test_handlers(sample: SampleDandiset, tmp_path: Path) -> None:
 async def test_tampered_manifest_is_eio_not_data(
     sample: SampleDandiset, local_s3: object, tmp_path: Path
 ) -> None:
-    from zarrfs.locals3 import LocalS3
-    from zarrfs.sample import build_sample
+    from zarrfs.demo.locals3 import LocalS3
+    from zarrfs.demo.sample import build_sample
 
     assert isinstance(local_s3, LocalS3)
     other = build_sample(local_s3, "000555")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REFERENCE_SAMPLES
+from zarrfs.demo.sample import ManifestLeaf, build_manifest, format_manifest, zarr_checksum_of
 from zarrfs.errors import IntegrityError, ManifestError
 from zarrfs.manifest import EMPTY_CHECKSUM, ManifestIndex, parse_manifest
-from zarrfs.sample import ManifestLeaf, build_manifest, format_manifest, zarr_checksum_of
 
 SAMPLE = REFERENCE_SAMPLES
 REAL = SAMPLE / "zarr-manifest-v2-real-509.json"

@@ -36,8 +36,8 @@ from conftest import (
     wait_until_no_process_mentions,
 )
 from conftest import zarrfs_command as zarrfs
-from zarrfs.locals3 import LocalS3
-from zarrfs.sample import (
+from zarrfs.demo.locals3 import LocalS3
+from zarrfs.demo.sample import (
     ARRAY_PATH,
     BLOB_PATHS,
     DRAFT,

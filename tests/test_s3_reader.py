@@ -28,9 +28,9 @@ from moto.moto_server.werkzeug_app import (
 from werkzeug.serving import make_server
 
 from zarrfs.config import S3Settings
+from zarrfs.demo.locals3 import LocalS3
 from zarrfs.errors import IntegrityError, ObjectMissing, RemoteError
 from zarrfs.http_client import HttpClient
-from zarrfs.locals3 import LocalS3
 from zarrfs.remote import Remote
 from zarrfs.s3_reader import ObjectRef, S3Reader
 

@@ -1,4 +1,4 @@
-"""Tests of the sample dandiset builder (`zarrfs.sample`) and the fake API (`zarrfs.fake_api`).
+"""Tests of the sample dandiset builder (`zarrfs.demo.sample`) and the fake API (`zarrfs.demo.fake_api`).
 
 Owns: checking that the bucket the builder writes is what the DANDI archive would hold, using
 oracles independent of the builder where possible (zarr_checksum over locally hashed bytes, a
@@ -27,9 +27,9 @@ from zarr_checksum import compute_zarr_checksum
 from zarr_checksum.generators import ZarrArchiveFile
 
 from conftest import REFERENCE_SAMPLES
-from zarrfs.fake_api import MAX_PAGE_SIZE, FakeDandiAPI
-from zarrfs.locals3 import LocalS3
-from zarrfs.sample import (
+from zarrfs.demo.fake_api import MAX_PAGE_SIZE, FakeDandiAPI
+from zarrfs.demo.locals3 import LocalS3
+from zarrfs.demo.sample import (
     ARRAY_ALWAYS_ABSENT,
     ARRAY_PATH,
     ARRAY_V2_OVERWRITTEN,

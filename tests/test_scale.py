@@ -17,16 +17,16 @@ import trio
 from conftest import Mounted
 from zarrfs.config import S3Settings
 from zarrfs.dandi import AssetRecord
-from zarrfs.locals3 import LocalS3
-from zarrfs.manifest_cache import ManifestCache, manifest_url
-from zarrfs.remote import Remote
-from zarrfs.sample import (
+from zarrfs.demo.locals3 import LocalS3
+from zarrfs.demo.sample import (
     ManifestLeaf,
     build_manifest,
     format_manifest,
     manifest_key,
     zarr_checksum_of,
 )
+from zarrfs.manifest_cache import ManifestCache, manifest_url
+from zarrfs.remote import Remote
 
 DANDISET = "000901"
 VERSION = "0.251105.0900"

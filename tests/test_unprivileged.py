@@ -23,7 +23,7 @@ import pytest
 
 from conftest import require_fuse
 from zarrfs.cli import is_mounted  # also sees mounts that root cannot stat
-from zarrfs.sample import EPHYS_PATH, OME_PATH, V1, SampleDandiset
+from zarrfs.demo.sample import EPHYS_PATH, OME_PATH, V1, SampleDandiset
 
 USER = "zarrfs-test"
 pytestmark = pytest.mark.fuse

@@ -410,7 +410,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "unmount":
             return run_unmount(args)
         if args.command == "demo":
-            from .demo import run_demo
+            from .demo import missing_requirements
+
+            if missing := missing_requirements():
+                raise UserError(
+                    f"zarrfs demo needs the demo extra ({', '.join(missing)} missing): "
+                    "pip install 'zarrfs[demo]' (scripts/setup.sh installs it)"
+                )
+            from .demo.run import run_demo
 
             return run_demo(args)
     except (UserError, DataError) as e:

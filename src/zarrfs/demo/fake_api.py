@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 if TYPE_CHECKING:
-    from zarrfs.sample import SampleDandiset
+    from zarrfs.demo.sample import SampleDandiset
 
 log = logging.getLogger(__name__)
 

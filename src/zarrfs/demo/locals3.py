@@ -4,7 +4,7 @@ Owns: running a moto S3 server on 127.0.0.1 with a free port and creating a vers
 anonymous clients may read (as the real archive allows). Used by `zarrfs demo`, the test suite and the
 benchmarks; never by a real mount.
 
-By default the server runs in its own process (`python -m zarrfs.locals3`): a client in the same
+By default the server runs in its own process (`python -m zarrfs.demo.locals3`): a client in the same
 process that holds the GIL while it blocks in a read syscall on the mount (h5py does) would otherwise
 stop the server thread and deadlock. `isolated=False` runs it as a thread in this process instead, for
 tests that wrap moto's in-process backend. `latency` adds a delay to every response (a WSGI middleware;
@@ -88,7 +88,7 @@ class LocalS3:
 
         if self.isolated:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "zarrfs.locals3", "--latency", str(self.latency)],
+                [sys.executable, "-m", "zarrfs.demo.locals3", "--latency", str(self.latency)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,

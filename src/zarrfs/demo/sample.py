@@ -33,7 +33,7 @@ import numpy as np
 from zarr_checksum.tree import ZarrChecksumTree
 
 if TYPE_CHECKING:
-    from zarrfs.locals3 import LocalS3
+    from zarrfs.demo.locals3 import LocalS3
 
 #: The two published versions and the draft, in publication order.
 V1 = "0.251101.1200"
@@ -674,7 +674,7 @@ class _Builder:
                 }
             ],
             "dateCreated": format_iso_micro(_DANDISET_CREATED),
-            "description": "A small dandiset built by zarrfs.sample: two NWB blobs, an OME-Zarr "
+            "description": "A small dandiset built by zarrfs.demo.sample: two NWB blobs, an OME-Zarr "
             "(Zarr format 2) and a Zarr format 3 array, edited in place between versions.",
             "id": f"{ident}/{version}",
             "identifier": ident,

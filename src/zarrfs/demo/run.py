@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import MountError
+from ..errors import MountError
 
 DEMO_DIR = "zarrfs-demo"
 READY_TIMEOUT = 60.0
