@@ -184,7 +184,7 @@ def test_empty_zarr_and_empty_directories() -> None:
             "duplicate",
         ),
         (b'{"schemaVersion": 2, "entries": {', "not valid JSON"),
-        (b"[1, 2]", "no schemaVersion"),
+        (b"[1, 2]", "not a schema-2 Zarr manifest"),
     ],
 )
 def test_malformed_manifests_give_clear_errors(doc: bytes, message: str) -> None:

@@ -23,23 +23,24 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import trio
 
-from .config import Source
+from .config import MAX_API_RESPONSE_BYTES, MAX_ASSET_LIST_BYTES, Source
 from .errors import ObjectMissing, RemoteError, SourceError, VersionNotFound
-from .manifest import is_checksum
+from .manifest import INT64_MAX, is_checksum
+from .names import path_problem
 
 if TYPE_CHECKING:  # the resolver is handed a Remote; importing it would pull in aiobotocore
     from .remote import Remote
 
 log = logging.getLogger(__name__)
 
-DANDISET_ID_RE = re.compile(r"^\d{6}$")
-PUBLISHED_VERSION_RE = re.compile(r"^0\.\d{6}\.\d{4}$")
+DANDISET_ID_RE = re.compile(r"^[0-9]{6}\Z")
+PUBLISHED_VERSION_RE = re.compile(r"^0\.[0-9]{6}\.[0-9]{4}\Z")
 ZARR_MEDIA_TYPE = "application/x-zarr"
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-_BLOB_KEY_RE = re.compile(rf"^blobs/[0-9a-f]{{3}}/[0-9a-f]{{3}}/{_UUID}$")
-_ZARR_KEY_RE = re.compile(rf"^zarr/(?P<zarr_id>{_UUID})/?$")
-_VIRTUAL_HOST_RE = re.compile(r"^(?P<bucket>.+)\.s3(?:[.-][a-z0-9-]+)?\.amazonaws\.com$")
-_PATH_STYLE_HOST_RE = re.compile(r"^s3(?:[.-][a-z0-9-]+)?\.amazonaws\.com$")
+_BLOB_KEY_RE = re.compile(rf"^blobs/[0-9a-f]{{3}}/[0-9a-f]{{3}}/{_UUID}\Z")
+_ZARR_KEY_RE = re.compile(rf"^zarr/(?P<zarr_id>{_UUID})/?\Z")
+_VIRTUAL_HOST_RE = re.compile(r"^(?P<bucket>.+)\.s3(?:[.-][a-z0-9-]+)?\.amazonaws\.com\Z")
+_PATH_STYLE_HOST_RE = re.compile(r"^s3(?:[.-][a-z0-9-]+)?\.amazonaws\.com\Z")
 #: Concurrent API calls while pinning the Zarrs of a draft.
 _API_CONCURRENCY = 16
 API_PAGE_SIZE = 1000
@@ -56,14 +57,17 @@ def parse_source(text: str) -> Source:
     """
     t = text.strip()
     dandiset = version = None
-    if (m := re.match(r"^(?:dandi:)?(\d+)@([^/@\s]+)$", t, re.IGNORECASE)) or (
-        m := re.match(r"^DANDI:(\d+)/([^/\s]+)/?$", t, re.IGNORECASE)
+    if (m := re.match(r"^(?:dandi:)?([0-9]+)@([^/@\s]+)\Z", t, re.IGNORECASE)) or (
+        m := re.match(r"^DANDI:([0-9]+)/([^/\s]+)/?\Z", t, re.IGNORECASE)
     ):
         dandiset, version = m.groups()
     elif t.startswith(("https://", "http://")):
-        url = urlsplit(t)
+        try:
+            url = urlsplit(t)
+            host = url.hostname or ""
+        except ValueError:  # e.g. a malformed IPv6 host
+            url, host = urlsplit(""), ""
         parts = [p for p in url.path.split("/") if p]
-        host = url.hostname or ""
         if host.endswith("dandiarchive.org") and len(parts) >= 3 and parts[0] == "dandiset":
             dandiset, version = parts[1], parts[2]
         elif host.endswith("dandiarchive.org") and len(parts) == 2 and parts[0] == "dandiset":
@@ -116,10 +120,13 @@ def s3_key_from_url(url: str) -> str | None:
 
     The bucket of the URL is deliberately dropped: keys are re-targeted at the configured bucket.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+    except ValueError:  # e.g. a malformed IPv6 host
+        return None
     if parts.scheme not in ("https", "http") or parts.query:
         return None
-    host = (parts.hostname or "").lower()
     path = unquote(parts.path)
     if _VIRTUAL_HOST_RE.match(host) and not _PATH_STYLE_HOST_RE.match(host):
         key = path.lstrip("/")
@@ -131,25 +138,24 @@ def s3_key_from_url(url: str) -> str | None:
 
 
 def check_asset_path(path: str) -> str | None:
-    """Why `path` cannot be an asset path (absolute, empty components, `.`/`..`), or None."""
-    if not path or path.startswith("/") or path.endswith("/"):
-        return "empty or absolute path"
-    for part in path.split("/"):
-        if part in ("", ".", "..") or "\0" in part:
-            return f"bad path component {part!r}"
-    return None
+    """Why `path` cannot be an asset path (see `names.path_problem`: absolute, empty components,
+    `.`/`..`, NUL, not valid Unicode, a component over 255 bytes), or None. Never normalized."""
+    return path_problem(path)
 
 
 def _timestamp_ns(value: object) -> int:
+    """Nanoseconds since the epoch of an ISO 8601 time with offset; 0 when unusable or out of the
+    range a file time can have (int64 nanoseconds)."""
     if not isinstance(value, str):
         return 0
     try:
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        if dt.tzinfo is None:
+            return 0
+        ns = int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
+    except (ValueError, OverflowError, OSError):
         return 0
-    if dt.tzinfo is None:
-        return 0
-    return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
+    return ns if -INT64_MAX <= ns <= INT64_MAX else 0
 
 
 def parse_asset_record(record: dict[str, Any]) -> AssetRecord:
@@ -161,18 +167,21 @@ def parse_asset_record(record: dict[str, Any]) -> AssetRecord:
     path = record.get("path")
     why = check_asset_path(path) if isinstance(path, str) else "not a string"
     if why or not isinstance(path, str):
-        raise ValueError(f"asset record with unusable path {path!r} ({why})")
-    asset_id = str(
-        record.get("identifier") or str(record.get("id", "")).removeprefix("dandiasset:")
-    )
+        raise ValueError(f"asset record with unusable path {path!r:.120} ({why})")
+    identifier = record.get("identifier") or str(record.get("id", "")).removeprefix("dandiasset:")
+    asset_id = str(identifier)[:200]
     size = record.get("contentSize")
-    if not isinstance(size, int) or size < 0:
-        raise ValueError(f"asset {path!r} has no valid contentSize")
+    if type(size) is not int or not 0 <= size <= INT64_MAX:
+        raise ValueError(f"asset {path!r} has no valid contentSize ({size!r:.40})")
     urls = record.get("contentUrl") or []
     if isinstance(urls, str):
         urls = [urls]
+    if not isinstance(urls, list):
+        urls = []
     keys = [k for k in (s3_key_from_url(u) for u in urls if isinstance(u, str)) if k]
-    digest = record.get("digest") or {}
+    digest = record.get("digest")
+    if not isinstance(digest, dict):
+        digest = {}
     is_zarr = record.get("encodingFormat") == ZARR_MEDIA_TYPE or any(
         k.startswith("zarr/") for k in keys
     )
@@ -208,7 +217,7 @@ def parse_asset_record(record: dict[str, Any]) -> AssetRecord:
 
 
 def parse_asset_records(records: Iterable[object]) -> list[AssetRecord]:
-    """Parse many records, logging and skipping those without a usable path."""
+    """Parse many records, logging (one line each) and skipping those that cannot be shown."""
     assets = []
     for record in records:
         if not isinstance(record, dict):
@@ -315,15 +324,15 @@ async def _published_assets(source: Source, remote: Remote, bucket: str) -> list
     with tempfile.TemporaryDirectory(prefix="zarrfs-assets-") as tmp:
         local = Path(tmp) / "assets.jsonld"
         try:
-            await remote.s3.download(key, local)
+            await remote.s3.download(key, local, max_bytes=MAX_ASSET_LIST_BYTES)
         except ObjectMissing:
             raise VersionNotFound(
                 f"dandiset {source.dandiset_id} version {source.version} not found: "
                 f"no s3://{bucket}/{key}"
             ) from None
         try:
-            return await trio.to_thread.run_sync(read_asset_records, local)
-        except ValueError as e:
+            return await trio.to_thread.run_sync(read_asset_records, local, abandon_on_cancel=True)
+        except (ValueError, RecursionError) as e:
             raise RemoteError(
                 f"s3://{bucket}/{key} is not a JSON array of asset records: {e}"
             ) from None
@@ -332,7 +341,7 @@ async def _published_assets(source: Source, remote: Remote, bucket: str) -> list
 async def _dandiset_yaml(source: Source, remote: Remote) -> bytes | None:
     key = version_prefix(source) + "dandiset.yaml"
     try:
-        return await remote.s3.get_bytes(key)
+        return await remote.s3.get_bytes(key, max_bytes=MAX_API_RESPONSE_BYTES)
     except ObjectMissing:
         log.warning("no %s: the mount will not show dandiset.yaml", key)
         return None
@@ -396,7 +405,8 @@ async def _draft_assets(source: Source, remote: Remote, api_url: str) -> list[As
 
 def _record_from_api_row(row: dict[str, Any]) -> dict[str, Any]:
     """An API asset row -> an `assets.jsonld`-shaped record (its metadata, completed from the row)."""
-    record = dict(row.get("metadata") or {})
+    metadata = row.get("metadata")
+    record = dict(metadata) if isinstance(metadata, dict) else {}
     record.setdefault("path", row.get("path"))
     record.setdefault("identifier", row.get("asset_id"))
     record.setdefault("contentSize", row.get("size"))

@@ -60,6 +60,10 @@ class ObjectMissing(RemoteError):
     """The object (or the pinned version of it) does not exist in the bucket."""
 
 
+class DocumentTooLarge(RemoteError):
+    """A downloaded document grew past the size it may have (an untrusted source); not retried."""
+
+
 # --- user errors (the CLI prints one line and exits non-zero) ------------------------------------
 
 

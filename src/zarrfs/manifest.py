@@ -12,9 +12,20 @@ columns (names and VersionIds as offsets + one byte buffer, ETags as 16 raw MD5 
 sizes and mtimes as int64): no Python object per entry. The same columns are written to and
 memory-mapped from an Arrow IPC file, so a reload costs no parsing.
 
+Node ids are canonical: they depend only on the Zarr's entries, never on the key order of the JSON
+copy they were parsed from. Rows are numbered breadth-first with each directory's children in bytewise
+name order (the root is 0, its children 1..k, then the children of node 1, ...), so every copy of one
+manifest checksum, and every reload, gives the same ids: the kernel remembers name -> inode for a day.
+
+Input is untrusted: every number is range-checked while parsing (sizes up to `MAX_OBJECT_SIZE`, totals
+and mtimes within int64), every name must pass `names.name_problem`, and anything malformed is a
+`ManifestError` with one clear message, never another exception. The Arrow file carries an xxh3-128
+checksum over its columns, checked (with the columns' structure) on every load.
+
 Conversion runs in a worker thread (callers use `trio.to_thread.run_sync`); the JSON decoder's
 `object_pairs_hook` consumes every directory as soon as it is decoded, so the decoded Python objects
 for entries are freed while parsing proceeds and peak memory is about the JSON text plus the columns.
+The hook checks a cancellation flag once per directory, so an abandoned conversion stops promptly.
 Empty directories (which cannot exist in S3) are dropped, exactly as the checksum ignores them.
 """
 
@@ -24,6 +35,7 @@ import json
 import logging
 import os
 import re
+import threading
 import uuid
 from array import array
 from collections.abc import Callable, Iterator
@@ -37,6 +49,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
+import xxhash
 from zarr_checksum.checksum import (
     ZARR_DIGEST_PATTERN,
     ZarrChecksum,
@@ -44,22 +57,32 @@ from zarr_checksum.checksum import (
     ZarrDirectoryDigest,
 )
 
+from .cache_dir import create_private_file
 from .errors import IntegrityError, ManifestError
+from .names import name_problem
 
 log = logging.getLogger(__name__)
 
 #: Bump when the on-disk index layout changes; older files are then rebuilt from the JSON.
-INDEX_FORMAT_VERSION = 1
+#: 2: canonical (breadth-first) node order and a content checksum.
+INDEX_FORMAT_VERSION = 2
 SUPPORTED_SCHEMA = 2
+#: Largest object S3 stores (5 TiB): a bigger size in a manifest is refused.
+MAX_OBJECT_SIZE = 5 << 40
+#: Largest value of the int64 columns (directory totals, mtimes).
+INT64_MAX = (1 << 63) - 1
+#: Longest VersionId or ETag accepted (S3's are 32 to a few dozen characters).
+MAX_TOKEN_LENGTH = 1024
 FIELDS = ["versionId", "lastModified", "size", "ETag"]
 KIND_FILE = 0
 KIND_DIR = 1
 EMPTY_CHECKSUM = ZarrChecksumManifest().generate_digest().digest
-_CHECKSUM_RE = re.compile(f"^{ZARR_DIGEST_PATTERN}$")
-_SCHEMA_RE = re.compile(rb'"schemaVersion"\s*:\s*(\d+)')
+_CHECKSUM_RE = re.compile(rf"^{ZARR_DIGEST_PATTERN}\Z")
+_SCHEMA_RE = re.compile(rb'"schemaVersion"\s*:\s*([0-9]+)')
 _FIELDS_RE = re.compile(rb'"fields"\s*:\s*(\[[^\]]*\])')
-_MD5_RE = re.compile(r"^[0-9a-f]{32}$")
-_MULTIPART_RE = re.compile(r"^([0-9a-f]{32})-([0-9]+)$")
+_FIELDS_STRING_RE = re.compile(rb'"fields"\s*:\s*"')
+_MD5_RE = re.compile(r"^[0-9a-f]{32}\Z")
+_MULTIPART_RE = re.compile(r"^([0-9a-f]{32})-([0-9]+)\Z")
 
 
 def is_checksum(text: str) -> bool:
@@ -67,10 +90,22 @@ def is_checksum(text: str) -> bool:
     return bool(_CHECKSUM_RE.match(text))
 
 
+def parse_checksum(text: str) -> tuple[int, int]:
+    """(file count, total size) of a Zarr checksum `<md5>-<count>--<size>`; ValueError if malformed."""
+    m = _CHECKSUM_RE.match(text)
+    if m is None:
+        raise ValueError(f"not a Zarr checksum: {text!r:.80}")
+    return int(m.group(2)), int(m.group(3))
+
+
 def check_name(name: str) -> None:
     """Reject names that cannot be a path component (would escape or corrupt the tree)."""
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
-        raise ManifestError(f"invalid entry name {name!r}")
+    if (why := name_problem(name)) is not None:
+        raise ManifestError(f"invalid entry name: {why}")
+
+
+class ConversionCancelled(Exception):
+    """The caller gave up on a conversion (raised inside the worker thread; never shown to users)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +146,7 @@ class _Dir:
 class _Builder:
     """Column builders fed by the JSON decoder's object hook, one directory at a time (internal)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cancel: threading.Event | None = None) -> None:
         # Row 0 is the root; its values are filled in at the end.
         self.name_data = bytearray()
         self.name_off = array("q", [0, 0])
@@ -127,6 +162,7 @@ class _Builder:
         self.odd_etags: dict[int, str] = {}
         self._mtimes: dict[str, int] = {}
         self.n_files = 0
+        self._cancel = cancel
 
     def mtime_ns(self, text: str) -> int:
         cached = self._mtimes.get(text)
@@ -134,10 +170,15 @@ class _Builder:
             try:
                 dt = datetime.fromisoformat(text)
             except ValueError:
-                raise ManifestError(f"bad lastModified {text!r}") from None
+                raise ManifestError(f"bad lastModified {text!r:.80}") from None
             if dt.tzinfo is None:
-                raise ManifestError(f"lastModified without UTC offset: {text!r}")
-            cached = int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
+                raise ManifestError(f"lastModified without UTC offset: {text!r:.80}")
+            try:
+                cached = int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
+            except (OverflowError, ValueError, OSError):
+                raise ManifestError(f"lastModified out of range: {text!r:.80}") from None
+            if not -INT64_MAX <= cached <= INT64_MAX:
+                raise ManifestError(f"lastModified out of range (past year 2262): {text!r:.80}")
             if len(self._mtimes) < 100_000:
                 self._mtimes[text] = cached
         return cached
@@ -153,6 +194,8 @@ class _Builder:
 
     def hook(self, pairs: list[tuple[str, Any]]) -> Any:
         """`object_pairs_hook`: turn a decoded directory object into a `_Dir`, else keep a dict."""
+        if self._cancel is not None and self._cancel.is_set():
+            raise ConversionCancelled
         for _, value in pairs:
             if type(value) is _Dir:
                 continue
@@ -174,16 +217,17 @@ class _Builder:
         dirs: list[ZarrChecksum] = []
         first_row = len(self.kind)
         newest = 0
+        total = 0
         previous = None
         for name, value in pairs:
             if name == previous:
-                raise ManifestError(f"duplicate entry name {name!r}")
+                raise ManifestError(f"duplicate entry name {name!r:.80}")
             previous = name
             check_name(name)
             if type(value) is _Dir:
                 if value.count == 0:
                     continue  # empty directory: not an S3 state; ignored like the checksum does
-                row = self._append_row(name, KIND_DIR, value.size, value.mtime_ns)
+                self._append_row(name, KIND_DIR, value.size, value.mtime_ns)
                 self.vid_off.append(len(self.vid_data))
                 self.etag += bytes(16)
                 self.etag_parts.append(0)
@@ -191,22 +235,26 @@ class _Builder:
                 self.child_count.append(value.n_children)
                 dirs.append(ZarrChecksum(digest=value.digest, name=name, size=value.size))
                 newest = max(newest, value.mtime_ns)
+                total += value.size
                 continue
             version_id, last_modified, size, etag = value
-            if size < 0:
-                raise ManifestError(f"negative size for {name!r}")
-            if not version_id:
-                raise ManifestError(f"empty versionId for {name!r}")
+            if not 0 <= size <= MAX_OBJECT_SIZE:
+                raise ManifestError(f"size {size} of {name!r:.80} is out of range")
+            vid = _token(version_id, "versionId", name)
+            _token(etag, "ETag", name)
             mtime = self.mtime_ns(last_modified)
             row = self._append_row(name, KIND_FILE, size, mtime)
-            self.vid_data += version_id.encode("utf-8")
+            self.vid_data += vid
             self.vid_off.append(len(self.vid_data))
             self._append_etag(row, etag)
             self.child_start.append(0)
             self.child_count.append(0)
             files.append(ZarrChecksum(digest=etag, name=name, size=size))
             newest = max(newest, mtime)
+            total += size
             self.n_files += 1
+        if total > INT64_MAX:
+            raise ManifestError(f"total size {total} of a directory is out of range")
         digest = ZarrChecksumManifest(directories=dirs, files=files).generate_digest()
         n_children = len(self.kind) - first_row
         return _Dir(first_row, n_children, digest.digest, digest.count, digest.size, newest)
@@ -224,6 +272,17 @@ class _Builder:
         self.etag += bytes(16)
         self.etag_parts.append(65535)
         self.odd_etags[row] = etag
+
+
+def _token(value: str, what: str, name: str) -> bytes:
+    """A VersionId or ETag as UTF-8: non-empty, not too long, no NUL, no lone surrogate."""
+    try:
+        data = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ManifestError(f"{what} of {name!r:.80} is not valid Unicode") from None
+    if not data or len(data) > MAX_TOKEN_LENGTH or b"\0" in data:
+        raise ManifestError(f"{what} of {name!r:.80} is empty, too long or contains NUL")
+    return data
 
 
 class ManifestIndex:
@@ -396,8 +455,20 @@ class ManifestIndex:
 
     # --- persistence --------------------------------------------------------------------------
 
+    def _checksum(self) -> str:
+        """xxh3-128 over every column's bytes and the odd ETags (what `write` stores, `load` checks)."""
+        h = xxhash.xxh3_128()
+        for name in _COLUMN_ORDER:
+            column = self._c[name]
+            h.update(name.encode())
+            h.update(len(column).to_bytes(8, "little"))
+            h.update(np.ascontiguousarray(column).data)
+        h.update(json.dumps(sorted(self._odd_etags.items())).encode())
+        return h.hexdigest()
+
     def write(self, path: Path) -> None:
-        """Write the index as an Arrow IPC file, atomically (temp file, fsync, rename)."""
+        """Write the index as an Arrow IPC file, atomically (temp file 0600, fsync, rename). The
+        directory must exist."""
         n = self.n_nodes
 
         def binary(off: np.ndarray[Any, Any], data: np.ndarray[Any, Any]) -> pa.Array:
@@ -428,11 +499,12 @@ class ManifestIndex:
             "n_nodes": str(n),
             "n_files": str(self.n_files),
             "odd_etags": json.dumps({str(k): v for k, v in self._odd_etags.items()}),
+            "content_xxh3_128": self._checksum(),
         }
         table = table.replace_schema_metadata(meta)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique across containers
         try:
+            os.close(create_private_file(tmp))
             with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table, max_chunksize=max(n, 1))
             with open(tmp, "rb+") as f:
@@ -443,12 +515,21 @@ class ManifestIndex:
 
     @classmethod
     def load(cls, path: Path, *, zarr_id: str, checksum: str) -> ManifestIndex:
-        """Memory-map an index written by `write`. Raises ManifestError if it is not the expected one."""
+        """Memory-map an index written by `write`, checking its header, its content checksum and the
+        structure of its columns. Raises ManifestError if it is not exactly the expected index."""
         try:
             source = pa.memory_map(str(path), "r")
             table = ipc.open_file(source).read_all()
-        except (OSError, pa.ArrowException) as e:
-            raise ManifestError(f"unreadable index {path}: {e}") from e
+            return cls._from_table(table, source, path, zarr_id=zarr_id, checksum=checksum)
+        except ManifestError:
+            raise
+        except (OSError, pa.ArrowException, ValueError, TypeError, KeyError, IndexError) as e:
+            raise ManifestError(f"unreadable index {path}: {type(e).__name__}: {e}") from e
+
+    @classmethod
+    def _from_table(
+        cls, table: pa.Table, source: object, path: Path, *, zarr_id: str, checksum: str
+    ) -> ManifestIndex:
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         expected = {
             "zarrfs_format": str(INDEX_FORMAT_VERSION),
@@ -459,16 +540,21 @@ class ManifestIndex:
             if meta.get(key) != value:
                 raise ManifestError(f"index {path}: {key} is {meta.get(key)!r}, expected {value!r}")
         n = table.num_rows
-        if str(n) != meta.get("n_nodes") or table.column("name").num_chunks > 1:
+        if str(n) != meta.get("n_nodes") or n < 1:
             raise ManifestError(f"index {path}: row count {n} does not match its header")
+        if any(table.column(name).num_chunks != 1 for name in table.column_names):
+            raise ManifestError(f"index {path}: columns are not single chunks")
 
-        def prim(name: str) -> np.ndarray[Any, Any]:
-            chunk = table.column(name).chunk(0)
-            array: np.ndarray[Any, Any] = chunk.to_numpy(zero_copy_only=True)
+        def prim(name: str, dtype: str) -> np.ndarray[Any, Any]:
+            array: np.ndarray[Any, Any] = table.column(name).chunk(0).to_numpy(zero_copy_only=True)
+            if array.dtype != np.dtype(dtype) or len(array) != n:
+                raise ManifestError(f"index {path}: column {name} has the wrong type or length")
             return array
 
         def binary(name: str) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
             chunk = table.column(name).chunk(0)
+            if chunk.type != pa.large_binary() or chunk.offset != 0:
+                raise ManifestError(f"index {path}: column {name} has the wrong type")
             _, off, data = chunk.buffers()
             offsets = np.frombuffer(off, dtype=np.int64, count=n + 1)
             values = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, "u1")
@@ -477,6 +563,8 @@ class ManifestIndex:
         name_off, name_data = binary("name")
         vid_off, vid_data = binary("version_id")
         etag_chunk = table.column("etag").chunk(0)
+        if etag_chunk.type != pa.binary(16) or etag_chunk.offset != 0:
+            raise ManifestError(f"index {path}: column etag has the wrong type")
         etag = np.frombuffer(etag_chunk.buffers()[1], dtype=np.uint8, count=16 * n).reshape(n, 16)
         columns = {
             "name_off": name_off,
@@ -484,16 +572,16 @@ class ManifestIndex:
             "vid_off": vid_off,
             "vid_data": vid_data,
             "etag": etag,
-            "etag_parts": prim("etag_parts"),
-            "size": prim("size"),
-            "mtime": prim("mtime_ns"),
-            "kind": prim("kind"),
-            "child_start": prim("child_start"),
-            "child_count": prim("child_count"),
-            "parent": prim("parent"),
+            "etag_parts": prim("etag_parts", "uint16"),
+            "size": prim("size", "int64"),
+            "mtime": prim("mtime_ns", "int64"),
+            "kind": prim("kind", "uint8"),
+            "child_start": prim("child_start", "uint64"),
+            "child_count": prim("child_count", "uint64"),
+            "parent": prim("parent", "uint64"),
         }
-        odd = {int(k): v for k, v in json.loads(meta.get("odd_etags", "{}")).items()}
-        return cls(
+        odd = {int(k): str(v) for k, v in json.loads(meta.get("odd_etags", "{}")).items()}
+        index = cls(
             zarr_id=zarr_id,
             checksum=checksum,
             columns=columns,
@@ -501,14 +589,66 @@ class ManifestIndex:
             n_files=int(meta["n_files"]),
             keepalive=(source, table),
         )
+        if index._checksum() != meta.get("content_xxh3_128"):
+            raise ManifestError(f"index {path}: content checksum mismatch (corrupt file)")
+        if (why := index._structure_problem()) is not None:
+            raise ManifestError(f"index {path}: {why}")
+        return index
+
+    def _structure_problem(self) -> str | None:
+        """Why the columns cannot be a well-formed tree (every access would stay in bounds), or
+        None. Cheap (vectorized); run on every load besides the checksum."""
+        n = self.n_nodes
+        for off, data, what in (
+            (self._name_off, self._name_data, "name"),
+            (self._vid_off, self._vid_data, "versionId"),
+        ):
+            if off[0] != 0 or off[-1] > len(data) or bool(np.any(np.diff(off) < 0)):
+                return f"{what} offsets are not monotonic within their data"
+        kind = self._kind
+        if bool(np.any(kind > KIND_DIR)) or kind[0] != KIND_DIR:
+            return "bad node kinds"
+        dirs = kind == KIND_DIR
+        starts, counts = self._child_start[dirs], self._child_count[dirs]
+        if bool(np.any((counts > 0) & (starts < 1))) or bool(np.any(starts + counts > n)):
+            return "a child run points outside the index"
+        if int(counts.sum()) != n - 1 or bool(np.any(self._child_count[~dirs] != 0)):
+            return "child runs do not partition the nodes"
+        if bool(np.any(self._parent >= n)) or bool(np.any(self._size < 0)):
+            return "bad parents or sizes"
+        odd_rows = set(np.flatnonzero(self._etag_parts == 65535).tolist())
+        if odd_rows != set(self._odd_etags) or any(kind[r] != KIND_FILE for r in odd_rows):
+            return "bad ETags"
+        return None
+
+
+_COLUMN_ORDER = (
+    "name_off",
+    "name_data",
+    "vid_off",
+    "vid_data",
+    "etag",
+    "etag_parts",
+    "size",
+    "mtime",
+    "kind",
+    "child_start",
+    "child_count",
+    "parent",
+)
 
 
 def _prescan(head: bytes) -> None:
-    """Check the schema version and field order before paying for a full parse."""
+    """Refuse known-unsupported documents before paying for a full parse (the full parse checks
+    everything again: a copy whose keys come in another order is not refused here)."""
+    if _FIELDS_STRING_RE.search(head):
+        raise ManifestError(
+            "unsupported manifest variant: 'fields' is a string and entries are bare VersionIds "
+            "(the .versionid.json form has no sizes or ETags, so it cannot be verified against the "
+            "Zarr checksum)"
+        )
     m = _SCHEMA_RE.search(head)
-    if m is None:
-        raise ManifestError("not a Zarr manifest: no schemaVersion near the start")
-    if int(m.group(1)) != SUPPORTED_SCHEMA:
+    if m is not None and int(m.group(1)) != SUPPORTED_SCHEMA:
         raise ManifestError(
             f"unsupported manifest schemaVersion {int(m.group(1))} (only {SUPPORTED_SCHEMA} is served)"
         )
@@ -519,7 +659,7 @@ def _prescan(head: bytes) -> None:
         except ValueError:
             fields = None
         if fields != FIELDS:
-            raise ManifestError(f"unsupported manifest fields {fields!r} (expected {FIELDS})")
+            raise ManifestError(f"unsupported manifest fields {fields!r:.200} (expected {FIELDS})")
 
 
 def parse_manifest(
@@ -528,13 +668,14 @@ def parse_manifest(
     zarr_id: str,
     expected_checksum: str,
     progress: Callable[[str], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> ManifestIndex:
     """Parse and verify one schema-2 manifest document; CPU-heavy, call it in a worker thread.
 
     The recomputed checksum must equal `expected_checksum` (the manifest's file name, which the
     caller has already matched to the asset's published checksum) and the manifest's own statistics.
-    Raises ManifestError for documents that are not valid schema-2 manifests and IntegrityError when
-    the entries do not add up to the expected checksum.
+    Raises ManifestError for documents that are not valid schema-2 manifests, IntegrityError when
+    the entries do not add up to the expected checksum, and ConversionCancelled once `cancel` is set.
     """
     _prescan(data[:4096])
     try:
@@ -542,7 +683,11 @@ def parse_manifest(
     except UnicodeDecodeError as e:
         raise ManifestError(f"manifest is not UTF-8: {e}") from None
     return _parse_text(
-        holder, zarr_id=zarr_id, expected_checksum=expected_checksum, progress=progress
+        holder,
+        zarr_id=zarr_id,
+        expected_checksum=expected_checksum,
+        progress=progress,
+        cancel=cancel,
     )
 
 
@@ -552,6 +697,7 @@ def parse_manifest_file(
     zarr_id: str,
     expected_checksum: str,
     progress: Callable[[str], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> ManifestIndex:
     """`parse_manifest` of a file, holding only the decoded text (not also its bytes) while parsing."""
     with open(path, "rb") as f:
@@ -561,7 +707,11 @@ def parse_manifest_file(
     except UnicodeDecodeError as e:
         raise ManifestError(f"manifest is not UTF-8: {e}") from None
     return _parse_text(
-        holder, zarr_id=zarr_id, expected_checksum=expected_checksum, progress=progress
+        holder,
+        zarr_id=zarr_id,
+        expected_checksum=expected_checksum,
+        progress=progress,
+        cancel=cancel,
     )
 
 
@@ -571,20 +721,24 @@ def _parse_text(
     zarr_id: str,
     expected_checksum: str,
     progress: Callable[[str], None] | None,
+    cancel: threading.Event | None,
 ) -> ManifestIndex:
-    builder = _Builder()
+    builder = _Builder(cancel)
     try:
         # pop: nothing else references the text, so it is freed as soon as json.loads returns,
         # before the columns are assembled (the peak of a conversion)
         doc = json.loads(holder.pop(), object_pairs_hook=builder.hook)
+    except RecursionError:
+        raise ManifestError("manifest is nested too deeply") from None
     except ValueError as e:
         raise ManifestError(f"manifest is not valid JSON: {e}") from None
     if progress is not None:
         progress("parsed")
     if not isinstance(doc, dict) or doc.get("schemaVersion") != SUPPORTED_SCHEMA:
-        raise ManifestError("not a schema-2 Zarr manifest")
+        version = doc.get("schemaVersion") if isinstance(doc, dict) else None
+        raise ManifestError(f"not a schema-2 Zarr manifest (schemaVersion {version!r:.40})")
     if doc.get("fields", FIELDS) != FIELDS:
-        raise ManifestError(f"unsupported manifest fields {doc.get('fields')!r}")
+        raise ManifestError(f"unsupported manifest fields {doc.get('fields')!r:.200}")
     root = doc.get("entries")
     if not isinstance(root, _Dir):
         raise ManifestError("manifest entries are malformed (" + _first_bad_entry(root) + ")")
@@ -597,22 +751,28 @@ def _parse_text(
         problems.append(f"entries recompute to {computed}, expected {expected_checksum}")
     stated = stats.get("zarrChecksum")
     if stated is not None and stated != computed:
-        problems.append(f"statistics.zarrChecksum is {stated}, entries recompute to {computed}")
+        problems.append(
+            f"statistics.zarrChecksum is {stated!r:.80}, entries recompute to {computed}"
+        )
     if stats.get("entries") is not None and stats.get("entries") != builder.n_files:
-        problems.append(f"statistics.entries is {stats.get('entries')}, found {builder.n_files}")
+        problems.append(
+            f"statistics.entries is {stats.get('entries')!r:.40}, found {builder.n_files}"
+        )
     if stats.get("totalSize") is not None and stats.get("totalSize") != root.size:
-        problems.append(f"statistics.totalSize is {stats.get('totalSize')}, found {root.size}")
+        problems.append(
+            f"statistics.totalSize is {stats.get('totalSize')!r:.40}, found {root.size}"
+        )
     if problems:
         raise IntegrityError("; ".join(problems))
     return _finish(builder, root, zarr_id=zarr_id, checksum=computed)
 
 
-def _first_bad_entry(value: object, path: str = "") -> str:
-    if not isinstance(value, dict):
+def _first_bad_entry(value: object, path: str = "", depth: int = 0) -> str:
+    if not isinstance(value, dict) or depth > 100:
         return f"{path or 'entries'} is {type(value).__name__}"
     for name, child in value.items():
         if isinstance(child, dict):
-            return _first_bad_entry(child, f"{path}/{name}")
+            return _first_bad_entry(child, f"{path}/{name}", depth + 1)
         if not isinstance(child, _Dir):
             return (
                 f"entry {path}/{name} is not [versionId, lastModified, size, ETag]: {child!r:.80}"
@@ -620,33 +780,102 @@ def _first_bad_entry(value: object, path: str = "") -> str:
     return f"{path or 'entries'} is malformed"
 
 
+def canonical_order(
+    kind: np.ndarray[Any, Any], child_start: np.ndarray[Any, Any], child_count: np.ndarray[Any, Any]
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """The breadth-first order of a tree stored as contiguous, name-sorted child runs.
+
+    Returns (perm, run_src, run_len): `perm[new] = old` row; the runs (root first, then each
+    directory's children, directories taken breadth-first) as old start rows and lengths, in new order.
+    Depends only on the tree, not on where its runs happened to be stored.
+    """
+    n = len(kind)
+    perm = np.empty(n, dtype=np.int64)
+    perm[0] = 0
+    run_src: list[np.ndarray[Any, Any]] = [np.zeros(1, dtype=np.int64)]
+    run_len: list[np.ndarray[Any, Any]] = [np.ones(1, dtype=np.int64)]
+    level = np.zeros(1, dtype=np.int64)  # old rows of this level's directories, in new order
+    pos = 1
+    while level.size:
+        starts = child_start[level].astype(np.int64)
+        counts = child_count[level].astype(np.int64)
+        offsets = np.cumsum(counts) - counts
+        total = int(counts.sum())
+        if pos + total > n:
+            raise ManifestError("internal: child runs overlap")  # a bug, not bad input
+        run_of = np.repeat(np.arange(level.size), counts)
+        old_rows = starts[run_of] + (np.arange(total) - offsets[run_of])
+        perm[pos : pos + total] = old_rows
+        run_src.append(starts)
+        run_len.append(counts)
+        pos += total
+        level = old_rows[kind[old_rows] == KIND_DIR]
+    if pos != n:
+        raise ManifestError("internal: child runs do not cover every node")  # a bug, not bad input
+    return perm, np.concatenate(run_src), np.concatenate(run_len)
+
+
+def _gather_bytes(
+    off: np.ndarray[Any, Any],
+    data: bytes | bytearray,
+    perm: np.ndarray[Any, Any],
+    run_src: np.ndarray[Any, Any],
+    run_len: np.ndarray[Any, Any],
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """A variable-width column (offsets + bytes) in the order `perm`, copying whole runs."""
+    lengths = np.diff(off)[perm]
+    new_off = np.zeros(len(perm) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_off[1:])
+    view = memoryview(data)
+    begins = off[run_src].tolist()
+    ends = off[run_src + run_len].tolist()
+    blob = b"".join([view[a:b] for a, b in zip(begins, ends, strict=True)])
+    return new_off, np.frombuffer(blob, dtype=np.uint8)
+
+
 def _finish(builder: _Builder, root: _Dir, *, zarr_id: str, checksum: str) -> ManifestIndex:
     b = builder
     n = len(b.kind)
-    # Fill in the root row, then derive parents: the children runs partition rows 1..n-1.
+    # Fill in the root row, then renumber canonically, then derive parents.
     b.child_start[0] = root.first_row
     b.child_count[0] = root.n_children
     b.size[0] = root.size
     b.mtime[0] = root.mtime_ns
-    kind = np.frombuffer(b.kind, dtype=np.uint8).copy()
-    child_start = np.frombuffer(b.child_start, dtype=np.uint64).copy()
-    child_count = np.frombuffer(b.child_count, dtype=np.uint64).copy()
+    kind_old = np.frombuffer(b.kind, dtype=np.uint8)
+    start_old = np.frombuffer(b.child_start, dtype=np.uint64)
+    count_old = np.frombuffer(b.child_count, dtype=np.uint64)
+    perm, run_src, run_len = canonical_order(kind_old, start_old, count_old)
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[perm] = np.arange(n, dtype=np.int64)
+    kind = kind_old[perm]
+    child_count = count_old[perm]
+    # a directory's children start where its first child landed (0 for files, like before)
+    child_start = np.where(
+        (kind == KIND_DIR) & (child_count > 0),
+        inverse[np.minimum(start_old[perm].astype(np.int64), n - 1)],
+        0,
+    ).astype(np.uint64)
     dirs = np.flatnonzero(kind == KIND_DIR)
-    order = dirs[np.argsort(child_start[dirs], kind="stable")]
     parent = np.zeros(n, dtype=np.uint64)
-    counts = child_count[order].astype(np.int64)
-    parent[1:] = np.repeat(order.astype(np.uint64), counts)[: n - 1]
+    counts = child_count[dirs].astype(np.int64)
+    parent[1:] = np.repeat(dirs.astype(np.uint64), counts)[: n - 1]
     if int(counts.sum()) != n - 1:
         raise ManifestError("internal: child runs do not cover every node")  # a bug, not bad input
+    name_off, name_data = _gather_bytes(
+        np.frombuffer(b.name_off, dtype=np.int64), b.name_data, perm, run_src, run_len
+    )
+    vid_off, vid_data = _gather_bytes(
+        np.frombuffer(b.vid_off, dtype=np.int64), b.vid_data, perm, run_src, run_len
+    )
     columns: dict[str, np.ndarray[Any, Any]] = {
-        "name_off": np.frombuffer(b.name_off, dtype=np.int64).copy(),
-        "name_data": np.frombuffer(bytes(b.name_data), dtype=np.uint8),
-        "vid_off": np.frombuffer(b.vid_off, dtype=np.int64).copy(),
-        "vid_data": np.frombuffer(bytes(b.vid_data), dtype=np.uint8),
-        "etag": np.frombuffer(bytes(b.etag), dtype=np.uint8).reshape(n, 16),
-        "etag_parts": np.frombuffer(b.etag_parts, dtype=np.uint16).copy(),
-        "size": np.frombuffer(b.size, dtype=np.int64).copy(),
-        "mtime": np.frombuffer(b.mtime, dtype=np.int64).copy(),
+        "name_off": name_off,
+        "name_data": name_data,
+        "vid_off": vid_off,
+        "vid_data": vid_data,
+        "etag": np.frombuffer(b.etag, dtype=np.uint8).reshape(n, 16)[perm],
+        "etag_parts": np.frombuffer(b.etag_parts, dtype=np.uint16)[perm],
+        "size": np.frombuffer(b.size, dtype=np.int64)[perm],
+        "mtime": np.frombuffer(b.mtime, dtype=np.int64)[perm],
         "kind": kind,
         "child_start": child_start,
         "child_count": child_count,
@@ -656,6 +885,6 @@ def _finish(builder: _Builder, root: _Dir, *, zarr_id: str, checksum: str) -> Ma
         zarr_id=zarr_id,
         checksum=checksum,
         columns=columns,
-        odd_etags=b.odd_etags,
+        odd_etags={int(inverse[row]): etag for row, etag in b.odd_etags.items()},
         n_files=b.n_files,
     )

@@ -1,30 +1,57 @@
 """Manifest fetching and caching: fetch once (single-flight), verify, convert, persist, bound memory.
 
 Owns: where a Zarr's manifest is looked up (`<root>/<z[0:3]>/<z[3:6]>/<z>/<checksum>.json` under each
-configured root in order), the on-disk cache of converted indexes (`<cache dir>/manifests/...arrow`,
-immutable, keyed by Zarr id and checksum), and a size-weighted LRU of loaded indexes. Never knows about
+configured root in order), the on-disk store of converted indexes (`<cache dir>/manifests/...arrow`,
+immutable, keyed by Zarr id and checksum, files 0600 in 0700 dirs, capped at `disk_budget` bytes with
+least-recently-loaded files removed first), and a size-weighted LRU of loaded indexes. Never knows about
 paths inside the dandiset or FUSE; parsing and verification live in `manifest`.
 
-Concurrency: at most one fetch/convert per (zarr id, checksum) at a time, however many tasks ask
-(a `trio.Event` per key in flight); conversion runs in worker threads bounded by a CapacityLimiter.
-A failed load is remembered for `FAILURE_TTL` seconds so a broken Zarr is not re-downloaded on every
-probe, then retried.
+A download is refused as soon as it grows past what its checksum allows: `<md5>-<count>--<size>` names
+the number of files, which bounds the size of an honest manifest (`max_manifest_bytes`).
+
+Concurrency: at most one fetch/convert per (zarr id, checksum) at a time in this process, however many
+tasks ask (a `_Load` per key in flight), and at most one across processes sharing the cache dir (an
+`flock` on `locks/<zarr id>-<checksum>.lock`, polled so that waiting stays cancellable; the second
+process then finds the index on disk). With a `service_nursery` (set by whoever runs the cache: the mount,
+the fsspec runtime), loads run there, so a requester that gives up (its deadline, an interrupted
+syscall) does not cancel a load others will want; without one a load runs in the first requester's
+task and a cancelled loader hands over to its waiters. Conversion runs in worker threads bounded by a
+CapacityLimiter and is abandoned on cancellation (a flag stops the thread at its next directory). A
+failed load is remembered for `FAILURE_TTL` seconds so a broken Zarr is not re-downloaded on every
+probe, then retried. An index larger than the whole memory budget is not put in the LRU but kept as the
+one most recent oversized index, so it is not reloaded on every request.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
+import os
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cachetools
 import trio
 
+from . import config
+from .cache_dir import CacheLayout, make_private_dir
 from .dandi import AssetRecord
-from .errors import DataError, IntegrityError, ManifestError, ObjectMissing, RemoteError
-from .manifest import ManifestIndex, parse_manifest_file
+from .errors import (
+    DataError,
+    DocumentTooLarge,
+    IntegrityError,
+    ManifestError,
+    ObjectMissing,
+    RemoteError,
+)
+from .manifest import ManifestIndex, parse_checksum, parse_manifest_file
 from .remote import Remote
 
 log = logging.getLogger(__name__)
@@ -35,6 +62,8 @@ FAILURE_TTL = 30.0
 SLOW_CONVERSION = 2.0
 #: Temporary files older than this in the cache dir were left by a killed process: removed at start.
 STALE_TEMP_AGE = 86400.0
+#: Seconds between two tries of the cross-process lock while another process loads the manifest.
+LOCK_POLL = 0.1
 
 _Key = tuple[str, str]
 
@@ -42,6 +71,26 @@ _Key = tuple[str, str]
 def manifest_url(root: str, zarr_id: str, checksum: str) -> str:
     """`<root>/<z[0:3]>/<z[3:6]>/<z>/<checksum>.json`."""
     return f"{root.rstrip('/')}/{zarr_id[:3]}/{zarr_id[3:6]}/{zarr_id}/{checksum}.json"
+
+
+def max_manifest_bytes(checksum: str) -> int:
+    """The largest manifest document an honest Zarr with this checksum can have.
+
+    Per file: a name of at most 255 bytes, possibly \\u-escaped (6 bytes per byte), a VersionId, a
+    timestamp, a size and an ETag, plus indentation; directories add at most as much again. So
+    `config.MANIFEST_BYTES_PER_FILE` per file plus `config.MANIFEST_BASE_BYTES`.
+    """
+    count, _ = parse_checksum(checksum)
+    return config.MANIFEST_BASE_BYTES + count * config.MANIFEST_BYTES_PER_FILE
+
+
+@dataclass(slots=True)
+class _Load:
+    """One load in flight: waiters wait on `done`, then read `index` or `error`."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    index: ManifestIndex | None = None
+    error: DataError | None = None
 
 
 class ManifestCache:
@@ -54,51 +103,105 @@ class ManifestCache:
         roots: Sequence[str],
         cache_dir: Path,
         memory_budget: int,
+        disk_budget: int = config.DEFAULT_MANIFEST_DISK_BUDGET,
         cpu_limiter: trio.CapacityLimiter | None = None,
     ) -> None:
         if not roots:
             raise ValueError("at least one manifest root is needed")
         self._remote = remote
         self._roots = tuple(roots)
-        self._dir = cache_dir / "manifests"
-        self._tmp = cache_dir / "tmp"
+        self._layout = CacheLayout(cache_dir)
+        self._dir = self._layout.manifests
+        self._tmp = self._layout.tmp
+        self._memory_budget = max(memory_budget, 1)
+        self._disk_budget = disk_budget
         self._loaded: cachetools.LRUCache[_Key, ManifestIndex] = cachetools.LRUCache(
-            maxsize=max(memory_budget, 1), getsizeof=lambda index: max(index.nbytes, 1)
+            maxsize=self._memory_budget, getsizeof=lambda index: max(index.nbytes, 1)
         )
-        self._inflight: dict[_Key, trio.Event] = {}
+        self._oversized: tuple[_Key, ManifestIndex] | None = None
+        self._inflight: dict[_Key, _Load] = {}
         self._failures: dict[_Key, tuple[float, DataError]] = {}
-        self._limiter = cpu_limiter or trio.CapacityLimiter(2)
-        self.stats = {"memory_hits": 0, "disk_loads": 0, "fetches": 0}
+        self._limiter = cpu_limiter or trio.CapacityLimiter(config.CPU_THREADS)
+        self._sweep_pending = False
+        #: Where loads run (see the module docstring); None: in the first requester's task.
+        self.service_nursery: trio.Nursery | None = None
+        self.stats = {"memory_hits": 0, "disk_loads": 0, "fetches": 0, "lock_waits": 0}
 
-    def sweep_stale_temp_files(self) -> int:
-        """Remove temporary files a killed process left behind (old enough not to be in use by
-        another mount sharing this cache dir). Synchronous; call before serving."""
-        removed = 0
-        now = time.time()
-        candidates = [*self._tmp.glob("*"), *self._dir.glob("*/*/.*.tmp")]
-        for path in candidates:
-            try:
-                if now - path.stat().st_mtime > STALE_TEMP_AGE:
-                    path.unlink()
-                    removed += 1
-            except OSError:
-                continue
-        return removed
+    # --- the disk store ---------------------------------------------------------------------------
 
     def index_path(self, zarr_id: str, checksum: str) -> Path:
         return self._dir / zarr_id[:3] / zarr_id / f"{checksum}.arrow"
 
+    def sweep(self) -> tuple[int, int]:
+        """Remove temporary and lock files a killed process left behind (old enough not to be in use
+        by another process sharing this cache dir), then the least recently loaded indexes until the
+        store fits `disk_budget`. Returns (temporary files, indexes) removed. Synchronous; run it in a
+        worker thread. Files vanishing meanwhile (another process sweeping) are fine."""
+        temps = indexes = 0
+        now = time.time()
+        stale = [*self._tmp.glob("*"), *self._dir.glob("*/*/.*.tmp"), *self._layout.locks.glob("*")]
+        for path in stale:
+            try:
+                if now - path.stat().st_mtime > STALE_TEMP_AGE:
+                    path.unlink()
+                    temps += 1
+            except OSError:
+                continue
+        files: list[tuple[float, int, Path]] = []
+        for path in self._dir.glob("*/*/*.arrow"):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            files.append((st.st_mtime, st.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self._disk_budget:
+                break
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            total -= size
+            indexes += 1
+        if indexes:
+            log.info(
+                "manifest index store over %d bytes: removed %d indexes", self._disk_budget, indexes
+            )
+        return temps, indexes
+
+    def sweep_stale_temp_files(self) -> int:
+        """`sweep`, returning only the number of temporary files removed."""
+        return self.sweep()[0]
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes, number) of indexes in the disk store."""
+        sizes = []
+        for path in self._dir.glob("*/*/*.arrow"):
+            try:
+                sizes.append(path.stat().st_size)
+            except OSError:
+                continue
+        return sum(sizes), len(sizes)
+
     @property
     def loaded_bytes(self) -> int:
-        return int(self._loaded.currsize)
+        oversized = self._oversized[1].nbytes if self._oversized else 0
+        return int(self._loaded.currsize) + oversized
+
+    # --- loading ----------------------------------------------------------------------------------
 
     async def get(self, asset: AssetRecord) -> ManifestIndex:
         """The verified index of `asset`'s pinned manifest. Raises DataError (EIO) when unavailable."""
         if not asset.zarr_id or not asset.zarr_checksum or asset.problem:
             raise DataError(f"Zarr asset {asset.path} cannot be served: {asset.problem}")
-        key = (asset.zarr_id, asset.zarr_checksum)
+        return await self.get_index(asset.zarr_id, asset.zarr_checksum, f"asset {asset.path}")
+
+    async def get_index(self, zarr_id: str, checksum: str, what: str) -> ManifestIndex:
+        """The verified index of Zarr `zarr_id` at `checksum`; `what` names it in log lines."""
+        key = (zarr_id, checksum)
         while True:
-            index = self._loaded.get(key)
+            index = self._cached(key)
             if index is not None:
                 self.stats["memory_hits"] += 1
                 return index
@@ -108,141 +211,249 @@ class ManifestCache:
                     # a fresh exception each time: re-raising one object grows its traceback
                     raise type(failed[1])(*failed[1].args)
                 del self._failures[key]
-            event = self._inflight.get(key)
-            if event is None:
-                break
-            # then look again: loaded, failed, or (the loader was cancelled) ours to load
-            await event.wait()
-        event = self._inflight[key] = trio.Event()
-        try:
-            index = await self._load(asset)
-        except OSError as e:  # the local cache dir (full, read-only, ...): EIO, never a crash
-            error = ManifestError(f"Zarr asset {asset.path}: manifest cache {self._dir}: {e}")
-            log.error("%s", error)
-            self._failures[key] = (time.monotonic(), error)
-            raise error from e
-        except DataError as e:
-            self._failures[key] = (time.monotonic(), e)
-            raise
-        finally:
-            del self._inflight[key]
-            event.set()
-        try:
-            self._loaded[key] = index
-        except ValueError:
-            log.warning(
-                "manifest index of %s (%d bytes) exceeds the manifest memory budget; "
-                "it is served from its memory map without being kept",
-                asset.path,
-                index.nbytes,
-            )
+            load = self._inflight.get(key)
+            if load is None:
+                load = self._inflight[key] = _Load()
+                if self.service_nursery is not None:
+                    self.service_nursery.start_soon(self._run_load, key, what, load)
+                else:
+                    await self._run_load(key, what, load)
+            await load.done.wait()
+            if load.error is not None:
+                raise type(load.error)(*load.error.args)
+            if load.index is not None:
+                return load.index
+            # the loader was cancelled: look again (loaded, failed, or ours to load)
+
+    def _cached(self, key: _Key) -> ManifestIndex | None:
+        index = self._loaded.get(key)
+        if index is None and self._oversized is not None and self._oversized[0] == key:
+            index = self._oversized[1]
         return index
 
-    async def _load(self, asset: AssetRecord) -> ManifestIndex:
-        zarr_id, checksum = asset.zarr_id or "", asset.zarr_checksum or ""
-        path = self.index_path(zarr_id, checksum)
-        if await trio.to_thread.run_sync(path.exists):
-            try:
-                index = await trio.to_thread.run_sync(
-                    lambda: ManifestIndex.load(path, zarr_id=zarr_id, checksum=checksum),
-                    limiter=self._limiter,
-                )
-                self.stats["disk_loads"] += 1
-                return index
-            except ManifestError as e:
-                log.warning("discarding cached index %s: %s", path, e)
-                await trio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
-        return await self._fetch_and_convert(asset, path)
+    async def _run_load(self, key: _Key, what: str, load: _Load) -> None:
+        try:
+            index = await self._load(key, what)
+        except OSError as e:  # the local cache dir (full, read-only, ...): EIO, never a crash
+            error = ManifestError(f"Zarr {what}: manifest cache {self._dir}: {e}")
+            log.error("%s", error)
+            self._failures[key] = (time.monotonic(), error)
+            load.error = error
+        except DataError as e:
+            self._failures[key] = (time.monotonic(), e)
+            load.error = e
+        else:
+            load.index = index
+            self._keep(key, index, what)
+        finally:
+            del self._inflight[key]
+            load.done.set()
 
-    async def _fetch_and_convert(self, asset: AssetRecord, path: Path) -> ManifestIndex:
-        zarr_id, checksum = asset.zarr_id or "", asset.zarr_checksum or ""
+    def _keep(self, key: _Key, index: ManifestIndex, what: str) -> None:
+        if index.nbytes <= self._memory_budget:
+            self._loaded[key] = index
+            return
+        if self._oversized is None or self._oversized[0] != key:
+            log.warning(
+                "manifest index of %s (%d bytes) exceeds the manifest memory budget (%d bytes); "
+                "it is kept loaded as the one oversized index (raise --manifest-memory)",
+                what,
+                index.nbytes,
+                self._memory_budget,
+            )
+        self._oversized = (key, index)
+
+    async def _load(self, key: _Key, what: str) -> ManifestIndex:
+        zarr_id, checksum = key
+        path = self.index_path(zarr_id, checksum)
+        index = await self._load_from_disk(path, key)
+        if index is not None:
+            return index
+        async with self._cross_process_lock(key):
+            index = await self._load_from_disk(path, key)  # another process may have made it
+            if index is not None:
+                return index
+            return await self._fetch_and_convert(key, what, path)
+
+    async def _load_from_disk(self, path: Path, key: _Key) -> ManifestIndex | None:
+        zarr_id, checksum = key
+        if not await trio.to_thread.run_sync(path.exists):
+            return None
+        try:
+            index = await trio.to_thread.run_sync(
+                lambda: ManifestIndex.load(path, zarr_id=zarr_id, checksum=checksum),
+                limiter=self._limiter,
+                abandon_on_cancel=True,
+            )
+        except ManifestError as e:
+            log.warning("discarding cached index %s: %s", path, e)
+            await trio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+            return None
+        self.stats["disk_loads"] += 1
+        await trio.to_thread.run_sync(_touch, path)  # least recently loaded goes first
+        return index
+
+    @asynccontextmanager
+    async def _cross_process_lock(self, key: _Key) -> AsyncIterator[None]:
+        """Hold `locks/<zarr id>-<checksum>.lock` (flock) while loading, so processes sharing the
+        cache dir download and convert each manifest once. Polls (cancellable); a lock that cannot be
+        taken at all (no such filesystem support) is logged and skipped."""
+        lock_dir = self._layout.locks
+        path = lock_dir / f"{key[0]}-{key[1]}.lock"
+
+        def open_lock() -> int:
+            make_private_dir(lock_dir)
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+        try:
+            fd = await trio.to_thread.run_sync(open_lock)
+        except OSError as e:
+            log.warning("cannot create %s (%s): loading without cross-process lock", path, e)
+            yield
+            return
+        try:
+            waited = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waited:
+                        waited = True
+                        self.stats["lock_waits"] += 1
+                        log.info("another process is loading manifest %s; waiting", key[1])
+                    await trio.sleep(LOCK_POLL)
+                except OSError as e:
+                    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise
+                    log.warning("cannot lock %s (%s): loading without cross-process lock", path, e)
+                    break
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    async def _fetch_and_convert(self, key: _Key, what: str, path: Path) -> ManifestIndex:
+        zarr_id, checksum = key
         tried: list[str] = []
         rejected: DataError | None = None
+        limit = max_manifest_bytes(checksum)
+        await trio.to_thread.run_sync(make_private_dir, self._tmp)
         for root in self._roots:
             url = manifest_url(root, zarr_id, checksum)
             tmp = self._tmp / f"{zarr_id}-{checksum}-{uuid.uuid4().hex}.json"  # unique per host
-            await trio.to_thread.run_sync(lambda: self._tmp.mkdir(parents=True, exist_ok=True))
             try:
                 started = time.monotonic()
-                size = await self._remote.download(url, tmp)
+                size = await self._remote.download(url, tmp, max_bytes=limit)
                 self.stats["fetches"] += 1
                 log.info(
                     "fetched manifest of %s (%d bytes) from %s in %.1f s",
-                    asset.path,
+                    what,
                     size,
                     url,
                     time.monotonic() - started,
                 )
-                return await self._convert(asset, url, tmp, path)
+                return await self._convert(key, what, url, tmp, path)
             except ObjectMissing:
                 tried.append(f"{url}: not found")
+            except DocumentTooLarge as e:
+                tried.append(f"{url}: rejected")
+                log.error("Zarr %s: manifest %s refused: %s", what, url, e)
+                rejected = rejected or ManifestError(f"Zarr {what}: manifest {url}: {e}")
             except (IntegrityError, ManifestError) as e:
                 tried.append(f"{url}: rejected")  # logged by _convert; another root may be intact
                 rejected = rejected or e
             except RemoteError as e:
                 tried.append(f"{url}: {e}")
-                log.warning("manifest of %s: %s: %s", asset.path, url, e)
+                log.warning("manifest of %s: %s: %s", what, url, e)
             finally:
                 tmp.unlink(missing_ok=True)  # synchronous: must happen even when cancelled
         if rejected is not None:
             raise rejected
         message = (
-            f"Zarr asset {asset.path} (zarr {zarr_id}, checksum {checksum}): no manifest found ("
+            f"Zarr {what} (zarr {zarr_id}, checksum {checksum}): no manifest found ("
             + "; ".join(tried)
             + ")"
         )
         log.error("%s", message)
         raise ManifestError(message)
 
-    async def _convert(self, asset: AssetRecord, url: str, src: Path, dest: Path) -> ManifestIndex:
-        zarr_id, checksum = asset.zarr_id or "", asset.zarr_checksum or ""
+    async def _convert(
+        self, key: _Key, what: str, url: str, src: Path, dest: Path
+    ) -> ManifestIndex:
+        zarr_id, checksum = key
         started = time.monotonic()
+        cancel = threading.Event()
 
         def convert() -> ManifestIndex:
-            built = parse_manifest_file(src, zarr_id=zarr_id, expected_checksum=checksum)
+            built = parse_manifest_file(
+                src, zarr_id=zarr_id, expected_checksum=checksum, cancel=cancel
+            )
             try:
+                make_private_dir(dest.parent)
                 built.write(dest)
             except OSError as e:  # the disk cache is an optimisation: serve from memory
-                log.warning("cannot keep the index of %s in %s: %s", asset.path, dest, e)
+                log.warning("cannot keep the index of %s in %s: %s", what, dest, e)
                 return built
             del built  # drop the heap columns; serve from the memory map instead
             return ManifestIndex.load(dest, zarr_id=zarr_id, checksum=checksum)
 
         failure: Exception | None = None
-        async with trio.open_nursery() as nursery:  # only for the progress reporter
-            nursery.start_soon(self._report_progress, asset.path, started)
-            try:
-                index = await trio.to_thread.run_sync(convert, limiter=self._limiter)
-            except Exception as e:  # re-raised unchanged below, outside the nursery (no group)
-                failure = e
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:  # only for the progress reporter
+                nursery.start_soon(self._report_progress, what, started)
+                try:
+                    index = await trio.to_thread.run_sync(
+                        convert, limiter=self._limiter, abandon_on_cancel=True
+                    )
+                except Exception as e:  # re-raised below, outside the nursery (no group)
+                    failure = e
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            cancel.set()  # an abandoned conversion stops at its next directory
         if failure is not None and not isinstance(failure, ManifestError | IntegrityError):
             raise failure
         if isinstance(failure, IntegrityError):
             log.error(
-                "Zarr asset %s (zarr %s): manifest %s does not match the published checksum "
+                "Zarr %s (zarr %s): manifest %s does not match the published checksum "
                 "%s: %s; refusing to serve this Zarr",
-                asset.path,
+                what,
                 zarr_id,
                 url,
                 checksum,
                 failure,
             )
             raise IntegrityError(
-                f"Zarr asset {asset.path}: manifest {url} fails verification: {failure}"
+                f"Zarr {what}: manifest {url} fails verification: {failure}"
             ) from failure
         if failure is not None:
-            log.error("Zarr asset %s: manifest %s is unusable: %s", asset.path, url, failure)
-            raise ManifestError(f"Zarr asset {asset.path}: manifest {url}: {failure}") from failure
+            log.error("Zarr %s: manifest %s is unusable: %s", what, url, failure)
+            raise ManifestError(f"Zarr {what}: manifest {url}: {failure}") from failure
         log.info(
             "indexed manifest of %s: %d files, %d nodes in %.1f s",
-            asset.path,
+            what,
             index.n_files,
             index.n_nodes,
             time.monotonic() - started,
         )
+        self._schedule_sweep()
         return index
+
+    def _schedule_sweep(self) -> None:
+        """Keep the disk store within its budget after it grew (in the background, once at a time)."""
+        if self._sweep_pending or self.service_nursery is None:
+            return
+        self._sweep_pending = True
+
+        async def run() -> None:
+            try:
+                await trio.to_thread.run_sync(self.sweep, abandon_on_cancel=True)
+            except OSError as e:
+                log.warning("cannot sweep the manifest index store: %s", e)
+            finally:
+                self._sweep_pending = False
+
+        self.service_nursery.start_soon(run)
 
     @staticmethod
     async def _report_progress(what: str, started: float) -> None:
@@ -250,3 +461,9 @@ class ManifestCache:
         while True:
             log.info("still converting manifest of %s (%.0f s)", what, time.monotonic() - started)
             await trio.sleep(5)
+
+
+def _touch(path: Path) -> None:
+    # a read-only store, or a file removed by another process: only the eviction order suffers
+    with contextlib.suppress(OSError):
+        os.utime(path)

@@ -1,0 +1,220 @@
+"""ManifestCache against hostile roots and shared cache dirs: size-bounded downloads, the oversized
+index, the disk store's cap, loads that outlive their requester, one fetch across processes."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from zarrfs.config import S3Settings
+from zarrfs.dandi import AssetRecord
+from zarrfs.demo.sample import ManifestLeaf, build_manifest, format_manifest, zarr_checksum_of
+from zarrfs.errors import ManifestError
+from zarrfs.manifest_cache import ManifestCache, manifest_url, max_manifest_bytes
+from zarrfs.remote import Remote
+
+WHEN = "2025-11-01T12:00:00+00:00"
+NOWHERE = S3Settings(endpoint_url="http://127.0.0.1:9")
+
+
+def make_zarr(root: Path, n: int, *, pad: int = 0) -> AssetRecord:
+    """A manifest of `n` files under a file:// root (padded with `pad` spaces of whitespace)."""
+    leaves = [ManifestLeaf(f"0/{i}", f"v{i}", WHEN, i, f"{i:032x}") for i in range(n)]
+    zarr_id, checksum = str(uuid.uuid4()), zarr_checksum_of(leaves)
+    target = Path(manifest_url(str(root), zarr_id, checksum))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(format_manifest(build_manifest(leaves)) + " " * pad)
+    return AssetRecord(
+        zarr_id, f"{zarr_id[:4]}.zarr", 0, 0, zarr_id=zarr_id, zarr_checksum=checksum
+    )
+
+
+def cache(remote: Remote, roots: list[Path], cache_dir: Path, **kw: Any) -> ManifestCache:
+    return ManifestCache(
+        remote,
+        roots=[f"file://{r}/" for r in roots],
+        cache_dir=cache_dir,
+        memory_budget=kw.pop("memory_budget", 1 << 30),
+        **kw,
+    )
+
+
+@pytest.mark.trio
+async def test_a_manifest_larger_than_its_checksum_allows_is_refused(tmp_path: Path) -> None:
+    padded, honest = tmp_path / "padded", tmp_path / "honest"
+    asset = make_zarr(padded, 3, pad=2 << 20)  # 3 files cannot take 2 MiB
+    assert asset.zarr_checksum is not None
+    assert max_manifest_bytes(asset.zarr_checksum) < 2 << 20
+    same = Path(manifest_url(str(honest), asset.zarr_id or "", asset.zarr_checksum))
+    same.parent.mkdir(parents=True)
+    same.write_text(
+        Path(manifest_url(str(padded), asset.zarr_id or "", asset.zarr_checksum))
+        .read_text()
+        .rstrip()
+    )
+    async with Remote.open(NOWHERE) as remote:
+        only_padded = cache(remote, [padded], tmp_path / "c1")
+        with pytest.raises(ManifestError, match=r"is more than the .* allowed"):
+            await only_padded.get(asset)
+        # a good copy in the next root is used
+        both = cache(remote, [padded, honest], tmp_path / "c2")
+        assert (await both.get(asset)).n_files == 3
+
+
+@pytest.mark.trio
+async def test_an_index_over_the_memory_budget_is_kept_not_reloaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    roots = tmp_path / "roots"
+    big, small = make_zarr(roots, 2000), make_zarr(roots, 10)
+    async with Remote.open(NOWHERE) as remote:
+        manifests = cache(remote, [roots], tmp_path / "c", memory_budget=1000)
+        first = await manifests.get(big)
+        loads = dict(manifests.stats)
+        for _ in range(5):
+            assert await manifests.get(big) is first
+        assert manifests.stats["disk_loads"] == loads["disk_loads"]
+        assert manifests.stats["fetches"] == loads["fetches"] == 1
+        warnings = [r for r in caplog.records if "exceeds the manifest memory budget" in r.message]
+        assert len(warnings) == 1
+        await manifests.get(small)  # the small one fits the LRU; the big one stays
+        assert await manifests.get(big) is first
+
+
+@pytest.mark.trio
+async def test_the_disk_store_is_capped_least_recently_loaded_first(tmp_path: Path) -> None:
+    roots = tmp_path / "roots"
+    assets = [make_zarr(roots, 500) for _ in range(4)]
+    async with Remote.open(NOWHERE) as remote:
+        manifests = cache(remote, [roots], tmp_path / "c")
+        for i, asset in enumerate(assets):
+            await manifests.get(asset)
+            path = manifests.index_path(asset.zarr_id or "", asset.zarr_checksum or "")
+            os.utime(path, (1000 + i, 1000 + i))  # loaded in this order
+        size, count = manifests.usage()
+        assert count == 4
+        capped = cache(remote, [roots], tmp_path / "c", disk_budget=size // 2)
+        _, removed = capped.sweep()
+        assert removed == 2 and capped.usage()[0] <= size // 2
+        kept = [
+            a for a in assets if capped.index_path(a.zarr_id or "", a.zarr_checksum or "").exists()
+        ]
+        assert kept == assets[2:]
+
+
+@pytest.mark.trio
+async def test_a_requester_giving_up_does_not_cancel_the_load(tmp_path: Path) -> None:
+    roots = tmp_path / "roots"
+    asset = make_zarr(roots, 2000)
+    async with Remote.open(NOWHERE) as remote:
+        manifests = cache(remote, [roots], tmp_path / "c")
+        async with trio.open_nursery() as service:
+            manifests.service_nursery = service
+            with trio.CancelScope() as impatient:
+                impatient.cancel()
+                await manifests.get(asset)
+            assert impatient.cancelled_caught
+            index = await manifests.get(asset)  # the same load, finished in the service nursery
+            assert index.n_files == 2000 and manifests.stats["fetches"] == 1
+            service.cancel_scope.cancel()
+
+
+# --- one fetch across processes ----------------------------------------------------------------
+
+
+class CountingServer:
+    """Serves files under `root` over HTTP slowly, counting GETs per path."""
+
+    def __init__(self, root: Path, delay: float) -> None:
+        self.counts: dict[str, int] = {}
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with lock:
+                    outer.counts[self.path] = outer.counts.get(self.path, 0) + 1
+                time.sleep(delay)
+                path = root / self.path.lstrip("/")
+                if not path.is_file():
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def slow_root(tmp_path: Path) -> Iterator[tuple[CountingServer, AssetRecord]]:
+    root = tmp_path / "served"
+    asset = make_zarr(root, 3000)
+    server = CountingServer(root, delay=1.0)
+    yield server, asset
+    server.close()
+
+
+def load_in_process(url: str, cache_dir: str, zarr_id: str, checksum: str, start: float) -> int:
+    """In a fresh process: wait for the common start time, load the manifest, return its files."""
+
+    async def main() -> int:
+        async with Remote.open(NOWHERE) as remote:
+            manifests = ManifestCache(
+                remote, roots=[url], cache_dir=Path(cache_dir), memory_budget=1 << 30
+            )
+            await trio.sleep(max(0.0, start - time.time()))
+            index = await manifests.get_index(zarr_id, checksum, "test")
+            return index.n_files
+
+    return trio.run(main)
+
+
+def test_processes_sharing_a_cache_dir_fetch_each_manifest_once(
+    slow_root: tuple[CountingServer, AssetRecord], tmp_path: Path
+) -> None:
+    server, asset = slow_root
+    start = time.time() + 3.0  # every process is up by then: they all start cold at once
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        results = pool.starmap(
+            load_in_process,
+            [(server.url, str(tmp_path / "shared"), asset.zarr_id, asset.zarr_checksum, start)] * 4,
+        )
+    assert results == [3000] * 4
+    assert sum(server.counts.values()) == 1, server.counts  # one GET for all four processes
+
+
+def test_max_manifest_bytes_grows_with_the_file_count() -> None:
+    from zarrfs import config
+
+    empty = "481a2f77ab786a0f45aafd5db0971caa-0--0"
+    assert max_manifest_bytes(empty) == config.MANIFEST_BASE_BYTES
+    big = "6ddc4625befef8d6f9796835648162be-1305320--710206390"
+    assert max_manifest_bytes(big) > 162_000_000  # the largest real manifest fits
+    assert json.dumps(big)
