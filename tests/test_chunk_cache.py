@@ -9,19 +9,17 @@ import trio
 
 from zarrfs.chunk_cache import BlockCache
 from zarrfs.errors import IntegrityError, RemoteError
+from zarrfs.refs import ObjectRef
+from zarrfs.scheduler import Ticket
 
 pytestmark = pytest.mark.trio
 
 
-@dataclass(frozen=True, slots=True)
-class Ref:
-    key: str
-    version_id: str | None
-    size: int
-    etag: str | None = None
+def Ref(key: str, version_id: str | None, size: int, etag: str | None = None) -> ObjectRef:
+    return ObjectRef(key, version_id, size, etag)
 
 
-def content(ref: Ref) -> bytes:
+def content(ref: ObjectRef) -> bytes:
     """Deterministic, position-dependent bytes so a wrong slice cannot pass."""
     seed = f"{ref.key}@{ref.version_id}:".encode()
     out = bytearray()
@@ -40,9 +38,11 @@ class FakeFetch:
     fail_with: list[Exception] = field(default_factory=list)
     short: bool = False
     calls: list[tuple[str, str | None, int, int]] = field(default_factory=list)
+    tickets: list[Ticket] = field(default_factory=list)
 
-    async def __call__(self, ref: Ref, start: int, end: int) -> bytes:
+    async def __call__(self, ref: ObjectRef, start: int, end: int, ticket: Ticket) -> bytes:
         self.calls.append((ref.key, ref.version_id, start, end))
+        self.tickets.append(ticket)
         if self.delay:
             await trio.sleep(self.delay)
         else:

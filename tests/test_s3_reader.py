@@ -66,20 +66,26 @@ class Faults:
         self.delay = 0.0
         self.inflight = 0
         self.max_inflight = 0
+        self.generation = 0  # requests of an earlier test (a hang still sleeping) are not counted
 
     def reset(self) -> None:
         with self.lock:
             self.plan, self.requests, self.delay, self.max_inflight = [], 0, 0.0, 0
+            self.inflight = 0
+            self.generation += 1
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         with self.lock:
             self.requests += 1
             action = self.plan.pop(0) if self.plan else "pass"
+            generation = self.generation
         if action == "hang":  # outlives the client's deadline; not counted as in flight
             time.sleep(1.5)
         with self.lock:
-            self.inflight += 1
-            self.max_inflight = max(self.max_inflight, self.inflight)
+            counted = generation == self.generation
+            if counted:
+                self.inflight += 1
+                self.max_inflight = max(self.max_inflight, self.inflight)
         try:
             if self.delay:
                 time.sleep(self.delay)
@@ -113,7 +119,8 @@ class Faults:
             return [body]
         finally:
             with self.lock:
-                self.inflight -= 1
+                if counted and generation == self.generation:
+                    self.inflight -= 1
 
 
 @dataclass

@@ -1,13 +1,18 @@
 """A byte-bounded in-memory LRU of immutable blocks, with one fetch per block at a time.
 
-Owns: splitting a read of an object version into aligned blocks of `block_size` bytes, the LRU of
-those blocks (cachetools `LRUCache` sized by `len`, keyed by `(key, version_id, block_index)`),
-single-flight fetching (a `dict[key, _Flight]` of in-flight fetches: concurrent readers of one
-missing block share one fetch and get its bytes or its error), and optional sequential readahead of
-the next block.
+Owns: splitting a read of an object version into aligned units (blocks of `block_size` bytes; an
+object whose ETag is a plain MD5 and that is at most `whole_object_max` bytes is one unit, fetched by
+one GET of the whole object so its MD5 can be checked before any byte is served), the LRU of those
+blocks (cachetools `LRUCache` sized by `len`, keyed by `(key, version_id, block_index)`), single-flight
+fetching (a `dict[key, _Flight]` of in-flight fetches: concurrent readers of one missing block share one
+fetch and get its bytes or its error), and optional sequential readahead of the next blocks.
 
-Never does: S3 or HTTP (the `fetch(ref, start, end)` callable is injected; in production it is
+Never does: S3 or HTTP (the `fetch(ref, start, end, ticket)` callable is injected; in production it is
 `S3Reader.read_range`), invalidation (every key carries an immutable version), or caching errors.
+
+Scheduling: a reader's own fetches are demand requests; readahead fetches are prefetch requests, and
+a reader that finds the block it needs still waiting behind other work promotes that fetch to demand
+(`scheduler.Ticket.promote`), so a blocked read never waits behind background work.
 
 Concurrency: all state is touched only from tasks of one trio run, and never across an `await`
 between a check and the matching update, so no lock is needed. A fetch runs in the task of the
@@ -27,6 +32,7 @@ from cachetools import LRUCache
 
 from zarrfs import config
 from zarrfs.errors import DataError, IntegrityError
+from zarrfs.scheduler import Priority, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +47,7 @@ HIT, MISS, READ_AHEAD = 0, 1, 2
 
 
 class BlockSource(Protocol):
-    """What the cache needs to know about an object version (`s3_reader.ObjectRef` satisfies it)."""
+    """What the cache needs to know about an object version (`refs.ObjectRef` satisfies it)."""
 
     @property
     def key(self) -> str: ...
@@ -49,15 +55,18 @@ class BlockSource(Protocol):
     def version_id(self) -> str | None: ...
     @property
     def size(self) -> int: ...
+    def md5(self) -> str | None: ...
 
 
 R = TypeVar("R", bound=BlockSource)
+Fetch = Callable[[R, int, int, Ticket], Awaitable[bytes]]
 
 
 @dataclass(slots=True)
 class _Flight:
     """One in-flight block fetch. `done` is set on success, error or cancellation of the fetcher."""
 
+    ticket: Ticket
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: Exception | None = None
@@ -67,7 +76,11 @@ class BlockCache:
     """Aligned, immutable blocks of object versions in a byte-bounded LRU."""
 
     def __init__(
-        self, max_bytes: int, block_size: int, readahead_blocks: int = config.READAHEAD_BLOCKS
+        self,
+        max_bytes: int,
+        block_size: int,
+        readahead_blocks: int = config.READAHEAD_BLOCKS,
+        whole_object_max: int = config.VERIFY_WHOLE_OBJECT_MAX,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -75,6 +88,7 @@ class BlockCache:
             raise ValueError(f"max_bytes must not be negative, got {max_bytes}")
         self.max_bytes = max_bytes
         self.block_size = block_size
+        self.whole_object_max = whole_object_max
         self.readahead_blocks = max(1, readahead_blocks)
         self._lru: LRUCache[BlockKey, bytes] = LRUCache(maxsize=max_bytes, getsizeof=len)
         self._inflight: dict[BlockKey, _Flight] = {}
@@ -87,7 +101,7 @@ class BlockCache:
         ref: R,
         offset: int,
         size: int,
-        fetch: Callable[[R, int, int], Awaitable[bytes]],
+        fetch: Fetch[R],
         readahead_nursery: trio.Nursery | None = None,
     ) -> bytes:
         """Bytes [offset, min(offset + size, ref.size)) of `ref`; b"" at or past the end.
@@ -102,7 +116,7 @@ class BlockCache:
         end = min(offset + size, ref.size)
         if offset >= end:
             return b""
-        bs = self.block_size
+        bs = self.unit(ref)
         first, last = offset // bs, (end - 1) // bs
         if first == last:
             block, how = await self._block(ref, first, fetch)
@@ -133,6 +147,12 @@ class BlockCache:
                 self._start_readahead(ref, index, fetch, readahead_nursery)
         return result
 
+    def unit(self, ref: BlockSource) -> int:
+        """The block size used for `ref`: the whole object when it is verifiable as a whole."""
+        if ref.md5() is not None and 0 < ref.size <= self.whole_object_max:
+            return ref.size
+        return self.block_size
+
     def stats(self) -> dict[str, int]:
         """hits (blocks served without a fetch of their own), misses (fetches), bytes, items."""
         return {
@@ -148,8 +168,9 @@ class BlockCache:
         self,
         ref: R,
         index: int,
-        fetch: Callable[[R, int, int], Awaitable[bytes]],
+        fetch: Fetch[R],
         consume_marker: bool = True,
+        priority: Priority = Priority.DEMAND,
     ) -> tuple[bytes, int]:
         """Block `index` of `ref`, and how it was obtained (HIT, MISS or READ_AHEAD)."""
         key: BlockKey = (ref.key, ref.version_id, index)
@@ -163,6 +184,8 @@ class BlockCache:
             flight = self._inflight.get(key)
             if flight is None:
                 break
+            if priority == Priority.DEMAND:
+                flight.ticket.promote()  # a reader is blocked on it: never behind background work
             await flight.done.wait()
             if flight.error is not None:
                 raise flight.error
@@ -171,12 +194,13 @@ class BlockCache:
                 return flight.data, how
             # the fetcher was cancelled: try again (possibly becoming the fetcher)
         self._misses += 1
-        flight = _Flight()
+        flight = _Flight(Ticket(priority, flow=ref.key))
         self._inflight[key] = flight
-        start = index * self.block_size
-        stop = min(start + self.block_size, ref.size)
+        unit = self.unit(ref)
+        start = index * unit
+        stop = min(start + unit, ref.size)
         try:
-            data = await fetch(ref, start, stop)
+            data = await fetch(ref, start, stop, flight.ticket)
             if len(data) != stop - start:
                 raise IntegrityError(
                     f"{ref.key} (version {ref.version_id}): block {index} has {len(data)} bytes, "
@@ -198,10 +222,10 @@ class BlockCache:
         self,
         ref: R,
         index: int,
-        fetch: Callable[[R, int, int], Awaitable[bytes]],
+        fetch: Fetch[R],
         nursery: trio.Nursery,
     ) -> None:
-        if index * self.block_size >= ref.size:
+        if index * self.unit(ref) >= ref.size:
             return
         key: BlockKey = (ref.key, ref.version_id, index)
         if key in self._lru or key in self._inflight:
@@ -213,13 +237,13 @@ class BlockCache:
         self,
         ref: R,
         index: int,
-        fetch: Callable[[R, int, int], Awaitable[bytes]],
+        fetch: Fetch[R],
     ) -> None:
         key: BlockKey = (ref.key, ref.version_id, index)
         if key in self._lru or key in self._inflight:
             return
         try:
-            await self._block(ref, index, fetch, consume_marker=False)
+            await self._block(ref, index, fetch, consume_marker=False, priority=Priority.PREFETCH)
         except DataError as exc:
             # not cached: a reader that needs this block fetches it again and sees any error itself
             log.debug("readahead of %s block %d failed: %s", ref.key, index, exc)

@@ -25,6 +25,9 @@ DATALAD_MANIFEST_ROOT = (
 
 #: Reads are served in aligned blocks of this size; each block is one ranged GET and one cache item.
 BLOCK_SIZE = 1 << 20
+#: An object with a plain-MD5 ETag up to this size is fetched whole, by one GET whose body is checked
+#: against the MD5 before any byte is served (most Zarr chunks). Larger ones go by blocks, unverified.
+VERIFY_WHOLE_OBJECT_MAX = 16 << 20
 #: Blocks kept in flight ahead of a sequential reader (8 MiB with 1 MiB blocks).
 READAHEAD_BLOCKS = 8
 #: Default byte budget of the in-memory block cache.
@@ -38,10 +41,13 @@ MAX_ATTEMPTS = 5
 #: First retry back-off in seconds; doubles each attempt, with full jitter, capped by RETRY_MAX_DELAY.
 RETRY_BASE_DELAY = 0.1
 RETRY_MAX_DELAY = 5.0
-#: Per-attempt deadline for one request (cancel scope around the whole request, body included).
+#: Per-attempt deadline for one request (cancel scope around the whole request, body included; for
+#: a demand request the wait for a connection slot too). For downloads: the longest wait for bytes.
 REQUEST_TIMEOUT = 30.0
-#: Per-attempt deadline for small metadata documents (assets.jsonld, manifests) is longer: they can be big.
-DOCUMENT_TIMEOUT = 600.0
+#: Largest API response (one page of up to 1000 asset rows with metadata is a few MB).
+MAX_API_RESPONSE_BYTES = 64 << 20
+#: Largest `assets.jsonld` accepted (the biggest dandisets list ~100k assets in a few hundred MB).
+MAX_ASSET_LIST_BYTES = 4 << 30
 #: Kernel entry/attribute cache lifetimes. Content is immutable, so these are long (one day).
 ENTRY_TIMEOUT = 86400.0
 ATTR_TIMEOUT = 86400.0
@@ -49,6 +55,19 @@ ATTR_TIMEOUT = 86400.0
 NEGATIVE_TIMEOUT = 86400.0
 #: Threads used for CPU-heavy work (manifest parsing and conversion).
 CPU_THREADS = 2
+#: Size bound of a manifest download: an honest manifest of a Zarr with N files (the checksum
+#: `<md5>-<N>--<size>` says N) has at most MANIFEST_BASE_BYTES + N * MANIFEST_BYTES_PER_FILE bytes
+#: (real ones: about 122 bytes per file; a file's line is at most ~2 KiB even with a 255-byte
+#: \u-escaped name, and directories add at most as much again).
+MANIFEST_BASE_BYTES = 1 << 20
+MANIFEST_BYTES_PER_FILE = 4096
+#: Default cap of the on-disk store of converted manifest indexes (least recently loaded go first).
+DEFAULT_MANIFEST_DISK_BUDGET = 8 << 30
+#: The longest a read syscall may take before it fails with EIO, whatever happens (faults, waits
+#: behind other requests): every attempt of its requests plus every back-off sleep between them.
+READ_DEADLINE = MAX_ATTEMPTS * REQUEST_TIMEOUT + sum(
+    min(RETRY_MAX_DELAY, RETRY_BASE_DELAY * 2.0 ** (a - 1)) for a in range(1, MAX_ATTEMPTS)
+)
 #: Seconds `zarrfs mount` waits for a background mount to become live.
 MOUNT_READY_TIMEOUT = 120.0
 
@@ -99,6 +118,7 @@ class Config:
     cache_dir: Path = field(default_factory=default_cache_dir)
     memory_cache_size: int = DEFAULT_MEMORY_CACHE_SIZE
     manifest_memory: int = DEFAULT_MANIFEST_MEMORY
+    manifest_disk_size: int = DEFAULT_MANIFEST_DISK_BUDGET
     block_size: int = BLOCK_SIZE
     foreground: bool = False
     debug: bool = False

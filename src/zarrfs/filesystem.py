@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import trio
 
+from . import config
 from .chunk_cache import BlockCache
-from .errors import DataError
+from .errors import DataError, RemoteError
 from .manifest import ManifestIndex
 from .manifest_cache import ManifestCache
 from .refs import ObjectRef
@@ -58,6 +59,8 @@ class Filesystem:
         self.reader = reader
         #: Where sequential readahead fetches run; set by `mount.serve` once its nursery is open.
         self.readahead_nursery: trio.Nursery | None = None
+        #: A read fails with EIO rather than take longer than this (config.READ_DEADLINE).
+        self.read_deadline = config.READ_DEADLINE
         self._reported: set[str] = set()
 
     async def _index(self, ino: int, *, inside_only: bool) -> ManifestIndex | None:
@@ -93,24 +96,36 @@ class Filesystem:
             raise
         return OpenFile(ino, source, self.ns.describe(ino, index))
 
+    async def release(self, handle: OpenFile) -> None:
+        """The file was closed by every process that had it open."""
+        return None
+
     async def read(self, handle: OpenFile, offset: int, size: int) -> bytes:
         source = handle.source
         if isinstance(source, InlineFile):
             return source.data[offset : offset + size]
         try:
-            return await self.blocks.read(
-                source, offset, size, self.reader.read_range, self.readahead_nursery
+            with trio.fail_after(self.read_deadline):
+                return await self.blocks.read(
+                    source, offset, size, self.reader.read_range, self.readahead_nursery
+                )
+        except (DataError, trio.TooSlowError) as exc:
+            error = (
+                exc
+                if isinstance(exc, DataError)
+                else RemoteError(f"no answer within {self.read_deadline:g} s")
             )
-        except DataError as e:
             log.error(
                 "read of %s failed (%s, %d bytes at %d): %s",
                 handle.path,
                 describe_object(self.ns.bucket, source),
                 size,
                 offset,
-                e,
+                error,
             )
-            raise
+            if error is exc:
+                raise
+            raise error from None
 
     def statfs(self) -> FsStats:
         return FsStats(total_bytes=self.ns.total_size, files=self.ns.n_assets)

@@ -9,7 +9,9 @@ beyond JSON decoding. A download is written to `dest.part` and renamed into plac
 complete.
 
 Concurrency: one client (one connection pool) per `HttpClient`, shared by all tasks of the trio run
-that opened it; a `trio.CapacityLimiter` bounds the requests in flight.
+that opened it; a `scheduler.RequestSlots` bounds the requests in flight and serves small GETs (API
+calls a lookup waits for) before document downloads. Small GETs are bounded in size
+(`config.MAX_API_RESPONSE_BYTES`), downloads by the caller's `max_bytes`.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import httpx
 import trio
 
 from zarrfs import config
-from zarrfs.errors import DataError, ObjectMissing, RemoteError
+from zarrfs.cache_dir import create_private_file
+from zarrfs.errors import DataError, DocumentTooLarge, ObjectMissing, RemoteError
 from zarrfs.retry import retry
+from zarrfs.scheduler import Priority, RequestSlots, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +83,11 @@ class HttpClient:
         self._client = client
         self.max_attempts = max_attempts
         self.timeout = timeout
-        self._limiter = trio.CapacityLimiter(max_concurrency)
+        self.slots = RequestSlots(
+            max_concurrency,
+            background_max=max(1, max_concurrency - 2),
+            document_max=max(1, min(4, max_concurrency - 2)),
+        )
 
     @classmethod
     @asynccontextmanager
@@ -87,13 +95,13 @@ class HttpClient:
         cls,
         *,
         max_attempts: int = config.MAX_ATTEMPTS,
-        timeout: float = config.DOCUMENT_TIMEOUT,
-        stall_timeout: float = config.REQUEST_TIMEOUT,
+        timeout: float = config.REQUEST_TIMEOUT,
         max_concurrency: int = MAX_CONCURRENT_HTTP,
     ) -> AsyncIterator[HttpClient]:
-        """`timeout` bounds one attempt; `stall_timeout` bounds each connect/read/write wait."""
+        """`timeout` bounds one attempt of a small GET and each connect/read/write wait (a stall)
+        of a download, which has no total deadline."""
         async with httpx.AsyncClient(
-            timeout=httpx.Timeout(stall_timeout),
+            timeout=httpx.Timeout(timeout),
             follow_redirects=True,
             headers={"User-Agent": "zarrfs"},
         ) as client:
@@ -104,41 +112,54 @@ class HttpClient:
                 max_concurrency=max_concurrency,
             )
 
-    async def get_bytes(self, url: str) -> bytes:
-        """The whole body of `url`."""
+    async def get_bytes(self, url: str, *, max_bytes: int = config.MAX_API_RESPONSE_BYTES) -> bytes:
+        """The whole body of `url` (a small document: at most `max_bytes`)."""
 
         async def attempt() -> bytes:
-            response = await self._client.get(url)
-            _check_status(url, response)
-            return response.content
+            async with self._client.stream("GET", url) as response:
+                _check_status(url, response)
+                _check_size(url, _content_length(response), max_bytes)
+                chunks = []
+                size = 0
+                async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK):
+                    size += len(chunk)
+                    _check_size(url, size, max_bytes)
+                    chunks.append(chunk)
+                return b"".join(chunks)
 
-        return await self._retry(attempt, f"GET {url}")
+        return await self._retry(attempt, f"GET {url}", self.timeout, Priority.DEMAND)
 
     async def get_json(self, url: str) -> Any:
         """`url` decoded as JSON; a body that is not JSON is a `RemoteError`."""
         data = await self.get_bytes(url)
         try:
             if len(data) > THREAD_DECODE_THRESHOLD:
-                return await trio.to_thread.run_sync(json.loads, data)
+                return await trio.to_thread.run_sync(json.loads, data, abandon_on_cancel=True)
             return json.loads(data)
         except ValueError as exc:
             raise RemoteError(f"GET {url}: response is not JSON: {exc}") from exc
 
-    async def download(self, url: str, dest: Path) -> int:
-        """Stream `url` to `dest` (via `dest.part`, then an atomic rename); returns its size."""
+    async def download(self, url: str, dest: Path, *, max_bytes: int | None = None) -> int:
+        """Stream `url` to `dest` (via `dest.part`, 0600, then an atomic rename); returns its size.
+        No total deadline (each wait for bytes is bounded instead); more than `max_bytes` is refused
+        at once (DocumentTooLarge, not retried)."""
         dest = Path(dest)
         part = dest.with_name(dest.name + ".part")
 
         async def attempt() -> int:
             async with self._client.stream("GET", url) as response:
                 _check_status(url, response)
+                _check_size(url, _content_length(response), max_bytes)
                 done = False
                 written = 0
                 try:
-                    async with await trio.open_file(part, "wb") as f:
+                    part.unlink(missing_ok=True)
+                    fd = create_private_file(part)
+                    async with trio.wrap_file(os.fdopen(fd, "wb")) as f:
                         async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK):
-                            await f.write(chunk)
                             written += len(chunk)
+                            _check_size(url, written, max_bytes)
+                            await f.write(chunk)
                     os.replace(part, dest)
                     done = True
                 except OSError as e:  # the local disk: not retried, never a raw OSError
@@ -148,9 +169,15 @@ class HttpClient:
                         part.unlink(missing_ok=True)
                 return written
 
-        return await self._retry(attempt, f"GET {url} -> {dest}")
+        return await self._retry(attempt, f"GET {url} -> {dest}", None, Priority.DOCUMENT)
 
-    async def _retry(self, attempt: Callable[[], Awaitable[T]], what: str) -> T:
+    async def _retry(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        what: str,
+        timeout: float | None,
+        priority: Priority,
+    ) -> T:
         async def translated() -> T:
             try:
                 return await attempt()
@@ -164,7 +191,18 @@ class HttpClient:
             translated,
             what=what,
             max_attempts=self.max_attempts,
-            timeout=self.timeout,
+            timeout=timeout,
             is_retryable=is_retryable,
-            limiter=self._limiter,
+            slots=self.slots,
+            ticket=Ticket(priority),
         )
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _check_size(url: str, size: int | None, max_bytes: int | None) -> None:
+    if max_bytes is not None and size is not None and size > max_bytes:
+        raise DocumentTooLarge(f"GET {url}: {size} bytes is more than the {max_bytes} allowed")

@@ -6,7 +6,10 @@ importing the S3 client. No I/O, no dependencies.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_MD5 = re.compile(r"^[0-9a-f]{32}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,3 +22,11 @@ class ObjectRef:
     size: int
     #: Expected ETag without quotes; None skips the ETag check.
     etag: str | None
+
+    def md5(self) -> str | None:
+        """The MD5 of the whole object when the ETag is a plain MD5 (a single-part upload), which
+        lets a GET of the whole object be verified byte for byte; else None."""
+        if self.etag is None:
+            return None
+        etag = self.etag.strip().strip('"').lower()
+        return etag if _MD5.match(etag) else None

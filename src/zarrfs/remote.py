@@ -22,8 +22,9 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
+from zarrfs.cache_dir import create_private_file
 from zarrfs.config import S3Settings
-from zarrfs.errors import ObjectMissing, RemoteError
+from zarrfs.errors import DocumentTooLarge, ObjectMissing, RemoteError
 from zarrfs.http_client import HttpClient
 from zarrfs.s3_reader import S3Reader
 
@@ -53,16 +54,19 @@ class Remote:
             return await trio.to_thread.run_sync(_read_local, path, url)
         raise RemoteError(f"unsupported URL scheme {scheme!r}: {url}")
 
-    async def download(self, url: str, dest: Path) -> int:
-        """Copy the content at `url` to `dest` (atomically, via `dest.part`); returns its size."""
+    async def download(self, url: str, dest: Path, *, max_bytes: int | None = None) -> int:
+        """Copy the content at `url` to `dest` (atomically, via `dest.part`); returns its size.
+        More than `max_bytes` is refused with DocumentTooLarge."""
         scheme = urlsplit(url).scheme.lower()
         if scheme == "s3":
-            return await self.s3.download(self._s3_key(url), dest)
+            return await self.s3.download(self._s3_key(url), dest, max_bytes=max_bytes)
         if scheme in ("http", "https"):
-            return await self.http.download(url, dest)
+            return await self.http.download(url, dest, max_bytes=max_bytes)
         if scheme == "file":
             path = _file_path(url)
-            return await trio.to_thread.run_sync(_copy_local, path, Path(dest), url)
+            return await trio.to_thread.run_sync(
+                _copy_local, path, Path(dest), url, max_bytes, abandon_on_cancel=True
+            )
         raise RemoteError(f"unsupported URL scheme {scheme!r}: {url}")
 
     def _s3_key(self, url: str) -> str:
@@ -97,9 +101,14 @@ def _read_local(path: Path, url: str) -> bytes:
         raise RemoteError(f"{url}: {exc}") from exc
 
 
-def _copy_local(path: Path, dest: Path, url: str) -> int:
+def _copy_local(path: Path, dest: Path, url: str, max_bytes: int | None) -> int:
     part = dest.with_name(dest.name + ".part")
     try:
+        size = path.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise DocumentTooLarge(f"{url}: {size} bytes is more than the {max_bytes} allowed")
+        part.unlink(missing_ok=True)
+        os.close(create_private_file(part))
         shutil.copyfile(path, part)
         os.replace(part, dest)
     except FileNotFoundError as exc:

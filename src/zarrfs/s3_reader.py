@@ -1,21 +1,26 @@
-"""Ranged GETs of exact S3 object versions, verified, retried, with errors translated.
+"""Ranged GETs of exact S3 object versions, verified, retried, scheduled, with errors translated.
 
 Owns: the only aiobotocore client of zarrfs (on trio, through aiobotocore's httpx backend;
 botocore's own retries are off because `retry.retry` retries), the verification of every response
-against the `ObjectRef` it was asked for (length, Content-Range total, VersionId, ETag), and the
-translation of S3 and transport failures into `ObjectMissing`, `IntegrityError` and `RemoteError`.
+against the `ObjectRef` it was asked for (length, Content-Range total, VersionId, ETag, and the MD5 of
+the body whenever a GET covers a whole object whose ETag is a plain MD5), and the translation of S3 and
+transport failures into `ObjectMissing`, `IntegrityError` and `RemoteError`.
 
 Never does: let botocore types or errors escape (callers see bytes and zarrfs errors), inode or path
 logic, caching (see `chunk_cache`), or return bytes that failed a check. It never reads the newest
-version of a key when a VersionId was given.
+version of a key when a VersionId was given. A body whose MD5 does not match is retried (it was
+damaged in transit) and never returned.
 
-Concurrency: one `trio.CapacityLimiter(settings.max_concurrency)` per reader bounds the requests in
-flight (a slot is held for one attempt, body included, never during a back-off sleep); the client is
-shared by all tasks of the one trio run that opened it.
+Concurrency: every request holds one slot of a `scheduler.RequestSlots` shared by the whole reader
+(its `Ticket` says demand, prefetch or document); a slot is held for one attempt, body included, never
+during a back-off sleep. Downloads of documents have no total deadline but fail an attempt when the
+body stalls for `request_timeout`, and stop at `max_bytes`. The client is shared by all tasks of the one
+trio run that opened it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -32,11 +37,19 @@ from aiobotocore.config import AioConfig
 from aiobotocore.httpxsession import HttpxSession
 from aiobotocore.session import get_session
 
-from zarrfs import config
+from zarrfs.cache_dir import create_private_file
 from zarrfs.config import S3Settings
-from zarrfs.errors import DataError, IntegrityError, ObjectMissing, RemoteError, ZarrfsError
+from zarrfs.errors import (
+    DataError,
+    DocumentTooLarge,
+    IntegrityError,
+    ObjectMissing,
+    RemoteError,
+    ZarrfsError,
+)
 from zarrfs.refs import ObjectRef
 from zarrfs.retry import retry
+from zarrfs.scheduler import Priority, RequestSlots, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +57,8 @@ T = TypeVar("T")
 
 #: Bytes per read of a streamed download body (and per file write).
 DOWNLOAD_CHUNK = 1 << 20
+#: Bodies at least this large are hashed in a worker thread (hashlib releases the GIL).
+HASH_IN_THREAD = 1 << 18
 
 #: S3 error codes worth another attempt (besides any 5xx status and 429).
 RETRYABLE_CODES = frozenset(
@@ -63,9 +78,9 @@ RETRYABLE_CODES = frozenset(
 #: S3 error codes meaning "that object (version) does not exist".
 MISSING_CODES = frozenset({"NoSuchKey", "NoSuchVersion", "NotFound", "NoSuchBucket", "404"})
 
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
-_MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-[0-9]+$")
+_CONTENT_RANGE = re.compile(r"^bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)\Z")
+_MD5_ETAG = re.compile(r"^[0-9a-f]{32}\Z")
+_MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-[0-9]+\Z")
 
 
 class _HttpxSession(HttpxSession):  # type: ignore[misc]
@@ -109,8 +124,20 @@ def _error_code(exc: botocore.exceptions.ClientError) -> tuple[str, int]:
     return str(err.get("Code", "")), int(meta.get("HTTPStatusCode") or 0)
 
 
+class CorruptBody(Exception):
+    """A whole-object body whose MD5 is not its ETag: damaged in transit, worth another attempt.
+    Never leaves this module (after the last attempt it becomes a `RemoteError`)."""
+
+
+class Stalled(Exception):
+    """No body bytes for `request_timeout` seconds; worth another attempt (stays in this module)."""
+
+
 def is_retryable(exc: BaseException) -> bool:
-    """Transient failures: 5xx/429 and throttling codes, transport errors, truncated bodies."""
+    """Transient failures: 5xx/429 and throttling codes, transport errors, truncated, stalled or
+    damaged bodies."""
+    if isinstance(exc, CorruptBody | Stalled):
+        return True
     if isinstance(exc, botocore.exceptions.ClientError):
         code, status = _error_code(exc)
         return code in RETRYABLE_CODES or status >= 500 or status == 429
@@ -155,11 +182,18 @@ def _translate(exc: Exception, what: str, version_id: str | None) -> Exception:
 class S3Reader:
     """Reads exact object versions from one bucket: `async with S3Reader.open(settings) as r`."""
 
-    def __init__(self, client: Any, settings: S3Settings) -> None:
+    def __init__(
+        self, client: Any, settings: S3Settings, slots: RequestSlots | None = None
+    ) -> None:
         self._client = client
         self.settings = settings
         self.bucket = settings.bucket
-        self._limiter = trio.CapacityLimiter(settings.max_concurrency)
+        self.slots = slots or RequestSlots(
+            settings.max_concurrency,
+            background_max=max(1, settings.max_concurrency * 3 // 4),
+            document_max=max(1, min(4, settings.max_concurrency // 4)),
+        )
+        self.stats = {"requests": 0, "bytes": 0, "md5_verified": 0, "md5_mismatches": 0}
 
     @classmethod
     @asynccontextmanager
@@ -184,8 +218,12 @@ class S3Reader:
 
     # --- public API -------------------------------------------------------------------------------
 
-    async def read_range(self, ref: ObjectRef, start: int, end: int) -> bytes:
-        """Bytes [start, end) of exactly the object version `ref`, verified against `ref`."""
+    async def read_range(
+        self, ref: ObjectRef, start: int, end: int, ticket: Ticket | None = None
+    ) -> bytes:
+        """Bytes [start, end) of exactly the object version `ref`, verified against `ref` (and by
+        MD5 when the range is the whole object and its ETag is a plain MD5). Demand priority unless
+        a `ticket` says otherwise."""
         if not 0 <= start <= end <= ref.size:
             raise ValueError(f"bad range [{start}, {end}) for {ref.key} of size {ref.size}")
         if start == end:
@@ -199,34 +237,55 @@ class S3Reader:
         }
         if ref.version_id is not None:
             params["VersionId"] = ref.version_id
+        md5 = whole_object_md5(ref, start, end)
 
         async def attempt() -> bytes:
+            self.stats["requests"] += 1
             resp = await self._client.get_object(**params)
             body = resp["Body"]
             async with body:
                 self._verify_headers(ref, start, end, resp, name)
                 data: bytes = await body.read()
+            self.stats["bytes"] += len(data)
             self._check(name, "body length", end - start, len(data))
+            if md5 is not None:
+                await self._verify_md5(name, md5, data)
             return data
 
-        return await self._retry(attempt, what, ref.version_id, self.settings.request_timeout)
+        ticket = ticket or Ticket(Priority.DEMAND, flow=ref.key)
+        return await self._retry(
+            attempt, what, ref.version_id, self.settings.request_timeout, ticket
+        )
 
-    async def get_bytes(self, key: str, version_id: str | None = None) -> bytes:
+    async def get_bytes(
+        self,
+        key: str,
+        version_id: str | None = None,
+        *,
+        max_bytes: int | None = None,
+        priority: Priority = Priority.DEMAND,
+    ) -> bytes:
         """A whole (small) object; the current version unless `version_id` is given."""
         name = _describe(self.bucket, key, version_id)
         what = f"GET {name}"
         params = self._params(key, version_id)
 
         async def attempt() -> bytes:
+            self.stats["requests"] += 1
             resp = await self._client.get_object(**params)
             body = resp["Body"]
             async with body:
                 self._verify_version(name, version_id, resp)
+                _check_size(what, resp.get("ContentLength"), max_bytes)
                 data: bytes = await body.read()
+            self.stats["bytes"] += len(data)
             self._check(name, "body length", resp.get("ContentLength", len(data)), len(data))
+            _check_size(what, len(data), max_bytes)
             return data
 
-        return await self._retry(attempt, what, version_id, self.settings.request_timeout)
+        return await self._retry(
+            attempt, what, version_id, self.settings.request_timeout, Ticket(priority)
+        )
 
     async def download(
         self,
@@ -234,42 +293,57 @@ class S3Reader:
         dest: Path,
         version_id: str | None = None,
         *,
-        timeout: float = config.DOCUMENT_TIMEOUT,
+        max_bytes: int | None = None,
+        priority: Priority = Priority.DOCUMENT,
     ) -> int:
-        """Stream a whole object to `dest` (via `dest.part`, then atomic rename); return its size.
+        """Stream a whole object to `dest` (via `dest.part`, 0600, then atomic rename); return its
+        size.
 
-        The body is read in `DOWNLOAD_CHUNK` pieces, never held whole in memory. `timeout` bounds
-        one attempt. Concurrent downloads to the same `dest` are the caller's to prevent.
+        The body is read in `DOWNLOAD_CHUNK` pieces, never held whole in memory. An attempt fails
+        (and is retried) when no bytes arrive for `request_timeout` seconds; there is no total
+        deadline, so a big document on a slow link still arrives. A body larger than `max_bytes` is
+        refused at once (DocumentTooLarge, not retried). Concurrent downloads to the same `dest` are
+        the caller's to prevent.
         """
         dest = Path(dest)
         part = dest.with_name(dest.name + ".part")
         name = _describe(self.bucket, key, version_id)
         what = f"GET {name} -> {dest}"
         params = self._params(key, version_id)
+        stall = self.settings.request_timeout
 
         async def attempt() -> int:
-            resp = await self._client.get_object(**params)
-            body = resp["Body"]
             done = False
             written = 0
-            try:
-                async with body:
-                    self._verify_version(name, version_id, resp)
-                    async with await trio.open_file(part, "wb") as f:
-                        while chunk := await body.read(DOWNLOAD_CHUNK):
-                            await f.write(chunk)
-                            written += len(chunk)
-                self._check(name, "size", resp.get("ContentLength", written), written)
-                os.replace(part, dest)
-                done = True
-            except OSError as e:  # the local disk, not S3: not retried, but never a raw OSError
-                raise DataError(f"{what}: cannot write {part}: {e}") from e
-            finally:
-                if not done:
-                    part.unlink(missing_ok=True)
+            with trio.CancelScope(deadline=trio.current_time() + stall) as watchdog:
+                try:
+                    self.stats["requests"] += 1
+                    resp = await self._client.get_object(**params)
+                    body = resp["Body"]
+                    async with body:
+                        self._verify_version(name, version_id, resp)
+                        _check_size(what, resp.get("ContentLength"), max_bytes)
+                        fd = create_private_file_replacing(part)
+                        async with trio.wrap_file(os.fdopen(fd, "wb")) as f:
+                            while chunk := await body.read(DOWNLOAD_CHUNK):
+                                watchdog.deadline = trio.current_time() + stall
+                                written += len(chunk)
+                                self.stats["bytes"] += len(chunk)
+                                _check_size(what, written, max_bytes)
+                                await f.write(chunk)
+                    self._check(name, "size", resp.get("ContentLength", written), written)
+                    os.replace(part, dest)
+                    done = True
+                except OSError as e:  # the local disk, not S3: not retried, but never a raw OSError
+                    raise DataError(f"{what}: cannot write {part}: {e}") from e
+                finally:
+                    if not done:
+                        part.unlink(missing_ok=True)
+            if watchdog.cancelled_caught:
+                raise Stalled(f"no data for {stall:g} s")
             return written
 
-        return await self._retry(attempt, what, version_id, timeout)
+        return await self._retry(attempt, what, version_id, None, Ticket(priority))
 
     # --- internals --------------------------------------------------------------------------------
 
@@ -284,7 +358,8 @@ class S3Reader:
         attempt: Callable[[], Awaitable[T]],
         what: str,
         version_id: str | None,
-        timeout: float,
+        timeout: float | None,
+        ticket: Ticket | None,
     ) -> T:
         async def translated_attempt() -> T:
             try:
@@ -301,8 +376,22 @@ class S3Reader:
             max_attempts=self.settings.max_attempts,
             timeout=timeout,
             is_retryable=is_retryable,
-            limiter=self._limiter,
+            slots=self.slots,
+            ticket=ticket,
         )
+
+    async def _verify_md5(self, name: str, expected: str, data: bytes) -> None:
+        if len(data) >= HASH_IN_THREAD:
+            got = await trio.to_thread.run_sync(_md5_hex, data, abandon_on_cancel=True)
+        else:
+            got = _md5_hex(data)
+        if got != expected:
+            self.stats["md5_mismatches"] += 1
+            log.warning(
+                "%s: body MD5 %s is not its ETag %s (damaged in transit)", name, got, expected
+            )
+            raise CorruptBody(f"{name}: body MD5 {got} does not match the ETag {expected}")
+        self.stats["md5_verified"] += 1
 
     def _fail(self, name: str, field: str, expected: object, got: object) -> IntegrityError:
         message = f"{name}: {field} mismatch: expected {expected!r}, got {got!r}"
@@ -356,3 +445,24 @@ class S3Reader:
         )
         self._check(name, "Content-Range", (start, end - 1), (int(m.group(1)), int(m.group(2))))
         self._check(name, "Content-Length", end - start, resp.get("ContentLength"))
+
+
+def whole_object_md5(ref: ObjectRef, start: int, end: int) -> str | None:
+    """The MD5 a GET of [start, end) must hash to: the ETag, when the range is the whole object and
+    the ETag is a plain MD5 (single-part upload); else None (nothing to compare with)."""
+    return ref.md5() if start == 0 and end == ref.size else None
+
+
+def _md5_hex(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _check_size(what: str, size: object, max_bytes: int | None) -> None:
+    if max_bytes is not None and isinstance(size, int) and size > max_bytes:
+        raise DocumentTooLarge(f"{what}: {size} bytes is more than the {max_bytes} allowed")
+
+
+def create_private_file_replacing(path: Path) -> int:
+    """A fresh 0600 file at `path` (a leftover from an earlier attempt is replaced)."""
+    path.unlink(missing_ok=True)
+    return create_private_file(path)
