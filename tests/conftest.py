@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from zarrfs import fuse_ops
 from zarrfs.demo.locals3 import LocalS3
 from zarrfs.demo.sample import SampleDandiset, build_sample
+from zarrfs.fuse_ops import INTERNAL_ERROR
 
 #: Real DANDI files (a manifest, an asset record), copied into the repository (see its README).
 REFERENCE_SAMPLES = Path(__file__).resolve().parent / "fixtures" / "dandi"
@@ -70,16 +72,35 @@ class Mounted:
         self.path = path
         self.process = process
         self.log = log
+        #: Tests that inject a bug on purpose set this; otherwise a bug answered with EIO by the
+        #: handlers' last resort fails the test at teardown.
+        self.expect_internal_errors = False
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def inject(tmp: Path, code: str) -> dict[str, str]:
+    """An environment whose Python processes run `code` at start-up (a `sitecustomize` module on
+    PYTHONPATH), for tests that make the daemon misbehave in a controlled way."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "sitecustomize.py").write_text(code)
+    path = os.pathsep.join(p for p in (str(tmp), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def zarrfs_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "zarrfs", *args]
 
 
-def start_mount(base: Path, source: str, *extra: str, endpoint: str, cache: Path) -> Mounted:
+def start_mount(
+    base: Path,
+    source: str,
+    *extra: str,
+    endpoint: str,
+    cache: Path,
+    env: dict[str, str] | None = None,
+) -> Mounted:
     """`zarrfs mount -f` in a subprocess; returns once the mountpoint is live (fails fast)."""
     path = base / "mnt"
     path.mkdir(parents=True)
@@ -87,7 +108,7 @@ def start_mount(base: Path, source: str, *extra: str, endpoint: str, cache: Path
     args = ["mount", "-f", source, str(path), "--endpoint-url", endpoint, "--cache-dir", str(cache)]
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            zarrfs_command(*args, *extra), stdout=out, stderr=subprocess.STDOUT
+            zarrfs_command(*args, *extra), stdout=out, stderr=subprocess.STDOUT, env=env
         )
     mounted = Mounted(path, process, log)
     deadline = time.monotonic() + MOUNT_DEADLINE
@@ -104,20 +125,35 @@ def start_mount(base: Path, source: str, *extra: str, endpoint: str, cache: Path
 
 
 def stop_mount(mounted: Mounted) -> None:
-    """Unmount (lazily), let the daemon exit by itself, else terminate, then kill."""
+    """Unmount (lazily), let the daemon exit by itself, else terminate, then kill. Fails the test
+    if the daemon answered an unexpected exception (a bug) with EIO."""
     if os.path.ismount(mounted.path):
         subprocess.run(
             ["fusermount3", "-u", "-z", str(mounted.path)], check=False, capture_output=True
         )
     for stop in (None, mounted.process.terminate, mounted.process.kill):
         if mounted.process.poll() is not None:
-            return
+            break
         if stop is not None:
             stop()
         try:
             mounted.process.wait(timeout=EXIT_DEADLINE)
         except subprocess.TimeoutExpired:
             continue
+    if not mounted.expect_internal_errors and INTERNAL_ERROR in mounted.output():
+        pytest.fail(f"the daemon hit a bug (answered EIO):\n{mounted.output()}")
+
+
+@pytest.fixture(autouse=True)
+def no_internal_errors(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Handler tests awaited in this process: a bug caught by the last resort still fails the test
+    (unless the test expects it: `@pytest.mark.internal_errors`)."""
+    fuse_ops.internal_errors.clear()
+    yield
+    found = dict(fuse_ops.internal_errors)
+    fuse_ops.internal_errors.clear()
+    if found and request.node.get_closest_marker("internal_errors") is None:
+        pytest.fail(f"unexpected exceptions answered with EIO: {found}")
 
 
 def processes_mentioning(path: Path) -> list[int]:
@@ -152,10 +188,21 @@ def mount(
     require_fuse()
     live: list[Mounted] = []
 
-    def start(source: str, *extra: str, cache_dir: Path | None = None) -> Mounted:
+    def start(
+        source: str,
+        *extra: str,
+        cache_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        endpoint: str | None = None,
+    ) -> Mounted:
         base = tmp_path_factory.mktemp("mnt")
         mounted = start_mount(
-            base, source, *extra, endpoint=sample.endpoint_url, cache=cache_dir or base / "cache"
+            base,
+            source,
+            *extra,
+            endpoint=endpoint or sample.endpoint_url,
+            cache=cache_dir or base / "cache",
+            env=env,
         )
         live.append(mounted)
         return mounted

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -182,24 +183,67 @@ def test_usage_errors_and_version() -> None:
     assert version.returncode == 0 and version.stdout.startswith("zarrfs ")
 
 
-def test_stale_mountpoint_gets_a_hint(sample: SampleDandiset, tmp_path: Path) -> None:
-    """A mount whose daemon died answers ENOTCONN; the error says how to clear it."""
+#: A FUSE daemon without auto_unmount (as an older zarrfs, or another tool, would leave behind).
+DEAD_MOUNT_DAEMON = """
+import sys, pyfuse3, trio
+pyfuse3.init(pyfuse3.Operations(), sys.argv[1], {"fsname=stale"})
+trio.run(pyfuse3.main)
+"""
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_kill_9_of_the_daemon_leaves_no_dead_mount(sample: SampleDandiset, tmp_path: Path) -> None:
+    """auto_unmount: fusermount3's watchdog unmounts when the daemon dies, even by SIGKILL; the
+    mountpoint is then an empty directory again and a new mount works at once."""
     from conftest import require_fuse
+    from zarrfs.cli import is_mounted
 
     require_fuse()
     mnt = tmp_path / "mnt"
     mnt.mkdir()
+    args = ["000123@0.251101.1200", str(mnt), "--endpoint-url", sample.endpoint_url,
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "zarrfs", "mount", "-f", "000123@0.251101.1200", str(mnt),
-         "--endpoint-url", sample.endpoint_url, "--cache-dir", str(tmp_path / "cache")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [sys.executable, "-m", "zarrfs", "mount", "-f", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        deadline = time.monotonic() + 60
-        while not os.path.ismount(mnt):
-            assert daemon.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        daemon.kill()  # no clean unmount: the kernel keeps a dead mount
+        wait_for(lambda: os.path.ismount(mnt), "the mount")
+        assert os.listdir(mnt)  # live
+        daemon.kill()
+        daemon.wait()
+        wait_for(lambda: not is_mounted(mnt), "the watchdog to unmount")
+        assert os.listdir(mnt) == []
+        result = run_cli("mount", *args)
+        assert result.returncode == 0, result.stderr
+        assert os.listdir(mnt)
+        assert run_cli("unmount", str(mnt)).returncode == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
+
+
+def test_stale_mountpoint_gets_a_hint(tmp_path: Path) -> None:
+    """A dead mount (a daemon killed without auto_unmount) answers ENOTCONN; `zarrfs mount` says how
+    to clear it, and `zarrfs unmount -z` does."""
+    from conftest import require_fuse
+    from zarrfs.cli import is_mounted
+
+    require_fuse()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    daemon = subprocess.Popen([sys.executable, "-c", DEAD_MOUNT_DAEMON, str(mnt)])
+    try:
+        wait_for(lambda: is_mounted(mnt), "the stale daemon's mount")
+        daemon.kill()
         daemon.wait()
         result = run_cli("mount", "000123@0.251101.1200", str(mnt))
         assert result.returncode == 4
@@ -207,6 +251,7 @@ def test_stale_mountpoint_gets_a_hint(sample: SampleDandiset, tmp_path: Path) ->
         # not ("Transport endpoint is not connected"); either way the way out is named
         assert f"zarrfs unmount -z {mnt}" in result.stderr, result.stderr
         assert run_cli("unmount", "-z", str(mnt)).returncode == 0
+        assert not is_mounted(mnt)
     finally:
         if daemon.poll() is None:
             daemon.kill()

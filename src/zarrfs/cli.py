@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import os
 import select
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from hashlib import sha1
 from pathlib import Path
 
 from . import __version__
 from . import config as cfg
+from .cache_dir import make_private_dir
 from .errors import DataError, MountError, UserError
 
 log = logging.getLogger("zarrfs")
@@ -113,6 +115,12 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
         help="budget for loaded manifest indexes (default: %(default)s)",
     )
     p.add_argument(
+        "--manifest-cache-size",
+        default="8G",
+        metavar="SIZE",
+        help="cap of the on-disk store of converted manifest indexes (default: %(default)s)",
+    )
+    p.add_argument(
         "--signed",
         action="store_true",
         help="sign requests with AWS credentials (default: anonymous)",
@@ -147,6 +155,7 @@ _O_KEYS = {
     "cache_dir",
     "memory_cache_size",
     "manifest_memory",
+    "manifest_cache_size",
     "manifest_root",
     "log_file",
 }
@@ -199,6 +208,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
     try:
         memory = cfg.parse_size(args.memory_cache_size)
         manifest_memory = cfg.parse_size(args.manifest_memory)
+        manifest_disk = cfg.parse_size(args.manifest_cache_size)
     except ValueError as e:
         raise UserError(str(e)) from None
     endpoint = args.endpoint_url or cfg.env_endpoint_url()
@@ -218,6 +228,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         cache_dir=(args.cache_dir or cfg.default_cache_dir()).absolute(),
         memory_cache_size=memory,
         manifest_memory=manifest_memory,
+        manifest_disk_size=manifest_disk,
         foreground=args.foreground,
         debug=args.debug,
         allow_other=args.allow_other,
@@ -225,11 +236,22 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
     )
 
 
-def setup_logging(debug: bool, log_file: Path | None = None) -> None:
+def setup_logging(debug: bool, log_file: Path | None = None) -> Callable[[], None] | None:
+    """Log to `log_file` (mode 0600; reopened when logrotate moves it) or to stderr.
+
+    Returns the function that reopens the log file (for SIGHUP), or None when logging to stderr.
+    """
     handler: logging.Handler
+    reopen: Callable[[], None] | None = None
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file)
+        make_private_dir(log_file.parent)
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        file_handler = logging.handlers.WatchedFileHandler(log_file)
+        handler = file_handler
+
+        def reopen() -> None:
+            file_handler.reopenIfNeeded()
+
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -247,6 +269,7 @@ def setup_logging(debug: bool, log_file: Path | None = None) -> None:
         "pyfuse3",
     ):
         logging.getLogger(noisy).setLevel(logging.INFO if debug else logging.WARNING)
+    return reopen
 
 
 def _exit_code(e: BaseException) -> int:
@@ -275,9 +298,11 @@ def run_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not config.foreground:
         return _spawn_background(config, args, argv)
     ready_fd = args.ready_fd
-    setup_logging(config.debug, args.log_file if ready_fd is not None else None)
+    reopen_log = setup_logging(config.debug, args.log_file)
+    if ready_fd is not None:
+        os.chdir("/")  # a daemon must not keep the caller's working directory busy
     try:
-        _serve_foreground(config, ready_fd)
+        _serve_foreground(config, ready_fd, reopen_log)
     except (UserError, DataError) as e:
         if ready_fd is None:
             return _fail(str(e), _exit_code(e))
@@ -289,7 +314,9 @@ def run_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
-def _serve_foreground(config: cfg.Config, ready_fd: int | None) -> None:
+def _serve_foreground(
+    config: cfg.Config, ready_fd: int | None, reopen_log: Callable[[], None] | None
+) -> None:
     import trio
 
     from .mount import serve
@@ -298,7 +325,7 @@ def _serve_foreground(config: cfg.Config, ready_fd: int | None) -> None:
         if ready_fd is not None:
             _report(ready_fd, "READY")
 
-    trio.run(lambda: serve(config, on_ready=ready))
+    trio.run(lambda: serve(config, on_ready=ready, reopen_log=reopen_log))
 
 
 def _report(fd: int, line: str) -> None:
@@ -312,7 +339,8 @@ def _report(fd: int, line: str) -> None:
 def _spawn_background(config: cfg.Config, args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run the mount in a detached child; return once it reports the mount live or failed."""
     log_file = (args.log_file or default_log_file(config)).absolute()
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(log_file.parent)
+    os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
     read_fd, write_fd = os.pipe()
     command = [
         sys.executable,

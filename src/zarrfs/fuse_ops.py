@@ -2,16 +2,24 @@
 
 Owns: `pyfuse3.Operations` handlers, attribute structs (modes 0555/0444, timeouts), file and directory
 handles, and the one place where `ZarrfsError` becomes `FUSEError` (`_errors`). Thin by design: no S3,
-no parsing, no cache policy. Unknown exceptions are bugs and are deliberately not converted here.
-Every write-like request fails with EROFS (the mount is also made with the `ro` option, so the kernel
-usually answers those itself).
+no parsing, no cache policy. Every write-like request fails with EROFS (the mount is also made with the
+`ro` option, so the kernel usually answers those itself).
+
+Only `FUSEError` may leave a pyfuse3 handler: anything else ends `pyfuse3.main` and unmounts for every
+user. So every handler runs inside `_errors`, whose last resort turns an unexpected exception (a bug)
+into EIO for that one request, logs its traceback once per distinct place it was raised (later
+occurrences get a one-line count) with the marker `INTERNAL_ERROR`, and counts it; the daemon keeps
+serving every other path. The test fixtures fail on that marker, so a bug still fails tests loudly.
+`trio.Cancelled` (a BaseException) is never caught.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
+import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import count
@@ -22,6 +30,7 @@ import pyfuse3
 from . import config
 from .errors import NoAttribute, ReadOnly, ZarrfsError, errno_for
 from .filesystem import Filesystem, OpenFile, describe_object
+from .names import NAME_MAX
 from .refs import ObjectRef
 from .tree import Entry
 
@@ -31,13 +40,51 @@ XATTR_URL = b"user.zarrfs.s3_url"
 XATTR_ETAG = b"user.zarrfs.etag"
 
 
+log = logging.getLogger(__name__)
+
+#: Marker of every log line about an unexpected exception in a handler (tests fail on it).
+INTERNAL_ERROR = "INTERNAL_ERROR"
+#: How many unexpected exceptions were answered with EIO, by where they were raised.
+internal_errors: dict[tuple[str, str, int], int] = {}
+
+
 @contextmanager
-def _errors() -> Iterator[None]:
-    """Map a domain error to FUSEError. The only translation point of zarrfs."""
+def _errors(handler: str) -> Iterator[None]:
+    """Map a domain error to FUSEError; the only translation point of zarrfs, and the last resort
+    that keeps a bug in one request from unmounting the filesystem."""
     try:
         yield
+    except pyfuse3.FUSEError:
+        raise
     except ZarrfsError as e:
         raise pyfuse3.FUSEError(errno_for(e)) from e
+    except Exception as e:
+        _report_internal_error(handler, e)
+        raise pyfuse3.FUSEError(errno.EIO) from e
+
+
+def _report_internal_error(handler: str, exc: Exception) -> None:
+    frames = traceback.extract_tb(exc.__traceback__)
+    last = frames[-1] if frames else None
+    where = (type(exc).__name__, last.filename if last else "?", (last.lineno or 0) if last else 0)
+    seen = internal_errors.get(where, 0)
+    internal_errors[where] = seen + 1
+    if seen == 0:
+        log.error(
+            "%s in %s (answered EIO; the mount keeps serving): %r",
+            INTERNAL_ERROR,
+            handler,
+            exc,
+            exc_info=exc,
+        )
+    else:
+        log.error(
+            "%s in %s again (%d times so far, traceback logged the first time): %r",
+            INTERNAL_ERROR,
+            handler,
+            seen + 1,
+            exc,
+        )
 
 
 class ZarrfsOperations(pyfuse3.Operations):
@@ -104,28 +151,29 @@ class ZarrfsOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        try:
-            entry = await self.fs.lookup(parent_inode, name)
-        except ZarrfsError as e:
-            if errno_for(e) == errno.ENOENT:
-                return self._negative()
-            raise pyfuse3.FUSEError(errno_for(e)) from e
-        return self.attributes(entry)
+        with _errors("lookup"):
+            try:
+                entry = await self.fs.lookup(parent_inode, name)
+            except ZarrfsError as e:
+                if errno_for(e) == errno.ENOENT:
+                    return self._negative()
+                raise
+            return self.attributes(entry)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        with _errors():
+        with _errors("getattr"):
             return self.attributes(await self.fs.getattr(inode))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None  # inode numbers are derived, never reused: nothing to release
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        with _errors():
+        with _errors("opendir"):
             await self.fs.opendir(inode)
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        with _errors():
+        with _errors("readdir"):
             entries = await self.fs.readdir(fh, start_id)
             for name, entry, next_id in entries:
                 if not pyfuse3.readdir_reply(token, name, self.attributes(entry), next_id):
@@ -135,21 +183,24 @@ class ZarrfsOperations(pyfuse3.Operations):
         return None
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        with _errors():
+        with _errors("open"):
             if flags & _WRITE_FLAGS:
                 raise ReadOnly("opened for writing")
             handle = await self.fs.open(inode)
-        fh = next(self._handles)
-        self._files[fh] = handle
-        # Content is immutable: the kernel may keep its page cache across opens.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+            fh = next(self._handles)
+            self._files[fh] = handle
+            # Content is immutable: the kernel may keep its page cache across opens.
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        with _errors():
+        with _errors("read"):
             return await self.fs.read(self._files[fh], off, size)
 
     async def release(self, fh: int) -> None:
-        self._files.pop(fh, None)
+        with _errors("release"):
+            handle = self._files.pop(fh, None)
+            if handle is not None:
+                await self.fs.release(handle)
 
     async def flush(self, fh: int) -> None:
         return None
@@ -161,15 +212,18 @@ class ZarrfsOperations(pyfuse3.Operations):
         return None
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        stats = self.fs.statfs()
-        data = pyfuse3.StatvfsData()
-        data.f_bsize = data.f_frsize = 4096
-        data.f_blocks = (stats.total_bytes + 4095) // 4096
-        data.f_bfree = data.f_bavail = 0
-        data.f_files = stats.files
-        data.f_ffree = data.f_favail = 0
-        data.f_namemax = 255
-        return data
+        with _errors("statfs"):
+            stats = self.fs.statfs()
+            data = pyfuse3.StatvfsData()
+            data.f_bsize = data.f_frsize = 4096
+            data.f_blocks = (stats.total_bytes + 4095) // 4096
+            data.f_bfree = data.f_bavail = 0
+            data.f_files = stats.files
+            data.f_ffree = data.f_favail = 0
+            data.f_namemax = (
+                NAME_MAX  # longer names are refused when manifests and assets are parsed
+            )
+            return data
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         return not mode & os.W_OK
@@ -177,14 +231,14 @@ class ZarrfsOperations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         if not self.xattrs:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel then stops asking (fast `ls -l`)
-        with _errors():
+        with _errors("listxattr"):
             entry = await self.fs.getattr(inode)
-        return [] if entry.is_dir else [XATTR_URL, XATTR_ETAG]
+            return [] if entry.is_dir else [XATTR_URL, XATTR_ETAG]
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not self.xattrs:
             raise pyfuse3.FUSEError(errno.ENOSYS)
-        with _errors():
+        with _errors("getxattr"):
             if name not in (XATTR_URL, XATTR_ETAG):
                 raise NoAttribute(name.decode("utf-8", "replace"))
             entry = await self.fs.getattr(inode)

@@ -1,14 +1,24 @@
 """Mount lifecycle: one AsyncExitStack, one nursery, pyfuse3 init/main/close, signals.
 
 Owns: wiring a `Config` into a running mount (remote clients, resolver, namespace, caches, FUSE
-operations), telling the waiting parent process when the mount is live (or why it failed), and tearing
-everything down on SIGINT/SIGTERM/SIGHUP or an external unmount. No domain logic lives here.
+operations), telling the waiting parent process when the mount is live (or why it failed), signals, and
+tearing everything down on a stop signal or an external unmount. No domain logic lives here.
+
+Signals: SIGTERM and SIGINT stop the mount: in-flight requests get `SHUTDOWN_GRACE` seconds, then
+everything is cancelled (work in worker threads is abandoned, never waited for); a second stop signal
+cancels at once. Either way the daemon unmounts and exits 0 well within `docker stop`'s 10 s. SIGHUP
+reopens the log file of a mount that logs to a file (logrotate), and stops a mount that logs to a
+terminal (the terminal hung up). SIGUSR1 dumps the stack of every thread to stderr (faulthandler, works
+even if the event loop is stuck); SIGUSR2 logs the tree of trio tasks with their await stacks.
+The mount is made with libfuse's `auto_unmount`, so even `kill -9` of the daemon leaves no dead mount.
 """
 
 from __future__ import annotations
 
 import errno
+import faulthandler
 import logging
+import math
 import os
 import signal
 from collections.abc import Callable
@@ -34,18 +44,28 @@ log = logging.getLogger(__name__)
 MAX_FUSE_TASKS = 64
 #: Seconds in-flight requests get to finish after a stop signal before they are cancelled.
 SHUTDOWN_GRACE = 5.0
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def fuse_options(config: Config) -> set[str]:
     options = set(pyfuse3.default_options)
-    options |= {f"fsname={config.fsname}", "subtype=zarrfs", "ro"}
+    # auto_unmount: fusermount3 keeps a watchdog that unmounts if this process dies, even by SIGKILL
+    options |= {f"fsname={config.fsname}", "subtype=zarrfs", "ro", "auto_unmount"}
     if config.allow_other:
         options.add("allow_other")
     return options
 
 
-async def serve(config: Config, *, on_ready: Callable[[], None] | None = None) -> None:
-    """Resolve, mount and serve until a signal or an external unmount; always unmounts."""
+async def serve(
+    config: Config,
+    *,
+    on_ready: Callable[[], None] | None = None,
+    reopen_log: Callable[[], None] | None = None,
+) -> None:
+    """Resolve, mount and serve until a stop signal or an external unmount; always unmounts.
+
+    `reopen_log` is called on SIGHUP (a mount logging to a file); without it SIGHUP stops the mount.
+    """
     async with AsyncExitStack() as stack:
         remote = await stack.enter_async_context(Remote.open(config.s3))
         resolved = await resolve(
@@ -68,10 +88,12 @@ async def serve(config: Config, *, on_ready: Callable[[], None] | None = None) -
             roots=config.manifest_roots or cfg.default_manifest_roots(config.s3.bucket),
             cache_dir=config.cache_dir,
             memory_budget=config.manifest_memory,
+            disk_budget=config.manifest_disk_size,
             cpu_limiter=trio.CapacityLimiter(cfg.CPU_THREADS),
         )
-        if swept := await trio.to_thread.run_sync(manifests.sweep_stale_temp_files):
-            log.info("removed %d stale temporary files from %s", swept, config.cache_dir)
+        temps, _ = await trio.to_thread.run_sync(manifests.sweep, abandon_on_cancel=True)
+        if temps:
+            log.info("removed %d stale temporary files from %s", temps, config.cache_dir)
         blocks = BlockCache(config.memory_cache_size, config.block_size)
         fs = Filesystem(namespace, manifests, blocks, remote.s3)
         ops = ZarrfsOperations(fs, xattrs=config.xattrs)
@@ -80,9 +102,12 @@ async def serve(config: Config, *, on_ready: Callable[[], None] | None = None) -
         except RuntimeError as e:
             raise MountError(f"cannot mount at {config.mountpoint}: {e}") from None
         stack.callback(_close)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        stack.callback(faulthandler.unregister, signal.SIGUSR1)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_wait_for_signals, nursery.cancel_scope)
+            nursery.start_soon(_handle_signals, nursery.cancel_scope, reopen_log)
             fs.readahead_nursery = nursery
+            manifests.service_nursery = nursery
             log.info("mounted %s at %s", resolved.source, config.mountpoint)
             if on_ready is not None:
                 on_ready()
@@ -98,17 +123,54 @@ def _close() -> None:
         log.warning("while unmounting: %s", e)
 
 
-async def _wait_for_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("received %s, unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-            break
-    await trio.sleep(SHUTDOWN_GRACE)
-    log.warning(
-        "requests still running %.0f s after the stop signal: cancelling them", SHUTDOWN_GRACE
-    )
-    scope.cancel()
+async def _handle_signals(scope: trio.CancelScope, reopen_log: Callable[[], None] | None) -> None:
+    """Stop on SIGTERM/SIGINT (a second one cancels at once), reopen logs on SIGHUP, dump tasks on
+    SIGUSR2. Cancels `scope` once the grace period after the first stop signal is over."""
+    signals_wanted = (*_STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR2)
+    cancel_at = math.inf
+    with trio.open_signal_receiver(*signals_wanted) as signals:
+        while True:
+            with trio.move_on_at(cancel_at):
+                signum = await signals.__anext__()
+                name = signal.Signals(signum).name
+                if signum == signal.SIGUSR2:
+                    log.warning("%s: trio tasks:\n%s", name, describe_tasks())
+                    continue
+                if signum == signal.SIGHUP and reopen_log is not None:
+                    reopen_log()
+                    log.info("SIGHUP: log file reopened")
+                    continue
+                if cancel_at == math.inf:
+                    log.info("received %s, unmounting", name)
+                    pyfuse3.terminate()
+                    cancel_at = trio.current_time() + SHUTDOWN_GRACE
+                    continue
+                log.warning("received %s again: cancelling in-flight requests now", name)
+                scope.cancel()
+                return
+            log.warning(
+                "requests still running %.0f s after the stop signal: cancelling them",
+                SHUTDOWN_GRACE,
+            )
+            scope.cancel()
+            return
+
+
+def describe_tasks() -> str:
+    """Every trio task of this run with where it waits (for SIGUSR2 and hang reports)."""
+    lines: list[str] = []
+
+    def walk(task: trio.lowlevel.Task, depth: int) -> None:
+        frames = [f"{f.f_code.co_name}:{lineno}" for f, lineno in task.iter_await_frames()]
+        lines.append(f"{'  ' * depth}{task.name} <- {' <- '.join(reversed(frames)) or '?'}")
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child, depth + 1)
+
+    root = trio.lowlevel.current_root_task()
+    if root is not None:
+        walk(root, 0)
+    return "\n".join(lines)
 
 
 def check_mountpoint(path: os.PathLike[str] | str) -> None:
