@@ -28,8 +28,10 @@ from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import pyfuse3
 import scale_data as sd
 
+from zarrfs import config, fuse_ops
 from zarrfs.demo.locals3 import LocalS3
 
 BIG_DANDISET = ("000950", "0.251105.1200")
@@ -62,6 +64,9 @@ def machine_info() -> list[tuple[str, str]]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+    # The warm `find` rate depends on it (see patches/README.md).
+    cached = fuse_ops.kernel_readdir_cache_supported() and config.env_kernel_readdir_cache()
+    readdir_cache = "yes" if cached else "no"
     repo = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
@@ -77,6 +82,7 @@ def machine_info() -> list[tuple[str, str]]:
         ("memory", mem),
         ("python", f"{platform.python_version()} ({sys.executable})"),
         ("kernel", platform.release()),
+        ("pyfuse3", f"{pyfuse3.__version__}, kernel caches directory listings: {readdir_cache}"),
         ("load average at start", " ".join(f"{x:.2f}" for x in os.getloadavg())),
     ]
 

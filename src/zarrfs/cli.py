@@ -233,6 +233,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         debug=args.debug,
         allow_other=args.allow_other,
         xattrs=args.xattrs,
+        kernel_readdir_cache=cfg.env_kernel_readdir_cache(),
     )
 
 

@@ -82,6 +82,18 @@ def env_endpoint_url() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+#: Environment variable that, set to `0`, keeps directory listings out of the kernel's cache even when
+#: pyfuse3 can ask for it (see `fuse_ops.kernel_readdir_cache_supported`). An escape hatch: it lets the
+#: test suite exercise the stock-pyfuse3 path on a patched build, and rules the cache out when
+#: debugging. Any other value, or none, leaves the cache on where supported.
+KERNEL_READDIR_CACHE_ENV = "ZARRFS_KERNEL_READDIR_CACHE"
+
+
+def env_kernel_readdir_cache() -> bool:
+    """False when the environment turns kernel caching of directory listings off."""
+    return os.environ.get(KERNEL_READDIR_CACHE_ENV, "").strip() != "0"
+
+
 @dataclass(frozen=True, slots=True)
 class Source:
     """What to mount: a dandiset id and a version (`0.YYMMDD.HHMM`, `draft` or `latest`)."""
@@ -126,6 +138,9 @@ class Config:
     #: Serve `user.zarrfs.*` extended attributes. Off by default: with xattrs the kernel must ask the
     #: daemon for every `getxattr` (`ls -l` makes three per entry), without them it stops asking.
     xattrs: bool = False
+    #: Let the kernel cache directory listings for the life of the mount, where the running pyfuse3
+    #: supports it (the tree never changes). Off only through `KERNEL_READDIR_CACHE_ENV`.
+    kernel_readdir_cache: bool = True
     fsname: str = "zarrfs"
 
 

@@ -34,18 +34,31 @@ from .names import NAME_MAX
 from .refs import ObjectRef
 from .tree import Entry
 
+log = logging.getLogger(__name__)
+
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 #: Extended attributes on files: where the bytes come from.
 XATTR_URL = b"user.zarrfs.s3_url"
 XATTR_ETAG = b"user.zarrfs.etag"
 
 
-log = logging.getLogger(__name__)
-
 #: Marker of every log line about an unexpected exception in a handler (tests fail on it).
 INTERNAL_ERROR = "INTERNAL_ERROR"
 #: How many unexpected exceptions were answered with EIO, by where they were raised.
 internal_errors: dict[tuple[str, str, int], int] = {}
+
+
+def kernel_readdir_cache_supported() -> bool:
+    """Whether the running pyfuse3 lets `opendir` ask the kernel to cache directory listings.
+
+    The only feature test for it. Stock pyfuse3 (3.5 and earlier) takes a plain file handle from
+    `opendir`; the build that `scripts/setup.sh` makes with `patches/pyfuse3-*-cache-readdir.patch`
+    also takes a `pyfuse3.FileInfo`, whose `cache_readdir` and `keep_cache` become
+    FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE in the reply: the kernel then serves repeated listings of a
+    directory from its cache for the life of the mount without calling `readdir`. Such a pyfuse3
+    is recognised by `FileInfo` having a `cache_readdir` attribute.
+    """
+    return hasattr(pyfuse3.FileInfo, "cache_readdir")
 
 
 @contextmanager
@@ -104,8 +117,11 @@ class ZarrfsOperations(pyfuse3.Operations):
         attr_timeout: float = config.ATTR_TIMEOUT,
         negative_timeout: float = config.NEGATIVE_TIMEOUT,
         xattrs: bool = False,
+        kernel_readdir_cache: bool = True,
     ) -> None:
         super().__init__()
+        #: Ask the kernel to cache listings (only where pyfuse3 can; the tree never changes).
+        self.kernel_readdir_cache = kernel_readdir_cache and kernel_readdir_cache_supported()
         self.fs = fs
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
@@ -167,12 +183,20 @@ class ZarrfsOperations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None  # inode numbers are derived, never reused: nothing to release
 
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    # The stock pyfuse3 stubs declare `-> int`; the patched ones allow a FileInfo too.
+    async def opendir(  # type: ignore[override, unused-ignore]
+        self, inode: int, ctx: pyfuse3.RequestContext
+    ) -> int | pyfuse3.FileInfo:
+        log.debug("opendir %d", inode)
         with _errors("opendir"):
             await self.fs.opendir(inode)
-        return inode
+        if not self.kernel_readdir_cache:
+            return inode
+        # A listing never changes: the kernel may keep it, across opens, for the life of the mount.
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True, cache_readdir=True)  # type: ignore[call-arg, unused-ignore]
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        log.debug("readdir %d from %d", fh, start_id)
         with _errors("readdir"):
             entries = await self.fs.readdir(fh, start_id)
             for name, entry, next_id in entries:

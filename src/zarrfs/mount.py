@@ -96,7 +96,20 @@ async def serve(
             log.info("removed %d stale temporary files from %s", temps, config.cache_dir)
         blocks = BlockCache(config.memory_cache_size, config.block_size)
         fs = Filesystem(namespace, manifests, blocks, remote.s3)
-        ops = ZarrfsOperations(fs, xattrs=config.xattrs)
+        ops = ZarrfsOperations(
+            fs, xattrs=config.xattrs, kernel_readdir_cache=config.kernel_readdir_cache
+        )
+        if ops.kernel_readdir_cache:
+            log.info("the kernel caches directory listings")
+        elif config.kernel_readdir_cache:
+            log.info(
+                "the kernel does not cache directory listings: this pyfuse3 cannot ask it to "
+                "(see patches/README.md)"
+            )
+        else:
+            log.info(
+                "kernel caching of directory listings is off (%s=0)", cfg.KERNEL_READDIR_CACHE_ENV
+            )
         try:
             pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
         except RuntimeError as e:

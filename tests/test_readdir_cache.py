@@ -1,0 +1,229 @@
+"""Kernel caching of directory listings: `opendir` asks for it where pyfuse3 can, and it holds.
+
+A pyfuse3 built with `patches/pyfuse3-3.5.0-cache-readdir.patch` (what `scripts/setup.sh` installs)
+lets `opendir` return a `FileInfo` with `cache_readdir` and `keep_cache`; the kernel then answers a
+repeated listing of a directory from its cache, without a READDIR request. Stock pyfuse3 cannot ask,
+and `ZARRFS_KERNEL_READDIR_CACHE=0` turns the request off on a patched build, so both paths run here.
+
+The observer is the daemon's `--debug` log, where `fuse_ops` writes one line per opendir and per
+readdir request before answering it. The oracle for names and sizes is the sample's published files.
+Tests of the cached path need the patched pyfuse3: without it they skip, and fail in CI (CI=true),
+where `scripts/setup.sh` must have built it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import pytest
+
+from conftest import Mounted
+from zarrfs import fuse_ops
+from zarrfs.cli import build_parser, config_from_args
+from zarrfs.config import KERNEL_READDIR_CACHE_ENV
+from zarrfs.demo.sample import OME_PATH, V1, SampleDandiset
+from zarrfs.fuse_ops import ZarrfsOperations, kernel_readdir_cache_supported
+
+CACHING = "the kernel caches directory listings"
+NOT_ASKED = "kernel caching of directory listings is off"
+
+
+@pytest.fixture
+def patched_pyfuse3() -> None:
+    """Skip without the patched pyfuse3; in CI, fail instead (setup.sh must have built it)."""
+    if kernel_readdir_cache_supported():
+        return
+    problem = (
+        "this pyfuse3 cannot ask the kernel to cache directory listings "
+        "(scripts/setup.sh builds one with patches/pyfuse3-3.5.0-cache-readdir.patch)"
+    )
+    if os.environ.get("CI"):
+        pytest.fail(f"in CI the patched pyfuse3 must be installed: {problem}")
+    pytest.skip(problem)
+
+
+# --- the handler, awaited directly ------------------------------------------------------------
+
+
+class _Directories:
+    """Stands in for `Filesystem` in `opendir`: every inode is a directory."""
+
+    async def opendir(self, ino: int) -> None:
+        return None
+
+
+def _operations(**kwargs: bool) -> ZarrfsOperations:
+    return ZarrfsOperations(_Directories(), **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.trio
+@pytest.mark.usefixtures("patched_pyfuse3")
+async def test_opendir_asks_for_the_cache_where_pyfuse3_can() -> None:
+    ops = _operations()
+    assert ops.kernel_readdir_cache
+    reply = await ops.opendir(42, None)  # type: ignore[arg-type]
+    assert isinstance(reply, pyfuse3.FileInfo)
+    assert reply.fh == 42
+    assert reply.cache_readdir and reply.keep_cache
+    assert not reply.direct_io and not reply.nonseekable
+
+
+@pytest.mark.trio
+async def test_opendir_answers_a_plain_handle_when_turned_off() -> None:
+    ops = _operations(kernel_readdir_cache=False)
+    assert not ops.kernel_readdir_cache
+    assert await ops.opendir(42, None) == 42  # type: ignore[arg-type]
+
+
+@pytest.mark.trio
+async def test_opendir_answers_a_plain_handle_on_stock_pyfuse3(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fuse_ops, "kernel_readdir_cache_supported", lambda: False)
+    ops = _operations()
+    assert not ops.kernel_readdir_cache
+    assert await ops.opendir(42, None) == 42  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("value", "cached"), [(None, True), ("0", False), (" 0 ", False), ("1", True), ("", True)]
+)
+def test_the_environment_turns_the_request_off(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str | None, cached: bool
+) -> None:
+    if value is None:
+        monkeypatch.delenv(KERNEL_READDIR_CACHE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(KERNEL_READDIR_CACHE_ENV, value)
+    args = build_parser().parse_args(["mount", "000123@0.251101.1200", str(tmp_path)])
+    assert config_from_args(args).kernel_readdir_cache is cached
+
+
+# --- real mounts ------------------------------------------------------------------------------
+
+
+def requests(mounted: Mounted, op: str, ino: int) -> int:
+    """How many `op` requests (opendir or readdir) for inode `ino` the daemon has logged."""
+    return len(re.findall(rf"zarrfs\.fuse_ops: {op} {ino}\b", mounted.output()))
+
+
+def all_requests(mounted: Mounted, op: str) -> int:
+    return len(re.findall(rf"zarrfs\.fuse_ops: {op} \d+", mounted.output()))
+
+
+def listing(path: Path) -> dict[str, int | None]:
+    """Name -> size (None for a directory) of every entry of one directory."""
+    found: dict[str, int | None] = {}
+    with os.scandir(path) as entries:
+        for entry in entries:
+            found[entry.name] = None if entry.is_dir() else entry.stat().st_size
+    return found
+
+
+def expected_listing(sample: SampleDandiset, relative: str) -> dict[str, int | None]:
+    """What `listing` must return for a directory of V1, from the published files."""
+    prefix = f"{relative}/" if relative else ""
+    expected: dict[str, int | None] = {}
+    for path, data in sample.versions[V1].files.items():
+        if not path.startswith(prefix):
+            continue
+        head, sep, _ = path[len(prefix) :].partition("/")
+        expected[head] = None if sep else len(data)
+    return expected
+
+
+def walk(root: Path) -> dict[str, int]:
+    """Relative path -> size of every file under `root`, listing every directory once."""
+    files: dict[str, int] = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = Path(directory, name)
+            files[path.relative_to(root).as_posix()] = path.stat().st_size
+    return files
+
+
+def published_sizes(sample: SampleDandiset) -> dict[str, int]:
+    return {path: len(data) for path, data in sample.versions[V1].files.items()}
+
+
+def mount_v1(mount: Callable[..., Mounted], sample: SampleDandiset) -> Mounted:
+    return mount(f"{sample.dandiset_id}@{V1}", "--debug")
+
+
+@pytest.mark.fuse
+@pytest.mark.usefixtures("patched_pyfuse3")
+def test_second_listing_is_served_by_the_kernel(
+    mount: Callable[..., Mounted], sample: SampleDandiset
+) -> None:
+    mounted = mount_v1(mount, sample)
+    assert CACHING in mounted.output()
+    for relative in ("", OME_PATH, f"{OME_PATH}/0/0"):
+        path = mounted.path / relative
+        ino = path.stat().st_ino
+        expected = expected_listing(sample, relative)
+        assert listing(path) == expected
+        opened, read = requests(mounted, "opendir", ino), requests(mounted, "readdir", ino)
+        assert opened >= 1 and read >= 1, mounted.output()
+        assert listing(path) == expected
+        # The kernel asked the daemon to open the directory again, but read it from its cache.
+        assert requests(mounted, "opendir", ino) == opened + 1
+        assert requests(mounted, "readdir", ino) == read, relative
+
+
+@pytest.mark.fuse
+@pytest.mark.usefixtures("patched_pyfuse3")
+def test_a_second_walk_of_the_whole_tree_makes_no_readdir_request(
+    mount: Callable[..., Mounted], sample: SampleDandiset
+) -> None:
+    mounted = mount_v1(mount, sample)
+    assert walk(mounted.path) == published_sizes(sample)
+    read = all_requests(mounted, "readdir")
+    opened = all_requests(mounted, "opendir")
+    assert walk(mounted.path) == published_sizes(sample)
+    assert all_requests(mounted, "readdir") == read
+    assert all_requests(mounted, "opendir") > opened  # the walk did reach the daemon
+
+
+@pytest.mark.fuse
+def test_without_the_cache_every_listing_reaches_the_daemon(
+    mount: Callable[..., Mounted], sample: SampleDandiset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stock-pyfuse3 path, forced on any build by the environment (the daemon inherits it)."""
+    monkeypatch.setenv(KERNEL_READDIR_CACHE_ENV, "0")
+    mounted = mount_v1(mount, sample)
+    assert CACHING not in mounted.output()
+    if kernel_readdir_cache_supported():
+        assert NOT_ASKED in mounted.output()
+    for relative in ("", OME_PATH, f"{OME_PATH}/0/0"):
+        path = mounted.path / relative
+        ino = path.stat().st_ino
+        expected = expected_listing(sample, relative)
+        assert listing(path) == expected
+        read = requests(mounted, "readdir", ino)
+        assert read >= 1, mounted.output()
+        assert listing(path) == expected
+        assert requests(mounted, "readdir", ino) > read, relative
+    directories = sum(1 for _ in os.walk(mounted.path))
+    before = all_requests(mounted, "readdir")
+    assert walk(mounted.path) == published_sizes(sample)
+    assert all_requests(mounted, "readdir") - before >= directories
+
+
+@pytest.mark.fuse
+@pytest.mark.usefixtures("patched_pyfuse3")
+def test_cached_entries_keep_their_types_and_inodes(
+    mount: Callable[..., Mounted], sample: SampleDandiset
+) -> None:
+    """d_type and d_ino come from the kernel cache on a second listing, and must not change."""
+    mounted = mount_v1(mount, sample)
+    zarr = mounted.path / OME_PATH
+    first = {e.name: (e.is_dir(), e.inode()) for e in os.scandir(zarr)}
+    second = {e.name: (e.is_dir(), e.inode()) for e in os.scandir(zarr)}
+    assert first == second
+    for name, (is_dir, _) in second.items():
+        assert stat.S_ISDIR((zarr / name).stat().st_mode) == is_dir
