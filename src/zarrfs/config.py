@@ -71,10 +71,51 @@ READ_DEADLINE = MAX_ATTEMPTS * REQUEST_TIMEOUT + sum(
 #: Seconds `zarrfs mount` waits for a background mount to become live.
 MOUNT_READY_TIMEOUT = 120.0
 
+# --- the disk block cache (`disk_cache`) --------------------------------------------------------
+#: Default `--cache-size` when none is given: this fraction of the free space of the cache dir's
+#: filesystem at start, at most DISK_CACHE_DEFAULT_MAX (see `default_disk_cache_size`).
+#: `--cache-size 0` disables the disk block cache.
+DISK_CACHE_DEFAULT_FRACTION = 0.1
+DISK_CACHE_DEFAULT_MAX = 50 << 30
+#: Blocks are not written, and old ones are evicted, while the cache dir's filesystem has less than
+#: this fraction of its size free (the disk cache yields to everything else on that disk).
+DISK_CACHE_MIN_FREE_FRACTION = 0.05
+#: Eviction starts when the cache holds more than HIGH_WATER x its size and trims to LOW_WATER x.
+DISK_CACHE_HIGH_WATER = 0.95
+DISK_CACHE_LOW_WATER = 0.85
+#: A hit refreshes its block's mtime (the LRU clock) when that mtime is older than this (seconds).
+DISK_CACHE_TOUCH_INTERVAL = 600.0
+#: Temporary files older than this (seconds) were left by a killed writer: removed on eviction.
+DISK_CACHE_STALE_TEMP_AGE = 3600.0
+#: Seconds between two eviction scans even when this process writes nothing (others may).
+DISK_CACHE_EVICT_INTERVAL = 300.0
+#: Threads doing disk cache reads and writes (a limiter of their own, apart from S3 and CPU work).
+DISK_CACHE_THREADS = 4
+#: A disk cache read or write slower than this (seconds) is given up (a miss / a skipped write) and
+#: the disk cache is bypassed for DISK_CACHE_STALL_PAUSE seconds: a hung NFS server must not hang
+#: reads that S3 could serve.
+DISK_CACHE_STALL_TIMEOUT = 5.0
+DISK_CACHE_STALL_PAUSE = 60.0
+#: fsync each block before publishing it. Off: a block torn by a crash fails its checksum and is
+#: fetched again, so durability buys nothing (see benchmarks/disk_cache.py for the cost).
+DISK_CACHE_FSYNC = False
+
 
 def default_cache_dir() -> Path:
     """The per-user cache dir (XDG on Linux), e.g. ~/.cache/zarrfs."""
     return Path(platformdirs.user_cache_dir("zarrfs", appauthor=False))
+
+
+def default_disk_cache_size(free_bytes: int) -> int:
+    """Default `--cache-size` for a cache dir whose filesystem has `free_bytes` free at start:
+    DISK_CACHE_DEFAULT_FRACTION of it, at most DISK_CACHE_DEFAULT_MAX, in whole MiB (0: disabled).
+
+    The cache's own blocks are not free space, so a remount over a full cache of size s computes
+    f x (F - s) for the free space F without it; that settles at s = F x f / (1 + f) (F/11 for 10%)
+    rather than shrinking remount after remount. `disk_cache.default_size` measures `free_bytes`.
+    """
+    size = min(int(max(free_bytes, 0) * DISK_CACHE_DEFAULT_FRACTION), DISK_CACHE_DEFAULT_MAX)
+    return size - size % (1 << 20)
 
 
 def env_endpoint_url() -> str | None:
