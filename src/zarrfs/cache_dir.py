@@ -49,21 +49,29 @@ class CacheLayout:
         return self.root / "locks"
 
 
-def make_private_dir(path: Path) -> None:
-    """Create `path` and any missing parents with mode 0700 (existing ones are left as they are)."""
-    missing: list[Path] = []
-    current = path
-    while not current.exists():
+def make_private_dir(path: Path | str) -> None:
+    """Create `path` and its missing parents as 0700 directories, whatever the umask.
+
+    Directories that already exist are left as they are (someone chose their mode). Tolerates
+    another process creating the same directories at the same time. Raises OSError (also when a
+    file stands where a directory should be).
+    """
+    current = os.fspath(path)
+    missing: list[str] = []
+    while not os.path.isdir(current):
         missing.append(current)
-        if current.parent == current:
+        parent = os.path.dirname(current)
+        if parent == current:
             break
-        current = current.parent
+        current = parent
     for directory in reversed(missing):
         try:
             os.mkdir(directory, DIR_MODE)
         except FileExistsError:
-            continue  # another process made it meanwhile
-        os.chmod(directory, DIR_MODE)  # mkdir's mode is masked by the umask
+            if not os.path.isdir(directory):
+                raise
+            continue
+        os.chmod(directory, DIR_MODE)  # mkdir's mode is narrowed by the umask, never widened
 
 
 def create_private_file(path: Path) -> int:

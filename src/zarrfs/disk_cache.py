@@ -89,6 +89,7 @@ from pathlib import Path
 import xxhash
 
 from zarrfs import config
+from zarrfs.cache_dir import make_private_dir
 from zarrfs.refs import ObjectRef
 
 log = logging.getLogger(__name__)
@@ -164,30 +165,6 @@ def identity_digest(bucket: str, ref: ObjectRef, block_size: int) -> bytes:
     """sha256 of what names an object version's blocks (unambiguous: compact JSON of a list)."""
     identity = [FORMAT_VERSION, bucket, ref.key, ref.version_id, ref.etag, ref.size, block_size]
     return hashlib.sha256(json.dumps(identity, separators=(",", ":")).encode("ascii")).digest()
-
-
-def ensure_private_dir(path: Path | str) -> None:
-    """Create `path` and its missing parents as 0700 directories, whatever the umask.
-
-    Directories that already exist are left as they are (someone chose their mode). Tolerates
-    another process creating the same directories at the same time. Raises OSError.
-    """
-    path = os.fspath(path)
-    missing: list[str] = []
-    while not os.path.isdir(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            if not os.path.isdir(directory):
-                raise
-            continue
-        os.chmod(directory, 0o700)  # mkdir's mode is narrowed by the umask, never widened
 
 
 def _statvfs_nearest(path: str) -> os.statvfs_result:
@@ -601,7 +578,7 @@ class DiskBlockCache:
         try:
             fd = os.open(temp, flags, 0o600)
         except (FileNotFoundError, NotADirectoryError):
-            ensure_private_dir(directory)  # first block in this directory, or a clear() raced
+            make_private_dir(directory)  # first block in this directory, or a clear() raced
             fd = os.open(temp, flags, 0o600)
         try:
             try:
