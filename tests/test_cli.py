@@ -78,7 +78,7 @@ def closed_port() -> int:
 @pytest.mark.parametrize(
     ("source", "needle"),
     [
-        ("000123", "cannot parse SOURCE"),
+        ("00012", "six digits"),
         ("abc@draft", "abc@draft"),
         ("000123@1.0", "bad version '1.0'"),
         ("12345@draft", "12345"),

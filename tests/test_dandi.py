@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import REFERENCE_SAMPLES
-from zarrfs.config import Source
+from zarrfs.config import MountSource as Source
 from zarrfs.dandi import parse_asset_record, parse_asset_records, parse_source, s3_key_from_url
 from zarrfs.errors import SourceError
 
@@ -31,6 +31,18 @@ SAMPLE = REFERENCE_SAMPLES
             "https://dandiarchive.org/dandiset/000123/draft/files?location=sub-1",
             Source("000123", "draft"),
         ),
+        ("dandi", Source()),
+        ("dandi://dandi", Source()),
+        ("DANDI://dandi/", Source()),
+        ("000123", Source("000123")),
+        ("DANDI:000123", Source("000123")),
+        ("dandi://dandi/000123", Source("000123")),
+        ("dandi://dandi/000123@draft", Source("000123", "draft")),
+        (
+            "dandi://dandi/000123@0.251101.1200/sub-01/x.ome.zarr/0",
+            Source("000123", "0.251101.1200", "sub-01/x.ome.zarr/0"),
+        ),
+        ("dandi://dandi/000123@latest/sub-01/", Source("000123", "latest", "sub-01")),
     ],
 )
 def test_sources(text: str, expected: Source) -> None:
@@ -40,7 +52,11 @@ def test_sources(text: str, expected: Source) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("000123", "cannot parse SOURCE"),
+        ("00012", "six digits"),
+        ("dandi://dandi-staging/000123", "unknown DANDI instance"),
+        ("dandi://dandi/000123/sub-01", "names a path but no version"),
+        ("dandi://dandi/000123@draft/a/../b", "reserved name"),
+        ("dandi://dandi/000123@draft/a//b", "empty name"),
         ("123@0.251101.1200", "six digits"),
         ("000123@1.0", "bad version"),
         ("000123@0.2511.1200", "bad version"),

@@ -14,46 +14,43 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from zarrfs.chunk_cache import BlockCache
-from zarrfs.config import S3Settings, Source, default_manifest_roots
-from zarrfs.dandi import resolve
+from zarrfs.config import Config, S3Settings, default_manifest_roots
+from zarrfs.core import open_filesystem
+from zarrfs.dandi import parse_source
 from zarrfs.demo.sample import OME_PATH, OME_V2_DELETED, V1, V2, SampleDandiset
 from zarrfs.errors import DataError, NotFound
 from zarrfs.filesystem import Filesystem
 from zarrfs.fuse_ops import XATTR_URL, ZarrfsOperations
-from zarrfs.manifest_cache import ManifestCache
-from zarrfs.remote import Remote
 from zarrfs.tree import ROOT_INO
 
 pytestmark = pytest.mark.trio
 
 
-async def make_fs(sample: SampleDandiset, version: str, cache: Path) -> AsyncIterator[Filesystem]:
-    settings = S3Settings(endpoint_url=sample.endpoint_url, bucket=sample.bucket)
-    async with Remote.open(settings) as remote:
-        resolved = await resolve(
-            Source(sample.dandiset_id, version), remote, bucket=sample.bucket, api_url="http://x"
-        )
-        from zarrfs.tree import Namespace
+def make_config(
+    sample: SampleDandiset, source: str, cache: Path, api_url: str = "http://127.0.0.1:9/api"
+) -> Config:
+    return Config(
+        source=parse_source(source),
+        mountpoint=Path("/nonexistent"),
+        s3=S3Settings(endpoint_url=sample.endpoint_url, bucket=sample.bucket),
+        manifest_roots=default_manifest_roots(sample.bucket)[:1],
+        api_url=api_url,
+        cache_dir=cache,
+        memory_cache_size=1 << 26,
+        block_size=1 << 16,
+    )
 
-        manifests = ManifestCache(
-            remote,
-            roots=default_manifest_roots(sample.bucket),
-            cache_dir=cache,
-            memory_budget=1 << 30,
-        )
-        yield Filesystem(
-            Namespace(resolved, bucket=sample.bucket),
-            manifests,
-            BlockCache(1 << 26, 1 << 16),
-            remote.s3,
-        )
+
+async def make_fs(sample: SampleDandiset, version: str, cache: Path) -> AsyncIterator[Filesystem]:
+    """The filesystem wired exactly as every face wires it (`core.open_filesystem`)."""
+    async with open_filesystem(make_config(sample, f"{sample.dandiset_id}@{version}", cache)) as fs:
+        yield fs
 
 
 async def walk(fs: Filesystem, ino: int, prefix: str = "") -> dict[str, int]:
     found = {}
-    await fs.opendir(ino)
-    for name, entry, _ in await fs.readdir(ino, 0):
+    handle = await fs.opendir(ino)
+    for name, entry, _ in await fs.readdir(handle, 0):
         path = prefix + name.decode()
         if entry.is_dir:
             found.update(await walk(fs, entry.ino, path + "/"))
@@ -63,10 +60,7 @@ async def walk(fs: Filesystem, ino: int, prefix: str = "") -> dict[str, int]:
 
 
 async def resolve_path(fs: Filesystem, path: str) -> int:
-    ino = ROOT_INO
-    for part in path.split("/"):
-        ino = (await fs.lookup(ino, part.encode())).ino
-    return ino
+    return await fs.walk(path)
 
 
 async def test_every_file_through_the_domain_layer(sample: SampleDandiset, tmp_path: Path) -> None:
@@ -159,7 +153,7 @@ async def test_tampered_manifest_is_eio_not_data(
         with pytest.raises(DataError, match="recompute"):
             await fs.lookup(zarr_ino, b".zattrs")
         with pytest.raises(DataError):  # remembered, not re-fetched
-            await fs.readdir(zarr_ino, 0)
+            await fs.opendir(zarr_ino)
         assert fs.manifests.stats["fetches"] == 1
         # the other Zarr and the blobs are unaffected
         files = sample.versions[V1].files

@@ -97,8 +97,11 @@ def test_any_source_string_parses_or_is_a_source_error(text: str) -> None:
     except SourceError as e:
         assert "\n" not in str(e).replace(repr(text), "")
         return
-    assert re.fullmatch(r"\d{6}", source.dandiset_id)
-    assert source.version in ("draft", "latest") or re.fullmatch(r"0\.\d{6}\.\d{4}", source.version)
+    assert source.dandiset_id is None or re.fullmatch(r"[0-9]{6}", source.dandiset_id)
+    assert source.version in (None, "draft", "latest") or re.fullmatch(
+        r"0\.[0-9]{6}\.[0-9]{4}", source.version
+    )
+    assert not source.path or path_problem(source.path) is None
 
 
 @given(

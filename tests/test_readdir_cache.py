@@ -27,6 +27,7 @@ from zarrfs import fuse_ops
 from zarrfs.cli import build_parser, config_from_args
 from zarrfs.config import KERNEL_READDIR_CACHE_ENV
 from zarrfs.demo.sample import OME_PATH, V1, SampleDandiset
+from zarrfs.filesystem import OpenDir
 from zarrfs.fuse_ops import ZarrfsOperations, kernel_readdir_cache_supported
 
 CACHING = "the kernel caches directory listings"
@@ -51,10 +52,11 @@ def patched_pyfuse3() -> None:
 
 
 class _Directories:
-    """Stands in for `Filesystem` in `opendir`: every inode is a directory."""
+    """Stands in for `Filesystem` in `opendir`: every inode is a directory; inode 7 is a level of
+    the archive that can change (never cached by the kernel)."""
 
-    async def opendir(self, ino: int) -> None:
-        return None
+    async def opendir(self, ino: int) -> OpenDir:
+        return OpenDir(ino, cacheable=ino != 7)
 
 
 def _operations(**kwargs: bool) -> ZarrfsOperations:
@@ -68,16 +70,19 @@ async def test_opendir_asks_for_the_cache_where_pyfuse3_can() -> None:
     assert ops.kernel_readdir_cache
     reply = await ops.opendir(42, None)  # type: ignore[arg-type]
     assert isinstance(reply, pyfuse3.FileInfo)
-    assert reply.fh == 42
+    assert ops._dirs[reply.fh].ino == 42
     assert reply.cache_readdir and reply.keep_cache
     assert not reply.direct_io and not reply.nonseekable
+    mutable = await ops.opendir(7, None)  # type: ignore[arg-type]
+    assert isinstance(mutable, int) and ops._dirs[mutable].ino == 7
 
 
 @pytest.mark.trio
 async def test_opendir_answers_a_plain_handle_when_turned_off() -> None:
     ops = _operations(kernel_readdir_cache=False)
     assert not ops.kernel_readdir_cache
-    assert await ops.opendir(42, None) == 42  # type: ignore[arg-type]
+    fh = await ops.opendir(42, None)  # type: ignore[arg-type]
+    assert isinstance(fh, int) and ops._dirs[fh].ino == 42
 
 
 @pytest.mark.trio
@@ -87,7 +92,8 @@ async def test_opendir_answers_a_plain_handle_on_stock_pyfuse3(
     monkeypatch.setattr(fuse_ops, "kernel_readdir_cache_supported", lambda: False)
     ops = _operations()
     assert not ops.kernel_readdir_cache
-    assert await ops.opendir(42, None) == 42  # type: ignore[arg-type]
+    fh = await ops.opendir(42, None)  # type: ignore[arg-type]
+    assert isinstance(fh, int) and ops._dirs[fh].ino == 42
 
 
 @pytest.mark.parametrize(

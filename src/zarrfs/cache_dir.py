@@ -29,6 +29,11 @@ class CacheLayout:
         return self.root / "manifests"
 
     @property
+    def built_manifests(self) -> Path:
+        """Manifests built from the bucket's listing, laid out like a manifest root."""
+        return self.root / "manifests-built"
+
+    @property
     def blocks(self) -> Path:
         """The disk block cache."""
         return self.root / "blocks"

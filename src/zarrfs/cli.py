@@ -288,7 +288,8 @@ def _fail(message: str, code: int) -> int:
 
 def default_log_file(config: cfg.Config) -> Path:
     tag = sha1(str(config.mountpoint).encode()).hexdigest()[:10]
-    return config.cache_dir / "logs" / f"mount-{config.source.dandiset_id}-{tag}.log"
+    name = config.source.dandiset_id or "archive"
+    return config.cache_dir / "logs" / f"mount-{name}-{tag}.log"
 
 
 def run_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:

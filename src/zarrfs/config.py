@@ -53,6 +53,21 @@ ENTRY_TIMEOUT = 86400.0
 ATTR_TIMEOUT = 86400.0
 #: Lifetime of cached negative lookups (Zarr readers probe many missing keys).
 NEGATIVE_TIMEOUT = 86400.0
+#: Lifetimes of what an archive mount learns about the archive (seconds): the list of dandisets;
+#: a dandiset's published versions, hence `latest`, and whether it exists; listings of the manifest
+#: roots (the zarrs/ levels); a Zarr's current checksum (API); a failed query. A resolved published
+#: version never changes and is kept without a lifetime (in an LRU bounded by VERSION_MEMORY).
+DANDISET_LIST_TTL = 600.0
+VERSION_LIST_TTL = 300.0
+ZARR_LIST_TTL = 600.0
+ZARR_CHECKSUM_TTL = 60.0
+FAILED_LIST_TTL = 10.0
+#: How long the kernel may remember that a name does not exist at a level that can change (a new
+#: dandiset, version or manifest may appear); names that can never exist are remembered a day.
+NEGATIVE_MUTABLE_TTL = 60.0
+#: Default byte budget (roughly) for resolved versions kept in memory by an archive or dandiset
+#: mount; the least recently used are dropped and resolved again when entered.
+DEFAULT_VERSION_MEMORY = 256 << 20
 #: Threads used for CPU-heavy work (manifest parsing and conversion).
 CPU_THREADS = 2
 #: Size bound of a manifest download: an honest manifest of a Zarr with N files (the checksum
@@ -63,6 +78,13 @@ MANIFEST_BASE_BYTES = 1 << 20
 MANIFEST_BYTES_PER_FILE = 4096
 #: Default cap of the on-disk store of converted manifest indexes (least recently loaded go first).
 DEFAULT_MANIFEST_DISK_BUDGET = 8 << 30
+#: A draft Zarr whose current checksum has no manifest anywhere is listed from the bucket; a listing
+#: that does not add up to the checksum the API reports (the Zarr changed meanwhile) is retried this
+#: many times in all, LISTING_RETRY_DELAY seconds apart.
+LISTING_ATTEMPTS = 3
+LISTING_RETRY_DELAY = 2.0
+#: Seconds between progress lines of a long listing.
+LISTING_PROGRESS_INTERVAL = 10.0
 #: The longest a read syscall may take before it fails with EIO, whatever happens (faults, waits
 #: behind other requests): every attempt of its requests plus every back-off sleep between them.
 READ_DEADLINE = MAX_ATTEMPTS * REQUEST_TIMEOUT + sum(
@@ -137,13 +159,43 @@ def env_kernel_readdir_cache() -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """What to mount: a dandiset id and a version (`0.YYMMDD.HHMM`, `draft` or `latest`)."""
+    """One dandiset version: a dandiset id and a version (`0.YYMMDD.HHMM`, `draft` or `latest`)."""
 
     dandiset_id: str
     version: str
 
     def __str__(self) -> str:
         return f"{self.dandiset_id}@{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class MountSource:
+    """What a mount shows: the whole archive (no dandiset), every version of one dandiset (no
+    version), or one version; with a `path`, only that directory of the version (possibly inside a
+    Zarr)."""
+
+    dandiset_id: str | None = None
+    version: str | None = None
+    path: str = ""
+
+    @property
+    def kind(self) -> str:
+        """`archive`, `dandiset` or `version`."""
+        if self.dandiset_id is None:
+            return "archive"
+        return "dandiset" if self.version is None else "version"
+
+    def version_source(self) -> Source:
+        """The one version a `version` mount shows."""
+        if self.dandiset_id is None or self.version is None:
+            raise ValueError(f"{self} is not one version")
+        return Source(self.dandiset_id, self.version)
+
+    def __str__(self) -> str:
+        if self.dandiset_id is None:
+            return "dandi"
+        text = self.dandiset_id if self.version is None else f"{self.dandiset_id}@{self.version}"
+        return f"{text}/{self.path}" if self.path else text
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +215,7 @@ class S3Settings:
 class Config:
     """Everything one mount runs with. Built once by `cli`, never mutated."""
 
-    source: Source
+    source: MountSource
     mountpoint: Path
     s3: S3Settings = field(default_factory=S3Settings)
     manifest_roots: tuple[str, ...] = ()
@@ -172,6 +224,7 @@ class Config:
     memory_cache_size: int = DEFAULT_MEMORY_CACHE_SIZE
     manifest_memory: int = DEFAULT_MANIFEST_MEMORY
     manifest_disk_size: int = DEFAULT_MANIFEST_DISK_BUDGET
+    version_memory: int = DEFAULT_VERSION_MEMORY
     block_size: int = BLOCK_SIZE
     foreground: bool = False
     debug: bool = False

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import trio
 
-from .config import MAX_API_RESPONSE_BYTES, MAX_ASSET_LIST_BYTES, Source
+from .config import MAX_API_RESPONSE_BYTES, MAX_ASSET_LIST_BYTES, MountSource, Source
 from .errors import ObjectMissing, RemoteError, SourceError, VersionNotFound
 from .manifest import INT64_MAX, is_checksum
 from .names import path_problem
@@ -49,18 +49,52 @@ API_PAGE_SIZE = 1000
 # --- SOURCE parsing ---------------------------------------------------------------------------------
 
 
-def parse_source(text: str) -> Source:
-    """Parse `000123@0.251101.1200`, `DANDI:000123/0.251101.1200` or a dandiarchive.org URL.
+#: The dandi CLI's instance name of the public archive (`dandi://dandi/...`).
+INSTANCE_NAMES = ("dandi",)
+_ACCEPTED = (
+    "expected dandi (the whole archive), DANDISET (every version: 000123), DANDISET@VERSION "
+    "(000123@0.251101.1200, 000123@draft, 000123@latest), DANDI:DANDISET[/VERSION], "
+    "https://dandiarchive.org/dandiset/DANDISET/VERSION, or the dandi CLI's "
+    "dandi://dandi[/DANDISET[@VERSION][/PATH]]"
+)
+
+
+def parse_source(text: str) -> MountSource:
+    """Parse what to mount: `dandi` or `dandi://dandi` (the whole archive), `000123` or
+    `DANDI:000123` (every version), `000123@0.251101.1200`, `DANDI:000123/0.251101.1200`, a
+    dandiarchive.org URL, or the dandi CLI's `dandi://dandi/000123@VERSION/PATH` (PATH: a directory
+    of the version, possibly inside a Zarr; it needs a version).
 
     VERSION is a published version (`0.YYMMDD.HHMM`), `draft` or `latest`. Raises SourceError with a
-    message showing the accepted forms.
+    message showing the accepted forms. Nothing is normalized: a PATH with `.`/`..` is refused.
     """
     t = text.strip()
-    dandiset = version = None
-    if (m := re.match(r"^(?:dandi:)?([0-9]+)@([^/@\s]+)\Z", t, re.IGNORECASE)) or (
-        m := re.match(r"^DANDI:([0-9]+)/([^/\s]+)/?\Z", t, re.IGNORECASE)
+    dandiset: str | None = None
+    version: str | None = None
+    path = ""
+    if t.lower() in INSTANCE_NAMES:
+        return MountSource()
+    if t.lower().startswith("dandi://"):
+        instance, _, rest = t[len("dandi://") :].partition("/")
+        if instance.lower() not in INSTANCE_NAMES:
+            raise SourceError(
+                f"unknown DANDI instance {instance!r} in {text!r}: zarrfs knows "
+                f"{', '.join(INSTANCE_NAMES)} (point --bucket and --api-url at another instance)"
+            )
+        rest = rest.strip("/")
+        if not rest:
+            return MountSource()
+        head, _, path = rest.partition("/")
+        dandiset, _, version_text = head.partition("@")
+        version = version_text if "@" in head else None
+        if path and version is None:
+            raise SourceError(
+                f"{text!r} names a path but no version: use dandi://dandi/{dandiset}@VERSION/{path}"
+            )
+    elif (m := re.match(r"^(?:dandi:)?([0-9]+)(?:@([^/@\s]+))?\Z", t, re.IGNORECASE)) or (
+        m := re.match(r"^DANDI:([0-9]+)(?:/([^/\s]+))?/?\Z", t, re.IGNORECASE)
     ):
-        dandiset, version = m.groups()
+        dandiset, version = m.group(1), m.group(2)
     elif t.startswith(("https://", "http://")):
         try:
             url = urlsplit(t)
@@ -71,22 +105,25 @@ def parse_source(text: str) -> Source:
         if host.endswith("dandiarchive.org") and len(parts) >= 3 and parts[0] == "dandiset":
             dandiset, version = parts[1], parts[2]
         elif host.endswith("dandiarchive.org") and len(parts) == 2 and parts[0] == "dandiset":
-            raise SourceError(f"{text!r} names no version: append /<version>, /draft or /latest")
-    if dandiset is None or version is None:
-        raise SourceError(
-            f"cannot parse SOURCE {text!r}: expected DANDISET@VERSION (000123@0.251101.1200), "
-            "DANDI:DANDISET/VERSION or https://dandiarchive.org/dandiset/DANDISET/VERSION"
-        )
+            raise SourceError(
+                f"{text!r} names no version: append /<version>, /draft or /latest (or mount "
+                f"{parts[1]} for every version)"
+            )
+    if dandiset is None:
+        raise SourceError(f"cannot parse SOURCE {text!r}: {_ACCEPTED}")
     if not DANDISET_ID_RE.match(dandiset):
         raise SourceError(
             f"bad dandiset id {dandiset!r} in {text!r}: expected six digits, e.g. 000123"
         )
-    version = version.lower() if version.lower() in ("draft", "latest") else version
-    if version not in ("draft", "latest") and not PUBLISHED_VERSION_RE.match(version):
-        raise SourceError(
-            f"bad version {version!r} in {text!r}: expected 0.YYMMDD.HHMM, 'draft' or 'latest'"
-        )
-    return Source(dandiset, version)
+    if version is not None:
+        version = version.lower() if version.lower() in ("draft", "latest") else version
+        if version not in ("draft", "latest") and not PUBLISHED_VERSION_RE.match(version):
+            raise SourceError(
+                f"bad version {version!r} in {text!r}: expected 0.YYMMDD.HHMM, 'draft' or 'latest'"
+            )
+    if path and (why := path_problem(path)) is not None:
+        raise SourceError(f"bad path {path!r} in {text!r}: {why}")
+    return MountSource(dandiset, version, path)
 
 
 # --- asset records ----------------------------------------------------------------------------------
@@ -109,6 +146,9 @@ class AssetRecord:
     zarr_id: str | None = None
     zarr_checksum: str | None = None
     problem: str | None = None
+    #: The checksum is the Zarr's live one (a draft pinned through the API): with no manifest
+    #: anywhere, the manifest may be built from the bucket's listing and verified against it.
+    live: bool = False
 
     @property
     def is_zarr(self) -> bool:
@@ -306,7 +346,10 @@ def version_prefix(source: Source) -> str:
 
 
 async def resolve(source: Source, remote: Remote, *, bucket: str, api_url: str) -> ResolvedVersion:
-    """Resolve `source` to its pinned assets. Raises VersionNotFound when it does not exist."""
+    """Resolve `source` to its pinned assets. Raises VersionNotFound when it does not exist.
+
+    A published version (and `latest`, the newest of them) comes from the bucket alone; only `draft`
+    needs the API."""
     if source.version == "latest":
         source = Source(source.dandiset_id, await _latest_version(source, remote, api_url))
     if source.version == "draft":
@@ -358,15 +401,67 @@ async def _api_json(remote: Remote, url: str, what: str) -> dict[str, Any]:
 
 
 async def _latest_version(source: Source, remote: Remote, api_url: str) -> str:
-    info = await _api_json(
-        remote, f"{api_url}/dandisets/{source.dandiset_id}/", f"dandiset {source.dandiset_id}"
-    )
-    latest = (info or {}).get("most_recent_published_version") or {}
-    version = latest.get("version")
-    if not isinstance(version, str) or not PUBLISHED_VERSION_RE.match(version):
+    versions = await list_published_versions(source.dandiset_id, remote)
+    if not versions:
         raise VersionNotFound(f"dandiset {source.dandiset_id} has no published version")
-    log.info("latest published version of %s is %s", source.dandiset_id, version)
-    return version
+    log.info("latest published version of %s is %s", source.dandiset_id, versions[-1])
+    return versions[-1]
+
+
+# --- the archive's lists ----------------------------------------------------------------------------
+
+
+async def list_published_versions(dandiset_id: str, remote: Remote) -> list[str]:
+    """The published versions of a dandiset, oldest first, from the bucket (`dandisets/<id>/<v>/`
+    prefixes): no API needed. `0.YYMMDD.HHMM` sorts by publication time."""
+    listing = await remote.s3.list_prefixes(f"dandisets/{dandiset_id}/")
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in listing.prefixes)
+    return sorted(v for v in names if PUBLISHED_VERSION_RE.match(v))
+
+
+async def dandiset_exists(dandiset_id: str, remote: Remote) -> bool:
+    """Whether the bucket holds anything under `dandisets/<id>/` (every dandiset has a draft there)."""
+    listing = await remote.s3.list_prefixes(f"dandisets/{dandiset_id}/", max_keys=1)
+    return bool(listing.keys or listing.prefixes)
+
+
+async def list_dandisets(remote: Remote, api_url: str) -> list[str]:
+    """Every dandiset id, paging through the API (`/dandisets/`, 1,000 a page); when the API cannot
+    be reached, from the bucket's `dandisets/` prefixes instead (logged)."""
+    url: str | None = f"{api_url}/dandisets/?{urlencode({'page_size': API_PAGE_SIZE})}"
+    ids: list[str] = []
+    seen: set[str] = set()
+    try:
+        while url:
+            if url in seen:
+                raise RemoteError(f"API pagination loops at {url}")
+            seen.add(url)
+            page = await _api_json(remote, url, "the list of dandisets")
+            for row in page.get("results") or []:
+                identifier = row.get("identifier") if isinstance(row, dict) else None
+                if isinstance(identifier, str) and DANDISET_ID_RE.match(identifier):
+                    ids.append(identifier)
+            nxt = page.get("next")
+            url = nxt if isinstance(nxt, str) and nxt else None
+    except (RemoteError, VersionNotFound) as e:
+        log.warning("cannot list dandisets through the API (%s); listing the bucket instead", e)
+        listing = await remote.s3.list_prefixes("dandisets/")
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in listing.prefixes)
+        return sorted(n for n in names if DANDISET_ID_RE.match(n))
+    return sorted(set(ids))
+
+
+async def zarr_current_checksum(zarr_id: str, remote: Remote, api_url: str) -> str | None:
+    """The checksum of a Zarr's live state as the API reports it, when the Zarr is finalized."""
+    info = await _api_json(remote, f"{api_url}/zarr/{zarr_id}/", f"zarr {zarr_id}")
+    checksum = info.get("checksum")
+    if (
+        info.get("status") != "Complete"
+        or not isinstance(checksum, str)
+        or not is_checksum(checksum)
+    ):
+        return None
+    return checksum
 
 
 async def _draft_assets(source: Source, remote: Remote, api_url: str) -> list[AssetRecord]:
@@ -433,4 +528,4 @@ async def _pin_draft_zarr(asset: AssetRecord, remote: Remote, api_url: str) -> A
             zarr_checksum=None,
             problem=f"draft Zarr is not finalized (status {status!r}, checksum {checksum!r})",
         )
-    return replace(asset, zarr_checksum=checksum, problem=None)
+    return replace(asset, zarr_checksum=checksum, problem=None, live=True)

@@ -18,7 +18,12 @@ class ZarrfsError(Exception):
 
 
 class NotFound(ZarrfsError):
-    """No entry with that name (or inode) exists in the published version."""
+    """No entry with that name (or inode) exists in the published version. `ttl`: how long the
+    kernel may remember that (None: as long as it likes: the name can never exist)."""
+
+    def __init__(self, *args: object, ttl: float | None = None) -> None:
+        super().__init__(*args)
+        self.ttl = ttl
 
 
 class NotADirectory(ZarrfsError):
@@ -50,6 +55,10 @@ class IntegrityError(DataError):
 
 class ManifestError(DataError):
     """A Zarr manifest is missing, unreadable, of an unsupported schema, or malformed."""
+
+
+class ManifestMissing(ManifestError):
+    """No manifest root has the manifest (and it could not be built from the bucket)."""
 
 
 class RemoteError(DataError):

@@ -1,27 +1,57 @@
-"""The filesystem's domain operations: lookup, getattr, readdir, open, read, statfs, as async calls.
+"""The filesystem's domain operations: lookup, getattr, readdir, readlink, open, read, statfs.
 
-Owns: composing the namespace (`tree`), the manifest cache, the block cache and the S3 reader into the
-operations a FUSE adapter needs, and the log line naming the object whenever a read fails. Works in
-domain types (`Entry`, `FileSource`) and raises typed `ZarrfsError`s; knows nothing of pyfuse3, so it is
+Owns: what one mount shows (`MountSource`: the whole archive, one dandiset's versions, one version,
+or one directory of a version), routing every inode either to a synthetic level of the archive
+(`archive` says what can exist, `catalog` what does) or to a *volume* (one resolved version, or one
+Zarr at one checksum, served by its `tree.Namespace` and the manifest cache), resolving volumes when
+first entered and keeping them in a byte-bounded LRU (`version_memory`; an evicted volume resolves
+again into the same inode numbers, see `inodes`; a draft stays pinned to what it was first resolved
+to: its asset list is kept on disk for that), and the log line naming the object whenever a read
+fails. Works in domain types and raises typed `ZarrfsError`s; knows nothing of pyfuse3, so it is
 tested by awaiting it directly. Never parses, never retries, never decides cache policy.
+
+Concurrency: all state is touched from tasks of one trio run. Each volume is resolved once however
+many requests need it (single flight); a requester that gives up does not cancel a resolution others
+wait for (it runs in `service_nursery` when set).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import cachetools
 import trio
 
-from . import config
+from . import archive, config
+from .archive import Level, NodeKey
+from .cache_dir import CacheLayout, create_private_file, make_private_dir
+from .catalog import Catalog
 from .chunk_cache import BlockCache
-from .errors import DataError, RemoteError
-from .manifest import ManifestIndex
+from .config import MountSource, Source
+from .dandi import AssetRecord, ResolvedVersion
+from .errors import (
+    DataError,
+    IsADirectory,
+    ManifestMissing,
+    NotADirectory,
+    NotFound,
+    RemoteError,
+    SourceError,
+    VersionNotFound,
+)
+from .inodes import InodeSpace, Volume
+from .manifest import ManifestIndex, parse_checksum
 from .manifest_cache import ManifestCache
 from .refs import ObjectRef
 from .s3_reader import S3Reader
-from .tree import Entry, FileSource, InlineFile, Namespace
+from .tree import ROOT_INO, Entry, FileSource, InlineFile, Namespace
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +66,17 @@ class OpenFile:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenDir:
+    """An open directory. A level that can change is listed once, when opened (`snapshot`), so
+    offsets stay consistent while it is read; only an immutable directory may be cached by the
+    kernel (`cacheable`)."""
+
+    ino: int
+    cacheable: bool
+    snapshot: tuple[tuple[bytes, Entry], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class FsStats:
     """What statfs reports."""
 
@@ -43,58 +84,187 @@ class FsStats:
     files: int
 
 
+@dataclass(slots=True)
+class _Synthetic:
+    """A directory (or `latest` link) of the archive's levels (internal)."""
+
+    ino: int
+    key: NodeKey
+    path: str  # from the mount's root, for log lines
+    children: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Resolution:
+    done: trio.Event = field(default_factory=trio.Event)
+    namespace: Namespace | None = None
+    error: Exception | None = None
+
+
 class Filesystem:
-    """One mounted dandiset version."""
+    """What one mount shows, as async domain operations."""
 
     def __init__(
         self,
-        namespace: Namespace,
+        source: MountSource,
+        catalog: Catalog,
         manifests: ManifestCache,
         blocks: BlockCache,
         reader: S3Reader,
+        *,
+        cache_dir: Path | None = None,
+        version_memory: int = config.DEFAULT_VERSION_MEMORY,
     ) -> None:
-        self.ns = namespace
+        self.source = source
+        self.catalog = catalog
         self.manifests = manifests
         self.blocks = blocks
         self.reader = reader
+        self.bucket = reader.bucket
+        self.inodes = InodeSpace()
         #: Where sequential readahead fetches run; set by `mount.serve` once its nursery is open.
         self.readahead_nursery: trio.Nursery | None = None
+        #: Where volume resolutions run (so a requester giving up does not cancel them).
+        self.service_nursery: trio.Nursery | None = None
         #: A read fails with EIO rather than take longer than this (config.READ_DEADLINE).
         self.read_deadline = config.READ_DEADLINE
+        self._started_ns = time.time_ns()
+        self._synthetic: dict[int, _Synthetic] = {}
+        self._by_key: dict[NodeKey, int] = {}
+        self._volumes: dict[int, Volume] = {}  # by volume id
+        self._volume_keys: dict[int, NodeKey] = {}
+        self._volume_paths: dict[int, str] = {}
+        self._loaded: cachetools.LRUCache[int, Namespace] = cachetools.LRUCache(
+            maxsize=max(version_memory, 1), getsizeof=lambda ns: max(ns.approx_bytes, 1)
+        )
+        self._kept: dict[int, Namespace] = {}  # never evicted: a version mount's, unpinnable drafts
+        self._oversized: tuple[int, Namespace] | None = None  # bigger than the whole budget
+        self._resolving: dict[int, _Resolution] = {}
+        self._pins: Path | None = None
+        if cache_dir is not None:
+            tag = f"pins-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self._pins = CacheLayout(cache_dir).tmp / tag
+        self._root_alias: int | None = None
         self._reported: set[str] = set()
 
-    async def _index(self, ino: int, *, inside_only: bool) -> ManifestIndex | None:
-        try:
-            asset = self.ns.zarr_of(ino, inside_only=inside_only)
-        except DataError as e:  # an asset that cannot be served at all: say why, once
-            message = str(e)
-            if message not in self._reported:
-                self._reported.add(message)
-                log.error("%s", message)
-            raise
-        return None if asset is None else await self.manifests.get(asset)
+    # --- setting up -------------------------------------------------------------------------------
+
+    async def start(self) -> str:
+        """Lay out the mount's root. A version (and a path in it) is resolved now, so that a
+        missing version or path fails the mount (VersionNotFound) instead of mounting an error.
+        Returns a description for the log."""
+        source = self.source
+        if source.kind == "archive":
+            self._add_synthetic(ROOT_INO, archive.ARCHIVE, "")
+            return "the whole archive"
+        assert source.dandiset_id is not None
+        if source.kind == "dandiset":
+            if not await self.catalog.dandiset_exists(source.dandiset_id):
+                raise VersionNotFound(f"dandiset {source.dandiset_id} not found in the bucket")
+            key = NodeKey(Level.DANDISET_VERSIONS, source.dandiset_id)
+            self._add_synthetic(ROOT_INO, key, "")
+            return f"every version of dandiset {source.dandiset_id}"
+        resolved = await self.catalog.resolve(source.version_source())
+        version = resolved.source.version
+        key = NodeKey(Level.VERSION, source.dandiset_id, version)
+        root = ROOT_INO if not source.path else self.inodes.new_synthetic()
+        volume = self._add_volume(root, key, "")
+        namespace = self._namespace_of(resolved)
+        self._settle(volume, namespace, keep=True)
+        self._report_unservable(resolved)
+        if source.path:
+            try:
+                target = await self.walk(source.path, start=root)
+            except (NotFound, NotADirectory):
+                raise VersionNotFound(f"no directory {source.path} in {resolved.source}") from None
+            if not (await self.getattr(target)).is_dir:
+                raise SourceError(
+                    f"{source.path} in {resolved.source} is a file: mount its directory instead"
+                )
+            self._root_alias = target
+        return f"{resolved.source} ({len(resolved.assets)} assets)"
+
+    async def walk(self, path: str, *, start: int = ROOT_INO) -> int:
+        """The inode of a `/`-separated path below `start` (NotFound, NotADirectory otherwise)."""
+        ino = start
+        for part in filter(None, path.split("/")):
+            ino = (await self.lookup(ino, part.encode())).ino
+        return ino
+
+    # --- domain operations ------------------------------------------------------------------------
 
     async def getattr(self, ino: int) -> Entry:
-        return self.ns.getattr(ino, await self._index(ino, inside_only=True))
+        ino = self._in(ino)
+        node = self._synthetic.get(ino)
+        if node is not None:
+            return self._out(await self._synthetic_entry(node))
+        volume, local = self._volume(ino)
+        namespace = await self._namespace(volume)
+        index = await self._index(namespace, local, volume, inside_only=True)
+        return self._out(self._globalize(volume, namespace.getattr(local, index)))
 
     async def lookup(self, parent: int, name: bytes) -> Entry:
-        return self.ns.lookup(parent, name, await self._index(parent, inside_only=False))
+        parent = self._in(parent)
+        node = self._synthetic.get(parent)
+        if node is not None:
+            return self._out(await self._synthetic_lookup(node, name))
+        volume, local = self._volume(parent)
+        namespace = await self._namespace(volume)
+        index = await self._index(namespace, local, volume, inside_only=False)
+        return self._out(self._globalize(volume, namespace.lookup(local, name, index)))
 
-    async def opendir(self, ino: int) -> None:
-        self.ns.check_dir(ino, await self._index(ino, inside_only=False))
+    async def opendir(self, ino: int) -> OpenDir:
+        ino = self._in(ino)
+        node = self._synthetic.get(ino)
+        if node is not None:
+            if node.key.level == Level.LATEST:
+                raise NotADirectory(f"{node.path} is a symbolic link")
+            listing = await self._synthetic_listing(node)
+            return OpenDir(ino, cacheable=False, snapshot=tuple(listing))
+        volume, local = self._volume(ino)
+        namespace = await self._namespace(volume)
+        namespace.check_dir(local, await self._index(namespace, local, volume, inside_only=False))
+        return OpenDir(ino, cacheable=True)
 
-    async def readdir(self, ino: int, offset: int) -> Iterator[tuple[bytes, Entry, int]]:
-        """Entries of directory `ino` from `offset` (a value a previous entry returned, or 0)."""
-        return self.ns.readdir(ino, offset, await self._index(ino, inside_only=False))
+    async def readdir(self, handle: OpenDir, offset: int) -> Iterator[tuple[bytes, Entry, int]]:
+        """Entries of an open directory from `offset` (a value a previous entry returned, or 0)."""
+        if handle.snapshot is not None:
+            entries = handle.snapshot
+            return (
+                (name, self._out(entry), i + 1)
+                for i, (name, entry) in enumerate(entries)
+                if i >= offset
+            )
+        volume, local = self._volume(handle.ino)
+        namespace = await self._namespace(volume)
+        index = await self._index(namespace, local, volume, inside_only=False)
+        return (
+            (name, self._out(self._globalize(volume, entry)), next_offset)
+            for name, entry, next_offset in namespace.readdir(local, offset, index)
+        )
+
+    async def readlink(self, ino: int) -> bytes:
+        node = self._synthetic.get(self._in(ino))
+        if node is None or node.key.level != Level.LATEST:
+            raise NotFound(f"inode {ino} is not a symbolic link")
+        entry = await self._synthetic_entry(node)
+        assert entry.link is not None
+        return entry.link
 
     async def open(self, ino: int) -> OpenFile:
-        index = await self._index(ino, inside_only=True)
+        ino = self._in(ino)
+        if ino in self._synthetic:
+            raise IsADirectory(f"inode {ino} is a directory")
+        volume, local = self._volume(ino)
+        namespace = await self._namespace(volume)
+        index = await self._index(namespace, local, volume, inside_only=True)
+        where = self._describe(volume, namespace, local, index)
         try:
-            source = self.ns.file_source(ino, index)
+            source = namespace.file_source(local, index)
         except DataError as e:
-            log.error("cannot open %s: %s", self.ns.describe(ino, index), e)
+            log.error("cannot open %s: %s", where, e)
             raise
-        return OpenFile(ino, source, self.ns.describe(ino, index))
+        return OpenFile(ino, source, where)
 
     async def release(self, handle: OpenFile) -> None:
         """The file was closed by every process that had it open."""
@@ -118,7 +288,7 @@ class Filesystem:
             log.error(
                 "read of %s failed (%s, %d bytes at %d): %s",
                 handle.path,
-                describe_object(self.ns.bucket, source),
+                describe_object(self.bucket, source),
                 size,
                 offset,
                 error,
@@ -128,7 +298,349 @@ class Filesystem:
             raise error from None
 
     def statfs(self) -> FsStats:
-        return FsStats(total_bytes=self.ns.total_size, files=self.ns.n_assets)
+        namespaces = [*self._kept.values(), *self._loaded.values()]
+        if self._oversized is not None:
+            namespaces.append(self._oversized[1])
+        return FsStats(
+            total_bytes=sum(ns.total_size for ns in namespaces),
+            files=sum(ns.n_assets for ns in namespaces),
+        )
+
+    # --- inode plumbing -----------------------------------------------------------------------------
+
+    def _in(self, ino: int) -> int:
+        """A kernel inode as this filesystem numbers it (the root of a path mount is an alias)."""
+        return self._root_alias if ino == ROOT_INO and self._root_alias is not None else ino
+
+    def _out(self, entry: Entry) -> Entry:
+        if self._root_alias is not None and entry.ino == self._root_alias:
+            return Entry(ROOT_INO, entry.is_dir, entry.size, entry.mtime_ns, entry.ttl, entry.link)
+        return entry
+
+    def _volume(self, ino: int) -> tuple[Volume, int]:
+        volume = self.inodes.volume_of(ino)
+        if volume is None:
+            raise NotFound(f"no inode {ino}")
+        if not volume.reserved and ino != volume.root_ino:
+            raise NotFound(f"no inode {ino}")
+        return volume, self.inodes.to_local(volume, ino)
+
+    def _globalize(self, volume: Volume, entry: Entry) -> Entry:
+        ino = self.inodes.to_global(volume, entry.ino)
+        return Entry(ino, entry.is_dir, entry.size, entry.mtime_ns, entry.ttl, entry.link)
+
+    # --- volumes ----------------------------------------------------------------------------------
+
+    def _add_volume(self, root_ino: int, key: NodeKey, path: str) -> Volume:
+        volume = self.inodes.new_volume(root_ino)
+        self._volumes[volume.id] = volume
+        self._volume_keys[volume.id] = key
+        self._volume_paths[volume.id] = path
+        return volume
+
+    def _namespace_of(self, resolved: ResolvedVersion) -> Namespace:
+        return Namespace(resolved, bucket=self.bucket)
+
+    def _settle(self, volume: Volume, namespace: Namespace, *, keep: bool = False) -> None:
+        self.inodes.reserve(volume, namespace.n_plain, namespace.n_slots)
+        if keep:
+            self._kept[volume.id] = namespace
+            return
+        try:
+            self._loaded[volume.id] = namespace
+        except ValueError:  # bigger than the whole budget: kept alone until another replaces it
+            self._oversized = (volume.id, namespace)
+
+    def _cached(self, volume: Volume) -> Namespace | None:
+        namespace = self._kept.get(volume.id) or self._loaded.get(volume.id)
+        if namespace is None and self._oversized is not None and self._oversized[0] == volume.id:
+            namespace = self._oversized[1]
+        return namespace
+
+    async def _namespace(self, volume: Volume) -> Namespace:
+        while True:
+            namespace = self._cached(volume)
+            if namespace is not None:
+                return namespace
+            flight = self._resolving.get(volume.id)
+            if flight is None:
+                flight = self._resolving[volume.id] = _Resolution()
+                if self.service_nursery is not None:
+                    self.service_nursery.start_soon(self._run_resolution, volume, flight)
+                else:
+                    await self._run_resolution(volume, flight)
+            await flight.done.wait()
+            if flight.error is not None:
+                raise type(flight.error)(*flight.error.args)
+            if flight.namespace is not None:
+                return flight.namespace
+
+    async def _run_resolution(self, volume: Volume, flight: _Resolution) -> None:
+        try:
+            namespace = await self._resolve_volume(volume)
+            self._settle(volume, namespace)
+            flight.namespace = namespace
+        except (DataError, VersionNotFound) as e:
+            flight.error = e if isinstance(e, DataError) else DataError(str(e))
+        finally:
+            del self._resolving[volume.id]
+            flight.done.set()
+
+    async def _resolve_volume(self, volume: Volume) -> Namespace:
+        key = self._volume_keys[volume.id]
+        path = self._volume_paths[volume.id]
+        if key.level == Level.ZARR:
+            _count, size = parse_checksum(key.checksum)
+            asset = AssetRecord(
+                asset_id="",
+                path=path,
+                size=size,
+                mtime_ns=0,
+                zarr_id=key.zarr,
+                zarr_checksum=key.checksum,
+                live=await self._is_live(key),
+            )
+            return Namespace.for_zarr(asset, bucket=self.bucket, source=Source("", ""))
+        source = Source(key.dandiset_id, key.version)
+        pinned = await self._load_pin(volume)
+        if pinned is not None:
+            return self._namespace_of(pinned)
+        resolved = await self.catalog.resolve(source)
+        self._report_unservable(resolved)
+        if key.version == "draft":
+            await self._save_pin(volume, resolved)
+        log.info("entered %s: %d assets", path or resolved.source, len(resolved.assets))
+        return self._namespace_of(resolved)
+
+    async def _is_live(self, key: NodeKey) -> bool:
+        return await self.catalog.current_checksum(key.zarr) == key.checksum
+
+    def _report_unservable(self, resolved: ResolvedVersion) -> None:
+        for asset in resolved.assets:
+            if asset.problem:
+                log.warning(
+                    "asset %s of %s is listed but cannot be served (EIO): %s",
+                    asset.path,
+                    resolved.source,
+                    asset.problem,
+                )
+
+    # draft pins: what a draft resolved to the first time, so that a re-resolution after eviction
+    # gives the same tree (the draft may have changed meanwhile)
+
+    async def _save_pin(self, volume: Volume, resolved: ResolvedVersion) -> None:
+        if self._pins is None:
+            self._kept[volume.id] = self._namespace_of(resolved)  # no cache dir: keep it in memory
+            return
+        path = self._pins / f"{volume.id}.json"
+        yaml = resolved.dandiset_yaml
+        doc = {
+            "dandiset_id": resolved.source.dandiset_id,
+            "version": resolved.source.version,
+            "yaml": yaml.decode("latin-1") if yaml is not None else None,
+            "assets": [asdict(a) for a in resolved.assets],
+        }
+
+        def write() -> None:
+            make_private_dir(path.parent)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            with os.fdopen(create_private_file(tmp), "w") as f:
+                json.dump(doc, f)
+            os.replace(tmp, path)
+
+        try:
+            await trio.to_thread.run_sync(write, abandon_on_cancel=True)
+        except OSError as e:
+            log.warning("cannot keep the pin of %s on disk (%s): keeping it in memory", path, e)
+            self._kept[volume.id] = self._namespace_of(resolved)
+
+    async def _load_pin(self, volume: Volume) -> ResolvedVersion | None:
+        if self._pins is None:
+            return None
+        path = self._pins / f"{volume.id}.json"
+
+        def read() -> ResolvedVersion | None:
+            try:
+                doc = json.loads(path.read_text())
+            except FileNotFoundError:
+                return None
+            yaml = doc["yaml"]
+            return ResolvedVersion(
+                source=Source(doc["dandiset_id"], doc["version"]),
+                assets=tuple(AssetRecord(**a) for a in doc["assets"]),
+                dandiset_yaml=yaml.encode("latin-1") if yaml is not None else None,
+                published=False,
+            )
+
+        try:
+            return await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"the pinned draft {path} cannot be read: {e}") from e
+
+    def remove_pins(self) -> None:
+        """Delete this mount's pin files (at unmount). Synchronous."""
+        if self._pins is None or not self._pins.exists():
+            return
+        for path in self._pins.glob("*"):
+            path.unlink(missing_ok=True)
+        try:
+            self._pins.rmdir()
+        except OSError as e:
+            log.debug("cannot remove %s: %s", self._pins, e)
+
+    # --- inside a volume: the manifest index a question needs -----------------------------------
+
+    async def _index(
+        self, namespace: Namespace, local: int, volume: Volume, *, inside_only: bool
+    ) -> ManifestIndex | None:
+        try:
+            asset = namespace.zarr_of(local, inside_only=inside_only)
+        except DataError as e:  # an asset that cannot be served at all: say why, once
+            message = str(e)
+            if message not in self._reported:
+                self._reported.add(message)
+                log.error("%s", message)
+            raise
+        return None if asset is None else await self.manifests.get(asset)
+
+    def _describe(
+        self, volume: Volume, namespace: Namespace, local: int, index: ManifestIndex | None
+    ) -> str:
+        inner = namespace.describe(local, index)
+        prefix = self._volume_paths[volume.id]
+        if not prefix:
+            return inner
+        return prefix if inner == "/" else f"{prefix}/{inner}"
+
+    # --- the archive's levels ---------------------------------------------------------------------
+
+    def _add_synthetic(self, ino: int, key: NodeKey, path: str) -> _Synthetic:
+        node = _Synthetic(ino, key, path)
+        self._synthetic[ino] = node
+        self._by_key[key] = ino
+        return node
+
+    def _child_ino(self, parent: _Synthetic, name: str, key: NodeKey) -> int:
+        ino = parent.children.get(name)
+        if ino is not None:
+            return ino
+        ino = self._by_key.get(key)
+        path = f"{parent.path}/{name}" if parent.path else name
+        if ino is None:
+            ino = self.inodes.new_synthetic()
+            if key.is_volume:
+                self._by_key[key] = ino
+                self._add_volume(ino, key, path)
+            else:
+                self._add_synthetic(ino, key, path)
+        parent.children[name] = ino
+        return ino
+
+    async def _synthetic_lookup(self, node: _Synthetic, raw: bytes) -> Entry:
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise NotFound(repr(raw)) from None
+        key = archive.child_key(node.key, name)
+        if key is None:
+            raise NotFound(f"{node.path}/{name}")  # can never exist: the kernel may remember that
+        if not await self._exists(key):
+            raise NotFound(f"{node.path}/{name}", ttl=config.NEGATIVE_MUTABLE_TTL)
+        return await self._child_entry(node, name, key)
+
+    async def _child_entry(self, node: _Synthetic, name: str, key: NodeKey) -> Entry:
+        ino = self._child_ino(node, name, key)
+        child = self._synthetic.get(ino)
+        if child is not None:
+            return await self._synthetic_entry(child)
+        volume = self.inodes.volume_of(ino)
+        assert volume is not None
+        return await self._volume_root_entry(volume, key)
+
+    async def _volume_root_entry(self, volume: Volume, key: NodeKey) -> Entry:
+        namespace = self._cached(volume)
+        if namespace is not None:
+            return self._globalize(volume, namespace.getattr(ROOT_INO))
+        mtime = archive.publication_time_ns(key.version) or self._started_ns
+        if key.level == Level.ZARR:
+            mtime = 0
+        return Entry(volume.root_ino, True, 0, mtime)
+
+    async def _synthetic_entry(self, node: _Synthetic) -> Entry:
+        key = node.key
+        if key.level == Level.LATEST:
+            versions = await self.catalog.published_versions(key.dandiset_id)
+            if not versions:
+                raise NotFound(node.path, ttl=config.NEGATIVE_MUTABLE_TTL)
+            target = archive.latest_target(versions[-1])
+            return Entry(
+                node.ino, False, len(target), self._started_ns, config.VERSION_LIST_TTL, target
+            )
+        return Entry(node.ino, True, 0, self._started_ns, _listing_ttl(key))
+
+    async def _exists(self, key: NodeKey) -> bool:
+        level = key.level
+        if level in (Level.DANDISETS, Level.ZARRS, Level.ZARRS_PREFIX, Level.ZARRS_IDS):
+            return True
+        if level == Level.ZARR_CHECKSUMS:
+            return True  # best effort: a Zarr id is looked up by exact name
+        if level in (Level.DANDISET, Level.RELEASES):
+            return await self.catalog.dandiset_exists(key.dandiset_id)
+        if level == Level.LATEST:
+            return bool(await self.catalog.published_versions(key.dandiset_id))
+        if level == Level.VERSION:
+            if key.version == "draft":
+                return await self.catalog.dandiset_exists(key.dandiset_id)
+            return key.version in await self.catalog.published_versions(key.dandiset_id)
+        if level == Level.ZARR:
+            what = archive.zarr_path(key.zarr, key.checksum)
+            try:
+                await self.manifests.get_index(
+                    key.zarr, key.checksum, what, live=await self._is_live(key)
+                )
+            except ManifestMissing:
+                return False
+            return True
+        return False
+
+    async def _synthetic_listing(self, node: _Synthetic) -> list[tuple[bytes, Entry]]:
+        key = node.key
+        static = archive.static_children(key)
+        if static is not None:
+            names = static
+        elif key.level == Level.DANDISETS:
+            names = await self.catalog.dandisets()
+        elif key.level == Level.DANDISET:
+            published = await self.catalog.published_versions(key.dandiset_id)
+            names = ["draft", *(["latest"] if published else []), "releases"]
+        elif key.level == Level.DANDISET_VERSIONS:
+            names = [*await self.catalog.published_versions(key.dandiset_id), "draft"]
+        elif key.level == Level.RELEASES:
+            names = await self.catalog.published_versions(key.dandiset_id)
+        else:
+            names = await self.catalog.zarr_names(key)
+        listing = []
+        for name in names:
+            child_key = archive.child_key(key, name)
+            if child_key is None:
+                continue
+            try:
+                entry = await self._child_entry(node, name, child_key)
+            except NotFound:
+                continue
+            listing.append((name.encode(), entry))
+        return listing
+
+
+def _listing_ttl(key: NodeKey) -> float | None:
+    if key.level in (Level.ARCHIVE,):
+        return None
+    if key.level == Level.DANDISETS:
+        return config.DANDISET_LIST_TTL
+    if key.level in (Level.ZARRS, Level.ZARRS_PREFIX, Level.ZARRS_IDS, Level.ZARR_CHECKSUMS):
+        return config.ZARR_LIST_TTL
+    return config.VERSION_LIST_TTL
 
 
 def describe_object(bucket: str, ref: ObjectRef) -> str:

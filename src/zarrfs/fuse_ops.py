@@ -28,8 +28,8 @@ from typing import Any
 import pyfuse3
 
 from . import config
-from .errors import NoAttribute, ReadOnly, ZarrfsError, errno_for
-from .filesystem import Filesystem, OpenFile, describe_object
+from .errors import NoAttribute, NotFound, ReadOnly, ZarrfsError, errno_for
+from .filesystem import Filesystem, OpenDir, OpenFile, describe_object
 from .names import NAME_MAX
 from .refs import ObjectRef
 from .tree import Entry
@@ -130,6 +130,7 @@ class ZarrfsOperations(pyfuse3.Operations):
         self.negative_timeout = negative_timeout
         self.xattrs = xattrs
         self._files: dict[int, OpenFile] = {}
+        self._dirs: dict[int, OpenDir] = {}
         self._handles = count(1)
 
     # --- attributes -----------------------------------------------------------------------------
@@ -138,12 +139,16 @@ class ZarrfsOperations(pyfuse3.Operations):
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = entry.ino
         attr.generation = 0
-        attr.entry_timeout = self.entry_timeout
-        attr.attr_timeout = self.attr_timeout
+        attr.entry_timeout = self.entry_timeout if entry.ttl is None else entry.ttl
+        attr.attr_timeout = self.attr_timeout if entry.ttl is None else entry.ttl
         if entry.is_dir:
             attr.st_mode = stat.S_IFDIR | 0o555
             attr.st_nlink = 2
             attr.st_size = 0
+        elif entry.link is not None:
+            attr.st_mode = stat.S_IFLNK | 0o777
+            attr.st_nlink = 1
+            attr.st_size = len(entry.link)
         else:
             attr.st_mode = stat.S_IFREG | 0o444
             attr.st_nlink = 1
@@ -156,10 +161,10 @@ class ZarrfsOperations(pyfuse3.Operations):
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = entry.mtime_ns
         return attr
 
-    def _negative(self) -> pyfuse3.EntryAttributes:
+    def _negative(self, ttl: float | None) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = 0  # cached by the kernel for entry_timeout
-        attr.entry_timeout = self.negative_timeout
+        attr.entry_timeout = self.negative_timeout if ttl is None else ttl
         return attr
 
     # --- reading ----------------------------------------------------------------------------------
@@ -170,10 +175,8 @@ class ZarrfsOperations(pyfuse3.Operations):
         with _errors("lookup"):
             try:
                 entry = await self.fs.lookup(parent_inode, name)
-            except ZarrfsError as e:
-                if errno_for(e) == errno.ENOENT:
-                    return self._negative()
-                raise
+            except NotFound as e:
+                return self._negative(e.ttl)
             return self.attributes(entry)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -189,22 +192,30 @@ class ZarrfsOperations(pyfuse3.Operations):
     ) -> int | pyfuse3.FileInfo:
         log.debug("opendir %d", inode)
         with _errors("opendir"):
-            await self.fs.opendir(inode)
-        if not self.kernel_readdir_cache:
-            return inode
-        # A listing never changes: the kernel may keep it, across opens, for the life of the mount.
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True, cache_readdir=True)  # type: ignore[call-arg, unused-ignore]
+            handle = await self.fs.opendir(inode)
+            fh = next(self._handles)
+            self._dirs[fh] = handle
+            if not (self.kernel_readdir_cache and handle.cacheable):
+                return fh
+            # A listing never changes: the kernel may keep it, across opens, for the life of the
+            # mount. (Levels of the archive that can change are never cached this way.)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)  # type: ignore[call-arg, unused-ignore]
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        log.debug("readdir %d from %d", fh, start_id)
         with _errors("readdir"):
-            entries = await self.fs.readdir(fh, start_id)
+            handle = self._dirs[fh]
+            log.debug("readdir %d from %d", handle.ino, start_id)
+            entries = await self.fs.readdir(handle, start_id)
             for name, entry, next_id in entries:
                 if not pyfuse3.readdir_reply(token, name, self.attributes(entry), next_id):
                     break
 
     async def releasedir(self, fh: int) -> None:
-        return None
+        self._dirs.pop(fh, None)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        with _errors("readlink"):
+            return await self.fs.readlink(inode)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         with _errors("open"):
@@ -273,7 +284,7 @@ class ZarrfsOperations(pyfuse3.Operations):
             if not isinstance(source, ObjectRef):
                 raise NoAttribute(name.decode("utf-8", "replace"))
             if name == XATTR_URL:
-                return describe_object(self.fs.ns.bucket, source).encode()
+                return describe_object(self.fs.bucket, source).encode()
             if source.etag is None:
                 raise NoAttribute(name.decode("utf-8", "replace"))
             return source.etag.encode()

@@ -48,11 +48,13 @@ from .errors import (
     DocumentTooLarge,
     IntegrityError,
     ManifestError,
+    ManifestMissing,
     ObjectMissing,
     RemoteError,
 )
 from .manifest import ManifestIndex, parse_checksum, parse_manifest_file
 from .remote import Remote
+from .zarr_listing import write_manifest_from_listing, zarr_prefix
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +122,18 @@ class ManifestCache:
         )
         self._oversized: tuple[_Key, ManifestIndex] | None = None
         self._inflight: dict[_Key, _Load] = {}
-        self._failures: dict[_Key, tuple[float, DataError]] = {}
+        self._failures: dict[_Key, tuple[float, DataError, bool]] = {}
         self._limiter = cpu_limiter or trio.CapacityLimiter(config.CPU_THREADS)
         self._sweep_pending = False
         #: Where loads run (see the module docstring); None: in the first requester's task.
         self.service_nursery: trio.Nursery | None = None
-        self.stats = {"memory_hits": 0, "disk_loads": 0, "fetches": 0, "lock_waits": 0}
+        self.stats = {
+            "memory_hits": 0,
+            "disk_loads": 0,
+            "fetches": 0,
+            "listings": 0,
+            "lock_waits": 0,
+        }
 
     # --- the disk store ---------------------------------------------------------------------------
 
@@ -195,10 +203,19 @@ class ManifestCache:
         """The verified index of `asset`'s pinned manifest. Raises DataError (EIO) when unavailable."""
         if not asset.zarr_id or not asset.zarr_checksum or asset.problem:
             raise DataError(f"Zarr asset {asset.path} cannot be served: {asset.problem}")
-        return await self.get_index(asset.zarr_id, asset.zarr_checksum, f"asset {asset.path}")
+        return await self.get_index(
+            asset.zarr_id, asset.zarr_checksum, f"asset {asset.path}", live=asset.live
+        )
 
-    async def get_index(self, zarr_id: str, checksum: str, what: str) -> ManifestIndex:
-        """The verified index of Zarr `zarr_id` at `checksum`; `what` names it in log lines."""
+    async def get_index(
+        self, zarr_id: str, checksum: str, what: str, *, live: bool = False
+    ) -> ManifestIndex:
+        """The verified index of Zarr `zarr_id` at `checksum`; `what` names it in log lines.
+
+        `live`: the checksum is the Zarr's current one (the API said so), so when no root has its
+        manifest it may be built from the bucket's listing (verified against the checksum like any
+        manifest). Raises ManifestMissing when there is none, another DataError when unusable.
+        """
         key = (zarr_id, checksum)
         while True:
             index = self._cached(key)
@@ -207,17 +224,19 @@ class ManifestCache:
                 return index
             failed = self._failures.get(key)
             if failed is not None:
-                if time.monotonic() - failed[0] < FAILURE_TTL:
+                at, error, failed_live = failed
+                # a load that could not build from the listing does not answer one that may
+                if time.monotonic() - at < FAILURE_TTL and (failed_live or not live):
                     # a fresh exception each time: re-raising one object grows its traceback
-                    raise type(failed[1])(*failed[1].args)
+                    raise type(error)(*error.args)
                 del self._failures[key]
             load = self._inflight.get(key)
             if load is None:
                 load = self._inflight[key] = _Load()
                 if self.service_nursery is not None:
-                    self.service_nursery.start_soon(self._run_load, key, what, load)
+                    self.service_nursery.start_soon(self._run_load, key, what, live, load)
                 else:
-                    await self._run_load(key, what, load)
+                    await self._run_load(key, what, live, load)
             await load.done.wait()
             if load.error is not None:
                 raise type(load.error)(*load.error.args)
@@ -231,16 +250,16 @@ class ManifestCache:
             index = self._oversized[1]
         return index
 
-    async def _run_load(self, key: _Key, what: str, load: _Load) -> None:
+    async def _run_load(self, key: _Key, what: str, live: bool, load: _Load) -> None:
         try:
-            index = await self._load(key, what)
+            index = await self._load(key, what, live)
         except OSError as e:  # the local cache dir (full, read-only, ...): EIO, never a crash
             error = ManifestError(f"Zarr {what}: manifest cache {self._dir}: {e}")
             log.error("%s", error)
-            self._failures[key] = (time.monotonic(), error)
+            self._failures[key] = (time.monotonic(), error, live)
             load.error = error
         except DataError as e:
-            self._failures[key] = (time.monotonic(), e)
+            self._failures[key] = (time.monotonic(), e, live)
             load.error = e
         else:
             load.index = index
@@ -263,7 +282,7 @@ class ManifestCache:
             )
         self._oversized = (key, index)
 
-    async def _load(self, key: _Key, what: str) -> ManifestIndex:
+    async def _load(self, key: _Key, what: str, live: bool) -> ManifestIndex:
         zarr_id, checksum = key
         path = self.index_path(zarr_id, checksum)
         index = await self._load_from_disk(path, key)
@@ -273,7 +292,7 @@ class ManifestCache:
             index = await self._load_from_disk(path, key)  # another process may have made it
             if index is not None:
                 return index
-            return await self._fetch_and_convert(key, what, path)
+            return await self._fetch_and_convert(key, what, path, live)
 
     async def _load_from_disk(self, path: Path, key: _Key) -> ManifestIndex | None:
         zarr_id, checksum = key
@@ -332,13 +351,19 @@ class ManifestCache:
         finally:
             os.close(fd)  # releases the flock
 
-    async def _fetch_and_convert(self, key: _Key, what: str, path: Path) -> ManifestIndex:
+    async def _fetch_and_convert(
+        self, key: _Key, what: str, path: Path, live: bool
+    ) -> ManifestIndex:
         zarr_id, checksum = key
         tried: list[str] = []
         rejected: DataError | None = None
         limit = max_manifest_bytes(checksum)
         await trio.to_thread.run_sync(make_private_dir, self._tmp)
-        for root in self._roots:
+        built = self._layout.built_manifests
+        roots = [*self._roots]
+        if await trio.to_thread.run_sync(Path(manifest_url(str(built), zarr_id, checksum)).exists):
+            roots.insert(0, f"file://{built}/")  # built from a listing earlier: a manifest like any
+        for root in roots:
             url = manifest_url(root, zarr_id, checksum)
             tmp = self._tmp / f"{zarr_id}-{checksum}-{uuid.uuid4().hex}.json"  # unique per host
             try:
@@ -369,13 +394,70 @@ class ManifestCache:
                 tmp.unlink(missing_ok=True)  # synchronous: must happen even when cancelled
         if rejected is not None:
             raise rejected
+        if live:
+            return await self._build_from_listing(key, what, path)
         message = (
             f"Zarr {what} (zarr {zarr_id}, checksum {checksum}): no manifest found ("
             + "; ".join(tried)
             + ")"
         )
         log.error("%s", message)
-        raise ManifestError(message)
+        raise ManifestMissing(message)
+
+    async def _build_from_listing(self, key: _Key, what: str, path: Path) -> ManifestIndex:
+        """List the Zarr's live state, write it as a manifest and verify it against `checksum` (the
+        API's current one); a listing that does not add up (the Zarr changed meanwhile) is retried.
+        The verified JSON is kept under `<cache dir>/manifests-built/`, laid out like a manifest
+        root, and the index is kept like any other."""
+        zarr_id, checksum = key
+        source = f"s3://{self._remote.s3.bucket}/{zarr_prefix(zarr_id)} (live listing)"
+        log.info(
+            "Zarr %s: no manifest of checksum %s anywhere; building it from %s",
+            what,
+            checksum,
+            source,
+        )
+        failure: DataError | None = None
+        for attempt in range(1, config.LISTING_ATTEMPTS + 1):
+            tmp = self._tmp / f"{zarr_id}-{checksum}-{uuid.uuid4().hex}.listing.json"
+            try:
+                await write_manifest_from_listing(self._remote.s3, zarr_id, tmp, what=what)
+                self.stats["listings"] += 1
+                index = await self._convert(key, what, source, tmp, path)
+                await trio.to_thread.run_sync(self._keep_built, tmp, zarr_id, checksum)
+                return index
+            except IntegrityError as e:
+                failure = e
+                if attempt < config.LISTING_ATTEMPTS:
+                    log.warning(
+                        "Zarr %s: the listing does not add up to checksum %s (changed while listed?): "
+                        "listing again in %.0f s (attempt %d/%d)",
+                        what,
+                        checksum,
+                        config.LISTING_RETRY_DELAY,
+                        attempt,
+                        config.LISTING_ATTEMPTS,
+                    )
+                    await trio.sleep(config.LISTING_RETRY_DELAY)
+            finally:
+                tmp.unlink(missing_ok=True)
+        message = (
+            f"Zarr {what} (zarr {zarr_id}): no manifest of checksum {checksum} anywhere, and "
+            f"{config.LISTING_ATTEMPTS} listings of {source} did not add up to it (the Zarr is "
+            f"being edited, or the API's checksum is stale): {failure}"
+        )
+        log.error("%s", message)
+        raise IntegrityError(message)
+
+    def _keep_built(self, src: Path, zarr_id: str, checksum: str) -> None:
+        dest = Path(manifest_url(str(self._layout.built_manifests), zarr_id, checksum))
+        try:
+            make_private_dir(dest.parent)
+            os.link(src, dest)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            log.warning("cannot keep the built manifest %s: %s", dest, e)
 
     async def _convert(
         self, key: _Key, what: str, url: str, src: Path, dest: Path

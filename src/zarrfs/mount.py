@@ -1,7 +1,7 @@
 """Mount lifecycle: one AsyncExitStack, one nursery, pyfuse3 init/main/close, signals.
 
-Owns: wiring a `Config` into a running mount (remote clients, resolver, namespace, caches, FUSE
-operations), telling the waiting parent process when the mount is live (or why it failed), signals, and
+Owns: putting the core (`core.open_filesystem`: remote clients, catalog, caches, the filesystem)
+behind FUSE operations and mounting it, telling the waiting parent process when the mount is live (or why it failed), signals, and
 tearing everything down on a stop signal or an external unmount. No domain logic lives here.
 
 Signals: SIGTERM and SIGINT stop the mount: in-flight requests get `SHUTDOWN_GRACE` seconds, then
@@ -28,15 +28,10 @@ import pyfuse3
 import trio
 
 from . import config as cfg
-from .chunk_cache import BlockCache
 from .config import Config
-from .dandi import resolve
+from .core import open_filesystem, unwrap_single_exception
 from .errors import MountError
-from .filesystem import Filesystem
 from .fuse_ops import ZarrfsOperations
-from .manifest_cache import ManifestCache
-from .remote import Remote
-from .tree import Namespace
 
 log = logging.getLogger(__name__)
 
@@ -67,35 +62,7 @@ async def serve(
     `reopen_log` is called on SIGHUP (a mount logging to a file); without it SIGHUP stops the mount.
     """
     async with AsyncExitStack() as stack:
-        remote = await stack.enter_async_context(Remote.open(config.s3))
-        resolved = await resolve(
-            config.source, remote, bucket=config.s3.bucket, api_url=config.api_url
-        )
-        namespace = Namespace(resolved, bucket=config.s3.bucket)
-        for asset in resolved.assets:
-            if asset.problem:
-                log.warning(
-                    "asset %s is listed but cannot be served (EIO): %s", asset.path, asset.problem
-                )
-        log.info(
-            "resolved %s: %d assets (%d Zarrs)",
-            resolved.source,
-            len(resolved.assets),
-            len(namespace.zarr_assets()),
-        )
-        manifests = ManifestCache(
-            remote,
-            roots=config.manifest_roots or cfg.default_manifest_roots(config.s3.bucket),
-            cache_dir=config.cache_dir,
-            memory_budget=config.manifest_memory,
-            disk_budget=config.manifest_disk_size,
-            cpu_limiter=trio.CapacityLimiter(cfg.CPU_THREADS),
-        )
-        temps, _ = await trio.to_thread.run_sync(manifests.sweep, abandon_on_cancel=True)
-        if temps:
-            log.info("removed %d stale temporary files from %s", temps, config.cache_dir)
-        blocks = BlockCache(config.memory_cache_size, config.block_size)
-        fs = Filesystem(namespace, manifests, blocks, remote.s3)
+        fs = await stack.enter_async_context(open_filesystem(config))
         ops = ZarrfsOperations(
             fs, xattrs=config.xattrs, kernel_readdir_cache=config.kernel_readdir_cache
         )
@@ -117,15 +84,14 @@ async def serve(
         stack.callback(_close)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         stack.callback(faulthandler.unregister, signal.SIGUSR1)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_handle_signals, nursery.cancel_scope, reopen_log)
-            fs.readahead_nursery = nursery
-            manifests.service_nursery = nursery
-            log.info("mounted %s at %s", resolved.source, config.mountpoint)
-            if on_ready is not None:
-                on_ready()
-            await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
-            nursery.cancel_scope.cancel()
+        with unwrap_single_exception():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_handle_signals, nursery.cancel_scope, reopen_log)
+                log.info("mounted %s at %s", config.source, config.mountpoint)
+                if on_ready is not None:
+                    on_ready()
+                await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
+                nursery.cancel_scope.cancel()
         log.info("unmounted %s", config.mountpoint)
 
 

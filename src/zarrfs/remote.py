@@ -14,6 +14,7 @@ Concurrency: the clients it holds bound their own requests; local file work runs
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -69,6 +70,28 @@ class Remote:
             )
         raise RemoteError(f"unsupported URL scheme {scheme!r}: {url}")
 
+    async def list_dir(self, url: str) -> list[str]:
+        """Best effort: the names in the directory at `url` (a prefix for `s3://`, a directory for
+        `file://`, an autoindex page's links for `http(s)://`), subdirectories with a trailing `/`.
+        Raises ObjectMissing/RemoteError when it cannot be listed."""
+        scheme = urlsplit(url).scheme.lower()
+        if scheme == "s3":
+            prefix = self._s3_key(url.rstrip("/") + "/x")[:-1]
+            listing = await self.s3.list_prefixes(prefix)
+            return [p[len(prefix) :] for p in listing.prefixes] + [
+                k[len(prefix) :] for k in listing.keys
+            ]
+        if scheme in ("http", "https"):
+            page = await self.http.get_bytes(url.rstrip("/") + "/")
+            links = _HREF.findall(page.decode("utf-8", "replace"))
+            return sorted(
+                {unquote(h) for h in links if "/" not in h.rstrip("/") and h[:1] not in "?#."}
+            )
+        if scheme == "file":
+            path = _file_path(url)
+            return await trio.to_thread.run_sync(_list_local, path, url, abandon_on_cancel=True)
+        raise RemoteError(f"unsupported URL scheme {scheme!r}: {url}")
+
     def _s3_key(self, url: str) -> str:
         parts = urlsplit(url)
         bucket, key = parts.netloc, unquote(parts.path.lstrip("/"))
@@ -90,6 +113,18 @@ def _file_path(url: str) -> Path:
     if not path.is_absolute():
         raise RemoteError(f"{url}: file URLs need an absolute path")
     return path
+
+
+_HREF = re.compile(r'href="([^"]+)"')
+
+
+def _list_local(path: Path, url: str) -> list[str]:
+    try:
+        return sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    except FileNotFoundError as exc:
+        raise ObjectMissing(f"{url}: no such directory") from exc
+    except OSError as exc:
+        raise RemoteError(f"{url}: {exc}") from exc
 
 
 def _read_local(path: Path, url: str) -> bytes:

@@ -27,6 +27,8 @@ import re
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -177,6 +179,25 @@ def _translate(exc: Exception, what: str, version_id: str | None) -> Exception:
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return RemoteError(f"{what}: {type(exc).__name__}: {exc}")
     return exc
+
+
+@dataclass(frozen=True, slots=True)
+class ListResult:
+    """One level of a prefix: full keys and common prefixes (each ending in `/`)."""
+
+    keys: list[str]
+    prefixes: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class LiveObject:
+    """The live (latest, not deleted) version of one key, as ListObjectVersions reports it."""
+
+    key: str
+    version_id: str
+    size: int
+    etag: str
+    last_modified: datetime
 
 
 class S3Reader:
@@ -344,6 +365,76 @@ class S3Reader:
             return written
 
         return await self._retry(attempt, what, version_id, None, Ticket(priority))
+
+    async def list_prefixes(self, prefix: str, *, max_keys: int | None = None) -> ListResult:
+        """The keys and common prefixes (one level, delimiter `/`) directly under `prefix`, over every
+        page (or only until `max_keys` keys and prefixes were seen). Demand priority: a lookup or a
+        listing waits for it."""
+        what = f"LIST s3://{self.bucket}/{prefix}"
+        keys: list[str] = []
+        prefixes: list[str] = []
+        token: str | None = None
+        while True:
+            params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
+            if max_keys is not None:
+                params["MaxKeys"] = max(1, min(1000, max_keys - len(keys) - len(prefixes)))
+            if token:
+                params["ContinuationToken"] = token
+
+            async def attempt(params: dict[str, Any] = params) -> dict[str, Any]:
+                self.stats["requests"] += 1
+                page: dict[str, Any] = await self._client.list_objects_v2(**params)
+                return page
+
+            page = await self._retry(
+                attempt, what, None, self.settings.request_timeout, Ticket(Priority.DEMAND)
+            )
+            keys += [str(item["Key"]) for item in page.get("Contents") or []]
+            prefixes += [str(item["Prefix"]) for item in page.get("CommonPrefixes") or []]
+            token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+            if not token or (max_keys is not None and len(keys) + len(prefixes) >= max_keys):
+                return ListResult(keys=keys, prefixes=prefixes)
+
+    async def iter_live_versions(self, prefix: str) -> AsyncIterator[list[LiveObject]]:
+        """Pages of the live objects under `prefix` (the latest version of each key that is not a
+        delete marker), with VersionId, size, ETag and LastModified, in key order (ListObjectVersions;
+        1,000 versions a page). Document priority: a long listing never delays demand reads."""
+        what = f"LIST VERSIONS s3://{self.bucket}/{prefix}"
+        key_marker: str | None = None
+        version_marker: str | None = None
+        while True:
+            params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            if key_marker is not None:
+                params["KeyMarker"] = key_marker
+                if version_marker:
+                    params["VersionIdMarker"] = version_marker
+
+            async def attempt(params: dict[str, Any] = params) -> dict[str, Any]:
+                self.stats["requests"] += 1
+                page: dict[str, Any] = await self._client.list_object_versions(**params)
+                return page
+
+            page = await self._retry(
+                attempt, what, None, self.settings.request_timeout, Ticket(Priority.DOCUMENT)
+            )
+            live = [
+                LiveObject(
+                    key=str(v["Key"]),
+                    version_id=str(v["VersionId"]),
+                    size=int(v["Size"]),
+                    etag=_strip_etag(str(v["ETag"])),
+                    last_modified=v["LastModified"],
+                )
+                for v in page.get("Versions") or []
+                if v.get("IsLatest")
+            ]
+            yield live
+            if not page.get("IsTruncated"):
+                return
+            key_marker = page.get("NextKeyMarker")
+            version_marker = page.get("NextVersionIdMarker")
+            if key_marker is None:
+                raise RemoteError(f"{what}: truncated listing without a next marker")
 
     # --- internals --------------------------------------------------------------------------------
 

@@ -5,12 +5,13 @@ parent directories implied by the paths) and the mapping between inode numbers a
 entries inside Zarrs. Never performs I/O: questions about entries inside a Zarr take that Zarr's loaded
 `ManifestIndex` as an argument, and `zarr_of` says which index a question needs.
 
-Inode numbers are deterministic and never reused. The top-level tree gets 1..T in sorted path order
-(1 is the root). The Zarrs are numbered 1..Z in sorted path order ("slots"); node `n` (n >= 1) of the
-manifest index of slot `s` is inode `(s << ZARR_SHIFT) | n`, and node 0 (the Zarr root) is the Zarr
-asset's own top-level inode. So an inode survives the index being evicted and reloaded, and `forget`
-needs no bookkeeping. Readdir offsets are 1 + the position of the entry in its directory's sorted
-children, stable because the tree never changes.
+Inode numbers here are *local* to the namespace, deterministic and never reused (`inodes` maps them
+into a mount's global inode space). The top-level tree gets 1..T in sorted path order (1 is the root).
+The Zarrs are numbered 1..Z in sorted path order ("slots"); node `n` (n >= 1) of the manifest index of
+slot `s` is inode `(s << ZARR_SHIFT) | n`, and node 0 (the Zarr root) is the Zarr asset's own top-level
+inode. So an inode survives the index being evicted and reloaded, and `forget` needs no bookkeeping.
+Readdir offsets are 1 + the position of the entry in its directory's sorted children, stable because
+the tree never changes. A namespace may also be rooted at one Zarr (`root_zarr`: the root is slot 1).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from .config import Source
 from .dandi import AssetRecord, ResolvedVersion
 from .errors import DataError, IsADirectory, NotADirectory, NotFound
 from .manifest import ManifestIndex
@@ -28,9 +30,12 @@ from .refs import ObjectRef
 log = logging.getLogger(__name__)
 
 ROOT_INO = 1
-ZARR_SHIFT = 40
+#: Bits of a node id within one Zarr (4 billion nodes; the largest DANDI Zarr has 1.5 million).
+ZARR_SHIFT = 32
 NODE_MASK = (1 << ZARR_SHIFT) - 1
 DANDISET_YAML = "dandiset.yaml"
+#: Rough bytes of memory one top-level node costs (for LRU weights of resolved versions).
+NODE_BYTES = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +46,11 @@ class Entry:
     is_dir: bool
     size: int
     mtime_ns: int
+    #: Seconds the kernel may keep this entry and its attributes; None: as long as it likes
+    #: (`config.ENTRY_TIMEOUT`), because it never changes.
+    ttl: float | None = None
+    #: The target of a symbolic link (is_dir is then False and size is the target's length).
+    link: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +86,9 @@ class _Top:
 class Namespace:
     """The immutable inode table of one mounted version."""
 
-    def __init__(self, resolved: ResolvedVersion, *, bucket: str) -> None:
+    def __init__(
+        self, resolved: ResolvedVersion, *, bucket: str, root_zarr: AssetRecord | None = None
+    ) -> None:
         self.resolved = resolved
         self.bucket = bucket
         newest = max((a.mtime_ns for a in resolved.assets), default=0)
@@ -84,6 +96,11 @@ class Namespace:
         self._zarr_roots: list[_Top | None] = [None]  # index = slot
         root = self._add(b"", parent=ROOT_INO, is_dir=True, mtime_ns=newest)
         assert root.ino == ROOT_INO
+        if root_zarr is not None:  # the root is the Zarr itself: slot 1
+            root.asset, root.slot, root.mtime_ns = root_zarr, 1, root_zarr.mtime_ns
+            self._zarr_roots.append(root)
+            self.n_assets, self.total_size = 1, root_zarr.size
+            return
         pending: dict[int, dict[bytes, _Top]] = {}
         dirs: dict[str, _Top] = {"": root}
         if resolved.dandiset_yaml is not None:
@@ -108,6 +125,29 @@ class Namespace:
                 node.child_inos = [n.ino for _, n in kids]
         self.n_assets = len(resolved.assets)
         self.total_size = sum(a.size for a in resolved.assets)
+
+    @classmethod
+    def for_zarr(cls, asset: AssetRecord, *, bucket: str, source: Source) -> Namespace:
+        """A namespace that is one Zarr (`zarrs/.../<checksum>.zarr` of an archive mount)."""
+        resolved = ResolvedVersion(
+            source=source, assets=(asset,), dandiset_yaml=None, published=True
+        )
+        return cls(resolved, bucket=bucket, root_zarr=asset)
+
+    @property
+    def n_plain(self) -> int:
+        """Local inodes of the top-level tree besides the root (2..T)."""
+        return len(self._nodes) - 2
+
+    @property
+    def n_slots(self) -> int:
+        """Zarr slots (1..Z)."""
+        return len(self._zarr_roots) - 1
+
+    @property
+    def approx_bytes(self) -> int:
+        """Rough memory this namespace holds (its weight in an LRU of resolved versions)."""
+        return NODE_BYTES * len(self._nodes)
 
     # --- construction ---------------------------------------------------------------------------
 

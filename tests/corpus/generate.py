@@ -248,14 +248,21 @@ ASSETS: dict[str, tuple[object, str, str]] = {
     ),
 }
 
-#: SOURCE strings: expected `DANDISET@VERSION` or "error".
+#: SOURCE strings: what they parse to (as `str(MountSource)`), or "error".
 SOURCES: list[tuple[str, str]] = [
     ("000123@0.251101.1200", "000123@0.251101.1200"),
     ("DANDI:000123/draft", "000123@draft"),
     ("https://dandiarchive.org/dandiset/000123/latest", "000123@latest"),
     ("000123@LATEST", "000123@latest"),
     ("  000123@draft  ", "000123@draft"),
-    ("000123", "error"),
+    ("000123", "000123"),
+    ("dandi", "dandi"),
+    ("dandi://dandi", "dandi"),
+    ("dandi://dandi/000123@draft/sub-01/x.zarr", "000123@draft/sub-01/x.zarr"),
+    ("dandi://dandi/000123@draft/sub-01/../x", "error"),
+    ("dandi://dandi/000123@draft/sub-01/\udc80", "error"),
+    ("dandi://dandi/000123/sub-01", "error"),
+    ("dandi://evil/000123", "error"),
     ("123@draft", "error"),
     ("0001234@draft", "error"),
     ("000123@", "error"),

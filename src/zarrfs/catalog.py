@@ -1,0 +1,194 @@
+"""The archive's lists, fetched when a path needs them and kept for a bounded time.
+
+Owns: the questions the archive's levels ask (which dandisets exist, which versions a dandiset has
+published, which Zarr ids and checksums the manifest roots hold, a Zarr's current checksum), each
+answered once however many requests ask at the same time (single flight) and remembered for a
+documented lifetime, and the resolution of one dandiset version (`dandi.resolve`).
+
+Lifetimes (`config`): the list of dandisets `DANDISET_LIST_TTL`; a dandiset's published versions
+(hence `latest`) and its existence `VERSION_LIST_TTL`; listings of the manifest roots `ZARR_LIST_TTL`;
+a Zarr's current checksum `ZARR_CHECKSUM_TTL`. A failed query is remembered for `FAILED_LIST_TTL`
+so that a dead API is not asked again by every lookup. A resolved published version never changes,
+so it is cached (by the caller's LRU) without a lifetime.
+
+Never does: FUSE, inode numbers, or decide what a name means (see `archive`). Which source answers
+what: the dandiset list pages through the API (falling back to the bucket's `dandisets/` prefixes),
+existence and published versions come from the bucket (an unreachable API only breaks `draft`), the
+zarrs/ levels are best-effort listings of the manifest roots.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import trio
+
+from . import config
+from .archive import ZARR_SUFFIX, Level, NodeKey
+from .config import Source
+from .dandi import (
+    ResolvedVersion,
+    dandiset_exists,
+    list_dandisets,
+    list_published_versions,
+    resolve,
+    zarr_current_checksum,
+)
+from .errors import DataError, ObjectMissing, RemoteError, VersionNotFound
+from .manifest import is_checksum
+from .remote import Remote
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Flight:
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class _Memo(Generic[T]):
+    """Answers by key, each fetched once at a time and kept for `ttl` seconds (errors for
+    `error_ttl`); at most `maxsize` answers are kept (the oldest are dropped first)."""
+
+    def __init__(self, ttl: float, error_ttl: float, maxsize: int = 100_000) -> None:
+        self.ttl = ttl
+        self.error_ttl = error_ttl
+        self.maxsize = maxsize
+        self._kept: dict[Hashable, tuple[float, T | None, Exception | None]] = {}
+        self._inflight: dict[Hashable, _Flight] = {}
+
+    def peek(self, key: Hashable) -> T | None:
+        kept = self._kept.get(key)
+        if kept is None or kept[0] < time.monotonic() or kept[2] is not None:
+            return None
+        return kept[1]
+
+    async def get(self, key: Hashable, fetch: Callable[[], Awaitable[T]]) -> T:
+        while True:
+            kept = self._kept.get(key)
+            if kept is not None and kept[0] >= time.monotonic():
+                if kept[2] is not None:
+                    raise type(kept[2])(*kept[2].args)
+                return kept[1]  # type: ignore[return-value]
+            flight = self._inflight.get(key)
+            if flight is None:
+                break
+            await flight.done.wait()  # then the answer is kept, or its fetcher was cancelled
+        flight = self._inflight[key] = _Flight()
+        try:
+            value = await fetch()
+        except (DataError, VersionNotFound) as e:
+            self._keep(key, None, e, self.error_ttl)
+            raise
+        finally:
+            del self._inflight[key]
+            flight.done.set()
+        self._keep(key, value, None, self.ttl)
+        return value
+
+    def _keep(self, key: Hashable, value: T | None, error: Exception | None, ttl: float) -> None:
+        if len(self._kept) >= self.maxsize:
+            self._kept.pop(next(iter(self._kept)))
+        self._kept.pop(key, None)
+        self._kept[key] = (time.monotonic() + ttl, value, error)
+
+
+class Catalog:
+    """What the archive holds, asked lazily and remembered for a bounded time."""
+
+    def __init__(
+        self, remote: Remote, *, bucket: str, api_url: str, manifest_roots: Sequence[str]
+    ) -> None:
+        self.remote = remote
+        self.bucket = bucket
+        self.api_url = api_url
+        self.manifest_roots = tuple(manifest_roots)
+        error_ttl = config.FAILED_LIST_TTL
+        self._dandisets: _Memo[list[str]] = _Memo(config.DANDISET_LIST_TTL, error_ttl, 1)
+        self._exists: _Memo[bool] = _Memo(config.VERSION_LIST_TTL, error_ttl)
+        self._versions: _Memo[list[str]] = _Memo(config.VERSION_LIST_TTL, error_ttl)
+        self._zarr_names: _Memo[list[str]] = _Memo(config.ZARR_LIST_TTL, error_ttl)
+        self._checksums: _Memo[str | None] = _Memo(config.ZARR_CHECKSUM_TTL, error_ttl)
+
+    async def dandisets(self) -> list[str]:
+        return await self._dandisets.get("all", lambda: list_dandisets(self.remote, self.api_url))
+
+    async def dandiset_exists(self, dandiset_id: str) -> bool:
+        listed = self._dandisets.peek("all")
+        if listed is not None and dandiset_id in listed:
+            return True
+        return await self._exists.get(
+            dandiset_id, lambda: dandiset_exists(dandiset_id, self.remote)
+        )
+
+    async def published_versions(self, dandiset_id: str) -> list[str]:
+        return await self._versions.get(
+            dandiset_id, lambda: list_published_versions(dandiset_id, self.remote)
+        )
+
+    async def current_checksum(self, zarr_id: str) -> str | None:
+        """The Zarr's live checksum per the API; None when unknown (the API unreachable, or the
+        Zarr not finalized): then no manifest is built from the bucket for it."""
+
+        async def fetch() -> str | None:
+            try:
+                return await zarr_current_checksum(zarr_id, self.remote, self.api_url)
+            except (DataError, VersionNotFound) as e:
+                log.info("cannot ask the API for the current checksum of zarr %s: %s", zarr_id, e)
+                return None
+
+        return await self._checksums.get(zarr_id, fetch)
+
+    async def resolve(self, source: Source) -> ResolvedVersion:
+        return await resolve(source, self.remote, bucket=self.bucket, api_url=self.api_url)
+
+    # --- the zarrs/ levels: best effort -------------------------------------------------------------
+
+    async def zarr_names(self, key: NodeKey) -> list[str]:
+        """Names at a zarrs/ level, from the manifest roots' listings (union; roots that cannot be
+        listed are skipped). Only a best effort: lookups by exact name never need it."""
+        return await self._zarr_names.get(key, lambda: self._list_zarr_level(key))
+
+    async def _list_zarr_level(self, key: NodeKey) -> list[str]:
+        relative = _root_relative_dir(key)
+        names: set[str] = set()
+        for root in self.manifest_roots:
+            url = f"{root.rstrip('/')}/{relative}"
+            try:
+                entries = await self.remote.list_dir(url)
+            except (ObjectMissing, RemoteError) as e:
+                log.debug("cannot list %s: %s", url, e)
+                continue
+            names.update(n for n in (_zarr_name(key, entry) for entry in entries) if n)
+        return sorted(names)
+
+
+def _root_relative_dir(key: NodeKey) -> str:
+    z = key.zarr
+    if key.level == Level.ZARRS:
+        return ""
+    if key.level == Level.ZARRS_PREFIX:
+        return f"{z}/"
+    if key.level == Level.ZARRS_IDS:
+        return f"{z[:3]}/{z[3:6]}/"
+    if key.level == Level.ZARR_CHECKSUMS:
+        return f"{z[:3]}/{z[3:6]}/{z}/"
+    raise ValueError(f"{key} is not a zarrs/ level")
+
+
+def _zarr_name(key: NodeKey, entry: str) -> str | None:
+    """The name a root's directory entry shows as at this level (None: not one of ours)."""
+    from .archive import child_key
+
+    if key.level == Level.ZARR_CHECKSUMS:
+        checksum = entry.removesuffix(".json")
+        name = checksum + ZARR_SUFFIX
+        return name if entry.endswith(".json") and is_checksum(checksum) else None
+    name = entry.rstrip("/")
+    return name if entry.endswith("/") and child_key(key, name) is not None else None

@@ -1,0 +1,83 @@
+"""The core every face of zarrfs sits on: one `Config` wired into a running `Filesystem`.
+
+Owns: building, in one place, what the mount, the command-line verbs (`zarrfs ls`, ...) and the
+fsspec filesystem share: the remote clients, the catalog, the manifest cache, the block cache, and
+the service nursery where loads, resolutions and readahead run; sweeping the cache dir on start;
+removing the mount's temporary files at the end. Never imports pyfuse3: a face that has no FUSE
+uses this module as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+
+import trio
+
+from . import config as cfg
+from .catalog import Catalog
+from .chunk_cache import BlockCache
+from .config import Config
+from .filesystem import Filesystem
+from .manifest_cache import ManifestCache
+from .remote import Remote
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
+    """A started `Filesystem` for `config.source` (VersionNotFound, NotFound... when the source
+    does not exist), with its service nursery running; everything is closed on exit. Exceptions
+    leave as themselves, not wrapped in an exception group."""
+    async with Remote.open(config.s3) as remote:
+        roots = config.manifest_roots or cfg.default_manifest_roots(config.s3.bucket)
+        catalog = Catalog(
+            remote, bucket=config.s3.bucket, api_url=config.api_url, manifest_roots=roots
+        )
+        manifests = ManifestCache(
+            remote,
+            roots=roots,
+            cache_dir=config.cache_dir,
+            memory_budget=config.manifest_memory,
+            disk_budget=config.manifest_disk_size,
+            cpu_limiter=trio.CapacityLimiter(cfg.CPU_THREADS),
+        )
+        temps, _ = await trio.to_thread.run_sync(manifests.sweep, abandon_on_cancel=True)
+        if temps:
+            log.info("removed %d stale temporary files from %s", temps, config.cache_dir)
+        blocks = BlockCache(config.memory_cache_size, config.block_size)
+        fs = Filesystem(
+            config.source,
+            catalog,
+            manifests,
+            blocks,
+            remote.s3,
+            cache_dir=config.cache_dir,
+            version_memory=config.version_memory,
+        )
+        try:
+            description = await fs.start()  # before the nursery: its errors stay plain
+            log.info("serving %s", description)
+            with unwrap_single_exception():
+                async with trio.open_nursery() as service:
+                    manifests.service_nursery = fs.service_nursery = service
+                    fs.readahead_nursery = service
+                    try:
+                        yield fs
+                    finally:
+                        service.cancel_scope.cancel()
+        finally:
+            fs.remove_pins()
+
+
+@contextmanager
+def unwrap_single_exception() -> Iterator[None]:
+    """Let an exception that a nursery wrapped alone in a group leave as itself."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
