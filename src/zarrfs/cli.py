@@ -22,11 +22,15 @@ import time
 from collections.abc import Callable, Sequence
 from hashlib import sha1
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from . import config as cfg
 from .cache_dir import make_private_dir
 from .errors import DataError, MountError, UserError
+
+if TYPE_CHECKING:
+    from .filesystem import Filesystem
 
 log = logging.getLogger("zarrfs")
 
@@ -45,15 +49,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zarrfs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser("mount", help="mount DANDISET@VERSION at MOUNTPOINT")
+    m = sub.add_parser(
+        "mount", help="mount SOURCE (the archive, a dandiset, a version) at MOUNTPOINT"
+    )
     m.add_argument(
         "source",
         metavar="SOURCE",
-        help="000123@0.251101.1200, DANDI:000123/draft, "
-        "https://dandiarchive.org/dandiset/000123/latest",
+        help="dandi (the whole archive), 000123 (every version), 000123@0.251101.1200, "
+        "000123@draft, 000123@latest, DANDI:000123/draft, "
+        "https://dandiarchive.org/dandiset/000123/latest, dandi://dandi/000123@draft/sub-01",
     )
     m.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     add_mount_options(m)
+
+    ls = sub.add_parser(
+        "ls",
+        help="list a directory of SOURCE without mounting (name and size per line)",
+        description="List what a mount would show at SOURCE[/PATH], without mounting: one entry "
+        "per line, its name and its size (a directory's total when known). Examples: "
+        "zarrfs ls dandi://dandi/000123@draft/sub-01/x.ome.zarr/0 ; zarrfs ls -l 000123@latest",
+    )
+    ls.add_argument("source", metavar="SOURCE[/PATH]")
+    ls.add_argument(
+        "-l", "--long", action="store_true", help="also the S3 VersionId and ETag of each file"
+    )
+    add_connection_options(ls)
 
     u = sub.add_parser("unmount", help="unmount a zarrfs mount")
     u.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
@@ -81,6 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_mount_options(p: argparse.ArgumentParser) -> None:
+    """The connection options, then what only a mount has."""
+    add_connection_options(p)
+    p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    p.add_argument(
+        "--xattr",
+        action="store_true",
+        dest="xattrs",
+        help="serve user.zarrfs.s3_url/etag extended attributes (slows `ls -l`)",
+    )
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("--log-file", type=Path, help="log file of a background mount")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+
+def add_connection_options(p: argparse.ArgumentParser) -> None:
+    """What every verb that reads the archive takes, with the same names and defaults."""
     p.add_argument(
         "--endpoint-url",
         metavar="URL",
@@ -125,12 +161,12 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="sign requests with AWS credentials (default: anonymous)",
     )
-    p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     p.add_argument(
-        "--xattr",
-        action="store_true",
-        dest="xattrs",
-        help="serve user.zarrfs.s3_url/etag extended attributes (slows `ls -l`)",
+        "--version-memory",
+        default="256M",
+        metavar="SIZE",
+        help="budget for resolved versions an archive or dandiset mount keeps (default: "
+        "%(default)s)",
     )
     p.add_argument(
         "-o",
@@ -141,10 +177,7 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
         help="comma-separated mount options (allow_other, endpoint_url=..., bucket=..., "
         "cache_dir=..., ...)",
     )
-    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--debug", action="store_true", help="debug logging (implies nothing else)")
-    p.add_argument("--log-file", type=Path, help="log file of a background mount")
-    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
 
 _O_KEYS = {
@@ -156,6 +189,7 @@ _O_KEYS = {
     "memory_cache_size",
     "manifest_memory",
     "manifest_cache_size",
+    "version_memory",
     "manifest_root",
     "log_file",
 }
@@ -209,6 +243,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         memory = cfg.parse_size(args.memory_cache_size)
         manifest_memory = cfg.parse_size(args.manifest_memory)
         manifest_disk = cfg.parse_size(args.manifest_cache_size)
+        version_memory = cfg.parse_size(args.version_memory)
     except ValueError as e:
         raise UserError(str(e)) from None
     endpoint = args.endpoint_url or cfg.env_endpoint_url()
@@ -219,9 +254,10 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
     for root in roots:
         if not root.startswith(("s3://", "https://", "http://", "file:///")):
             raise UserError(f"bad --manifest-root {root!r}: use s3://, https:// or file:///")
+    mountpoint = getattr(args, "mountpoint", None)
     return cfg.Config(
         source=source,
-        mountpoint=args.mountpoint.absolute(),
+        mountpoint=mountpoint.absolute() if mountpoint is not None else Path("/"),
         s3=s3,
         manifest_roots=roots,
         api_url=args.api_url.rstrip("/"),
@@ -229,10 +265,11 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         memory_cache_size=memory,
         manifest_memory=manifest_memory,
         manifest_disk_size=manifest_disk,
-        foreground=args.foreground,
+        version_memory=version_memory,
+        foreground=getattr(args, "foreground", False),
         debug=args.debug,
-        allow_other=args.allow_other,
-        xattrs=args.xattrs,
+        allow_other=getattr(args, "allow_other", False),
+        xattrs=getattr(args, "xattrs", False),
         kernel_readdir_cache=cfg.env_kernel_readdir_cache(),
     )
 
@@ -420,6 +457,68 @@ def is_mounted(path: Path) -> bool:
         return False
 
 
+def run_ls(args: argparse.Namespace) -> int:
+    """`zarrfs ls SOURCE[/PATH]`: what a mount would show there, one entry per line."""
+    import trio
+
+    config = config_from_args(args)
+    setup_logging(config.debug)
+    if not config.debug:
+        logging.getLogger().setLevel(logging.ERROR)  # the listing is the output; errors are lines
+    for line in trio.run(_list_entries, config, args.long):
+        print(line)
+    return EXIT_OK
+
+
+async def _list_entries(config: cfg.Config, long: bool) -> list[str]:
+    from dataclasses import replace
+
+    from .core import open_filesystem
+    from .errors import SourceError
+
+    source = config.source
+    try:
+        async with open_filesystem(config) as fs:
+            return await _format_listing(fs, None, long)
+    except SourceError:  # PATH names a file: list that one entry
+        if not source.path:
+            raise
+        parent, _, name = source.path.rpartition("/")
+    async with open_filesystem(replace(config, source=replace(source, path=parent))) as fs:
+        return await _format_listing(fs, name.encode(), long)
+
+
+async def _format_listing(fs: Filesystem, only: bytes | None, long: bool) -> list[str]:
+    """`name<TAB>size` per entry (directories end in `/`, a size only when known), with `-l`
+    also `<TAB>VersionId<TAB>ETag` for files; a link as `name -> target`."""
+    from .refs import ObjectRef
+    from .tree import ROOT_INO
+
+    if only is not None:
+        entries = [(only, await fs.lookup(ROOT_INO, only))]
+    else:
+        handle = await fs.opendir(ROOT_INO)
+        entries = [(name, entry) for name, entry, _ in await fs.readdir(handle, 0)]
+    lines = []
+    for raw, entry in entries:
+        name = raw.decode("utf-8", "replace")
+        if entry.link is not None:
+            lines.append(f"{name} -> {entry.link.decode('utf-8', 'replace')}")
+        elif entry.is_dir:
+            lines.append(f"{name}/\t{entry.size or '-'}")
+        elif long:
+            source = (await fs.open(entry.ino)).source
+            version, etag = (
+                (source.version_id or "-", source.etag or "-")
+                if isinstance(source, ObjectRef)
+                else ("-", "-")
+            )
+            lines.append(f"{name}\t{entry.size}\t{version}\t{etag}")
+        else:
+            lines.append(f"{name}\t{entry.size}")
+    return lines
+
+
 def run_unmount(args: argparse.Namespace) -> int:
     mountpoint = args.mountpoint.absolute()
     if not is_mounted(mountpoint):
@@ -439,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_mount(args, argv)
         if args.command == "unmount":
             return run_unmount(args)
+        if args.command == "ls":
+            return run_ls(args)
         if args.command == "demo":
             from .demo import missing_requirements
 

@@ -91,10 +91,10 @@ def parse_source(text: str) -> MountSource:
             raise SourceError(
                 f"{text!r} names a path but no version: use dandi://dandi/{dandiset}@VERSION/{path}"
             )
-    elif (m := re.match(r"^(?:dandi:)?([0-9]+)(?:@([^/@\s]+))?\Z", t, re.IGNORECASE)) or (
-        m := re.match(r"^DANDI:([0-9]+)(?:/([^/\s]+))?/?\Z", t, re.IGNORECASE)
+    elif (m := re.match(r"^(?:dandi:)?([0-9]+)(?:@([^/@\s]+)(/.*)?)?\Z", t, re.IGNORECASE)) or (
+        m := re.match(r"^DANDI:([0-9]+)(?:/([^/\s]+)(/.*)?)?\Z", t, re.IGNORECASE)
     ):
-        dandiset, version = m.group(1), m.group(2)
+        dandiset, version, path = m.group(1), m.group(2), (m.group(3) or "")[1:].rstrip("/")
     elif t.startswith(("https://", "http://")):
         try:
             url = urlsplit(t)

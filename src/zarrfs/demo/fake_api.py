@@ -1,13 +1,15 @@
 """A minimal fake of the DANDI REST API, for tests and `zarrfs demo` only.
 
 Owns: a stdlib `ThreadingHTTPServer` on 127.0.0.1 (free port) answering the few endpoints zarrfs
-uses (see DANDI-FORMATS: The REST API): the dandiset (`most_recent_published_version`,
-`draft_version`), its versions, DRF-paginated asset rows per version, and `GET /zarr/<id>/`
-reporting the draft state of each Zarr. Unknown ids answer 404 `{"detail": "Not found."}`.
-Every request path is recorded in `requests` so tests can assert what a client asked for.
+uses (see DANDI-FORMATS: The REST API): the DRF-paginated list of dandisets, the dandiset
+(`most_recent_published_version`, `draft_version`), its versions, DRF-paginated asset rows per
+version, and `GET /zarr/<id>/` reporting the draft state of each Zarr. Unknown ids answer 404
+`{"detail": "Not found."}`. Every request path is recorded in `requests` so tests can assert what a
+client asked for; `max_page_size` can be lowered so that a few dandisets take several pages.
 
 Never does: S3, FUSE, writes, or anything a real mount depends on. Handlers run on server threads;
-the served data is immutable after construction and `requests` is guarded by a lock.
+`zarrs` may be changed by a test (a Zarr edited in the draft) between requests, the rest is
+immutable after construction, and `requests` is guarded by a lock.
 """
 
 from __future__ import annotations
@@ -93,13 +95,22 @@ class FakeDandiAPI:
         self,
         dandisets: SampleDandiset | Mapping[str, Mapping[str, Any]],
         zarrs: Mapping[str, Mapping[str, Any]] | None = None,
+        *,
+        more: SampleDandiset | Mapping[str, Mapping[str, Any]] | None = None,
+        max_page_size: int = MAX_PAGE_SIZE,
     ) -> None:
-        if not isinstance(dandisets, Mapping):
-            sample = dandisets
-            dandisets = dandisets_from_sample(sample)
-            zarrs = zarrs_from_sample(sample) if zarrs is None else zarrs
-        self.dandisets: Mapping[str, Mapping[str, Any]] = dandisets
-        self.zarrs: Mapping[str, Mapping[str, Any]] = zarrs or {}
+        merged: dict[str, Mapping[str, Any]] = {}
+        all_zarrs: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (zarrs or {}).items()}
+        for part in (dandisets, more):
+            if part is None:
+                continue
+            if not isinstance(part, Mapping):
+                all_zarrs.update(zarrs_from_sample(part) if zarrs is None else {})
+                part = dandisets_from_sample(part)
+            merged.update(part)
+        self.dandisets: Mapping[str, Mapping[str, Any]] = merged
+        self.zarrs: dict[str, dict[str, Any]] = all_zarrs
+        self.max_page_size = max_page_size
         self.requests: list[str] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -173,6 +184,9 @@ class FakeDandiAPI:
             return HTTPStatus.NOT_FOUND, _NOT_FOUND
         parts = parts[1:]
         match parts:
+            case ["dandisets"]:
+                rows = [self._dandiset(i)[1] for i in sorted(self.dandisets)]
+                return self._page(split.path, query, rows)
             case ["dandisets", dandiset_id]:
                 return self._dandiset(dandiset_id)
             case ["dandisets", dandiset_id, "versions"]:
@@ -236,24 +250,24 @@ class FakeDandiAPI:
         entry = self._version(dandiset_id, version)
         if entry is None:
             return HTTPStatus.NOT_FOUND, _NOT_FOUND
+        rows = sorted(entry.get("assets", []), key=lambda r: str(r["path"]))
+        with_metadata = query.get("metadata", "").lower() in ("true", "1")
+        if not with_metadata:
+            rows = [{k: v for k, v in row.items() if k != "metadata"} for row in rows]
+        return self._page(path, query, rows)
+
+    def _page(self, path: str, query: Mapping[str, str], rows: list[Any]) -> tuple[int, Any]:
+        """One DRF page of `rows`, with absolute `next`/`previous` links."""
         try:
             page_size = int(query.get("page_size", DEFAULT_PAGE_SIZE))
             page = int(query.get("page", 1))
         except ValueError:
             return HTTPStatus.NOT_FOUND, {"detail": "Invalid page."}
-        page_size = max(1, min(page_size, MAX_PAGE_SIZE))
-        rows = sorted(entry.get("assets", []), key=lambda r: str(r["path"]))
+        page_size = max(1, min(page_size, self.max_page_size))
         pages = max(1, -(-len(rows) // page_size))
         if not 1 <= page <= pages:
             return HTTPStatus.NOT_FOUND, {"detail": "Invalid page."}
-        with_metadata = query.get("metadata", "").lower() in ("true", "1")
         chunk = rows[(page - 1) * page_size : page * page_size]
-        results = []
-        for row in chunk:
-            result = {k: v for k, v in row.items() if k != "metadata"}
-            if with_metadata:
-                result["metadata"] = row.get("metadata", {})
-            results.append(result)
 
         def link(number: int) -> str | None:
             if not 1 <= number <= pages:
@@ -261,11 +275,11 @@ class FakeDandiAPI:
             params = dict(query)
             params["page"] = str(number)
             base = self.url.removesuffix("/api")
-            return f"{base}{path}?{urlencode(params)}"
+            return f"{base}{path}?{urlencode(sorted(params.items()))}"
 
         return HTTPStatus.OK, {
             "count": len(rows),
             "next": link(page + 1),
             "previous": link(page - 1),
-            "results": results,
+            "results": chunk,
         }
