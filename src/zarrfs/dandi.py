@@ -1,10 +1,12 @@
 """The DANDI resolver: `SOURCE` strings -> `Source`, and a `Source` -> the pinned list of its assets.
 
 Owns: parsing the user's SOURCE spellings, parsing asset records (`assets.jsonld` items or API rows),
-mapping their S3 URLs onto the configured bucket, and resolving a version. A published version comes
-only from `dandisets/<id>/<version>/assets.jsonld` in the bucket; the REST API is used only for `latest`
-(to learn the newest published version) and `draft` (whose Zarrs are pinned to the checksum each has at
-resolution time). Never touches FUSE, and reads remote data only through `remote.Remote`.
+mapping their S3 URLs onto the configured bucket, resolving a version, and the archive's lists (the
+dandisets, a dandiset's published versions, a Zarr's current checksum). A published version comes only
+from `dandisets/<id>/<version>/assets.jsonld` in the bucket, and `latest` is the newest version the
+bucket holds; the REST API is used for `draft` (whose Zarrs are pinned to the checksum each has at
+resolution time), for the list of dandisets (with the bucket as fallback) and for a Zarr's current
+checksum. Never touches FUSE, and reads remote data only through `remote.Remote`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Owns: the dispatch of a URL to the one `S3Reader` (`s3://BUCKET/KEY`, BUCKET must be the configured
 bucket), the one `HttpClient` (`http://`, `https://`) or the local filesystem (`file:///abs/path`,
-read in a worker thread), with the same error types for all three (`ObjectMissing` when absent).
+read in a worker thread), with the same error types for all three (`ObjectMissing` when absent); and a
+best-effort listing of a "directory" at a URL (an S3 prefix, a local directory, an autoindex page).
 
 Never does: caching, parsing, retries of its own (the two clients retry), or talking to a second S3
 endpoint.

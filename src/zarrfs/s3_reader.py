@@ -1,4 +1,5 @@
-"""Ranged GETs of exact S3 object versions, verified, retried, scheduled, with errors translated.
+"""Ranged GETs of exact S3 object versions, verified, retried, scheduled, with errors translated;
+and the two listings the archive needs (one level of a prefix; the live versions under a prefix).
 
 Owns: the only aiobotocore client of zarrfs (on trio, through aiobotocore's httpx backend;
 botocore's own retries are off because `retry.retry` retries), the verification of every response

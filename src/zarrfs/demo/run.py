@@ -1,9 +1,11 @@
-"""`zarrfs demo`: a sample dandiset in an embedded local S3, two versions mounted side by side.
+"""`zarrfs demo`: the whole (sample) archive in one mount, as its WebDAV view used to show it.
 
-Owns: orchestrating the demo: start `LocalS3`, write the sample (`sample.build_sample`, the same
-builder the tests use), run one `zarrfs mount -f` daemon per published version, show that the
-versions differ through real clients (zarr-python, h5py), print what to try, and unmount everything
-on Ctrl-C (or at once with `--check`). Never implements filesystem behaviour itself.
+Owns: orchestrating the demo: start `LocalS3` and write the sample into it (`sample.build_sample`,
+the same builder the tests use), start the fake DANDI API (`fake_api`), run one `zarrfs mount -f
+dandi` daemon, show through real clients (zarr-python, h5py) that each published version still
+serves its own bytes after the Zarr was edited in place, that `latest` and `draft` are there and
+that an old Zarr checksum is reachable under `zarrs/`, print what to try, and unmount on Ctrl-C (or
+at once with `--check`). Never implements filesystem behaviour itself.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ READY_TIMEOUT = 60.0
 
 
 def _mount(
-    source: str, path: Path, endpoint: str, cache: Path, log: Path, debug: bool
+    source: str,
+    path: Path,
+    endpoint: str,
+    cache: Path,
+    log: Path,
+    debug: bool,
+    extra: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
     path.mkdir(parents=True, exist_ok=True)
     if os.path.ismount(path):
@@ -43,6 +51,7 @@ def _mount(
         "--cache-dir",
         str(cache),
         "--xattr",  # so that `getfattr` shows where each file comes from
+        *extra,
     ]
     if debug:
         command.append("--debug")
@@ -73,87 +82,97 @@ def _unmount(path: Path, process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def _show_differences(mounts: dict[str, Path]) -> bool:
-    """Read the same data through both mounts with real clients; True if all checks held."""
+def _show_differences(mnt: Path, zarr_path: Path) -> bool:
+    """Read the same data through the archive mount's versions with real clients; True if every
+    check held."""
     import h5py
     import numpy as np
     import zarr
 
-    from .sample import ARRAY_PATH, EPHYS_PATH, OME_PATH
+    from .sample import ARRAY_PATH, EPHYS_PATH, OME_PATH, V1, V2
 
-    (v1, p1), (v2, p2) = mounts.items()
+    releases = mnt / "dandisets" / "000123" / "releases"
+    p1, p2 = releases / V1, releases / V2
     ok = True
-    print("\nzarr-python, level 0 of the OME-Zarr, first chunk corner, through each mount:")
+    print("\nzarr-python, level 0 of the OME-Zarr, first chunk corner, in each version:")
     values = {}
-    for version, path in mounts.items():
+    for version, path in ((V1, p1), (V2, p2)):
         level0 = zarr.open_array(str(path / OME_PATH / "0"), mode="r")
         values[version] = np.asarray(level0[0, 0, :3, :6])
-        print(f"  {version}: {values[version].tolist()}")
-    if np.array_equal(values[v1], values[v2]):
+        print(f"  releases/{version}: {values[version].tolist()}")
+    if np.array_equal(values[V1], values[V2]):
         print("  !! the versions should differ here")
         ok = False
     else:
-        print("  -> v1 still reads the published v1 chunk although v2 overwrote it in place")
+        print(f"  -> {V1} still reads its published chunk although {V2} overwrote it in place")
+    old = np.asarray(zarr.open_array(str(zarr_path / "0"), mode="r")[0, 0, :3, :6])
+    same = np.array_equal(old, values[V1])
+    print(f"  zarrs/.../<{V1}'s checksum>.zarr reads the same values: {same}")
+    ok = ok and same
     a1 = np.asarray(zarr.open_array(str(p1 / ARRAY_PATH), mode="r")[...])
     a2 = np.asarray(zarr.open_array(str(p2 / ARRAY_PATH), mode="r")[...])
     changed = int(np.count_nonzero(a1 != a2))
-    print(f"Zarr format 3 array: {changed} of {a1.size} values differ between {v1} and {v2}")
+    print(f"Zarr format 3 array: {changed} of {a1.size} values differ between {V1} and {V2}")
     ok = ok and changed > 0
+    latest = os.readlink(mnt / "dandisets" / "000123" / "latest")
+    print(f"dandisets/000123/latest -> {latest}")
+    ok = ok and latest == f"releases/{V2}"
     with h5py.File(p2 / EPHYS_PATH, "r") as f:
         data = f["acquisition/ElectricalSeries/data"]
         print(
             f"h5py: {EPHYS_PATH}: ElectricalSeries {data.shape} {data.dtype}, "
             f"first samples {data[0, :4].tolist()}"
         )
+    draft = sorted(os.listdir(mnt / "dandisets" / "000123" / "draft"))
+    print(f"dandisets/000123/draft: {draft}")
     return ok
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from .fake_api import FakeDandiAPI
     from .locals3 import LocalS3
-    from .sample import V1, V2, build_sample
+    from .sample import OME_PATH, V1, build_sample
 
-    base = (args.mountpoint or Path(DEMO_DIR)).absolute()
-    base.mkdir(parents=True, exist_ok=True)
+    mnt = (args.mountpoint or Path(DEMO_DIR)).absolute()
+    mnt.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="zarrfs-demo-"))
-    log = work / "mounts.log"
+    log = work / "mount.log"
     print(f"starting a local S3 and writing the sample dandiset (work dir {work}) ...")
     with LocalS3() as s3:
         sample = build_sample(s3)
-        dandiset = sample.dandiset_id
-        mounts: dict[str, Path] = {}
-        processes: list[tuple[Path, subprocess.Popen[bytes]]] = []
+        api = FakeDandiAPI(sample).start()
+        extra = ("--api-url", api.url, "--manifest-root", f"s3://{s3.bucket}/zarr-manifest/")
+        process = _mount("dandi", mnt, s3.endpoint_url, work / "cache", log, args.debug, extra)
         try:
-            for version in (V1, V2):
-                source = f"{dandiset}@{version}"
-                path = base / source
-                processes.append(
-                    (path, _mount(source, path, s3.endpoint_url, work / "cache", log, args.debug))
-                )
-                mounts[version] = path
-                print(f"mounted {source} at {path}")
-            ok = _show_differences(mounts)
-            p1, p2 = (shlex.quote(str(p)) for p in mounts.values())
+            print(f"mounted the whole archive (dandi) at {mnt}")
+            zarr_id = sample.versions[V1].zarr_ids[OME_PATH]
+            checksum = sample.versions[V1].zarr_checksums[OME_PATH]
+            zarr_path = mnt / "zarrs" / zarr_id[:3] / zarr_id[3:6] / zarr_id / f"{checksum}.zarr"
+            ok = _show_differences(mnt, zarr_path)
+            d = shlex.quote(str(mnt / "dandisets" / "000123"))
+            z = shlex.quote(str(zarr_path))
             print(f"""
 Try:
-  ls -l {p1}/sub-01/sub-01_sample.ome.zarr/0/0/0
-  diff <(xxd {p1}/sub-01/sub-01_sample.ome.zarr/.zattrs) <(xxd {p2}/sub-01/sub-01_sample.ome.zarr/.zattrs)
-  python -c "import zarr; [print(v, zarr.open_array(v + '/sub-01/sub-01_sample.ome.zarr/0', mode='r')[0, 0, :2, :4]) for v in ('{p1}', '{p2}')]"
-  getfattr -d {p1}/sub-01/sub-01_sample.ome.zarr/0/0/0/0/0
-  zarrfs mount {dandiset}@{V1} /another/dir --endpoint-url {s3.endpoint_url}
-Local S3 endpoint: {s3.endpoint_url}   mount log: {log}""")
+  ls {shlex.quote(str(mnt))}/dandisets/000123/releases
+  ls -l {d}/latest {d}/draft/sub-01
+  python -c "import zarr; [print(v, zarr.open_array('{d}/releases/' + v + '/sub-01/sub-01_sample.ome.zarr/0', mode='r')[0, 0, :2, :4]) for v in ('0.251101.1200', '0.251102.1200')]"
+  ls {z}
+  getfattr -d {d}/releases/{V1}/sub-01/sub-01_sample.ome.zarr/0/0/0/0/0
+  zarrfs ls dandi://dandi/000123@{V1}/sub-01 --endpoint-url {s3.endpoint_url} --api-url {api.url}
+Local S3 endpoint: {s3.endpoint_url}   fake API: {api.url}   mount log: {log}""")
             if args.check:
                 print("demo check " + ("passed" if ok else "FAILED"))
                 return 0 if ok else 1
             try:
                 print("\nPress Ctrl-C to unmount and stop.", flush=True)
-                while all(p.poll() is None for _, p in processes):
+                while process.poll() is None:
                     signal.signal(signal.SIGTERM, signal.default_int_handler)
                     time.sleep(0.5)
-                print("a mount process exited; stopping", file=sys.stderr)
+                print("the mount process exited; stopping", file=sys.stderr)
                 return 1
             except KeyboardInterrupt:
                 print("\nunmounting ...")
                 return 0
         finally:
-            for path, process in processes:
-                _unmount(path, process)
+            _unmount(mnt, process)
+            api.stop()
