@@ -232,3 +232,79 @@ def test_bulk_children_match_per_node_accessors() -> None:
         assert index.children(node, 0, 10**6) == expected
         for start, count in ((0, 1), (1, 3), (len(expected) - 1, 5), (len(expected), 5)):
             assert index.children(node, start, count) == expected[start : start + count]
+
+
+# --- the direct digest is byte-identical to zarr_checksum's ---------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from zarr_checksum.checksum import ZarrChecksum, ZarrChecksumManifest  # noqa: E402
+
+from zarrfs.manifest import directory_digest  # noqa: E402
+
+any_name = st.text(alphabet=st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=20)
+any_etag = st.one_of(
+    st.text(alphabet="0123456789abcdef", min_size=32, max_size=32),
+    st.text(alphabet="0123456789abcdef", min_size=32, max_size=32).map(lambda e: e + "-17"),
+    st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=40),  # anything S3 says
+)
+sizes = st.integers(min_value=0, max_value=1 << 62)
+
+
+@given(
+    st.dictionaries(any_name, st.tuples(any_etag, sizes), max_size=12),
+    st.dictionaries(
+        any_name,
+        st.tuples(
+            st.text("0123456789abcdef", min_size=32, max_size=32), sizes, st.integers(1, 10**6)
+        ),
+        max_size=6,
+    ),
+)
+@settings(max_examples=400)
+def test_directory_digest_equals_zarr_checksum(
+    files: dict[str, tuple[str, int]], dirs: dict[str, tuple[str, int, int]]
+) -> None:
+    dirs = {name: value for name, value in dirs.items() if name not in files}
+    file_rows = sorted((name, etag, size) for name, (etag, size) in files.items())
+    dir_rows = sorted(
+        (name, f"{md5}-{count}--{size}", size, count) for name, (md5, size, count) in dirs.items()
+    )
+    reference = ZarrChecksumManifest(
+        directories=[ZarrChecksum(digest=d, name=n, size=s) for n, d, s, _ in dir_rows],
+        files=[ZarrChecksum(digest=e, name=n, size=s) for n, e, s in file_rows],
+    ).generate_digest()
+    assert directory_digest(file_rows, dir_rows) == (reference.digest, reference.count)
+
+
+component = any_name.filter(
+    lambda n: "/" not in n and n not in (".", "..") and "\0" not in n and len(n.encode()) <= 255
+)
+etag_ok = any_etag.filter(lambda e: e != "" and "\0" not in e)  # what parsing accepts
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(component, min_size=1, max_size=4),
+            etag_ok,
+            st.integers(min_value=0, max_value=5 << 40),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+@settings(max_examples=150, deadline=None)
+def test_whole_trees_verify_against_zarr_checksum(
+    rows: list[tuple[list[str], str, int]],
+) -> None:
+    leaves: dict[str, ManifestLeaf] = {}
+    for parts, etag, size in rows:
+        path = "/".join(parts)
+        if any(p == path or path.startswith(p + "/") or p.startswith(path + "/") for p in leaves):
+            continue
+        leaves[path] = ManifestLeaf(path, "v", "2025-11-01T12:00:01+00:00", size, etag)
+    checksum = zarr_checksum_of(list(leaves.values()))  # the reference: ZarrChecksumTree
+    doc = format_manifest(build_manifest(list(leaves.values()))).encode()
+    index = parse_manifest(doc, zarr_id="z", expected_checksum=checksum)  # raises on any difference
+    assert index.recompute_checksum() == checksum
