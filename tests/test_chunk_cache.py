@@ -104,7 +104,7 @@ async def test_second_read_is_a_hit() -> None:
     cache = BlockCache(max_bytes=1 << 20, block_size=1000)
     fetch = FakeFetch()
     await cache.read(REF, 0, 2500, fetch)
-    assert cache.stats() == {"hits": 0, "misses": 3, "bytes": 3000, "items": 3}
+    assert cache.stats() == {"hits": 0, "misses": 3, "disk_hits": 0, "bytes": 3000, "items": 3}
     assert await cache.read(REF, 500, 1000, fetch) == content(REF)[500:1500]
     assert len(fetch.calls) == 3
     assert cache.stats()["hits"] == 2

@@ -1,17 +1,24 @@
 """The cache directory: its layout, and the private creation of everything zarrfs writes there.
 
-Owns: where each kind of cached data lives below the cache dir (`CacheLayout`), and creating
+Owns: where each kind of cached data lives below the cache dir (`CacheLayout`), creating
 directories with mode 0700 (every component zarrfs creates, not only the last) and files with mode
-0600, whatever the umask: the cache holds what a user read, which is nobody else's business. A cache
-dir shared on purpose (several mounts of one user, many nodes of one account on NFS) works as long
-as the same user writes it. Synchronous; callers run it in worker threads on the serving path.
+0600, whatever the umask (the cache holds what a user read, which is nobody else's business), and
+small JSON documents stored with a checksum (`write_checked_json`/`read_checked_json`: written
+atomically, a damaged one reads as absent). A cache dir shared on purpose (several mounts of one user,
+many nodes of one account on NFS) works as long as the same user writes it. Synchronous; callers run
+it in worker threads on the serving path.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import xxhash
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -32,6 +39,11 @@ class CacheLayout:
     def built_manifests(self) -> Path:
         """Manifests built from the bucket's listing, laid out like a manifest root."""
         return self.root / "manifests-built"
+
+    @property
+    def versions(self) -> Path:
+        """Resolved published versions (immutable): `versions/<bucket>/<id>/<version>.json`."""
+        return self.root / "versions"
 
     @property
     def blocks(self) -> Path:
@@ -84,3 +96,32 @@ def create_private_file(path: Path) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     os.fchmod(fd, FILE_MODE)
     return fd
+
+
+def write_checked_json(path: Path, doc: Any) -> None:
+    """Write `doc` to `path` atomically (0600 temp file, rename), its xxh3-128 on the first line."""
+    make_private_dir(path.parent)
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with os.fdopen(create_private_file(tmp), "wb") as f:
+            f.write(xxhash.xxh3_128_hexdigest(body).encode() + b"\n" + body)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_checked_json(path: Path) -> Any | None:
+    """The document `write_checked_json` wrote, or None when absent or damaged (then removed)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    digest, _, body = data.partition(b"\n")
+    if xxhash.xxh3_128_hexdigest(body).encode() == digest:
+        try:
+            return json.loads(body)
+        except ValueError:
+            pass
+    path.unlink(missing_ok=True)
+    return None

@@ -14,7 +14,8 @@ so it is cached (by the caller's LRU) without a lifetime.
 Never does: FUSE, inode numbers, or decide what a name means (see `archive`). Which source answers
 what: the dandiset list pages through the API (falling back to the bucket's `dandisets/` prefixes),
 existence and published versions come from the bucket (an unreachable API only breaks `draft`), the
-zarrs/ levels are best-effort listings of the manifest roots.
+zarrs/ levels are best-effort listings of the manifest roots. A resolved published version is kept
+in the cache dir (it never changes), so mounting it again needs no request at all.
 """
 
 from __future__ import annotations
@@ -23,19 +24,24 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Generic, TypeVar
 
 import trio
 
 from . import config
 from .archive import ZARR_SUFFIX, Level, NodeKey
+from .cache_dir import CacheLayout, read_checked_json, write_checked_json
 from .config import Source
 from .dandi import (
+    PUBLISHED_VERSION_RE,
     ResolvedVersion,
     dandiset_exists,
     list_dandisets,
     list_published_versions,
     resolve,
+    resolved_from_json,
+    resolved_to_json,
     zarr_current_checksum,
 )
 from .errors import DataError, ObjectMissing, RemoteError, VersionNotFound
@@ -103,9 +109,16 @@ class Catalog:
     """What the archive holds, asked lazily and remembered for a bounded time."""
 
     def __init__(
-        self, remote: Remote, *, bucket: str, api_url: str, manifest_roots: Sequence[str]
+        self,
+        remote: Remote,
+        *,
+        bucket: str,
+        api_url: str,
+        manifest_roots: Sequence[str],
+        cache_dir: Path | None = None,
     ) -> None:
         self.remote = remote
+        self.cache_dir = cache_dir
         self.bucket = bucket
         self.api_url = api_url
         self.manifest_roots = tuple(manifest_roots)
@@ -146,7 +159,36 @@ class Catalog:
         return await self._checksums.get(zarr_id, fetch)
 
     async def resolve(self, source: Source) -> ResolvedVersion:
-        return await resolve(source, self.remote, bucket=self.bucket, api_url=self.api_url)
+        """One version, pinned. A published version never changes, so with a cache dir it is
+        kept there (`versions/<bucket>/<id>/<version>.json`, checked on read) and a later mount
+        resolves it without a request."""
+        if source.version == "latest":
+            versions = await self.published_versions(source.dandiset_id)
+            if not versions:
+                raise VersionNotFound(f"dandiset {source.dandiset_id} has no published version")
+            source = Source(source.dandiset_id, versions[-1])
+        path = self._stored(source)
+        if path is not None:
+            try:
+                doc = await trio.to_thread.run_sync(read_checked_json, path, abandon_on_cancel=True)
+                if doc is not None:
+                    return resolved_from_json(doc)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("ignoring the stored version %s: %s", path, e)
+        resolved = await resolve(source, self.remote, bucket=self.bucket, api_url=self.api_url)
+        if path is not None and resolved.published:
+            try:
+                doc = resolved_to_json(resolved)
+                await trio.to_thread.run_sync(write_checked_json, path, doc, abandon_on_cancel=True)
+            except OSError as e:
+                log.warning("cannot keep the resolved version in %s: %s", path, e)
+        return resolved
+
+    def _stored(self, source: Source) -> Path | None:
+        if self.cache_dir is None or not PUBLISHED_VERSION_RE.match(source.version):
+            return None
+        root = CacheLayout(self.cache_dir).versions
+        return root / self.bucket / source.dandiset_id / f"{source.version}.json"
 
     # --- the zarrs/ levels: best effort -------------------------------------------------------------
 

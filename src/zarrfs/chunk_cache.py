@@ -8,7 +8,9 @@ fetching (a `dict[key, _Flight]` of in-flight fetches: concurrent readers of one
 fetch and get its bytes or its error), and optional sequential readahead of the next blocks.
 
 Never does: S3 or HTTP (the `fetch(ref, start, end, ticket)` callable is injected; in production it is
-`S3Reader.read_range`), invalidation (every key carries an immutable version), or caching errors.
+`S3Reader.read_range`), invalidation (every key carries an immutable version), or caching errors. With
+a `disk` tier, a memory miss asks the disk before fetching, and a fetched block is written to disk in
+the background (`disk_tier`); the disk verifies what it returns.
 
 Scheduling: a reader's own fetches are demand requests; readahead fetches are prefetch requests, and
 a reader that finds the block it needs still waiting behind other work promotes that fetch to demand
@@ -31,7 +33,9 @@ import trio
 from cachetools import LRUCache
 
 from zarrfs import config
+from zarrfs.disk_tier import DiskTier
 from zarrfs.errors import DataError, IntegrityError
+from zarrfs.refs import ObjectRef
 from zarrfs.scheduler import Priority, Ticket
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,8 @@ log = logging.getLogger(__name__)
 #: (object key, version id, block index)
 BlockKey = tuple[str, str | None, int]
 
+#: A whole-object unit may take at most 1/WHOLE_OBJECT_SHARE of the memory budget.
+WHOLE_OBJECT_SHARE = 8
 #: How many readahead markers are remembered (a marker is dropped when its block is first read).
 READAHEAD_MARKERS = 4096
 #: How a block was obtained, which drives readahead: a miss reads one block ahead, consuming a
@@ -81,6 +87,7 @@ class BlockCache:
         block_size: int,
         readahead_blocks: int = config.READAHEAD_BLOCKS,
         whole_object_max: int = config.VERIFY_WHOLE_OBJECT_MAX,
+        disk: DiskTier | None = None,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -89,12 +96,14 @@ class BlockCache:
         self.max_bytes = max_bytes
         self.block_size = block_size
         self.whole_object_max = whole_object_max
+        self.disk = disk
         self.readahead_blocks = max(1, readahead_blocks)
         self._lru: LRUCache[BlockKey, bytes] = LRUCache(maxsize=max_bytes, getsizeof=len)
         self._inflight: dict[BlockKey, _Flight] = {}
         self._readahead: LRUCache[BlockKey, bool] = LRUCache(maxsize=READAHEAD_MARKERS)
         self._hits = 0
         self._misses = 0
+        self._disk_hits = 0
 
     async def read(
         self,
@@ -148,16 +157,21 @@ class BlockCache:
         return result
 
     def unit(self, ref: BlockSource) -> int:
-        """The block size used for `ref`: the whole object when it is verifiable as a whole."""
-        if ref.md5() is not None and 0 < ref.size <= self.whole_object_max:
+        """The block size used for `ref`: the whole object when it is verifiable as a whole and
+        small enough to stay in memory while it is read (at most an eighth of the budget: a unit
+        the LRU cannot keep would be fetched again for every read request of the object)."""
+        whole_max = min(self.whole_object_max, self.max_bytes // WHOLE_OBJECT_SHARE)
+        if ref.md5() is not None and 0 < ref.size <= whole_max:
             return ref.size
         return self.block_size
 
     def stats(self) -> dict[str, int]:
-        """hits (blocks served without a fetch of their own), misses (fetches), bytes, items."""
+        """hits (blocks served without a fetch of their own), misses (memory misses), disk_hits
+        (misses the disk answered), bytes, items."""
         return {
             "hits": self._hits,
             "misses": self._misses,
+            "disk_hits": self._disk_hits,
             "bytes": int(self._lru.currsize),
             "items": len(self._lru),
         }
@@ -200,7 +214,7 @@ class BlockCache:
         start = index * unit
         stop = min(start + unit, ref.size)
         try:
-            data = await fetch(ref, start, stop, flight.ticket)
+            data = await self._disk_or_fetch(ref, index, unit, start, stop, fetch, flight.ticket)
             if len(data) != stop - start:
                 raise IntegrityError(
                     f"{ref.key} (version {ref.version_id}): block {index} has {len(data)} bytes, "
@@ -217,6 +231,27 @@ class BlockCache:
             flight.done.set()
         # a block meant to be read ahead but fetched by its reader still marks a sequential stream
         return data, READ_AHEAD if read_ahead else MISS
+
+    async def _disk_or_fetch(
+        self,
+        ref: R,
+        index: int,
+        unit: int,
+        start: int,
+        stop: int,
+        fetch: Fetch[R],
+        ticket: Ticket,
+    ) -> bytes:
+        disk = self.disk
+        if disk is not None and isinstance(ref, ObjectRef):
+            data = await disk.get(ref, index, unit)
+            if data is not None:
+                self._disk_hits += 1
+                return data
+        data = await fetch(ref, start, stop, ticket)
+        if disk is not None and isinstance(ref, ObjectRef) and len(data) == stop - start:
+            disk.put_later(ref, index, unit, data)
+        return data
 
     def _start_readahead(
         self,

@@ -145,6 +145,12 @@ def add_connection_options(p: argparse.ArgumentParser) -> None:
         help="in-memory block cache budget (default: %(default)s)",
     )
     p.add_argument(
+        "--cache-size",
+        metavar="SIZE",
+        help="disk block cache under the cache dir, shareable between mounts and nodes (default: "
+        "a tenth of the free space, at most 50G; 0 disables it)",
+    )
+    p.add_argument(
         "--manifest-memory",
         default="1G",
         metavar="SIZE",
@@ -190,6 +196,7 @@ _O_KEYS = {
     "manifest_memory",
     "manifest_cache_size",
     "version_memory",
+    "cache_size",
     "manifest_root",
     "log_file",
 }
@@ -244,6 +251,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         manifest_memory = cfg.parse_size(args.manifest_memory)
         manifest_disk = cfg.parse_size(args.manifest_cache_size)
         version_memory = cfg.parse_size(args.version_memory)
+        disk_size = None if args.cache_size is None else cfg.parse_size(args.cache_size)
     except ValueError as e:
         raise UserError(str(e)) from None
     endpoint = args.endpoint_url or cfg.env_endpoint_url()
@@ -266,6 +274,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         manifest_memory=manifest_memory,
         manifest_disk_size=manifest_disk,
         version_memory=version_memory,
+        disk_cache_size=disk_size,
         foreground=getattr(args, "foreground", False),
         debug=args.debug,
         allow_other=getattr(args, "allow_other", False),

@@ -118,6 +118,10 @@ DISK_CACHE_THREADS = 4
 #: reads that S3 could serve.
 DISK_CACHE_STALL_TIMEOUT = 5.0
 DISK_CACHE_STALL_PAUSE = 60.0
+#: Bytes of fetched blocks waiting to be written to disk at most; more are not written (counted).
+DISK_CACHE_PENDING_MAX = 64 << 20
+#: Seconds between two eviction scans at least, however many writes ask for one.
+DISK_CACHE_EVICT_MIN_GAP = 10.0
 #: fsync each block before publishing it. Off: a block torn by a crash fails its checksum and is
 #: fetched again, so durability buys nothing (see benchmarks/disk_cache.py for the cost).
 DISK_CACHE_FSYNC = False
@@ -225,6 +229,9 @@ class Config:
     manifest_memory: int = DEFAULT_MANIFEST_MEMORY
     manifest_disk_size: int = DEFAULT_MANIFEST_DISK_BUDGET
     version_memory: int = DEFAULT_VERSION_MEMORY
+    #: Bytes the disk block cache may hold: None for the default (a fraction of the free space at
+    #: start, see `default_disk_cache_size`), 0 for no disk cache.
+    disk_cache_size: int | None = None
     block_size: int = BLOCK_SIZE
     foreground: bool = False
     debug: bool = False

@@ -17,7 +17,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -341,6 +341,29 @@ class ResolvedVersion:
     assets: tuple[AssetRecord, ...]
     dandiset_yaml: bytes | None
     published: bool
+
+
+def resolved_to_json(resolved: ResolvedVersion) -> dict[str, Any]:
+    """A resolved version as JSON (for pins of drafts and the store of published versions)."""
+    yaml = resolved.dandiset_yaml
+    return {
+        "dandiset_id": resolved.source.dandiset_id,
+        "version": resolved.source.version,
+        "published": resolved.published,
+        "yaml": yaml.decode("latin-1") if yaml is not None else None,
+        "assets": [asdict(a) for a in resolved.assets],
+    }
+
+
+def resolved_from_json(doc: dict[str, Any]) -> ResolvedVersion:
+    """The inverse of `resolved_to_json`; ValueError/KeyError/TypeError when malformed."""
+    yaml = doc["yaml"]
+    return ResolvedVersion(
+        source=Source(str(doc["dandiset_id"]), str(doc["version"])),
+        assets=tuple(AssetRecord(**a) for a in doc["assets"]),
+        dandiset_yaml=yaml.encode("latin-1") if yaml is not None else None,
+        published=bool(doc["published"]),
+    )
 
 
 def version_prefix(source: Source) -> str:

@@ -328,11 +328,16 @@ class DiskBlockCache:
 
     # --- the read path ----------------------------------------------------------------------------
 
-    def get(self, bucket: str, ref: ObjectRef, index: int) -> bytes | None:
+    def get(
+        self, bucket: str, ref: ObjectRef, index: int, block_size: int | None = None
+    ) -> bytes | None:
         """The verified bytes of block `index` of that object version, or None: a miss, or a bad
-        block that was just deleted, or a disk problem (logged, rate-limited)."""
-        length = self._block_length(ref, index)
-        digest = identity_digest(bucket, ref, self.block_size)
+        block that was just deleted, or a disk problem (logged, rate-limited). `block_size`
+        overrides the cache's for this object (the block cache fetches small verifiable objects
+        whole); it is part of the block's identity."""
+        block_size = block_size or self.block_size
+        length = self._block_length(ref, index, block_size)
+        digest = identity_digest(bucket, ref, block_size)
         path = self._block_path(digest.hex(), index)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -369,10 +374,18 @@ class DiskBlockCache:
 
     # --- the write path ---------------------------------------------------------------------------
 
-    def put(self, bucket: str, ref: ObjectRef, index: int, data: bytes) -> bool:
+    def put(
+        self,
+        bucket: str,
+        ref: ObjectRef,
+        index: int,
+        data: bytes,
+        block_size: int | None = None,
+    ) -> bool:
         """Publish block `index` of that object version atomically. False when skipped: over the
         size budget, under the free-space floor, or the disk failed (logged, rate-limited)."""
-        length = self._block_length(ref, index)
+        block_size = block_size or self.block_size
+        length = self._block_length(ref, index, block_size)
         if len(data) != length:
             raise ValueError(
                 f"block {index} of {ref.key} has {length} bytes, {len(data)} were given"
@@ -383,7 +396,7 @@ class DiskBlockCache:
                 self._refused = True
                 self._stats["puts_skipped"] += 1
             return False
-        digest = identity_digest(bucket, ref, self.block_size)
+        digest = identity_digest(bucket, ref, block_size)
         name = f"{digest.hex()}.{index}"
         directory = os.path.join(self._root, name[:FANOUT_DIGITS])
         path = os.path.join(directory, name)
@@ -480,11 +493,12 @@ class DiskBlockCache:
 
     # --- internals --------------------------------------------------------------------------------
 
-    def _block_length(self, ref: ObjectRef, index: int) -> int:
-        start = index * self.block_size
+    @staticmethod
+    def _block_length(ref: ObjectRef, index: int, block_size: int) -> int:
+        start = index * block_size
         if index < 0 or start >= ref.size:
             raise ValueError(f"{ref.key} ({ref.size} bytes) has no block {index}")
-        return min(self.block_size, ref.size - start)
+        return min(block_size, ref.size - start)
 
     def _block_path(self, hexdigest: str, index: int) -> str:
         return os.path.join(self._root, hexdigest[:FANOUT_DIGITS], f"{hexdigest}.{index}")

@@ -17,13 +17,12 @@ wait for (it runs in `service_nursery` when set).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cachetools
@@ -31,11 +30,11 @@ import trio
 
 from . import archive, config
 from .archive import Level, NodeKey
-from .cache_dir import CacheLayout, create_private_file, make_private_dir
+from .cache_dir import CacheLayout, read_checked_json, write_checked_json
 from .catalog import Catalog
 from .chunk_cache import BlockCache
 from .config import MountSource, Source
-from .dandi import AssetRecord, ResolvedVersion
+from .dandi import AssetRecord, ResolvedVersion, resolved_from_json, resolved_to_json
 from .errors import (
     DataError,
     IsADirectory,
@@ -433,24 +432,10 @@ class Filesystem:
             self._kept[volume.id] = self._namespace_of(resolved)  # no cache dir: keep it in memory
             return
         path = self._pins / f"{volume.id}.json"
-        yaml = resolved.dandiset_yaml
-        doc = {
-            "dandiset_id": resolved.source.dandiset_id,
-            "version": resolved.source.version,
-            "yaml": yaml.decode("latin-1") if yaml is not None else None,
-            "assets": [asdict(a) for a in resolved.assets],
-        }
-
-        def write() -> None:
-            make_private_dir(path.parent)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.unlink(missing_ok=True)
-            with os.fdopen(create_private_file(tmp), "w") as f:
-                json.dump(doc, f)
-            os.replace(tmp, path)
-
         try:
-            await trio.to_thread.run_sync(write, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(
+                write_checked_json, path, resolved_to_json(resolved), abandon_on_cancel=True
+            )
         except OSError as e:
             log.warning("cannot keep the pin of %s on disk (%s): keeping it in memory", path, e)
             self._kept[volume.id] = self._namespace_of(resolved)
@@ -460,21 +445,9 @@ class Filesystem:
             return None
         path = self._pins / f"{volume.id}.json"
 
-        def read() -> ResolvedVersion | None:
-            try:
-                doc = json.loads(path.read_text())
-            except FileNotFoundError:
-                return None
-            yaml = doc["yaml"]
-            return ResolvedVersion(
-                source=Source(doc["dandiset_id"], doc["version"]),
-                assets=tuple(AssetRecord(**a) for a in doc["assets"]),
-                dandiset_yaml=yaml.encode("latin-1") if yaml is not None else None,
-                published=False,
-            )
-
         try:
-            return await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+            doc = await trio.to_thread.run_sync(read_checked_json, path, abandon_on_cancel=True)
+            return None if doc is None else resolved_from_json(doc)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"the pinned draft {path} cannot be read: {e}") from e
 

@@ -1,0 +1,117 @@
+"""The disk tier under the in-memory block cache: the async face of `disk_cache.DiskBlockCache`.
+
+Owns: when the block cache's memory misses go to disk and how long they may wait for it, writing
+fetched blocks to disk in the background, and keeping the disk cache within its bounds (eviction on a
+schedule and whenever this process's writes call for it). The files, their format and their
+verification are `disk_cache`'s; which blocks exist is `chunk_cache`'s.
+
+Never does: make a read wait for a write, or for eviction (both run in the service nursery, on their own
+limiters), or let a slow or broken disk slow reads down: a read that waits more than
+`config.DISK_CACHE_STALL_TIMEOUT` for the disk (a hung NFS server) is a miss, and the disk tier is
+bypassed for `config.DISK_CACHE_STALL_PAUSE` seconds (logged). Writes queued beyond
+`config.DISK_CACHE_PENDING_MAX` bytes are dropped (counted), never buffered without bound.
+
+Concurrency: one trio run. Reads use `config.DISK_CACHE_THREADS` worker threads; writes share them;
+eviction has one thread of its own. Worker threads are abandoned on cancellation (a hung disk must not
+hold up shutdown).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from . import config
+from .disk_cache import DiskBlockCache
+from .refs import ObjectRef
+
+log = logging.getLogger(__name__)
+
+
+class DiskTier:
+    """Blocks on disk below the memory cache, read with a bounded wait and written in the background."""
+
+    def __init__(self, disk: DiskBlockCache, bucket: str) -> None:
+        self.disk = disk
+        self.bucket = bucket
+        #: Where writes and eviction run; set by whoever runs the core (writes are skipped without).
+        self.nursery: trio.Nursery | None = None
+        self._threads = trio.CapacityLimiter(config.DISK_CACHE_THREADS)
+        self._bypass_until = 0.0
+        self._pending = 0
+        self._evict_wanted = trio.Event()
+        self.stats = {"stalls": 0, "writes_dropped": 0}
+
+    async def get(self, ref: ObjectRef, index: int, block_size: int) -> bytes | None:
+        """The block from disk (verified there), or None: a miss, a bad block, a slow disk."""
+        if time.monotonic() < self._bypass_until:
+            return None
+        with trio.move_on_after(config.DISK_CACHE_STALL_TIMEOUT) as scope:
+            return await trio.to_thread.run_sync(
+                self.disk.get,
+                self.bucket,
+                ref,
+                index,
+                block_size,
+                limiter=self._threads,
+                abandon_on_cancel=True,
+            )
+        if scope.cancelled_caught:
+            self.stats["stalls"] += 1
+            self._bypass_until = time.monotonic() + config.DISK_CACHE_STALL_PAUSE
+            log.warning(
+                "the disk block cache %s did not answer within %.0f s: bypassing it for %.0f s",
+                self.disk.cache_dir,
+                config.DISK_CACHE_STALL_TIMEOUT,
+                config.DISK_CACHE_STALL_PAUSE,
+            )
+        return None
+
+    def put_later(self, ref: ObjectRef, index: int, block_size: int, data: bytes) -> None:
+        """Write the block to disk in the background (dropped if too much is pending already)."""
+        if self.nursery is None or time.monotonic() < self._bypass_until:
+            return
+        if self._pending + len(data) > config.DISK_CACHE_PENDING_MAX:
+            self.stats["writes_dropped"] += 1
+            return
+        self._pending += len(data)
+        self.nursery.start_soon(self._put, ref, index, block_size, data)
+
+    async def _put(self, ref: ObjectRef, index: int, block_size: int, data: bytes) -> None:
+        try:
+            await trio.to_thread.run_sync(
+                self.disk.put,
+                self.bucket,
+                ref,
+                index,
+                data,
+                block_size,
+                limiter=self._threads,
+                abandon_on_cancel=True,
+            )
+        finally:
+            self._pending -= len(data)
+        if self.disk.needs_eviction:
+            self._evict_wanted.set()
+
+    async def keep_within_bounds(self) -> None:
+        """Run forever (in the service nursery): evict at start, then whenever this process's writes
+        call for it and at least every `DISK_CACHE_EVICT_INTERVAL` (other processes write too), at
+        most once every `DISK_CACHE_EVICT_MIN_GAP` seconds."""
+        evictor = trio.CapacityLimiter(1)
+        while True:
+            started = time.monotonic()
+            report = await trio.to_thread.run_sync(
+                self.disk.evict, limiter=evictor, abandon_on_cancel=True
+            )
+            if report is not None:
+                level = logging.INFO if report.removed_blocks else logging.DEBUG
+                log.log(level, "disk block cache: %s", report)
+            took = time.monotonic() - started
+            interval = max(config.DISK_CACHE_EVICT_INTERVAL, 100 * took)
+            await trio.sleep(config.DISK_CACHE_EVICT_MIN_GAP)
+            self._evict_wanted = trio.Event()
+            with trio.move_on_after(max(0.0, interval - config.DISK_CACHE_EVICT_MIN_GAP)):
+                await self._evict_wanted.wait()
