@@ -18,6 +18,7 @@ import trio.testing
 from zarrfs.chunk_cache import BlockCache
 from zarrfs.config import S3Settings
 from zarrfs.errors import RemoteError
+from zarrfs.prefetch import PrefetchBudget, Prefetcher
 from zarrfs.refs import ObjectRef
 from zarrfs.s3_reader import S3Reader
 from zarrfs.scheduler import Priority, RequestSlots, Ticket
@@ -155,7 +156,7 @@ def blob_bytes(start: int, end: int) -> bytes:
     return bytes(end - start)
 
 
-async def test_a_demand_read_returns_within_2s_while_64_sequential_readers_keep_s3_busy(
+async def test_a_demand_read_returns_within_2s_while_64_prefetching_readers_keep_s3_busy(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     blobs = {f"blobs/{i}": ("b", blob_bytes, BLOB_SIZE, "f" * 32 + "-8") for i in range(64)}
@@ -163,28 +164,30 @@ async def test_a_demand_read_returns_within_2s_while_64_sequential_readers_keep_
     objects = {**blobs, "zarr/z/0/0": ("v1", lambda a, b: CHUNK[a:b], len(CHUNK), chunk_md5)}
     client = SlowS3(objects)
     reader = S3Reader(client, S3Settings(max_concurrency=32, max_attempts=5, request_timeout=30))
-    cache = BlockCache(256 << 20, 1 << 20, readahead_blocks=8)
+    cache = BlockCache(256 << 20, 256 << 10)
+    budget = PrefetchBudget(128 << 20)
     refs = [ObjectRef(key, "b", BLOB_SIZE, None) for key in blobs]
     chunk = ObjectRef("zarr/z/0/0", "v1", len(CHUNK), chunk_md5)
     elapsed: list[float] = []
 
-    async def sequential(ref: ObjectRef, readahead: trio.Nursery) -> None:
+    async def sequential(ref: ObjectRef, nursery: trio.Nursery) -> None:
+        prefetcher = Prefetcher(ref, cache, reader, budget, nursery)
         offset = 0
         while offset < ref.size:
-            offset += len(await cache.read(ref, offset, 1 << 20, reader.read_range, readahead))
+            prefetcher.observe(offset, 1 << 20)
+            offset += len(await cache.read(ref, offset, 1 << 20, reader.read_range))
 
-    async with trio.open_nursery() as readahead, trio.open_nursery() as readers:
+    async with trio.open_nursery() as prefetch, trio.open_nursery() as readers:
         for ref in refs:
-            readers.start_soon(sequential, ref, readahead)
-        await trio.sleep(5.5 * RESPONSE_DELAY)  # every reader streaming, readahead queued behind
+            readers.start_soon(sequential, ref, prefetch)
+        await trio.sleep(5.5 * RESPONSE_DELAY)  # every reader streaming, prefetch queued behind
         assert reader.slots.in_use == 32 and client.in_flight == 32
-        assert reader.slots.waiting(Priority.DEMAND) + reader.slots.waiting(Priority.PREFETCH) > 64
         started = trio.current_time()
-        data = await cache.read(chunk, 0, 64 << 10, reader.read_range, readahead)
+        data = await cache.read(chunk, 0, 64 << 10, reader.read_range)
         elapsed.append(trio.current_time() - started)
         assert data == CHUNK
         readers.cancel_scope.cancel()
-        readahead.cancel_scope.cancel()
+        prefetch.cancel_scope.cancel()
     assert elapsed[0] <= 2.0, f"the demand read took {elapsed[0]:.2f} s"
     assert client.max_in_flight <= 32  # never more requests than connections
 

@@ -1,25 +1,28 @@
 """A byte-bounded in-memory LRU of immutable blocks, with one fetch per block at a time.
 
 Owns: splitting a read of an object version into aligned units (blocks of `block_size` bytes; an
-object whose ETag is a plain MD5 and that is at most `whole_object_max` bytes is one unit, fetched by
-one GET of the whole object so its MD5 can be checked before any byte is served), the LRU of those
-blocks (cachetools `LRUCache` sized by `len`, keyed by `(key, version_id, block_index)`), single-flight
-fetching (a `dict[key, _Flight]` of in-flight fetches: concurrent readers of one missing block share one
-fetch and get its bytes or its error), and optional sequential readahead of the next blocks.
+object whose ETag is a plain MD5 and that is small enough is one unit, fetched by one GET of the
+whole object so its MD5 can be checked before any byte is served), the LRU of those blocks
+(cachetools `LRUCache` sized by `len`, keyed by `(key, version_id, block_index)`), and single-flight
+fetching: a `dict[key, _Flight]` of blocks in flight, so that concurrent readers of one missing block
+share one fetch and get its bytes or its error. A read's missing blocks that are contiguous are
+fetched by one ranged GET. Blocks can also be *claimed* by a producer that streams them
+(`prefetch`): readers then wait for `fulfil` instead of fetching.
 
 Never does: S3 or HTTP (the `fetch(ref, start, end, ticket)` callable is injected; in production it is
-`S3Reader.read_range`), invalidation (every key carries an immutable version), or caching errors. With
-a `disk` tier, a memory miss asks the disk before fetching, and a fetched block is written to disk in
-the background (`disk_tier`); the disk verifies what it returns.
+`S3Reader.read_range`), decide what to read ahead (`prefetch` does), invalidation (every key carries
+an immutable version), or caching errors. With a `disk` tier, a memory miss asks the disk before
+fetching, and a fetched block is written to disk in the background (`disk_tier`); the disk verifies
+what it returns.
 
-Scheduling: a reader's own fetches are demand requests; readahead fetches are prefetch requests, and
-a reader that finds the block it needs still waiting behind other work promotes that fetch to demand
-(`scheduler.Ticket.promote`), so a blocked read never waits behind background work.
+Scheduling: a reader's own fetches are demand requests; a reader that finds the block it needs still
+waiting behind other work promotes that fetch to demand (`scheduler.Ticket.promote`), so a blocked read
+never waits behind background work.
 
 Concurrency: all state is touched only from tasks of one trio run, and never across an `await`
-between a check and the matching update, so no lock is needed. A fetch runs in the task of the
-reader that missed; if that task is cancelled, its waiters wake up and one of them fetches the block
-again (no waiter hangs).
+between a check and the matching update, so no lock is needed. A block claimed by a task that is then
+cancelled (or a producer that gives up) is abandoned: its waiters wake up and one of them fetches it
+(no waiter hangs).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from cachetools import LRUCache
 
 from zarrfs import config
 from zarrfs.disk_tier import DiskTier
-from zarrfs.errors import DataError, IntegrityError
+from zarrfs.errors import IntegrityError
 from zarrfs.refs import ObjectRef
 from zarrfs.scheduler import Priority, Ticket
 
@@ -45,11 +48,6 @@ BlockKey = tuple[str, str | None, int]
 
 #: A whole-object unit may take at most 1/WHOLE_OBJECT_SHARE of the memory budget.
 WHOLE_OBJECT_SHARE = 8
-#: How many readahead markers are remembered (a marker is dropped when its block is first read).
-READAHEAD_MARKERS = 4096
-#: How a block was obtained, which drives readahead: a miss reads one block ahead, consuming a
-#: block that was itself read ahead (a sequential stream) keeps the whole window in flight.
-HIT, MISS, READ_AHEAD = 0, 1, 2
 
 
 class BlockSource(Protocol):
@@ -70,7 +68,7 @@ Fetch = Callable[[R, int, int, Ticket], Awaitable[bytes]]
 
 @dataclass(slots=True)
 class _Flight:
-    """One in-flight block fetch. `done` is set on success, error or cancellation of the fetcher."""
+    """One block in flight. `done` is set once it is fulfilled, failed, or abandoned."""
 
     ticket: Ticket
     done: trio.Event = field(default_factory=trio.Event)
@@ -85,7 +83,6 @@ class BlockCache:
         self,
         max_bytes: int,
         block_size: int,
-        readahead_blocks: int = config.READAHEAD_BLOCKS,
         whole_object_max: int = config.VERIFY_WHOLE_OBJECT_MAX,
         disk: DiskTier | None = None,
     ) -> None:
@@ -97,64 +94,12 @@ class BlockCache:
         self.block_size = block_size
         self.whole_object_max = whole_object_max
         self.disk = disk
-        self.readahead_blocks = max(1, readahead_blocks)
         self._lru: LRUCache[BlockKey, bytes] = LRUCache(maxsize=max_bytes, getsizeof=len)
         self._inflight: dict[BlockKey, _Flight] = {}
-        self._readahead: LRUCache[BlockKey, bool] = LRUCache(maxsize=READAHEAD_MARKERS)
         self._hits = 0
         self._misses = 0
         self._disk_hits = 0
-
-    async def read(
-        self,
-        ref: R,
-        offset: int,
-        size: int,
-        fetch: Fetch[R],
-        readahead_nursery: trio.Nursery | None = None,
-    ) -> bytes:
-        """Bytes [offset, min(offset + size, ref.size)) of `ref`; b"" at or past the end.
-
-        Missing blocks are fetched concurrently with `fetch(ref, start, end)`. With
-        `readahead_nursery`, a read whose last block had to be fetched starts fetching the next
-        block in that nursery; a read whose last block had been read ahead (a sequential stream)
-        keeps `readahead_blocks` blocks in flight after it, so a sequential reader finds them ready.
-        """
-        if offset < 0 or size < 0:
-            raise ValueError(f"negative offset or size: {offset}, {size}")
-        end = min(offset + size, ref.size)
-        if offset >= end:
-            return b""
-        bs = self.unit(ref)
-        first, last = offset // bs, (end - 1) // bs
-        if first == last:
-            block, how = await self._block(ref, first, fetch)
-            result = block[offset - first * bs : end - first * bs]
-        else:
-            blocks: list[bytes] = [b""] * (last - first + 1)
-            errors: list[Exception] = []
-            flags: list[int] = [HIT] * len(blocks)
-
-            async def fill(i: int, nursery: trio.Nursery) -> None:
-                try:
-                    blocks[i], flags[i] = await self._block(ref, first + i, fetch)
-                except Exception as exc:
-                    errors.append(exc)
-                    nursery.cancel_scope.cancel()
-
-            async with trio.open_nursery() as nursery:
-                for i in range(len(blocks)):
-                    nursery.start_soon(fill, i, nursery)
-            if errors:
-                raise errors[0]
-            how = flags[-1]
-            data = b"".join(blocks)
-            result = data[offset - first * bs : end - first * bs]
-        if readahead_nursery is not None and how != HIT:
-            depth = self.readahead_blocks if how == READ_AHEAD else 1
-            for index in range(last + 1, last + 1 + depth):
-                self._start_readahead(ref, index, fetch, readahead_nursery)
-        return result
+        self._fetches = 0
 
     def unit(self, ref: BlockSource) -> int:
         """The block size used for `ref`: the whole object when it is verifiable as a whole and
@@ -165,122 +110,203 @@ class BlockCache:
             return ref.size
         return self.block_size
 
+    def blocks_of(self, ref: BlockSource) -> int:
+        """How many blocks (units) `ref` has."""
+        unit = self.unit(ref)
+        return -(-ref.size // unit) if ref.size else 0
+
     def stats(self) -> dict[str, int]:
-        """hits (blocks served without a fetch of their own), misses (memory misses), disk_hits
-        (misses the disk answered), bytes, items."""
+        """hits (blocks served from memory or another's fetch), misses (memory misses),
+        disk_hits (misses the disk answered), fetches (remote requests made by readers), bytes,
+        items."""
         return {
             "hits": self._hits,
             "misses": self._misses,
             "disk_hits": self._disk_hits,
+            "fetches": self._fetches,
             "bytes": int(self._lru.currsize),
             "items": len(self._lru),
         }
 
-    # --- internals --------------------------------------------------------------------------------
+    # --- reading ----------------------------------------------------------------------------------
 
-    async def _block(
+    async def read(self, ref: R, offset: int, size: int, fetch: Fetch[R]) -> bytes:
+        """Bytes [offset, min(offset + size, ref.size)) of `ref`; b"" at or past the end.
+
+        Blocks in memory are used; blocks in flight are waited for (promoting their fetch to
+        demand); the missing ones are claimed and fetched, each contiguous run by one request.
+        """
+        if offset < 0 or size < 0:
+            raise ValueError(f"negative offset or size: {offset}, {size}")
+        end = min(offset + size, ref.size)
+        if offset >= end:
+            return b""
+        unit = self.unit(ref)
+        first, last = offset // unit, (end - 1) // unit
+        found: dict[int, bytes] = {}
+        while True:
+            waiting: dict[int, _Flight] = {}
+            missing: list[int] = []
+            for index in range(first, last + 1):
+                if index in found:
+                    continue
+                key = (ref.key, ref.version_id, index)
+                cached = self._lru.get(key)
+                if cached is not None:
+                    self._hits += 1
+                    found[index] = cached
+                elif key in self._inflight:
+                    waiting[index] = self._inflight[key]
+                else:
+                    missing.append(index)
+            if not waiting and not missing:
+                return _slice(found, first, last, unit, offset, end)
+            runs = runs_of(missing)
+            tickets = [Ticket(Priority.DEMAND, flow=ref.key) for _ in runs]
+            for run, ticket in zip(runs, tickets, strict=True):
+                self.claim(ref, run[0], run[-1], ticket)
+            errors: list[Exception] = []
+            async with trio.open_nursery() as nursery:
+                for run, ticket in zip(runs, tickets, strict=True):
+                    nursery.start_soon(self._fill_into, ref, run, ticket, fetch, found, errors)
+                for index, flight in waiting.items():
+                    nursery.start_soon(self._wait_into, index, flight, found, errors)
+            if errors:
+                raise errors[0]
+
+    async def _fill_into(
         self,
         ref: R,
-        index: int,
+        run: list[int],
+        ticket: Ticket,
         fetch: Fetch[R],
-        consume_marker: bool = True,
-        priority: Priority = Priority.DEMAND,
-    ) -> tuple[bytes, int]:
-        """Block `index` of `ref`, and how it was obtained (HIT, MISS or READ_AHEAD)."""
-        key: BlockKey = (ref.key, ref.version_id, index)
-        read_ahead = self._readahead.pop(key, False) if consume_marker else False
-        how = READ_AHEAD if read_ahead else HIT
-        while True:
-            cached = self._lru.get(key)
-            if cached is not None:
-                self._hits += 1
-                return cached, how
-            flight = self._inflight.get(key)
-            if flight is None:
-                break
-            if priority == Priority.DEMAND:
-                flight.ticket.promote()  # a reader is blocked on it: never behind background work
-            await flight.done.wait()
-            if flight.error is not None:
-                raise flight.error
-            if flight.data is not None:
-                self._hits += 1
-                return flight.data, how
-            # the fetcher was cancelled: try again (possibly becoming the fetcher)
-        self._misses += 1
-        flight = _Flight(Ticket(priority, flow=ref.key))
-        self._inflight[key] = flight
-        unit = self.unit(ref)
-        start = index * unit
-        stop = min(start + unit, ref.size)
+        found: dict[int, bytes],
+        errors: list[Exception],
+    ) -> None:
         try:
-            data = await self._disk_or_fetch(ref, index, unit, start, stop, fetch, flight.ticket)
-            if len(data) != stop - start:
-                raise IntegrityError(
-                    f"{ref.key} (version {ref.version_id}): block {index} has {len(data)} bytes, "
-                    f"expected {stop - start}"
-                )
-            flight.data = data
-            if len(data) <= self.max_bytes:
-                self._lru[key] = data
+            await self._fill(ref, run, ticket, fetch, found)
         except Exception as exc:
-            flight.error = exc
+            errors.append(exc)
+
+    async def _wait_into(
+        self, index: int, flight: _Flight, found: dict[int, bytes], errors: list[Exception]
+    ) -> None:
+        flight.ticket.promote()  # a reader is blocked on it: never behind background work
+        await flight.done.wait()
+        if flight.error is not None:
+            errors.append(flight.error)
+        elif flight.data is not None:
+            self._hits += 1
+            found[index] = flight.data
+        # abandoned by its producer: the reader's next round fetches it
+
+    async def _fill(
+        self, ref: R, run: list[int], ticket: Ticket, fetch: Fetch[R], found: dict[int, bytes]
+    ) -> None:
+        """Produce the claimed blocks `run` (contiguous) into `found`: from disk where it has them,
+        else by one remote request per contiguous remainder. Claims not fulfilled are abandoned."""
+        unit = self.unit(ref)
+        try:
+            remote: list[int] = []
+            for index in run:
+                data = await self._from_disk(ref, index, unit)
+                if data is not None:
+                    found[index] = data
+                    self.fulfil(ref, index, data)
+                else:
+                    remote.append(index)
+            for part in runs_of(remote):
+                start = part[0] * unit
+                stop = min((part[-1] + 1) * unit, ref.size)
+                self._misses += len(part)
+                self._fetches += 1
+                data = await fetch(ref, start, stop, ticket)
+                if len(data) != stop - start:
+                    raise IntegrityError(
+                        f"{ref.key} (version {ref.version_id}): blocks {part[0]}-{part[-1]} have "
+                        f"{len(data)} bytes, expected {stop - start}"
+                    )
+                for index in part:
+                    piece = data[(index - part[0]) * unit : (index - part[0] + 1) * unit]
+                    found[index] = piece
+                    self.fulfil(ref, index, piece)
+                    if self.disk is not None and isinstance(ref, ObjectRef):
+                        self.disk.put_later(ref, index, unit, piece)
+        except Exception as exc:
+            self.abandon(ref, run, exc, ticket)
             raise
         finally:
-            del self._inflight[key]
-            flight.done.set()
-        # a block meant to be read ahead but fetched by its reader still marks a sequential stream
-        return data, READ_AHEAD if read_ahead else MISS
+            self.abandon(ref, run, None, ticket)  # still claimed (cancelled): waiters take over
 
-    async def _disk_or_fetch(
-        self,
-        ref: R,
-        index: int,
-        unit: int,
-        start: int,
-        stop: int,
-        fetch: Fetch[R],
-        ticket: Ticket,
-    ) -> bytes:
-        disk = self.disk
-        if disk is not None and isinstance(ref, ObjectRef):
-            data = await disk.get(ref, index, unit)
-            if data is not None:
-                self._disk_hits += 1
-                return data
-        data = await fetch(ref, start, stop, ticket)
-        if disk is not None and isinstance(ref, ObjectRef) and len(data) == stop - start:
-            disk.put_later(ref, index, unit, data)
+    async def _from_disk(self, ref: R, index: int, unit: int) -> bytes | None:
+        if self.disk is None or not isinstance(ref, ObjectRef):
+            return None
+        data = await self.disk.get(ref, index, unit)
+        if data is not None:
+            self._disk_hits += 1
         return data
 
-    def _start_readahead(
-        self,
-        ref: R,
-        index: int,
-        fetch: Fetch[R],
-        nursery: trio.Nursery,
-    ) -> None:
-        if index * self.unit(ref) >= ref.size:
-            return
-        key: BlockKey = (ref.key, ref.version_id, index)
-        if key in self._lru or key in self._inflight:
-            return
-        self._readahead[key] = True
-        nursery.start_soon(self._read_ahead, ref, index, fetch)
+    # --- producers (`read` itself, and `prefetch` streams) ---------------------------------------
 
-    async def _read_ahead(
+    def claim(self, ref: BlockSource, first: int, last: int, ticket: Ticket) -> list[int]:
+        """Mark blocks first..last that are neither cached nor in flight as in flight, produced by
+        the caller (who must `fulfil` or `abandon` each). Returns the blocks claimed."""
+        claimed = []
+        for index in range(first, last + 1):
+            key = (ref.key, ref.version_id, index)
+            if key in self._inflight or key in self._lru:
+                continue
+            self._inflight[key] = _Flight(ticket)
+            claimed.append(index)
+        return claimed
+
+    def is_cached(self, ref: BlockSource, index: int) -> bool:
+        return (ref.key, ref.version_id, index) in self._lru
+
+    def fulfil(self, ref: BlockSource, index: int, data: bytes) -> None:
+        """A claimed (or unclaimed) block arrived: keep it, wake its waiters."""
+        key = (ref.key, ref.version_id, index)
+        if len(data) <= self.max_bytes:
+            self._lru[key] = data
+        flight = self._inflight.pop(key, None)
+        if flight is not None:
+            flight.data = data
+            flight.done.set()
+
+    def abandon(
         self,
-        ref: R,
-        index: int,
-        fetch: Fetch[R],
+        ref: BlockSource,
+        indexes: list[int],
+        error: Exception | None = None,
+        ticket: Ticket | None = None,
     ) -> None:
-        key: BlockKey = (ref.key, ref.version_id, index)
-        if key in self._lru or key in self._inflight:
-            return
-        try:
-            await self._block(ref, index, fetch, consume_marker=False, priority=Priority.PREFETCH)
-        except DataError as exc:
-            # not cached: a reader that needs this block fetches it again and sees any error itself
-            log.debug("readahead of %s block %d failed: %s", ref.key, index, exc)
-        except Exception:  # a bug; logged loudly rather than taking the mount's nursery down
-            log.exception("readahead of %s block %d failed unexpectedly", ref.key, index)
+        """Give up claimed blocks: their waiters get `error`, or (None) fetch them themselves. With
+        `ticket`, only blocks still claimed under that ticket (not someone's later claim)."""
+        for index in indexes:
+            key = (ref.key, ref.version_id, index)
+            flight = self._inflight.get(key)
+            if flight is None or (ticket is not None and flight.ticket is not ticket):
+                continue
+            del self._inflight[key]
+            flight.error = error
+            flight.done.set()
+
+
+def runs_of(indexes: list[int]) -> list[list[int]]:
+    """Sorted indexes grouped into runs of consecutive ones."""
+    runs: list[list[int]] = []
+    for index in indexes:
+        if runs and runs[-1][-1] == index - 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
+
+
+def _slice(
+    blocks: dict[int, bytes], first: int, last: int, unit: int, offset: int, end: int
+) -> bytes:
+    if first == last:
+        return blocks[first][offset - first * unit : end - first * unit]
+    data = b"".join(blocks[i] for i in range(first, last + 1))
+    return data[offset - first * unit : end - first * unit]

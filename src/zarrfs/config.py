@@ -23,13 +23,21 @@ DATALAD_MANIFEST_ROOT = (
     "https://datasets.datalad.org/dandi/zarr-manifests/zarr-manifests-v2-sorted/"
 )
 
-#: Reads are served in aligned blocks of this size; each block is one ranged GET and one cache item.
-BLOCK_SIZE = 1 << 20
+#: Reads are served in aligned blocks of this size (one cache item each); a read's missing blocks
+#: that are contiguous are one ranged GET. Small, so that a random pread moves little more than it
+#: asks for; sequential readers get long streamed GETs instead (`prefetch`).
+BLOCK_SIZE = 256 << 10
 #: An object with a plain-MD5 ETag up to this size is fetched whole, by one GET whose body is checked
 #: against the MD5 before any byte is served (most Zarr chunks). Larger ones go by blocks, unverified.
 VERIFY_WHOLE_OBJECT_MAX = 16 << 20
-#: Blocks kept in flight ahead of a sequential reader (8 MiB with 1 MiB blocks).
-READAHEAD_BLOCKS = 8
+#: Sequential prefetch (`prefetch`): the first segment ahead of a sequential reader, and the
+#: longest (each is twice the previous one); how far a read may land from where the previous one
+#: ended and still count as sequential; the share of the memory cache that bytes fetched ahead of
+#: readers and not yet read may take, across all open files.
+PREFETCH_FIRST_WINDOW = 1 << 20
+PREFETCH_MAX_WINDOW = 64 << 20
+PREFETCH_TOLERANCE = 1 << 20
+PREFETCH_MEMORY_SHARE = 0.5
 #: Default byte budget of the in-memory block cache.
 DEFAULT_MEMORY_CACHE_SIZE = 512 << 20
 #: Default byte budget for loaded manifest indexes (evicted ones reload from the disk cache).

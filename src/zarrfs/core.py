@@ -2,7 +2,7 @@
 
 Owns: building, in one place, what the mount, the command-line verbs (`zarrfs ls`, ...) and the
 fsspec filesystem share: the remote clients, the catalog, the manifest cache, the block cache with its
-disk tier (and the disk's eviction), and the service nursery where loads, resolutions, readahead and
+disk tier (and the disk's eviction), and the service nursery where loads, resolutions, prefetch and
 disk writes run; sweeping the cache dir on start;
 removing the mount's temporary files at the end. Never imports pyfuse3: a face that has no FUSE
 uses this module as it is.
@@ -71,7 +71,6 @@ async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
             with unwrap_single_exception():
                 async with trio.open_nursery() as service:
                     manifests.service_nursery = fs.service_nursery = service
-                    fs.readahead_nursery = service
                     if disk is not None:
                         disk.nursery = service
                         service.start_soon(disk.keep_within_bounds)

@@ -48,6 +48,7 @@ from .errors import (
 from .inodes import InodeSpace, Volume
 from .manifest import ManifestIndex, parse_checksum
 from .manifest_cache import ManifestCache
+from .prefetch import PrefetchBudget, Prefetcher
 from .refs import ObjectRef
 from .s3_reader import S3Reader
 from .tree import ROOT_INO, Entry, FileSource, InlineFile, Namespace
@@ -57,11 +58,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class OpenFile:
-    """An open file: where its bytes come from, and a name for log lines."""
+    """An open file: where its bytes come from, a name for log lines, and its sequential
+    prefetch (for objects of more than one block)."""
 
     ino: int
     source: FileSource
     path: str
+    prefetcher: Prefetcher | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +124,8 @@ class Filesystem:
         self.reader = reader
         self.bucket = reader.bucket
         self.inodes = InodeSpace()
-        #: Where sequential readahead fetches run; set by `mount.serve` once its nursery is open.
-        self.readahead_nursery: trio.Nursery | None = None
+        #: Bytes prefetched ahead of readers and not yet read, across every open file.
+        self.prefetch_budget = PrefetchBudget(int(blocks.max_bytes * config.PREFETCH_MEMORY_SHARE))
         #: Where volume resolutions run (so a requester giving up does not cancel them).
         self.service_nursery: trio.Nursery | None = None
         #: A read fails with EIO rather than take longer than this (config.READ_DEADLINE).
@@ -263,21 +266,30 @@ class Filesystem:
         except DataError as e:
             log.error("cannot open %s: %s", where, e)
             raise
-        return OpenFile(ino, source, where)
+        prefetcher = None
+        nursery = self.service_nursery
+        if (
+            isinstance(source, ObjectRef)
+            and nursery is not None
+            and self.blocks.blocks_of(source) > 1
+        ):
+            prefetcher = Prefetcher(source, self.blocks, self.reader, self.prefetch_budget, nursery)
+        return OpenFile(ino, source, where, prefetcher)
 
     async def release(self, handle: OpenFile) -> None:
-        """The file was closed by every process that had it open."""
-        return None
+        """The file was closed by every process that had it open: its prefetch stops."""
+        if handle.prefetcher is not None:
+            handle.prefetcher.close()
 
     async def read(self, handle: OpenFile, offset: int, size: int) -> bytes:
         source = handle.source
         if isinstance(source, InlineFile):
             return source.data[offset : offset + size]
+        if handle.prefetcher is not None:
+            handle.prefetcher.observe(offset, size)
         try:
             with trio.fail_after(self.read_deadline):
-                return await self.blocks.read(
-                    source, offset, size, self.reader.read_range, self.readahead_nursery
-                )
+                return await self.blocks.read(source, offset, size, self.reader.read_range)
         except (DataError, trio.TooSlowError) as exc:
             error = (
                 exc

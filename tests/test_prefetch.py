@@ -1,0 +1,194 @@
+"""Sequential prefetch over the real block cache and S3 reader, against a fake S3 that streams.
+
+Counts what a mount would send to S3 for a sequential reader (a few long streamed GETs, each window
+twice the previous), for random preads (exactly their blocks, no prefetch), and checks that closing a
+file stops its prefetch, that every open file shares one budget, and that blocks on disk are read
+from disk. Virtual time (trio's MockClock), so the fake S3's delays cost nothing.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from zarrfs import config
+from zarrfs.chunk_cache import BlockCache
+from zarrfs.config import S3Settings
+from zarrfs.disk_cache import DiskBlockCache
+from zarrfs.disk_tier import DiskTier
+from zarrfs.prefetch import PrefetchBudget, Prefetcher
+from zarrfs.refs import ObjectRef
+from zarrfs.s3_reader import S3Reader
+
+pytestmark = pytest.mark.trio
+
+BLOCK = 256 << 10
+SIZE = 32 << 20
+DATA = random.Random(7).randbytes(SIZE)
+REF = ObjectRef("blobs/abc/def/x", None, SIZE, "f" * 32 + "-1")
+
+
+class StreamingBody:
+    def __init__(self, data: bytes, delay: float) -> None:
+        self.data = data
+        self.delay = delay
+
+    async def __aenter__(self) -> StreamingBody:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def read(self, n: int = -1) -> bytes:
+        await trio.sleep(self.delay)
+        n = len(self.data) if n < 0 else n
+        chunk, self.data = self.data[:n], self.data[n:]
+        return chunk
+
+
+class FakeS3:
+    """An aiobotocore stand-in: answers after `latency`, then streams `per_chunk`-delayed chunks."""
+
+    def __init__(self, latency: float = 0.02, per_chunk: float = 0.001) -> None:
+        self.latency = latency
+        self.per_chunk = per_chunk
+        self.ranges: list[tuple[int, int]] = []
+        self.sent = 0
+        self.open_streams = 0
+
+    async def get_object(self, **params: Any) -> dict[str, Any]:
+        await trio.sleep(self.latency)
+        first, last = (int(x) for x in params["Range"].removeprefix("bytes=").split("-"))
+        self.ranges.append((first, last + 1))
+        body = DATA[first : last + 1]
+        self.sent += len(body)
+        return {
+            "Body": StreamingBody(body, self.per_chunk),
+            "ContentRange": f"bytes {first}-{last}/{SIZE}",
+            "ContentLength": len(body),
+            "ETag": f'"{REF.etag}"',
+        }
+
+
+def make(
+    fake: FakeS3, budget: int = 256 << 20, disk: DiskTier | None = None
+) -> tuple[BlockCache, S3Reader, PrefetchBudget]:
+    reader = S3Reader(fake, S3Settings(max_concurrency=32))
+    return BlockCache(512 << 20, BLOCK, disk=disk), reader, PrefetchBudget(budget)
+
+
+async def read_all(
+    cache: BlockCache, reader: S3Reader, prefetcher: Prefetcher | None, size: int = 1 << 20
+) -> bytes:
+    out = bytearray()
+    while len(out) < SIZE:
+        if prefetcher is not None:
+            prefetcher.observe(len(out), size)
+        out += await cache.read(REF, len(out), size, reader.read_range)
+    return bytes(out)
+
+
+async def test_a_sequential_reader_gets_a_few_long_streamed_gets(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fake = FakeS3()
+    cache, reader, budget = make(fake)
+    async with trio.open_nursery() as nursery:
+        prefetcher = Prefetcher(REF, cache, reader, budget, nursery)
+        assert await read_all(cache, reader, prefetcher) == DATA
+        prefetcher.close()
+    # 1 MiB, 2, 4, 8, 16 MiB windows (and the reader's own first reads): not 32 separate GETs
+    assert len(fake.ranges) <= 8, fake.ranges
+    assert fake.sent <= SIZE * 1.05  # nothing fetched twice, little beyond the end
+    windows = sorted((b - a) for a, b in fake.ranges)
+    assert windows[-1] >= 8 << 20  # the window grew
+    assert budget.used == 0
+
+
+async def test_random_preads_fetch_exactly_their_blocks(autojump_clock: trio.abc.Clock) -> None:
+    fake = FakeS3()
+    cache, reader, budget = make(fake)
+    rng = random.Random(3)
+    asked = 0
+    async with trio.open_nursery() as nursery:
+        prefetcher = Prefetcher(REF, cache, reader, budget, nursery)
+        for _ in range(50):
+            offset = rng.randrange(0, SIZE - (256 << 10))
+            prefetcher.observe(offset, 256 << 10)
+            assert (
+                await cache.read(REF, offset, 256 << 10, reader.read_range)
+                == DATA[offset : offset + (256 << 10)]
+            )
+            asked += 256 << 10
+        prefetcher.close()
+    assert prefetcher.segments == 0  # no prefetch for random access
+    assert len(fake.ranges) <= 50  # one GET per pread (its blocks are contiguous)
+    assert fake.sent <= 2 * asked  # at most the two blocks a 256 KiB read can straddle
+
+
+async def test_closing_the_file_stops_its_prefetch(autojump_clock: trio.abc.Clock) -> None:
+    fake = FakeS3(per_chunk=0.5)  # a slow stream: 0.5 s per 256 KiB
+    cache, reader, budget = make(fake)
+    async with trio.open_nursery() as nursery:
+        prefetcher = Prefetcher(REF, cache, reader, budget, nursery)
+        for offset in (0, 1 << 20):
+            prefetcher.observe(offset, 1 << 20)
+            await cache.read(REF, offset, 1 << 20, reader.read_range)
+        assert prefetcher.segments >= 1 and budget.used > 0
+        await trio.sleep(0.1)
+        prefetcher.close()
+        await trio.sleep(10)
+        assert budget.used == 0
+        assert cache._inflight == {}  # claims given back: a reader would fetch them itself
+        sent = fake.sent
+        await trio.sleep(60)
+        assert fake.sent == sent  # nothing more streams after close
+
+
+async def test_every_open_file_shares_one_budget(autojump_clock: trio.abc.Clock) -> None:
+    fake = FakeS3()
+    cache, reader, budget = make(fake, budget=3 << 20)
+    peak = 0
+
+    async def sequential(nursery: trio.Nursery) -> None:
+        nonlocal peak
+        prefetcher = Prefetcher(REF, cache, reader, budget, nursery)
+        out = bytearray()
+        while len(out) < 8 << 20:
+            prefetcher.observe(len(out), 1 << 20)
+            out += await cache.read(REF, len(out), 1 << 20, reader.read_range)
+            peak = max(peak, budget.used)
+        prefetcher.close()
+        assert bytes(out) == DATA[: 8 << 20]
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(sequential, nursery)
+    assert 0 < peak <= 3 << 20
+    assert budget.used == 0
+
+
+async def test_prefetch_reads_blocks_the_disk_has(tmp_path: Path) -> None:
+    # real time: the disk works in threads, and virtual time would jump past its stall timeout
+    disk = DiskTier(DiskBlockCache(tmp_path, max_bytes=1 << 30, block_size=BLOCK), "bucket")
+    first = FakeS3(latency=0.002, per_chunk=0.0)
+    cache, reader, budget = make(first, disk=disk)
+    async with trio.open_nursery() as nursery:
+        disk.nursery = nursery
+        prefetcher = Prefetcher(REF, cache, reader, budget, nursery)
+        assert await read_all(cache, reader, prefetcher) == DATA
+        prefetcher.close()
+    assert first.sent >= SIZE
+    second = FakeS3(latency=0.002, per_chunk=0.0)  # a new mount: empty memory, the same disk
+    cache, reader, budget = make(second, disk=disk)
+    async with trio.open_nursery() as nursery:
+        disk.nursery = nursery
+        prefetcher = Prefetcher(REF, cache, reader, budget, nursery)
+        assert await read_all(cache, reader, prefetcher) == DATA
+        prefetcher.close()
+    assert second.ranges == []  # every block from disk, none from S3
+    assert config.PREFETCH_MAX_WINDOW >= config.PREFETCH_FIRST_WINDOW
