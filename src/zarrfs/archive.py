@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from enum import Enum
 
 from .dandi import DANDISET_ID_RE, PUBLISHED_VERSION_RE
-from .manifest import is_checksum
+from .zarr_checksums import is_checksum
 
 _HEX3 = re.compile(r"^[0-9a-f]{3}\Z")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")

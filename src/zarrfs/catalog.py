@@ -45,8 +45,8 @@ from .dandi import (
     zarr_current_checksum,
 )
 from .errors import DataError, ObjectMissing, RemoteError, VersionNotFound
-from .manifest import is_checksum
 from .remote import Remote
+from .zarr_checksums import is_checksum
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,9 @@ import trio
 
 from .config import MAX_API_RESPONSE_BYTES, MAX_ASSET_LIST_BYTES, MountSource, Source
 from .errors import ObjectMissing, RemoteError, SourceError, VersionNotFound
-from .manifest import INT64_MAX, is_checksum
 from .names import path_problem
+from .refs import INT64_MAX
+from .zarr_checksums import is_checksum
 
 if TYPE_CHECKING:  # the resolver is handed a Remote; importing it would pull in aiobotocore
     from .remote import Remote

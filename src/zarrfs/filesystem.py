@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cachetools
 import trio
@@ -46,12 +47,15 @@ from .errors import (
     VersionNotFound,
 )
 from .inodes import InodeSpace, Volume
-from .manifest import ManifestIndex, parse_checksum
 from .manifest_cache import ManifestCache
 from .prefetch import PrefetchBudget, Prefetcher
 from .refs import ObjectRef
 from .s3_reader import S3Reader
 from .tree import ROOT_INO, Entry, FileSource, InlineFile, Namespace
+from .zarr_checksums import parse_checksum
+
+if TYPE_CHECKING:  # the manifest machinery is imported when a Zarr is first entered
+    from .manifest import ManifestIndex
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,6 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import xxhash
 from zarr_checksum.checksum import (
-    ZARR_DIGEST_PATTERN,
     ZarrChecksum,
     ZarrChecksumManifest,
     ZarrDirectoryDigest,
@@ -62,6 +61,8 @@ from zarr_checksum.checksum import (
 from .cache_dir import create_private_file
 from .errors import IntegrityError, ManifestError
 from .names import NAME_MAX, name_problem
+from .refs import INT64_MAX
+from .zarr_checksums import EMPTY_CHECKSUM
 
 log = logging.getLogger(__name__)
 
@@ -71,33 +72,16 @@ INDEX_FORMAT_VERSION = 2
 SUPPORTED_SCHEMA = 2
 #: Largest object S3 stores (5 TiB): a bigger size in a manifest is refused.
 MAX_OBJECT_SIZE = 5 << 40
-#: Largest value of the int64 columns (directory totals, mtimes).
-INT64_MAX = (1 << 63) - 1
 #: Longest VersionId or ETag accepted (S3's are 32 to a few dozen characters).
 MAX_TOKEN_LENGTH = 1024
 FIELDS = ["versionId", "lastModified", "size", "ETag"]
 KIND_FILE = 0
 KIND_DIR = 1
-EMPTY_CHECKSUM = ZarrChecksumManifest().generate_digest().digest
-_CHECKSUM_RE = re.compile(rf"^{ZARR_DIGEST_PATTERN}\Z")
 _SCHEMA_RE = re.compile(rb'"schemaVersion"\s*:\s*([0-9]+)')
 _FIELDS_RE = re.compile(rb'"fields"\s*:\s*(\[[^\]]*\])')
 _FIELDS_STRING_RE = re.compile(rb'"fields"\s*:\s*"')
 _MD5_RE = re.compile(r"^[0-9a-f]{32}\Z")
 _MULTIPART_RE = re.compile(r"^([0-9a-f]{32})-([0-9]+)\Z")
-
-
-def is_checksum(text: str) -> bool:
-    """True if `text` has the form `<md5>-<count>--<size>`."""
-    return bool(_CHECKSUM_RE.match(text))
-
-
-def parse_checksum(text: str) -> tuple[int, int]:
-    """(file count, total size) of a Zarr checksum `<md5>-<count>--<size>`; ValueError if malformed."""
-    m = _CHECKSUM_RE.match(text)
-    if m is None:
-        raise ValueError(f"not a Zarr checksum: {text!r:.80}")
-    return int(m.group(2)), int(m.group(3))
 
 
 def check_name(name: str) -> None:

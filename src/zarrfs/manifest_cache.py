@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cachetools
 import trio
@@ -52,9 +53,12 @@ from .errors import (
     ObjectMissing,
     RemoteError,
 )
-from .manifest import ManifestIndex, parse_checksum, parse_manifest_file
 from .remote import Remote
+from .zarr_checksums import parse_checksum
 from .zarr_listing import write_manifest_from_listing, zarr_prefix
+
+if TYPE_CHECKING:  # imported when a Zarr is first entered: numpy, pyarrow, zarr_checksum are heavy
+    from .manifest import ManifestIndex
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +299,8 @@ class ManifestCache:
             return await self._fetch_and_convert(key, what, path, live)
 
     async def _load_from_disk(self, path: Path, key: _Key) -> ManifestIndex | None:
+        from .manifest import ManifestIndex
+
         zarr_id, checksum = key
         if not await trio.to_thread.run_sync(path.exists):
             return None
@@ -465,6 +471,8 @@ class ManifestCache:
         zarr_id, checksum = key
         started = time.monotonic()
         cancel = threading.Event()
+
+        from .manifest import ManifestIndex, parse_manifest_file
 
         def convert() -> ManifestIndex:
             built = parse_manifest_file(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+#: The largest size or time (ns) a file may show: what an int64 holds.
+INT64_MAX = (1 << 63) - 1
 _MD5 = re.compile(r"^[0-9a-f]{32}\Z")
 
 

@@ -20,12 +20,15 @@ import logging
 from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .config import Source
 from .dandi import AssetRecord, ResolvedVersion
 from .errors import DataError, IsADirectory, NotADirectory, NotFound
-from .manifest import ManifestIndex
 from .refs import ObjectRef
+
+if TYPE_CHECKING:  # the manifest machinery is imported when a Zarr is first entered
+    from .manifest import ManifestIndex
 
 log = logging.getLogger(__name__)
 
