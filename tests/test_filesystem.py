@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
+import trio
 
 from zarrfs.config import Config, S3Settings, default_manifest_roots
 from zarrfs.core import open_filesystem
 from zarrfs.dandi import parse_source
-from zarrfs.demo.sample import OME_PATH, OME_V2_DELETED, V1, V2, SampleDandiset
+from zarrfs.demo.sample import ARRAY_PATH, OME_PATH, OME_V2_DELETED, V1, V2, SampleDandiset
 from zarrfs.errors import DataError, NotFound
 from zarrfs.filesystem import Filesystem
 from zarrfs.fuse_ops import XATTR_URL, ZarrfsOperations
@@ -162,3 +163,65 @@ async def test_tampered_manifest_is_eio_not_data(
         assert await fs.read(handle, 0, 100) == other.versions[V1].files[blob][:100]
         with pytest.raises(NotFound):
             await fs.lookup(ROOT_INO, b"nope")
+
+
+async def test_first_entry_fetches_the_metadata_at_once(
+    sample: SampleDandiset, tmp_path: Path
+) -> None:
+    async for fs in make_fs(sample, V1, tmp_path):
+        zarr = await resolve_path(fs, OME_PATH)
+        before = fs.reader.stats["requests"]
+        await fs.lookup(zarr, b".zgroup")  # first entry: the metadata objects come all at once
+        for _ in range(200):
+            if fs.reader.stats["requests"] - before >= 7:
+                break
+            await trio.sleep(0.01)
+        fetched = fs.reader.stats["requests"]
+        files = sample.versions[V1].files
+        metadata = [
+            p
+            for p in files
+            if p.startswith(OME_PATH + "/")
+            and p.rsplit("/", 1)[-1] in (".zgroup", ".zattrs", ".zarray")
+        ]
+        assert len(metadata) >= 7
+        for rel in metadata:
+            handle = await fs.open(await resolve_path(fs, rel))
+            assert await fs.read(handle, 0, 1 << 20) == files[rel]
+        assert fs.reader.stats["requests"] == fetched  # every one was already there
+
+
+async def test_consolidate_shows_a_zmetadata_built_from_the_metadata(
+    sample: SampleDandiset, tmp_path: Path
+) -> None:
+    import dataclasses
+    import json
+
+    config = dataclasses.replace(
+        make_config(sample, f"{sample.dandiset_id}@{V1}", tmp_path), consolidate=True
+    )
+    files = sample.versions[V1].files
+    assert f"{OME_PATH}/.zmetadata" not in files  # the sample has none of its own
+    async with open_filesystem(config) as fs:
+        zarr = await resolve_path(fs, OME_PATH)
+        entry = await fs.lookup(zarr, b".zmetadata")
+        handle = await fs.open(entry.ino)
+        doc = json.loads(await fs.read(handle, 0, entry.size + 10))
+        assert doc["zarr_consolidated_format"] == 1
+        expected = {
+            rel[len(OME_PATH) + 1 :]: json.loads(data)
+            for rel, data in files.items()
+            if rel.startswith(OME_PATH + "/")
+            and rel.rsplit("/", 1)[-1] in (".zgroup", ".zattrs", ".zarray")
+        }
+        assert doc["metadata"] == expected
+        names = [n for n, _, _ in await fs.readdir(await fs.opendir(zarr), 0)]
+        assert b".zmetadata" in names and names == sorted(names)
+        assert (await fs.getattr(entry.ino)).size == entry.size
+        # a Zarr format 3 array has nothing to consolidate in format 2 terms: left as it is
+        array = await resolve_path(fs, ARRAY_PATH)
+        with pytest.raises(NotFound):
+            await fs.lookup(array, b".zmetadata")
+    async for plain in make_fs(sample, V1, tmp_path / "plain"):
+        with pytest.raises(NotFound):
+            await plain.lookup(await resolve_path(plain, OME_PATH), b".zmetadata")

@@ -317,6 +317,28 @@ def test_zarr_python_reads_each_version_from_its_own_mount(
     assert "omero" not in dict(zarr.open_group(str(pair[V1] / OME_PATH), mode="r").attrs)
 
 
+def test_consolidated_metadata_on_request(
+    mount: Callable[..., Mounted], sample: SampleDandiset
+) -> None:
+    """--consolidate: zarr-python opens the OME-Zarr with one read of a synthesized .zmetadata and
+    gets the published values; without it the mount shows exactly the published files."""
+    import warnings
+
+    import zarr
+
+    mounted = mount(f"{sample.dandiset_id}@{V1}", "--consolidate")
+    root = mounted.path / OME_PATH
+    assert ".zmetadata" in os.listdir(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "consolidated metadata not found" warning
+        group = zarr.open_consolidated(str(root), mode="r", zarr_format=2)
+        for key, expected in sample.versions[V1].arrays.items():
+            if key.startswith(OME_PATH + "/"):
+                got = array_values(group[key[len(OME_PATH) + 1 :]])
+                np.testing.assert_array_equal(got, expected, err_msg=key)
+    assert "consolidated" in mounted.output()
+
+
 # --- 4. h5py --------------------------------------------------------------------------------------
 
 

@@ -130,11 +130,19 @@ class BlockCache:
 
     # --- reading ----------------------------------------------------------------------------------
 
-    async def read(self, ref: R, offset: int, size: int, fetch: Fetch[R]) -> bytes:
+    async def read(
+        self,
+        ref: R,
+        offset: int,
+        size: int,
+        fetch: Fetch[R],
+        priority: Priority = Priority.DEMAND,
+    ) -> bytes:
         """Bytes [offset, min(offset + size, ref.size)) of `ref`; b"" at or past the end.
 
-        Blocks in memory are used; blocks in flight are waited for (promoting their fetch to
-        demand); the missing ones are claimed and fetched, each contiguous run by one request.
+        Blocks in memory are used; blocks in flight are waited for (a demand read promotes their
+        fetch to demand); the missing ones are claimed and fetched, each contiguous run by one
+        request of `priority` (prefetch for speculative reads that nobody waits for yet).
         """
         if offset < 0 or size < 0:
             raise ValueError(f"negative offset or size: {offset}, {size}")
@@ -162,7 +170,7 @@ class BlockCache:
             if not waiting and not missing:
                 return _slice(found, first, last, unit, offset, end)
             runs = runs_of(missing)
-            tickets = [Ticket(Priority.DEMAND, flow=ref.key) for _ in runs]
+            tickets = [Ticket(priority, flow=ref.key) for _ in runs]
             for run, ticket in zip(runs, tickets, strict=True):
                 self.claim(ref, run[0], run[-1], ticket)
             errors: list[Exception] = []
@@ -170,7 +178,7 @@ class BlockCache:
                 for run, ticket in zip(runs, tickets, strict=True):
                     nursery.start_soon(self._fill_into, ref, run, ticket, fetch, found, errors)
                 for index, flight in waiting.items():
-                    nursery.start_soon(self._wait_into, index, flight, found, errors)
+                    nursery.start_soon(self._wait_into, index, flight, found, errors, priority)
             if errors:
                 raise errors[0]
 
@@ -189,9 +197,15 @@ class BlockCache:
             errors.append(exc)
 
     async def _wait_into(
-        self, index: int, flight: _Flight, found: dict[int, bytes], errors: list[Exception]
+        self,
+        index: int,
+        flight: _Flight,
+        found: dict[int, bytes],
+        errors: list[Exception],
+        priority: Priority,
     ) -> None:
-        flight.ticket.promote()  # a reader is blocked on it: never behind background work
+        if priority == Priority.DEMAND:
+            flight.ticket.promote()  # a reader is blocked on it: never behind background work
         await flight.done.wait()
         if flight.error is not None:
             errors.append(flight.error)

@@ -110,6 +110,12 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
         dest="xattrs",
         help="serve user.zarrfs.s3_url/etag extended attributes (slows `ls -l`)",
     )
+    p.add_argument(
+        "--consolidate",
+        action="store_true",
+        help="show a consolidated .zmetadata in Zarr format 2 hierarchies without one (built from "
+        "their metadata when first entered; not part of the published data)",
+    )
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--log-file", type=Path, help="log file of a background mount")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -229,7 +235,7 @@ def apply_o_options(args: argparse.Namespace) -> None:
                 args.allow_other = True
             elif key in ("xattr", "xattrs"):
                 args.xattrs = True
-            elif key in ("foreground", "debug", "signed"):
+            elif key in ("foreground", "debug", "signed", "consolidate"):
                 setattr(args, key, True)
             elif key == "manifest_root":
                 args.manifest_roots = [*(args.manifest_roots or []), value]
@@ -279,6 +285,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         debug=args.debug,
         allow_other=getattr(args, "allow_other", False),
         xattrs=getattr(args, "xattrs", False),
+        consolidate=getattr(args, "consolidate", False),
         kernel_readdir_cache=cfg.env_kernel_readdir_cache(),
     )
 

@@ -240,6 +240,9 @@ class Config:
     #: Bytes the disk block cache may hold: None for the default (a fraction of the free space at
     #: start, see `default_disk_cache_size`), 0 for no disk cache.
     disk_cache_size: int | None = None
+    #: Serve a synthesized consolidated `.zmetadata` in Zarr format 2 hierarchies that have none
+    #: (it changes what the mount shows, so it is off by default).
+    consolidate: bool = False
     block_size: int = BLOCK_SIZE
     foreground: bool = False
     debug: bool = False

@@ -64,6 +64,7 @@ async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
             remote.s3,
             cache_dir=config.cache_dir,
             version_memory=config.version_memory,
+            consolidate=config.consolidate,
         )
         try:
             description = await fs.start()  # before the nursery: its errors stay plain

@@ -51,6 +51,7 @@ from .manifest_cache import ManifestCache
 from .prefetch import PrefetchBudget, Prefetcher
 from .refs import ObjectRef
 from .s3_reader import S3Reader
+from .scheduler import Priority
 from .tree import ROOT_INO, Entry, FileSource, InlineFile, Namespace
 from .zarr_checksums import parse_checksum
 
@@ -120,6 +121,7 @@ class Filesystem:
         *,
         cache_dir: Path | None = None,
         version_memory: int = config.DEFAULT_VERSION_MEMORY,
+        consolidate: bool = False,
     ) -> None:
         self.source = source
         self.catalog = catalog
@@ -152,6 +154,9 @@ class Filesystem:
             self._pins = CacheLayout(cache_dir).tmp / tag
         self._root_alias: int | None = None
         self._reported: set[str] = set()
+        self._entered: dict[tuple[int, str, str], trio.Event] = {}
+        #: Serve a synthesized `.zmetadata` in format 2 Zarrs without one (`--consolidate`).
+        self.consolidate = consolidate
 
     # --- setting up -------------------------------------------------------------------------------
 
@@ -491,7 +496,68 @@ class Filesystem:
                 self._reported.add(message)
                 log.error("%s", message)
             raise
-        return None if asset is None else await self.manifests.get(asset)
+        if asset is None:
+            return None
+        index = await self.manifests.get(asset)
+        key = (volume.id, index.zarr_id, index.checksum)
+        entered = self._entered.get(key)
+        if entered is None:
+            entered = self._entered[key] = trio.Event()
+            try:
+                await self._enter_zarr(namespace, local, asset, index)
+            finally:
+                entered.set()
+        else:
+            await entered.wait()
+        return index
+
+    async def _enter_zarr(
+        self, namespace: Namespace, local: int, asset: AssetRecord, index: ManifestIndex
+    ) -> None:
+        """A Zarr is entered for the first time: fetch its metadata objects now, all at once
+        (concurrently, in the background), and with `consolidate` build the `.zmetadata` it lacks
+        before answering (the reader is about to ask for it)."""
+        from .zarr_metadata import consolidated, metadata_nodes, needs_consolidation
+
+        nodes = metadata_nodes(index)
+        refs = {index.path(node): index.object_ref(node) for node in nodes}
+        if self.consolidate and needs_consolidation(index):
+            try:
+                objects = await self._fetch_all(refs, Priority.DEMAND)
+            except DataError as e:
+                log.warning("cannot consolidate the metadata of %s: %s", asset.path, e)
+                return
+            namespace.add_consolidated(local, consolidated(objects))
+            log.info("consolidated %d metadata objects of %s", len(objects), asset.path)
+        elif refs and self.service_nursery is not None:
+            self.service_nursery.start_soon(self._prefetch_metadata, refs, asset.path)
+
+    async def _fetch_all(self, refs: dict[str, ObjectRef], priority: Priority) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        errors: list[DataError] = []
+
+        async def one(path: str, ref: ObjectRef) -> None:
+            try:
+                out[path] = await self.blocks.read(
+                    ref, 0, ref.size, self.reader.read_range, priority
+                )
+            except DataError as e:
+                errors.append(e)
+
+        async with trio.open_nursery() as nursery:
+            for path, ref in refs.items():
+                nursery.start_soon(one, path, ref)
+        if errors:
+            raise errors[0]
+        return out
+
+    async def _prefetch_metadata(self, refs: dict[str, ObjectRef], what: str) -> None:
+        try:
+            await self._fetch_all(refs, Priority.PREFETCH)
+        except DataError as e:  # not cached: whoever reads one of them sees the error itself
+            log.debug("metadata prefetch of %s failed: %s", what, e)
+        except Exception:  # a bug: logged loudly, never taking the service nursery down
+            log.exception("metadata prefetch of %s failed unexpectedly", what)
 
     def _describe(
         self, volume: Volume, namespace: Namespace, local: int, index: ManifestIndex | None

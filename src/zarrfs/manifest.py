@@ -61,7 +61,7 @@ from zarr_checksum.checksum import (
 from .cache_dir import create_private_file
 from .errors import IntegrityError, ManifestError
 from .names import NAME_MAX, name_problem
-from .refs import INT64_MAX
+from .refs import INT64_MAX, ObjectRef
 from .zarr_checksums import EMPTY_CHECKSUM
 
 log = logging.getLogger(__name__)
@@ -465,6 +465,16 @@ class ManifestIndex:
             version_id=self.version_id(node),
             size=int(self._size[node]),
             etag=self.etag(node),
+        )
+
+    def object_ref(self, node: int) -> ObjectRef:
+        """The pinned object version holding file `node`: `zarr/<zarr_id>/<path>` at its VersionId."""
+        obj = self.entry_object(node)
+        return ObjectRef(
+            key=f"zarr/{self.zarr_id}/{obj.path}",
+            version_id=obj.version_id,
+            size=obj.size,
+            etag=obj.etag,
         )
 
     def iter_files(self) -> Iterator[EntryObject]:

@@ -37,6 +37,8 @@ ROOT_INO = 1
 ZARR_SHIFT = 32
 NODE_MASK = (1 << ZARR_SHIFT) - 1
 DANDISET_YAML = "dandiset.yaml"
+#: The name of a synthesized consolidated metadata document (`--consolidate`).
+CONSOLIDATED = b".zmetadata"
 #: Rough bytes of memory one top-level node costs (for LRU weights of resolved versions).
 NODE_BYTES = 400
 
@@ -97,6 +99,8 @@ class Namespace:
         newest = max((a.mtime_ns for a in resolved.assets), default=0)
         self._nodes: list[_Top | None] = [None]  # index = inode
         self._zarr_roots: list[_Top | None] = [None]  # index = slot
+        #: Synthesized `.zmetadata` documents by Zarr slot (`--consolidate`): node `n_nodes`.
+        self._consolidated: dict[int, bytes] = {}
         root = self._add(b"", parent=ROOT_INO, is_dir=True, mtime_ns=newest)
         assert root.ino == ROOT_INO
         if root_zarr is not None:  # the root is the Zarr itself: slot 1
@@ -259,12 +263,25 @@ class Namespace:
     def zarr_assets(self) -> list[AssetRecord]:
         return [n.asset for n in self._zarr_roots if n is not None and n.asset is not None]
 
-    @staticmethod
-    def _zarr_entry(root: _Top, index: ManifestIndex, node: int) -> Entry:
+    def _zarr_entry(self, root: _Top, index: ManifestIndex, node: int) -> Entry:
         if node == 0:
             return root.entry()
+        if node == index.n_nodes and root.slot in self._consolidated:
+            size = len(self._consolidated[root.slot])
+            return Entry((root.slot << ZARR_SHIFT) | node, False, size, root.mtime_ns)
         stat = index.stat(node)
         return Entry((root.slot << ZARR_SHIFT) | node, stat.is_dir, stat.size, stat.mtime_ns)
+
+    def add_consolidated(self, ino: int, data: bytes) -> None:
+        """Show a synthesized `.zmetadata` (`data`) at the root of the Zarr that `ino` is in
+        (`--consolidate`; the Zarr has none of its own). Its node id is one past the index's last."""
+        split = self._split(ino)
+        if split is None:
+            raise ValueError(f"inode {ino} is not in a Zarr")
+        self._consolidated[split[0].slot] = data
+
+    def _has_node(self, root: _Top, index: ManifestIndex, node: int) -> bool:
+        return node < index.n_nodes or (node == index.n_nodes and root.slot in self._consolidated)
 
     @staticmethod
     def _check_index(root: _Top, index: ManifestIndex | None) -> ManifestIndex:
@@ -281,7 +298,7 @@ class Namespace:
             return self._top(ino if split is None else split[0].ino).entry()
         root, node = split
         idx = self._check_index(root, index)
-        if node >= idx.n_nodes:
+        if not self._has_node(root, idx, node):
             raise NotFound(f"no inode {ino}")
         return self._zarr_entry(root, idx, node)
 
@@ -302,6 +319,13 @@ class Namespace:
         if not idx.is_dir(mnode):
             raise NotADirectory(f"inode {parent} is not a directory")
         child = idx.lookup(mnode, name)
+        if (
+            child is None
+            and mnode == 0
+            and name == CONSOLIDATED
+            and root.slot in self._consolidated
+        ):
+            child = idx.n_nodes
         if child is None:
             raise NotFound(name.decode("utf-8", "replace"))
         return self._zarr_entry(root, idx, child)
@@ -327,6 +351,16 @@ class Namespace:
         if mnode >= idx.n_nodes or not idx.is_dir(mnode):
             raise NotADirectory(f"inode {ino} is not a directory")
         base = root.slot << ZARR_SHIFT
+        if mnode == 0 and root.slot in self._consolidated:
+            listing = [
+                (name, Entry(base | child, is_dir, size, mtime))
+                for child, name, is_dir, size, mtime in idx.children(0, 0, 1 << 30)
+            ]
+            listing.append((CONSOLIDATED, self._zarr_entry(root, idx, idx.n_nodes)))
+            listing.sort(key=lambda row: row[0])
+            for i in range(offset, len(listing)):
+                yield listing[i][0], listing[i][1], i + 1
+            return
         batch = 64  # the kernel takes a few dozen entries per request; grow for big listings
         while rows := idx.children(mnode, offset, batch):
             for child, name, is_dir, size, mtime_ns in rows:
@@ -352,17 +386,13 @@ class Namespace:
             )
         root, mnode = split
         idx = self._check_index(root, index)
-        if mnode >= idx.n_nodes:
+        if not self._has_node(root, idx, mnode):
             raise NotFound(f"no inode {ino}")
+        if mnode == idx.n_nodes:
+            return InlineFile(self._consolidated[root.slot])
         if mnode == 0 or idx.is_dir(mnode):
             raise IsADirectory(f"inode {ino} is a directory")
-        obj = idx.entry_object(mnode)
-        return ObjectRef(
-            key=f"zarr/{idx.zarr_id}/{obj.path}",
-            version_id=obj.version_id,
-            size=obj.size,
-            etag=obj.etag,
-        )
+        return idx.object_ref(mnode)
 
     def describe(self, ino: int, index: ManifestIndex | None = None) -> str:
         """A human-readable path for log lines."""
@@ -374,5 +404,6 @@ class Namespace:
             node = self._top(node.parent)
         path = "/".join(reversed(parts))
         if split and split[1] and index is not None:
-            path += "/" + index.path(split[1])
+            inner = CONSOLIDATED.decode() if split[1] == index.n_nodes else index.path(split[1])
+            path += "/" + inner
         return path or "/"
