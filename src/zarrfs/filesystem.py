@@ -317,6 +317,45 @@ class Filesystem:
                 raise
             raise error from None
 
+    async def provenance(self, ino: int) -> dict[str, str]:
+        """What `ino` is a copy of, as `user.zarrfs.<name>` attributes show it (without the
+        prefix): `version` (a version's root), `zarr_id` and `zarr_checksum` (a Zarr's root),
+        `asset_id`, and for files `s3_url`, `version_id` and `etag`."""
+        ino = self._in(ino)
+        out: dict[str, str] = {}
+        node = self._synthetic.get(ino)
+        if node is not None:
+            return out
+        volume, local = self._volume(ino)
+        key = self._volume_keys[volume.id]
+        namespace = await self._namespace(volume)
+        if local == ROOT_INO and key.level == Level.VERSION:
+            out["version"] = str(namespace.resolved.source)
+        asset = namespace.asset_of(local)
+        if asset is not None and asset.asset_id:
+            out["asset_id"] = asset.asset_id
+        if namespace.is_zarr_root(local) and asset is not None:
+            out["zarr_id"] = asset.zarr_id or ""
+            out["zarr_checksum"] = asset.zarr_checksum or ""
+        entry = await self.getattr(ino)
+        if entry.is_dir:
+            return out
+        index = await self._index(namespace, local, volume, inside_only=True)
+        source = namespace.file_source(local, index)
+        if isinstance(source, ObjectRef):
+            out["s3_url"] = describe_object(self.bucket, source)
+            if source.version_id is not None:
+                out["version_id"] = source.version_id
+            if source.etag is not None:
+                out["etag"] = source.etag
+        elif key.level == Level.VERSION:  # dandiset.yaml: the current object of its key
+            resolved = namespace.resolved.source
+            out["s3_url"] = (
+                f"s3://{self.bucket}/dandisets/{resolved.dandiset_id}/{resolved.version}/"
+                "dandiset.yaml"
+            )
+        return out
+
     def statfs(self) -> FsStats:
         namespaces = [*self._kept.values(), *self._loaded.values()]
         if self._oversized is not None:
