@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import boto3
@@ -591,6 +592,23 @@ def test_fake_api_from_dicts_caps_page_size() -> None:
         status, body = http_json(f"{server.url}/dandisets/000001/")
         assert body["most_recent_published_version"] is None
         assert body["draft_version"]["version"] == "draft"
+
+
+def test_fake_api_latency_delays_every_response(monkeypatch: pytest.MonkeyPatch) -> None:
+    import zarrfs.demo.fake_api as fake_api
+
+    slept: list[float] = []
+    monkeypatch.setattr(fake_api, "time", SimpleNamespace(sleep=slept.append))
+    dandisets = {
+        "000001": {"most_recent_published_version": None, "versions": {"draft": {"assets": []}}}
+    }
+    with FakeDandiAPI(dandisets, latency=0.25) as server:
+        assert http_json(f"{server.url}/dandisets/")[0] == 200
+        assert http_json(f"{server.url}/dandisets/999999/")[0] == 404
+    assert slept == [0.25, 0.25]
+    with FakeDandiAPI(dandisets) as server:
+        assert http_json(f"{server.url}/dandisets/000001/")[0] == 200
+    assert slept == [0.25, 0.25]
 
 
 # --- the local S3 -------------------------------------------------------------------------------
