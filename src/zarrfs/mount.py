@@ -30,8 +30,8 @@ import trio
 from . import config as cfg
 from . import runtime
 from .config import Config
-from .core import open_filesystem, unwrap_single_exception
-from .errors import MountError
+from .core import open_filesystem
+from .errors import MountError, unwrap_single_exception
 from .filesystem import Filesystem
 from .fuse_ops import ZarrfsOperations, internal_errors
 from .stats import prometheus_text, snapshot
