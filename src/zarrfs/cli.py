@@ -105,6 +105,18 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
     add_connection_options(p)
     p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     p.add_argument(
+        "--uid", metavar="UID", help="owner every entry shows (default: the user who mounts)"
+    )
+    p.add_argument(
+        "--gid", metavar="GID", help="group every entry shows (default: the mounting user's group)"
+    )
+    p.add_argument(
+        "--umask",
+        metavar="OCTAL",
+        help="applied to 0777 (directories) and 0666 (files); write bits are always cleared "
+        "(default: 022, i.e. 0555 and 0444)",
+    )
+    p.add_argument(
         "--xattr",
         action="store_true",
         dest="xattrs",
@@ -205,6 +217,9 @@ _O_KEYS = {
     "cache_size",
     "manifest_root",
     "log_file",
+    "uid",
+    "gid",
+    "umask",
 }
 _O_IGNORED = {
     "ro",
@@ -269,6 +284,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         if not root.startswith(("s3://", "https://", "http://", "file:///")):
             raise UserError(f"bad --manifest-root {root!r}: use s3://, https:// or file:///")
     mountpoint = getattr(args, "mountpoint", None)
+    uid, gid, umask = _ownership(args)
     return cfg.Config(
         source=source,
         mountpoint=mountpoint.absolute() if mountpoint is not None else Path("/"),
@@ -284,10 +300,37 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         foreground=getattr(args, "foreground", False),
         debug=args.debug,
         allow_other=getattr(args, "allow_other", False),
+        uid=uid,
+        gid=gid,
+        umask=umask,
         xattrs=getattr(args, "xattrs", False),
         consolidate=getattr(args, "consolidate", False),
         kernel_readdir_cache=cfg.env_kernel_readdir_cache(),
     )
+
+
+def _ownership(args: argparse.Namespace) -> tuple[int | None, int | None, int]:
+    """`--uid`, `--gid` (numbers) and `--umask` (octal), range-checked; for verbs without them,
+    the defaults."""
+    ids: list[int | None] = []
+    for name in ("uid", "gid"):
+        text = getattr(args, name, None)
+        if text is None:
+            ids.append(None)
+        elif text.isascii() and text.isdigit() and int(text) < 0xFFFFFFFF:
+            ids.append(int(text))  # (uid_t)-1 is no id: chown(2) reads it as "unchanged"
+        else:
+            raise UserError(f"bad {name} {text!r}: use a number (e.g. {name}=1000)")
+    text = getattr(args, "umask", None)
+    if text is None:
+        return ids[0], ids[1], cfg.DEFAULT_UMASK
+    try:
+        umask = int(text, 8)
+    except ValueError:
+        umask = -1
+    if not 0 <= umask <= 0o777:
+        raise UserError(f"bad umask {text!r}: use octal digits (e.g. umask=027)")
+    return ids[0], ids[1], umask
 
 
 def setup_logging(debug: bool, log_file: Path | None = None) -> Callable[[], None] | None:

@@ -64,7 +64,12 @@ async def serve(
     async with AsyncExitStack() as stack:
         fs = await stack.enter_async_context(open_filesystem(config))
         ops = ZarrfsOperations(
-            fs, xattrs=config.xattrs, kernel_readdir_cache=config.kernel_readdir_cache
+            fs,
+            uid=config.uid,
+            gid=config.gid,
+            umask=config.umask,
+            xattrs=config.xattrs,
+            kernel_readdir_cache=config.kernel_readdir_cache,
         )
         if ops.kernel_readdir_cache:
             log.info("the kernel caches directory listings")
