@@ -2,7 +2,8 @@
 
 Owns: `zarrfs mount|unmount|demo`, the `mount.zarrfs` helper for /etc/fstab, daemonizing a mount
 (the parent returns 0 only once the child reports the mount live, else prints the child's one-line
-error and exits non-zero) and exit codes. Never calls FUSE or S3 itself: `mount.serve` does.
+error and exits non-zero; a `/dev/fd/N` mountpoint's descriptor is handed on to the child) and
+exit codes. Never calls FUSE or S3 itself: `mount.serve` does.
 
 Exit codes: 0 success; 1 unexpected internal error; 2 bad usage or SOURCE; 3 dandiset or version not
 found; 4 mountpoint or FUSE problem; 5 remote data unavailable (S3/API unreachable, bad metadata).
@@ -439,7 +440,10 @@ def _spawn_background(config: cfg.Config, args: argparse.Namespace, argv: Sequen
     log_file = (args.log_file or default_log_file(config)).absolute()
     make_private_dir(log_file.parent)
     os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    from .mount import fuse_fd
+
     read_fd, write_fd = os.pipe()
+    passed_fd = fuse_fd(config.mountpoint)  # /dev/fd/N: the child serves the same descriptor
     command = [
         sys.executable,
         "-m",
@@ -457,7 +461,7 @@ def _spawn_background(config: cfg.Config, args: argparse.Namespace, argv: Sequen
             stdin=devnull,
             stdout=log_out,
             stderr=log_out,
-            pass_fds=(write_fd,),
+            pass_fds=(write_fd,) if passed_fd is None else (write_fd, passed_fd),
             start_new_session=True,
             close_fds=True,
         )
@@ -468,7 +472,7 @@ def _spawn_background(config: cfg.Config, args: argparse.Namespace, argv: Sequen
         return EXIT_OK
     if child.poll() is None:
         child.terminate()
-    if os.path.ismount(config.mountpoint):
+    if passed_fd is None and os.path.ismount(config.mountpoint):
         _fusermount(config.mountpoint, lazy=True)
     if message.startswith("ERROR "):
         _, code, text = message.split(" ", 2)
