@@ -25,7 +25,7 @@ from hashlib import sha1
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
+from . import __version__, systemd
 from . import config as cfg
 from .cache_dir import make_private_dir
 from .errors import DataError, MountError, UserError
@@ -352,7 +352,11 @@ def setup_logging(debug: bool, log_file: Path | None = None) -> Callable[[], Non
 
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log_file is None and systemd.stderr_is_journal(sys.stderr.fileno()):
+        # run by systemd: journald adds the time; `<N>` prefixes carry each line's priority
+        handler.setFormatter(systemd.JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)

@@ -16,7 +16,7 @@ MOUNTPOINT may also be `/dev/fd/N`, an open `/dev/fuse` descriptor that the call
 `--fusemount`, a Kubernetes FUSE plugin, a test) has already mounted somewhere: libfuse (>= 3.3) then
 serves that descriptor and mounts nothing, so `auto_unmount` is not requested, and unmounting is the
 caller's business (at exit the daemon only closes the descriptor; when the caller unmounts, the daemon
-ends by itself).
+ends by itself). systemd is told when the mount is live and when it stops (`systemd.notify`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import pyfuse3
 import trio
 
 from . import config as cfg
+from . import systemd
 from .config import Config
 from .core import open_filesystem, unwrap_single_exception
 from .errors import MountError
@@ -118,9 +119,13 @@ async def serve(
                     log.info(
                         "serving %s on %s (mounted by the caller)", config.source, config.mountpoint
                     )
+                systemd.notify(f"READY=1\nSTATUS=serving {config.source} at {config.mountpoint}")
                 if on_ready is not None:
                     on_ready()
-                await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
+                try:
+                    await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
+                finally:
+                    systemd.notify("STOPPING=1")
                 nursery.cancel_scope.cancel()
         log.info("unmounted %s", config.mountpoint)
 
