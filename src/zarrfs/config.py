@@ -246,6 +246,8 @@ class Config:
     #: Serve a synthesized consolidated `.zmetadata` in Zarr format 2 hierarchies that have none
     #: (it changes what the mount shows, so it is off by default).
     consolidate: bool = False
+    #: Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (a mount only).
+    metrics_port: int | None = None
     block_size: int = BLOCK_SIZE
     foreground: bool = False
     debug: bool = False

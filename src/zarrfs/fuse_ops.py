@@ -29,17 +29,19 @@ import pyfuse3
 
 from . import config
 from .errors import NoAttribute, NotFound, ReadOnly, ZarrfsError, errno_for
-from .filesystem import Filesystem, OpenDir, OpenFile, describe_object
+from .filesystem import Filesystem, OpenDir, OpenFile
 from .names import NAME_MAX
-from .refs import ObjectRef
 from .tree import Entry
 
 log = logging.getLogger(__name__)
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-#: Extended attributes on files: where the bytes come from.
-XATTR_URL = b"user.zarrfs.s3_url"
-XATTR_ETAG = b"user.zarrfs.etag"
+#: Extended attributes (with --xattr): `Filesystem.provenance` under this prefix, e.g.
+#: `user.zarrfs.s3_url`, `user.zarrfs.etag`, `user.zarrfs.version_id`, `user.zarrfs.asset_id`,
+#: `user.zarrfs.zarr_checksum` (a Zarr's root), `user.zarrfs.version` (a version's root).
+XATTR_PREFIX = b"user.zarrfs."
+XATTR_URL = XATTR_PREFIX + b"s3_url"
+XATTR_ETAG = XATTR_PREFIX + b"etag"
 
 
 #: Marker of every log line about an unexpected exception in a handler (tests fail on it).
@@ -271,27 +273,20 @@ class ZarrfsOperations(pyfuse3.Operations):
         if not self.xattrs:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel then stops asking (fast `ls -l`)
         with _errors("listxattr"):
-            entry = await self.fs.getattr(inode)
-            return [] if entry.is_dir else [XATTR_URL, XATTR_ETAG]
+            return [XATTR_PREFIX + name.encode() for name in await self.fs.provenance(inode)]
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not self.xattrs:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         with _errors("getxattr"):
-            if name not in (XATTR_URL, XATTR_ETAG):
+            if not name.startswith(XATTR_PREFIX):
                 raise NoAttribute(name.decode("utf-8", "replace"))
-            entry = await self.fs.getattr(inode)
-            if entry.is_dir:
+            value = (await self.fs.provenance(inode)).get(
+                name[len(XATTR_PREFIX) :].decode("utf-8", "replace")
+            )
+            if value is None:
                 raise NoAttribute(name.decode("utf-8", "replace"))
-            handle = await self.fs.open(inode)
-            source = handle.source
-            if not isinstance(source, ObjectRef):
-                raise NoAttribute(name.decode("utf-8", "replace"))
-            if name == XATTR_URL:
-                return describe_object(self.fs.bucket, source).encode()
-            if source.etag is None:
-                raise NoAttribute(name.decode("utf-8", "replace"))
-            return source.etag.encode()
+            return value.encode()
 
     # --- everything that would write: EROFS -------------------------------------------------------
 

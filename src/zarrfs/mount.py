@@ -36,11 +36,13 @@ import pyfuse3
 import trio
 
 from . import config as cfg
-from . import systemd
+from . import runtime, systemd
 from .config import Config
 from .core import open_filesystem, unwrap_single_exception
 from .errors import MountError
-from .fuse_ops import ZarrfsOperations
+from .filesystem import Filesystem
+from .fuse_ops import ZarrfsOperations, internal_errors
+from .stats import prometheus_text, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +112,14 @@ async def serve(
         stack.callback(_close)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         stack.callback(faulthandler.unregister, signal.SIGUSR1)
+        await trio.to_thread.run_sync(runtime.write_state, config)
+        stack.callback(runtime.remove, config.mountpoint)
         with unwrap_single_exception():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_handle_signals, nursery.cancel_scope, reopen_log)
+                nursery.start_soon(_publish_stats, fs, config)
+                if config.metrics_port is not None:
+                    await nursery.start(_serve_metrics, fs, config.metrics_port)
                 if fuse_fd(config.mountpoint) is None:
                     log.info("mounted %s at %s", config.source, config.mountpoint)
                 else:
@@ -128,6 +135,54 @@ async def serve(
                     systemd.notify("STOPPING=1")
                 nursery.cancel_scope.cancel()
         log.info("unmounted %s", config.mountpoint)
+
+
+def _snapshot(fs: Filesystem) -> dict[str, object]:
+    return snapshot(fs, {"internal_errors": sum(internal_errors.values())})
+
+
+async def _publish_stats(fs: Filesystem, config: Config) -> None:
+    """Keep `zarrfs stats MOUNTPOINT` current (runtime.STATS_INTERVAL)."""
+    while True:
+        try:
+            await trio.to_thread.run_sync(
+                runtime.write_stats, config.mountpoint, _snapshot(fs), abandon_on_cancel=True
+            )
+        except OSError as e:
+            log.debug("cannot write the stats file: %s", e)
+        await trio.sleep(runtime.STATS_INTERVAL)
+
+
+async def _serve_metrics(
+    fs: Filesystem, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Prometheus text on http://127.0.0.1:PORT/metrics (local only)."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(5):
+                request = b""
+                while b"\r\n\r\n" not in request and len(request) < 8192:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        break
+                    request += chunk
+                line = request.split(b"\r\n", 1)[0].split()
+                if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
+                    body = prometheus_text(_snapshot(fs)).encode()
+                    head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                else:
+                    body, head = b"not found\n", b"HTTP/1.0 404 Not Found\r\n"
+                await stream.send_all(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    log.info("metrics on http://127.0.0.1:%d/metrics", listeners[0].socket.getsockname()[1])
+    task_status.started()
+    await trio.serve_listeners(answer, listeners)
 
 
 def _close() -> None:

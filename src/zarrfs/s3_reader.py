@@ -442,13 +442,8 @@ class S3Reader:
             if token:
                 params["ContinuationToken"] = token
 
-            async def attempt(params: dict[str, Any] = params) -> dict[str, Any]:
-                self.stats["requests"] += 1
-                page: dict[str, Any] = await self._client.list_objects_v2(**params)
-                return page
-
-            page = await self._retry(
-                attempt, what, None, self.settings.request_timeout, Ticket(Priority.DEMAND)
+            page = await self._list_page(
+                self._client.list_objects_v2, params, what, Priority.DEMAND
             )
             keys += [str(item["Key"]) for item in page.get("Contents") or []]
             prefixes += [str(item["Prefix"]) for item in page.get("CommonPrefixes") or []]
@@ -470,13 +465,8 @@ class S3Reader:
                 if version_marker:
                     params["VersionIdMarker"] = version_marker
 
-            async def attempt(params: dict[str, Any] = params) -> dict[str, Any]:
-                self.stats["requests"] += 1
-                page: dict[str, Any] = await self._client.list_object_versions(**params)
-                return page
-
-            page = await self._retry(
-                attempt, what, None, self.settings.request_timeout, Ticket(Priority.DOCUMENT)
+            page = await self._list_page(
+                self._client.list_object_versions, params, what, Priority.DOCUMENT
             )
             live = [
                 LiveObject(
@@ -498,6 +488,23 @@ class S3Reader:
                 raise RemoteError(f"{what}: truncated listing without a next marker")
 
     # --- internals --------------------------------------------------------------------------------
+
+    async def _list_page(
+        self,
+        call: Callable[..., Awaitable[dict[str, Any]]],
+        params: dict[str, Any],
+        what: str,
+        priority: Priority,
+    ) -> dict[str, Any]:
+        """One page of a listing, retried like any request (with the per-request timeout)."""
+
+        async def attempt() -> dict[str, Any]:
+            self.stats["requests"] += 1
+            return await call(**params)
+
+        return await self._retry(
+            attempt, what, None, self.settings.request_timeout, Ticket(priority)
+        )
 
     def _params(self, key: str, version_id: str | None) -> dict[str, Any]:
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
