@@ -2,7 +2,8 @@
 
 Owns: `zarrfs mount|unmount|demo`, the `mount.zarrfs` helper for /etc/fstab, daemonizing a mount
 (the parent returns 0 only once the child reports the mount live, else prints the child's one-line
-error and exits non-zero) and exit codes. Never calls FUSE or S3 itself: `mount.serve` does.
+error and exits non-zero; a `/dev/fd/N` mountpoint's descriptor is handed on to the child) and
+exit codes. Never calls FUSE or S3 itself: `mount.serve` does.
 
 Exit codes: 0 success; 1 unexpected internal error; 2 bad usage or SOURCE; 3 dandiset or version not
 found; 4 mountpoint or FUSE problem; 5 remote data unavailable (S3/API unreachable, bad metadata).
@@ -23,7 +24,7 @@ from collections.abc import Callable, Sequence
 from hashlib import sha1
 from pathlib import Path
 
-from . import __version__
+from . import __version__, systemd
 from . import config as cfg
 from .cache_dir import make_private_dir
 from .errors import DataError, MountError, UserError
@@ -192,6 +193,18 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
     add_connection_options(p)
     p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     p.add_argument(
+        "--uid", metavar="UID", help="owner every entry shows (default: the user who mounts)"
+    )
+    p.add_argument(
+        "--gid", metavar="GID", help="group every entry shows (default: the mounting user's group)"
+    )
+    p.add_argument(
+        "--umask",
+        metavar="OCTAL",
+        help="applied to 0777 (directories) and 0666 (files); write bits are always cleared "
+        "(default: 022, i.e. 0555 and 0444)",
+    )
+    p.add_argument(
         "--xattr",
         action="store_true",
         dest="xattrs",
@@ -299,6 +312,9 @@ _O_KEYS = {
     "metrics_port",
     "manifest_root",
     "log_file",
+    "uid",
+    "gid",
+    "umask",
 }
 _O_IGNORED = {
     "ro",
@@ -363,6 +379,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         if not root.startswith(("s3://", "https://", "http://", "file:///")):
             raise UserError(f"bad --manifest-root {root!r}: use s3://, https:// or file:///")
     mountpoint = getattr(args, "mountpoint", None)
+    uid, gid, umask = _ownership(args)
     return cfg.Config(
         source=source,
         mountpoint=mountpoint.absolute() if mountpoint is not None else Path("/"),
@@ -378,11 +395,38 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         foreground=getattr(args, "foreground", False),
         debug=args.debug,
         allow_other=getattr(args, "allow_other", False),
+        uid=uid,
+        gid=gid,
+        umask=umask,
         xattrs=getattr(args, "xattrs", False),
         consolidate=getattr(args, "consolidate", False),
         metrics_port=_port(getattr(args, "metrics_port", None)),
         kernel_readdir_cache=cfg.env_kernel_readdir_cache(),
     )
+
+
+def _ownership(args: argparse.Namespace) -> tuple[int | None, int | None, int]:
+    """`--uid`, `--gid` (numbers) and `--umask` (octal), range-checked; for verbs without them,
+    the defaults."""
+    ids: list[int | None] = []
+    for name in ("uid", "gid"):
+        text = getattr(args, name, None)
+        if text is None:
+            ids.append(None)
+        elif text.isascii() and text.isdigit() and int(text) < 0xFFFFFFFF:
+            ids.append(int(text))  # (uid_t)-1 is no id: chown(2) reads it as "unchanged"
+        else:
+            raise UserError(f"bad {name} {text!r}: use a number (e.g. {name}=1000)")
+    text = getattr(args, "umask", None)
+    if text is None:
+        return ids[0], ids[1], cfg.DEFAULT_UMASK
+    try:
+        umask = int(text, 8)
+    except ValueError:
+        umask = -1
+    if not 0 <= umask <= 0o777:
+        raise UserError(f"bad umask {text!r}: use octal digits (e.g. umask=027)")
+    return ids[0], ids[1], umask
 
 
 def _port(value: object) -> int | None:
@@ -415,7 +459,11 @@ def setup_logging(debug: bool, log_file: Path | None = None) -> Callable[[], Non
 
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log_file is None and systemd.stderr_is_journal(sys.stderr.fileno()):
+        # run by systemd: journald adds the time; `<N>` prefixes carry each line's priority
+        handler.setFormatter(systemd.JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -503,7 +551,10 @@ def _spawn_background(config: cfg.Config, args: argparse.Namespace, argv: Sequen
     log_file = (args.log_file or default_log_file(config)).absolute()
     make_private_dir(log_file.parent)
     os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    from .mount import fuse_fd
+
     read_fd, write_fd = os.pipe()
+    passed_fd = fuse_fd(config.mountpoint)  # /dev/fd/N: the child serves the same descriptor
     command = [
         sys.executable,
         "-m",
@@ -521,7 +572,7 @@ def _spawn_background(config: cfg.Config, args: argparse.Namespace, argv: Sequen
             stdin=devnull,
             stdout=log_out,
             stderr=log_out,
-            pass_fds=(write_fd,),
+            pass_fds=(write_fd,) if passed_fd is None else (write_fd, passed_fd),
             start_new_session=True,
             close_fds=True,
         )
@@ -532,7 +583,7 @@ def _spawn_background(config: cfg.Config, args: argparse.Namespace, argv: Sequen
         return EXIT_OK
     if child.poll() is None:
         child.terminate()
-    if os.path.ismount(config.mountpoint):
+    if passed_fd is None and os.path.ismount(config.mountpoint):
         _fusermount(config.mountpoint, lazy=True)
     if message.startswith("ERROR "):
         _, code, text = message.split(" ", 2)

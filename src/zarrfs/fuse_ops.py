@@ -1,6 +1,6 @@
 """The pyfuse3 adapter: translates FUSE requests to `Filesystem` calls and domain errors to errno.
 
-Owns: `pyfuse3.Operations` handlers, attribute structs (modes 0555/0444, timeouts), file and directory
+Owns: `pyfuse3.Operations` handlers, attribute structs (owner, modes, timeouts), file and directory
 handles, and the one place where `ZarrfsError` becomes `FUSEError` (`_errors`). Thin by design: no S3,
 no parsing, no cache policy. Every write-like request fails with EROFS (the mount is also made with the
 `ro` option, so the kernel usually answers those itself).
@@ -115,6 +115,7 @@ class ZarrfsOperations(pyfuse3.Operations):
         *,
         uid: int | None = None,
         gid: int | None = None,
+        umask: int = config.DEFAULT_UMASK,
         entry_timeout: float = config.ENTRY_TIMEOUT,
         attr_timeout: float = config.ATTR_TIMEOUT,
         negative_timeout: float = config.NEGATIVE_TIMEOUT,
@@ -127,6 +128,9 @@ class ZarrfsOperations(pyfuse3.Operations):
         self.fs = fs
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
+        #: Modes as rclone derives them: the umask applied to 0777 / 0666, never a write bit.
+        self.dir_mode = 0o777 & ~umask & ~0o222
+        self.file_mode = 0o666 & ~umask & ~0o222
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
         self.negative_timeout = negative_timeout
@@ -144,7 +148,7 @@ class ZarrfsOperations(pyfuse3.Operations):
         attr.entry_timeout = self.entry_timeout if entry.ttl is None else entry.ttl
         attr.attr_timeout = self.attr_timeout if entry.ttl is None else entry.ttl
         if entry.is_dir:
-            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_mode = stat.S_IFDIR | self.dir_mode
             attr.st_nlink = 2
             attr.st_size = 0
         elif entry.link is not None:
@@ -152,7 +156,7 @@ class ZarrfsOperations(pyfuse3.Operations):
             attr.st_nlink = 1
             attr.st_size = len(entry.link)
         else:
-            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_mode = stat.S_IFREG | self.file_mode
             attr.st_nlink = 1
             attr.st_size = entry.size
         attr.st_uid = self.uid
