@@ -385,9 +385,13 @@ async def resolve(source: Source, remote: Remote, *, bucket: str, api_url: str) 
     if source.version == "latest":
         source = Source(source.dandiset_id, await _latest_version(source, remote, api_url))
     found: list[bytes | None] = []
+    failed: list[Exception] = []
 
     async def fetch_yaml() -> None:  # at the same time as the assets: one round trip less
-        found.append(await _dandiset_yaml(source, remote))
+        try:
+            found.append(await _dandiset_yaml(source, remote))
+        except Exception as e:  # reported after the assets' own error, which comes first
+            failed.append(e)
 
     with unwrap_single_exception():
         async with trio.open_nursery() as nursery:
@@ -396,6 +400,8 @@ async def resolve(source: Source, remote: Remote, *, bucket: str, api_url: str) 
                 assets = await _draft_assets(source, remote, api_url)
             else:
                 assets = await _published_assets(source, remote, bucket)
+    if failed:
+        raise failed[0]
     yaml = found[0]
     if yaml is None:
         log.warning(
