@@ -144,6 +144,7 @@ def wait_mounted(mnt: Path, process: subprocess.Popen[bytes], log: Path) -> None
         if time.perf_counter() > deadline:
             raise RuntimeError(f"{mnt} not mounted after {MOUNT_DEADLINE} s")
         time.sleep(0.005)
+    os.listdir(mnt)  # zarrfs's core starts after the mount is live: measure from when it serves
 
 
 def unmount(mnt: Path, process: subprocess.Popen[bytes]) -> None:

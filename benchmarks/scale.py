@@ -135,6 +135,7 @@ class Daemon:
             if time.perf_counter() > deadline:
                 raise RuntimeError(f"not mounted within {MOUNT_DEADLINE} s:\n{self.output()}")
             time.sleep(0.002)
+        os.listdir(self.mnt)  # answered once the core is ready (it starts after the mount is live)
         self.ready_s = time.perf_counter() - started
         return self.ready_s
 

@@ -339,6 +339,7 @@ class Daemon:
                 self.stop()
                 raise RuntimeError(f"{mnt} not mounted after {MOUNT_DEADLINE} s")
             time.sleep(0.01)
+        os.listdir(mnt)  # answered once the core is ready (it starts after the mount is live)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -9,6 +9,7 @@ missing /dev/fuse or fusermount3 is an error, elsewhere a visible skip.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,10 @@ def fake_api(sample: SampleDandiset) -> Iterator[str]:
         yield api.url
 
 
+#: The line a mount logs once its core is ready.
+SERVING = re.compile(r"^.*\b(mounted \S+ at|serving \S+ on) ", re.MULTILINE)
+
+
 class Mounted:
     """A live mount in a subprocess."""
 
@@ -101,7 +106,8 @@ def start_mount(
     cache: Path,
     env: dict[str, str] | None = None,
 ) -> Mounted:
-    """`zarrfs mount -f` in a subprocess; returns once the mountpoint is live (fails fast)."""
+    """`zarrfs mount -f` in a subprocess; returns once the mount serves (fails fast). The mountpoint
+    is live before the core is ready (fast start): a mount serves once it logs so."""
     path = base / "mnt"
     path.mkdir(parents=True)
     log = base / "zarrfs.log"
@@ -112,7 +118,7 @@ def start_mount(
         )
     mounted = Mounted(path, process, log)
     deadline = time.monotonic() + MOUNT_DEADLINE
-    while not os.path.ismount(path):
+    while not (os.path.ismount(path) and SERVING.search(mounted.output())):
         if process.poll() is not None:
             pytest.fail(
                 f"zarrfs exited with {process.returncode} before mounting:\n{mounted.output()}"

@@ -5,7 +5,9 @@ handles, and the one place where `ZarrfsError` becomes `FUSEError` (`_errors`). 
 no parsing, no cache policy. Every write-like request fails with EROFS (the mount is also made with the
 `ro` option, so the kernel usually answers those itself).
 
-Only `FUSEError` may leave a pyfuse3 handler: anything else ends `pyfuse3.main` and unmounts for every
+The mount is made before the core is ready (so that the mountpoint is live at once); requests that
+arrive meanwhile wait for `attach` (or get EIO after `fail`). Only `FUSEError` may leave a pyfuse3
+handler: anything else ends `pyfuse3.main` and unmounts for every
 user. So every handler runs inside `_errors`, whose last resort turns an unexpected exception (a bug)
 into EIO for that one request, logs its traceback once per distinct place it was raised (later
 occurrences get a one-line count) with the marker `INTERNAL_ERROR`, and counts it; the daemon keeps
@@ -19,19 +21,23 @@ import errno
 import logging
 import os
 import stat
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import count
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyfuse3
+import trio
 
 from . import config
 from .errors import NoAttribute, NotFound, ReadOnly, ZarrfsError, errno_for
-from .filesystem import Filesystem, OpenDir, OpenFile
 from .names import NAME_MAX
 from .tree import Entry
+
+if TYPE_CHECKING:  # the core (and its S3 client) is imported after the mount is made
+    from .filesystem import Filesystem, OpenDir, OpenFile
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +117,7 @@ class ZarrfsOperations(pyfuse3.Operations):
 
     def __init__(
         self,
-        fs: Filesystem,
+        fs: Filesystem | None,
         *,
         uid: int | None = None,
         gid: int | None = None,
@@ -125,7 +131,11 @@ class ZarrfsOperations(pyfuse3.Operations):
         super().__init__()
         #: Ask the kernel to cache listings (only where pyfuse3 can; the tree never changes).
         self.kernel_readdir_cache = kernel_readdir_cache and kernel_readdir_cache_supported()
-        self.fs = fs
+        self._fs = fs
+        self._ready = trio.Event()  # the core is attached (or failed): requests may proceed
+        self._started_ns = time.time_ns()
+        if fs is not None:
+            self._ready.set()
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         #: Modes as rclone derives them: the umask applied to 0777 / 0666, never a write bit.
@@ -138,6 +148,29 @@ class ZarrfsOperations(pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._handles = count(1)
+
+    # --- the core, attached once it is ready -------------------------------------------------
+
+    @property
+    def fs(self) -> Filesystem:
+        if self._fs is None:
+            raise RuntimeError("the filesystem is not attached yet")
+        return self._fs
+
+    def attach(self, fs: Filesystem) -> None:
+        """The core is ready: requests that arrived since the mount was made proceed."""
+        self._fs = fs
+        self._ready.set()
+
+    def fail(self) -> None:
+        """The core could not start: waiting requests are answered EIO (the mount is going away)."""
+        self._ready.set()
+
+    async def _core(self) -> Filesystem:
+        await self._ready.wait()
+        if self._fs is None:
+            raise pyfuse3.FUSEError(errno.EIO)
+        return self._fs
 
     # --- attributes -----------------------------------------------------------------------------
 
@@ -180,14 +213,18 @@ class ZarrfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         with _errors("lookup"):
             try:
-                entry = await self.fs.lookup(parent_inode, name)
+                entry = await (await self._core()).lookup(parent_inode, name)
             except NotFound as e:
                 return self._negative(e.ttl)
             return self.attributes(entry)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         with _errors("getattr"):
-            return self.attributes(await self.fs.getattr(inode))
+            if inode == pyfuse3.ROOT_INODE and not self._ready.is_set():
+                # the core is starting: the root is a directory already (so the mountpoint is
+                # live at once), but its times are not known yet: the kernel must not keep them
+                return self.attributes(Entry(inode, True, 0, self._started_ns, ttl=0.0))
+            return self.attributes(await (await self._core()).getattr(inode))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None  # inode numbers are derived, never reused: nothing to release
@@ -198,7 +235,7 @@ class ZarrfsOperations(pyfuse3.Operations):
     ) -> int | pyfuse3.FileInfo:
         log.debug("opendir %d", inode)
         with _errors("opendir"):
-            handle = await self.fs.opendir(inode)
+            handle = await (await self._core()).opendir(inode)
             fh = next(self._handles)
             self._dirs[fh] = handle
             if not (self.kernel_readdir_cache and handle.cacheable):
@@ -211,7 +248,7 @@ class ZarrfsOperations(pyfuse3.Operations):
         with _errors("readdir"):
             handle = self._dirs[fh]
             log.debug("readdir %d from %d", handle.ino, start_id)
-            entries = await self.fs.readdir(handle, start_id)
+            entries = await (await self._core()).readdir(handle, start_id)
             for name, entry, next_id in entries:
                 if not pyfuse3.readdir_reply(token, name, self.attributes(entry), next_id):
                     break
@@ -221,13 +258,13 @@ class ZarrfsOperations(pyfuse3.Operations):
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         with _errors("readlink"):
-            return await self.fs.readlink(inode)
+            return await (await self._core()).readlink(inode)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         with _errors("open"):
             if flags & _WRITE_FLAGS:
                 raise ReadOnly("opened for writing")
-            handle = await self.fs.open(inode)
+            handle = await (await self._core()).open(inode)
             fh = next(self._handles)
             self._files[fh] = handle
             # Content is immutable: the kernel may keep its page cache across opens.
@@ -235,13 +272,13 @@ class ZarrfsOperations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         with _errors("read"):
-            return await self.fs.read(self._files[fh], off, size)
+            return await (await self._core()).read(self._files[fh], off, size)
 
     async def release(self, fh: int) -> None:
         with _errors("release"):
             handle = self._files.pop(fh, None)
             if handle is not None:
-                await self.fs.release(handle)
+                await (await self._core()).release(handle)
 
     async def flush(self, fh: int) -> None:
         return None
@@ -254,7 +291,7 @@ class ZarrfsOperations(pyfuse3.Operations):
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         with _errors("statfs"):
-            stats = self.fs.statfs()
+            stats = (await self._core()).statfs()
             data = pyfuse3.StatvfsData()
             data.f_bsize = data.f_frsize = 4096
             data.f_blocks = (stats.total_bytes + 4095) // 4096
@@ -273,7 +310,10 @@ class ZarrfsOperations(pyfuse3.Operations):
         if not self.xattrs:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel then stops asking (fast `ls -l`)
         with _errors("listxattr"):
-            return [XATTR_PREFIX + name.encode() for name in await self.fs.provenance(inode)]
+            return [
+                XATTR_PREFIX + name.encode()
+                for name in await (await self._core()).provenance(inode)
+            ]
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not self.xattrs:
@@ -281,7 +321,7 @@ class ZarrfsOperations(pyfuse3.Operations):
         with _errors("getxattr"):
             if not name.startswith(XATTR_PREFIX):
                 raise NoAttribute(name.decode("utf-8", "replace"))
-            value = (await self.fs.provenance(inode)).get(
+            value = (await (await self._core()).provenance(inode)).get(
                 name[len(XATTR_PREFIX) :].decode("utf-8", "replace")
             )
             if value is None:

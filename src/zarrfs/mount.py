@@ -1,8 +1,14 @@
 """Mount lifecycle: one AsyncExitStack, one nursery, pyfuse3 init/main/close, signals.
 
-Owns: putting the core (`core.open_filesystem`: remote clients, catalog, caches, the filesystem)
-behind FUSE operations and mounting it, telling the waiting parent process when the mount is live (or why it failed), signals, and
-tearing everything down on a stop signal or an external unmount. No domain logic lives here.
+Owns: mounting, then starting the core (`core.open_filesystem`: remote clients, catalog, caches,
+the filesystem) behind the FUSE operations, telling the waiting parent process when the mount serves
+(or why it failed), signals, and tearing everything down on a stop signal or an external unmount. No
+domain logic lives here.
+
+Fast start: the mount is made first (the mountpoint is live as soon as pyfuse3 and trio are imported)
+and the core starts behind it; requests that arrive meanwhile wait for it (the root answers `stat` at
+once). The parent of a background mount still returns only once the core is ready, so a SOURCE that
+does not resolve is an error exit, not a mount that answers EIO.
 
 Signals: SIGTERM and SIGINT stop the mount: in-flight requests get `SHUTDOWN_GRACE` seconds, then
 everything is cancelled (work in worker threads is abandoned, never waited for); a second stop signal
@@ -30,7 +36,8 @@ import re
 import signal
 import stat
 from collections.abc import Callable
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
@@ -38,11 +45,12 @@ import trio
 from . import config as cfg
 from . import runtime, systemd
 from .config import Config
-from .core import open_filesystem
 from .errors import MountError, unwrap_single_exception
-from .filesystem import Filesystem
 from .fuse_ops import ZarrfsOperations, internal_errors
 from .stats import prometheus_text, snapshot
+
+if TYPE_CHECKING:  # the core is imported once the mount is made (fast start)
+    from .filesystem import Filesystem
 
 log = logging.getLogger(__name__)
 
@@ -80,31 +88,19 @@ async def serve(
     on_ready: Callable[[], None] | None = None,
     reopen_log: Callable[[], None] | None = None,
 ) -> None:
-    """Resolve, mount and serve until a stop signal or an external unmount; always unmounts.
+    """Mount, start the core and serve until a stop signal or an external unmount; always unmounts.
 
     `reopen_log` is called on SIGHUP (a mount logging to a file); without it SIGHUP stops the mount.
     """
     async with AsyncExitStack() as stack:
-        fs = await stack.enter_async_context(open_filesystem(config))
         ops = ZarrfsOperations(
-            fs,
+            None,  # attached below, once the core is ready
             uid=config.uid,
             gid=config.gid,
             umask=config.umask,
             xattrs=config.xattrs,
             kernel_readdir_cache=config.kernel_readdir_cache,
         )
-        if ops.kernel_readdir_cache:
-            log.info("the kernel caches directory listings")
-        elif config.kernel_readdir_cache:
-            log.info(
-                "the kernel does not cache directory listings: this pyfuse3 cannot ask it to "
-                "(see patches/README.md)"
-            )
-        else:
-            log.info(
-                "kernel caching of directory listings is off (%s=0)", cfg.KERNEL_READDIR_CACHE_ENV
-            )
         try:
             pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
         except RuntimeError as e:
@@ -112,29 +108,74 @@ async def serve(
         stack.callback(_close)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         stack.callback(faulthandler.unregister, signal.SIGUSR1)
-        await trio.to_thread.run_sync(runtime.write_state, config)
-        stack.callback(runtime.remove, config.mountpoint)
         with unwrap_single_exception():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_handle_signals, nursery.cancel_scope, reopen_log)
-                nursery.start_soon(_publish_stats, fs, config)
-                if config.metrics_port is not None:
-                    await nursery.start(_serve_metrics, fs, config.metrics_port)
-                if fuse_fd(config.mountpoint) is None:
-                    log.info("mounted %s at %s", config.source, config.mountpoint)
-                else:
-                    log.info(
-                        "serving %s on %s (mounted by the caller)", config.source, config.mountpoint
-                    )
-                systemd.notify(f"READY=1\nSTATUS=serving {config.source} at {config.mountpoint}")
-                if on_ready is not None:
-                    on_ready()
+                nursery.start_soon(_run_fuse, nursery.cancel_scope)
+                # The mountpoint is live from here on; requests wait for the core, which starts
+                # now. Its imports (the S3 client's: ~0.4 s) run in a thread so that the event
+                # loop answers the kernel meanwhile (a `stat` of the mountpoint, for one).
+                open_filesystem = await trio.to_thread.run_sync(_import_core)
                 try:
-                    await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
-                finally:
-                    systemd.notify("STOPPING=1")
-                nursery.cancel_scope.cancel()
+                    async with open_filesystem(config) as fs:
+                        ops.attach(fs)
+                        await _announce(fs, ops, config, stack, nursery, on_ready)
+                        await trio.sleep_forever()  # until a stop signal or an unmount
+                except BaseException:
+                    ops.fail()  # requests still waiting for the core get EIO
+                    raise
         log.info("unmounted %s", config.mountpoint)
+
+
+def _import_core() -> Callable[[Config], AbstractAsyncContextManager[Filesystem]]:
+    from .core import open_filesystem
+
+    return open_filesystem
+
+
+async def _announce(
+    fs: Filesystem,
+    ops: ZarrfsOperations,
+    config: Config,
+    stack: AsyncExitStack,
+    nursery: trio.Nursery,
+    on_ready: Callable[[], None] | None,
+) -> None:
+    """The core is ready: publish state and stats, and tell whoever waits that the mount serves."""
+    _log_listing_cache(ops, config)
+    await trio.to_thread.run_sync(runtime.write_state, config)
+    stack.callback(runtime.remove, config.mountpoint)
+    nursery.start_soon(_publish_stats, fs, config)
+    if config.metrics_port is not None:
+        await nursery.start(_serve_metrics, fs, config.metrics_port)
+    if fuse_fd(config.mountpoint) is None:
+        log.info("mounted %s at %s", config.source, config.mountpoint)
+    else:
+        log.info("serving %s on %s (mounted by the caller)", config.source, config.mountpoint)
+    systemd.notify(f"READY=1\nSTATUS=serving {config.source} at {config.mountpoint}")
+    if on_ready is not None:
+        on_ready()
+
+
+async def _run_fuse(scope: trio.CancelScope) -> None:
+    """Serve FUSE requests until the filesystem is unmounted (or the mount is stopped)."""
+    try:
+        await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
+    finally:
+        systemd.notify("STOPPING=1")
+    scope.cancel()
+
+
+def _log_listing_cache(ops: ZarrfsOperations, config: Config) -> None:
+    if ops.kernel_readdir_cache:
+        log.info("the kernel caches directory listings")
+    elif config.kernel_readdir_cache:
+        log.info(
+            "the kernel does not cache directory listings: this pyfuse3 cannot ask it to "
+            "(see patches/README.md)"
+        )
+    else:
+        log.info("kernel caching of directory listings is off (%s=0)", cfg.KERNEL_READDIR_CACHE_ENV)
 
 
 def _snapshot(fs: Filesystem) -> dict[str, object]:

@@ -1,0 +1,172 @@
+"""Fast start: the mount is made before the core starts (the S3 client's imports and the version's
+resolution take most of the start-up), so the mountpoint is live at once; requests made meanwhile
+wait for the core, and a core that cannot start still ends in a clear error exit with nothing left
+mounted.
+
+The core is slowed (or made to fail) in a controlled way by `conftest.inject`: `dandi.resolve`
+sleeps first, so the order of events does not depend on the machine's speed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (
+    EXIT_DEADLINE,
+    MOUNT_DEADLINE,
+    SERVING,
+    inject,
+    require_fuse,
+    wait_until_no_process_mentions,
+    zarrfs_command,
+)
+from zarrfs.demo.sample import EPHYS_PATH, V1, SampleDandiset
+
+pytestmark = pytest.mark.fuse
+
+TOP_LEVEL = ["dandiset.yaml", "sub-01", "sub-02"]
+#: Seconds the injected code holds the core back.
+SLOW_START = 3.0
+
+SLOW_RESOLVE = f"""
+import trio, zarrfs.dandi as d
+_resolve = d.resolve
+async def resolve(*args, **kwargs):
+    await trio.sleep({SLOW_START})
+    return await _resolve(*args, **kwargs)
+d.resolve = resolve
+"""
+
+
+def spawn(source: str, tmp_path: Path, env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = (tmp_path / "zarrfs.log").open("wb")
+    return subprocess.Popen(
+        zarrfs_command("mount", source, str(mnt), "--cache-dir", str(tmp_path / "cache"), *extra),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+
+def wait_live(mnt: Path, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + MOUNT_DEADLINE
+    while not os.path.ismount(mnt):
+        assert process.poll() is None, f"exited {process.returncode} before mounting"
+        assert time.monotonic() < deadline, "not mounted in time"
+        time.sleep(0.01)
+
+
+def cleanup(mnt: Path, process: subprocess.Popen[bytes]) -> None:
+    if os.path.ismount(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
+    try:
+        process.wait(timeout=EXIT_DEADLINE)  # an unmounted daemon ends by itself
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        process.wait(timeout=EXIT_DEADLINE)
+
+
+def test_the_mountpoint_is_live_before_the_core_and_requests_wait_for_it(
+    sample: SampleDandiset, tmp_path: Path
+) -> None:
+    require_fuse()
+    env = inject(tmp_path / "inject", SLOW_RESOLVE)
+    mnt, log = tmp_path / "mnt", tmp_path / "zarrfs.log"
+    process = spawn(f"{sample.dandiset_id}@{V1}", tmp_path, env, "-f",
+                    "--endpoint-url", sample.endpoint_url)  # fmt: skip
+    try:
+        wait_live(mnt, process)
+        # live, and the core is still being held back: the root is a directory already
+        assert not SERVING.search(log.read_text())
+        assert stat.S_ISDIR(os.stat(mnt).st_mode)
+        # requests made now wait for the core, then get the real answers
+        found: dict[str, object] = {}
+
+        def read() -> None:
+            found["listing"] = sorted(os.listdir(mnt))
+            found["bytes"] = (mnt / EPHYS_PATH).read_bytes()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        reader.join(timeout=MOUNT_DEADLINE)
+        assert not reader.is_alive()
+        assert SERVING.search(log.read_text())  # they were answered after the core was ready
+        assert found["listing"] == TOP_LEVEL
+        assert found["bytes"] == sample.versions[V1].files[EPHYS_PATH]
+        # the root's attributes are now the version's own (the placeholder was not kept)
+        assert os.stat(mnt).st_mtime_ns != 0
+    finally:
+        cleanup(mnt, process)
+    assert process.wait(timeout=EXIT_DEADLINE) == 0
+    assert "INTERNAL_ERROR" not in log.read_text()
+
+
+def test_a_core_that_cannot_start_fails_the_waiting_requests_and_unmounts(
+    sample: SampleDandiset, tmp_path: Path
+) -> None:
+    """The version does not exist (found out after the slowed start): the request that waited fails,
+    the daemon exits 3 with one error line, and nothing stays mounted."""
+    require_fuse()
+    env = inject(tmp_path / "inject", SLOW_RESOLVE)
+    mnt = tmp_path / "mnt"
+    process = spawn(f"{sample.dandiset_id}@0.990101.0000", tmp_path, env, "-f",
+                    "--endpoint-url", sample.endpoint_url)  # fmt: skip
+    try:
+        wait_live(mnt, process)
+        with pytest.raises(OSError) as info:
+            os.listdir(mnt)
+        assert info.value.errno in (errno.EIO, errno.ENOTCONN)  # EIO, or the mount already gone
+        assert process.wait(timeout=EXIT_DEADLINE) == 3
+    finally:
+        cleanup(mnt, process)
+    output = (tmp_path / "zarrfs.log").read_text()
+    assert "zarrfs: error:" in output and "0.990101.0000" in output
+    assert "Traceback" not in output
+    assert not os.path.ismount(mnt)
+    wait_until_no_process_mentions(mnt)
+
+
+def test_a_background_mount_returns_only_once_it_serves_and_reports_a_failed_start(
+    sample: SampleDandiset, tmp_path: Path
+) -> None:
+    """The launcher's exit status stays the truth: 0 when the mount serves, 3 (with the message)
+    when the core could not start, though the mountpoint was live meanwhile."""
+    require_fuse()
+    env = inject(tmp_path / "inject", SLOW_RESOLVE)
+    for version, code in ((V1, 0), ("0.990101.0000", 3)):
+        mnt = tmp_path / f"mnt-{version}"
+        mnt.mkdir()
+        command = zarrfs_command(
+            "mount", f"{sample.dandiset_id}@{version}", str(mnt), "--endpoint-url",
+            sample.endpoint_url, "--cache-dir", str(tmp_path / "cache"),
+        )  # fmt: skip
+        try:
+            result = subprocess.run(
+                command, env=env, capture_output=True, text=True, timeout=MOUNT_DEADLINE
+            )
+            assert result.returncode == code, result.stderr
+            if code == 0:
+                # it returned once serving: the listing is answered without waiting for anything
+                assert sorted(os.listdir(mnt)) == TOP_LEVEL
+            else:
+                assert result.stderr.startswith("zarrfs: error:") and version in result.stderr
+                assert not os.path.ismount(mnt)
+        finally:
+            if os.path.ismount(mnt):
+                subprocess.run(
+                    [sys.executable, "-m", "zarrfs", "unmount", str(mnt)],
+                    check=False,
+                    capture_output=True,
+                )
+        wait_until_no_process_mentions(mnt)
