@@ -332,10 +332,6 @@ def test_a_byte_flipped_in_transit_is_never_served(
 HOSTILE_ID = "000666"
 
 
-def put_json(sample: SampleDandiset, client: Any, key: str, doc: object) -> None:
-    client.put_object(Bucket=sample.bucket, Key=key, Body=json.dumps(doc).encode())
-
-
 def hostile_zarr(
     sample: SampleDandiset, client: Any, zarr_id: str, leaves: list[ManifestLeaf]
 ) -> dict[str, Any]:
