@@ -706,12 +706,15 @@ class Verdict:
         }
 
 
-def judge(workload: str, phase: str, cells: Mapping[str, Cell]) -> Verdict:
+def judge(
+    workload: str, phase: str, cells: Mapping[str, Cell], tmpfs_cold: Cell | None = None
+) -> Verdict:
+    """Ratios and targets of one row; a remount is held against tmpfs's cold cell."""
     z = cells.get(ZARRFS)
     peers = [cells[p].seconds for p in PEERS if p in cells]
     best_peer = min(peers) if peers else None
     raw = cells.get("raw")
-    tmpfs = cells.get("tmpfs")
+    tmpfs = tmpfs_cold if phase == "remount" else cells.get("tmpfs")
     vs_raw = z.seconds / raw.seconds if z and raw and phase == "cold" else None
     vs_peer = z.seconds / best_peer if z and best_peer else None
     checks: list[tuple[str, bool]] = []
@@ -776,7 +779,8 @@ def report(
                 name = f"same, warm ({name})" if workload != "mount" else f"{name}, warm page cache"
             elif phase == "remount":
                 name = f"same, remount over a warm disk cache ({name})"
-            verdict = judge(workload, phase, cells)
+            tmpfs_cold = by_key.get((workload, "cold"), {}).get("tmpfs")
+            verdict = judge(workload, phase, cells, tmpfs_cold)
             if phase == "remount" and ZARRFS not in cells and ZARRFS in clients:
                 verdict = Verdict(
                     workload, phase, None, None, "–", "n/a: zarrfs has no disk cache option"
