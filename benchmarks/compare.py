@@ -680,8 +680,8 @@ def fmt_cell(cell: Cell | None) -> str:
 
 
 def fmt_mb(n: int) -> str:
-    if n == 0:
-        return "0 MB"
+    if n < 100_000:
+        return f"{n / 1000:.0f} kB" if n else "0 MB"
     mb = n / 1e6
     return f"{mb:.0f} MB" if mb >= 100 else f"{mb:.1f} MB" if mb >= 0.1 else f"{mb:.2f} MB"
 
