@@ -11,15 +11,17 @@ to the entry count) and one blob. The clients:
   keys; every key is written once, so they are the versions zarrfs pins);
 - tmpfs: a copy of the files on /dev/shm: the floor for local reads.
 
-Each workload runs on a fresh mount (fresh caches) after `drop_caches` (cold), then again on the same
-mount (warm); zarrfs with a disk cache option and rclone's full cache mode are also remounted over
+Workload by workload, each client runs it on a fresh mount (fresh caches) after `drop_caches` (cold),
+then again on the same mount (warm); zarrfs with a disk cache option and rclone's full cache mode are also remounted over
 their disk cache after another `drop_caches` (remount). Every byte read is compared with what was
 written, for every client. For each cell: seconds, the S3 requests the server answered and the body
 bytes it sent (counted by the local S3 itself).
 
 Never does: write into the repository (it prints the table; `--json OUT` writes where asked), or end
 a process it did not start (mounts are ended by `harness.Mount.stop`, also on SIGTERM and Ctrl-C).
-One client runs at a time; the raw client is the only concurrent reader (trio, 32 requests at most).
+One client runs at a time, workload by workload (a row's cells are measured close together in time,
+which keeps its ratios meaningful on a shared machine); the raw client is the only concurrent reader
+(trio, 32 requests at most).
 
     python benchmarks/compare.py --quick           # the issue's sizes
     python benchmarks/compare.py --full --json full.json
@@ -516,6 +518,7 @@ class Runner:
         self.dropped = True
         self.zarrfs_options: list[str] = []
         self.zarrfs_disk_cache = False
+        self.tmpfs: tuple[Path, Path] | None = None  # the copy's Zarr root and blob
 
     # bookkeeping -------------------------------------------------------------------------------
 
@@ -588,58 +591,59 @@ class Runner:
 
     # clients ------------------------------------------------------------------------------------
 
-    def run_tmpfs(self, zarr_root: Path, blob: Path, workloads: Sequence[str]) -> None:
-        for workload in workloads:
-            if workload == "mount":
-                continue
-            fn = fs_workload(workload, self.bench, zarr_root, blob)
-            self.cold()
-            self.measure("tmpfs", workload, "cold", fn)
-            self.measure("tmpfs", workload, "warm", fn)
+    def run(self, client: str, workload: str) -> None:
+        """One workload with one client: cold, warm and (with a disk cache) remount."""
+        if client == "tmpfs":
+            if workload != "mount":
+                assert self.tmpfs is not None
+                fn = fs_workload(workload, self.bench, *self.tmpfs)
+                self.cold()
+                self.measure("tmpfs", workload, "cold", fn)
+                self.measure("tmpfs", workload, "warm", fn)
+        elif client == "raw":
+            if workload != "mount":
+                self.run_raw(workload)
+        elif workload == "mount":
+            self.run_mount_ready(client)
+        else:
+            self.run_mounted(client, workload)
 
-    def run_raw(self, workloads: Sequence[str]) -> None:
-        for workload in workloads:
-            if workload == "mount":
-                continue
-            self.cold()
+    def run_raw(self, workload: str) -> None:
+        self.cold()
 
-            async def run(workload: str = workload) -> tuple[float, RequestStats, Any]:
-                async with raw_client(self.s3.endpoint_url) as client:
-                    reader = RawReader(client, self.s3.bucket, self.bench)
-                    before = self.s3.stats()
-                    start = time.perf_counter()
-                    value = await getattr(reader, workload)()
-                    seconds = time.perf_counter() - start
-                return seconds, settled(self.s3) - before, value
+        async def run() -> tuple[float, RequestStats, Any]:
+            async with raw_client(self.s3.endpoint_url) as client:
+                reader = RawReader(client, self.s3.bucket, self.bench)
+                before = self.s3.stats()
+                start = time.perf_counter()
+                value = await getattr(reader, workload)()
+                seconds = time.perf_counter() - start
+            return seconds, settled(self.s3) - before, value
 
-            seconds, stats, value = trio.run(run)
-            verify("raw", workload, self.bench, value)
-            self.record("raw", workload, "cold", seconds, stats)
+        seconds, stats, value = trio.run(run)
+        verify("raw", workload, self.bench, value)
+        self.record("raw", workload, "cold", seconds, stats)
 
     def has_disk_cache(self, tool: str) -> bool:
         return tool == "rclone-full" or (tool == ZARRFS and self.zarrfs_disk_cache)
 
-    def run_mount_client(self, tool: str, workloads: Sequence[str]) -> None:
-        for workload in workloads:
-            if workload == "mount":
-                self.run_mount_ready(tool)
-                continue
-            scratch = self.scratch(f"{tool}-{workload}")
+    def run_mounted(self, tool: str, workload: str) -> None:
+        scratch = self.scratch(f"{tool}-{workload}")
+        with self.mounted(tool, scratch) as mount:
+            root = self.target.zarr_root(tool, mount.mnt)
+            fn = fs_workload(workload, self.bench, root, self.target.blob_path(tool, mount.mnt))
+            self.cold()
+            self.measure(tool, workload, "cold", fn)
+            self.measure(tool, workload, "warm", fn)
+        if self.has_disk_cache(tool):
+            self.cold()
             with self.mounted(tool, scratch) as mount:
                 root = self.target.zarr_root(tool, mount.mnt)
-                fn = fs_workload(workload, self.bench, root, self.target.blob_path(tool, mount.mnt))
-                self.cold()
-                self.measure(tool, workload, "cold", fn)
-                self.measure(tool, workload, "warm", fn)
-            if self.has_disk_cache(tool):
-                self.cold()
-                with self.mounted(tool, scratch) as mount:
-                    root = self.target.zarr_root(tool, mount.mnt)
-                    blob = self.target.blob_path(tool, mount.mnt)
-                    self.measure(
-                        tool, workload, "remount", fs_workload(workload, self.bench, root, blob)
-                    )
-            self.done_with(scratch)
+                blob = self.target.blob_path(tool, mount.mnt)
+                self.measure(
+                    tool, workload, "remount", fs_workload(workload, self.bench, root, blob)
+                )
+        self.done_with(scratch)
 
     def run_mount_ready(self, tool: str) -> None:
         """Spawn the mount command in the background (as a user would) until the mount is live."""
@@ -886,15 +890,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     runner.zarrfs_options = ["--cache-size", f"{budget}M"]
                 else:
                     say("n/a: zarrfs has no disk cache option: no remount row for zarrfs")
-            for client in clients:
-                say(f"{client}:")
-                if client == "tmpfs":
-                    zarr_root, blob = copy_to_tmpfs(bench, shm)
-                    runner.run_tmpfs(zarr_root, blob, args.workloads)
-                elif client == "raw":
-                    runner.run_raw(args.workloads)
-                else:
-                    runner.run_mount_client(client, args.workloads)
+            if "tmpfs" in clients:
+                runner.tmpfs = copy_to_tmpfs(bench, shm)
+            # workload by workload, so that the clients of one row run close together in time
+            for workload in args.workloads:
+                say(f"{workload}:")
+                for client in clients:
+                    runner.run(client, workload)
     finally:
         if runner is not None:
             runner.stop_all()
