@@ -190,8 +190,8 @@ def main() -> None:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print()
-    for scan in scans:
-        print(f"- {scan}")
+    for line in scans:
+        print(f"- {line}")
 
 
 if __name__ == "__main__":

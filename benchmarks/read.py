@@ -14,46 +14,43 @@ See benchmarks/README.md ("Read throughput"). Every byte read is compared with w
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
-from zarrfs.demo.locals3 import LocalS3
-from zarrfs.demo.sample import (
-    ManifestLeaf,
-    blob_key,
-    build_manifest,
-    dandi_etag,
-    format_manifest,
-    manifest_key,
-    to_yaml,
-    zarr_checksum_of,
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (
+    Target,
+    check,
+    machine_info,
+    publish,
+    put_zarr,
+    start_mount,
+    upload_blob,
 )
+
+from zarrfs.demo.locals3 import LocalS3
 
 DANDISET = "000960"
 VERSION = "0.251106.1200"
 ZARR_PATH = "sub-01/bench.zarr"
 BLOB_PATH = "sub-01/bench.nwb"
-MOUNT_DEADLINE = 60.0
 MiB = 1 << 20
 
 
 @dataclass
 class Data:
-    zarr_id: str
-    blob_id: str
+    target: Target
     chunks: dict[str, bytes]  # path relative to the Zarr root -> bytes
     blob: bytes
 
@@ -62,99 +59,19 @@ class Data:
 
 
 def write_dandiset(s3: LocalS3, n_chunks: int, chunk_size: int, blob_size: int) -> Data:
-    client, bucket = s3.client, s3.bucket
-    zarr_id, blob_id = str(uuid.uuid4()), str(uuid.uuid4())
     side = max(1, int(n_chunks**0.5))
     chunks = {f"0/{i // side}/{i % side}": os.urandom(chunk_size) for i in range(n_chunks)}
     zattrs = json.dumps({"bench": True}).encode()
     zarray = json.dumps({"zarr_format": 2, "shape": [n_chunks], "chunks": [1]}).encode()
     objects = {".zattrs": zattrs, ".zgroup": b'{"zarr_format": 2}', "0/.zarray": zarray, **chunks}
-    now = datetime.now(UTC).replace(microsecond=0).isoformat()
-
-    def put(item: tuple[str, bytes]) -> ManifestLeaf:
-        path, body = item
-        r = client.put_object(Bucket=bucket, Key=f"zarr/{zarr_id}/{path}", Body=body)
-        return ManifestLeaf(path, r["VersionId"], now, len(body), r["ETag"].strip('"'))
-
-    with ThreadPoolExecutor(16) as pool:
-        leaves = list(pool.map(put, objects.items()))
-    checksum = zarr_checksum_of(leaves)
-    client.put_object(
-        Bucket=bucket,
-        Key=manifest_key(zarr_id, checksum),
-        Body=format_manifest(build_manifest(leaves)).encode(),
-    )
-    # the blob as DANDI uploads it: one multipart upload (a single part below 64 MiB)
+    zarr = put_zarr(s3, ZARR_PATH, objects, threads=16)
     blob = os.urandom(blob_size)
-    key = blob_key(blob_id)
-    upload = client.create_multipart_upload(Bucket=bucket, Key=key)
-    part = client.upload_part(
-        Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=blob
-    )
-    done = client.complete_multipart_upload(
-        Bucket=bucket,
-        Key=key,
-        UploadId=upload["UploadId"],
-        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
-    )
-    etag = dandi_etag(blob)
-    if done["ETag"].strip('"') != etag:
-        raise RuntimeError(f"blob ETag {done['ETag']} != dandi-etag {etag}")
-    s3_url = "https://dandiarchive.s3.amazonaws.com"
-    records = [
-        {
-            "identifier": str(uuid.uuid4()),
-            "path": BLOB_PATH,
-            "contentSize": blob_size,
-            "encodingFormat": "application/x-nwb",
-            "contentUrl": [f"{s3_url}/{key}"],
-            "digest": {"dandi:dandi-etag": etag},
-            "dateModified": now,
-        },
-        {
-            "identifier": str(uuid.uuid4()),
-            "path": ZARR_PATH,
-            "contentSize": sum(x.size for x in leaves),
-            "encodingFormat": "application/x-zarr",
-            "contentUrl": [f"{s3_url}/zarr/{zarr_id}/"],
-            "digest": {"dandi:dandi-zarr-checksum": checksum},
-            "dateModified": now,
-        },
-    ]
-    prefix = f"dandisets/{DANDISET}/{VERSION}/"
-    client.put_object(Bucket=bucket, Key=prefix + "assets.jsonld", Body=json.dumps(records))
-    metadata = {"identifier": f"DANDI:{DANDISET}", "name": "read benchmark", "version": VERSION}
-    client.put_object(Bucket=bucket, Key=prefix + "dandiset.yaml", Body=to_yaml(metadata))
-    return Data(zarr_id, blob_id, chunks, blob)
+    blob_asset = upload_blob(s3, BLOB_PATH, blob)
+    publish(s3, DANDISET, VERSION, [zarr], [blob_asset])
+    return Data(Target(DANDISET, VERSION, zarr, blob_asset), chunks, blob)
 
 
 # --- mounts ------------------------------------------------------------------------------------
-
-
-def peer_env() -> dict[str, str]:
-    """The environment without AWS_* (rclone refuses AWS_CA_BUNDLE; peers read anonymously)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-
-
-def wait_mounted(mnt: Path, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.perf_counter() + MOUNT_DEADLINE
-    while not os.path.ismount(mnt):
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited {process.returncode}:\n{log.read_text()}")
-        if time.perf_counter() > deadline:
-            raise RuntimeError(f"{mnt} not mounted after {MOUNT_DEADLINE} s")
-        time.sleep(0.005)
-    os.listdir(mnt)  # zarrfs's core starts after the mount is live: measure from when it serves
-
-
-def unmount(mnt: Path, process: subprocess.Popen[bytes]) -> None:
-    if os.path.ismount(mnt):
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.terminate()  # this daemon's own PID
-        process.wait(timeout=10)
 
 
 @dataclass
@@ -167,38 +84,12 @@ class Paths:
 def mounted(tool: str, s3: LocalS3, data: Data, work: Path) -> Iterator[Paths]:
     """A fresh mount (fresh cache dir for zarrfs) of `tool`; peers mount the bucket root."""
     scratch = Path(tempfile.mkdtemp(prefix=f"{tool}-", dir=work))
-    mnt = scratch / "mnt"
-    mnt.mkdir()
-    log = scratch / "log"
-    env = peer_env()
-    if tool == "zarrfs":
-        command = [
-            sys.executable, "-m", "zarrfs", "mount", "-f", f"{DANDISET}@{VERSION}", str(mnt),
-            "--endpoint-url", s3.endpoint_url, "--cache-dir", str(scratch / "cache"),
-            "--manifest-root", f"s3://{s3.bucket}/zarr-manifest/",
-        ]  # fmt: skip
-        env = dict(os.environ)
-        paths = Paths(mnt / ZARR_PATH, mnt / BLOB_PATH)
-    elif tool == "rclone":
-        command = ["rclone", "mount", f"bench:{s3.bucket}", str(mnt), "--read-only"]
-        env |= {
-            "RCLONE_CONFIG": "/dev/null",
-            "RCLONE_CONFIG_BENCH_TYPE": "s3",
-            "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
-            "RCLONE_CONFIG_BENCH_ENDPOINT": s3.endpoint_url,
-        }
-        paths = Paths(mnt / "zarr" / data.zarr_id, mnt / blob_key(data.blob_id))
-    else:
-        opts = f"url={s3.endpoint_url},use_path_request_style,public_bucket=1,ro"
-        command = ["s3fs", s3.bucket, str(mnt), "-f", "-o", opts]
-        paths = Paths(mnt / "zarr" / data.zarr_id, mnt / blob_key(data.blob_id))
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    mount = start_mount(tool, s3, data.target, scratch / "mnt", scratch / "cache")
     try:
-        wait_mounted(mnt, process, log)
-        yield paths
+        mnt = mount.mnt
+        yield Paths(data.target.zarr_root(tool, mnt), data.target.blob_path(tool, mnt))
     finally:
-        unmount(mnt, process)
+        mount.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -208,13 +99,6 @@ def mounted(tool: str, s3: LocalS3, data: Data, work: Path) -> Iterator[Paths]:
 def read_file(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
-
-
-def check(what: str, got: bytes, want: bytes) -> None:
-    if got != want:
-        raise SystemExit(
-            f"FAIL: {what}: read {len(got)} bytes that differ from the {len(want)} written"
-        )
 
 
 def chunks_pass(paths: Paths, data: Data, threads: int) -> int:
@@ -246,27 +130,6 @@ def timed(fn: Callable[[], int]) -> tuple[float, int]:
 
 
 # --- main --------------------------------------------------------------------------------------
-
-
-def machine_info(latency_ms: float) -> list[str]:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).parent,
-        check=False,
-    ).stdout.strip()
-    lines = [
-        f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {commit or '?'}",
-        f"{platform.node()}: {platform.system()} {platform.release()}, {os.cpu_count()} CPUs, "
-        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, Python {platform.python_version()}",
-        f"local S3: moto, {latency_ms:g} ms added per response",
-    ]
-    for tool, arg in (("rclone", "version"), ("s3fs", "--version")):
-        if shutil.which(tool):
-            out = subprocess.run([tool, arg], capture_output=True, text=True, check=False)
-            lines.append(f"{tool}: {(out.stdout or out.stderr).splitlines()[0]}")
-    return lines
 
 
 def main() -> None:
@@ -307,8 +170,8 @@ def main() -> None:
         for tool in tools:
             for name, workload in workloads:
                 with mounted(tool, s3, data, args.work_dir) as paths:
-                    cold, n = timed(lambda w=workload, p=paths: w(p))
-                    warm, _ = timed(lambda w=workload, p=paths: w(p))
+                    cold, n = timed(functools.partial(workload, paths))
+                    warm, _ = timed(functools.partial(workload, paths))
                 rows.append((tool, name, cold, warm, n / MiB / cold))
                 print(f"  {tool:7} {name:24} cold {cold:7.2f} s  warm {warm:6.3f} s", flush=True)
     print()

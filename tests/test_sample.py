@@ -3,7 +3,8 @@
 Owns: checking that the bucket the builder writes is what the DANDI archive would hold, using
 oracles independent of the builder where possible (zarr_checksum over locally hashed bytes, a
 hand-written Merkle digest, unsigned S3 GETs at each manifest VersionId, zarr-python and h5py
-reads). Never mounts anything. One moto server for the whole module.
+reads), and that the local S3's middleware (request counters, large-object fast path) answers
+exactly as moto does. Never mounts anything. One moto server for the sample, one for the fast path.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from zarr_checksum.generators import ZarrArchiveFile
 
 from conftest import REFERENCE_SAMPLES
 from zarrfs.demo.fake_api import MAX_PAGE_SIZE, FakeDandiAPI
-from zarrfs.demo.locals3 import LocalS3
+from zarrfs.demo.locals3 import DIRECT_HEADER, LocalS3
 from zarrfs.demo.sample import (
     ARRAY_ALWAYS_ABSENT,
     ARRAY_PATH,
@@ -654,3 +655,124 @@ def test_local_s3_lists_versions_like_stock_moto_without_copies() -> None:
             client.list_object_versions(Bucket=bucket, Prefix="v/")
         assert len(FakeKey.instances_tracked) == before, "ListObjectVersions kept copies"
         assert stock_copies > 0  # the oracle itself copies: the check above can fail
+
+
+# --- the local S3 itself ------------------------------------------------------------------------
+
+#: Response headers that differ between any two requests (the time, moto's random request id).
+VOLATILE_HEADERS = {"date", "x-amzn-requestid"}
+
+
+def raw_get(url: str, headers: dict[str, str]) -> tuple[int, str, list[tuple[str, str]], bytes]:
+    """An anonymous GET: status, reason, sorted (lower-cased name, value) headers, body."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with opener.open(request, timeout=30) as response:
+            status, reason, items, body = (
+                response.status,
+                response.reason,
+                response.getheaders(),
+                response.read(),
+            )
+    except urllib.error.HTTPError as error:
+        status, reason, items, body = error.code, error.reason, error.headers.items(), error.read()
+    kept = sorted((k.lower(), v) for k, v in items if k.lower() not in VOLATILE_HEADERS)
+    return status, reason, kept, re.sub(rb"<RequestId>[^<]*</RequestId>", b"", body)
+
+
+@pytest.mark.s3
+def test_local_s3_fast_path_answers_exactly_as_moto() -> None:
+    mib = 1 << 20
+    with LocalS3(fast_range_min_size=mib) as local:
+        client, bucket = local.client, local.bucket
+        old = hashlib.sha256(b"old").digest() * (mib // 16)  # 2 MiB, then overwritten
+        new = np.random.default_rng(1).bytes(3 * mib + 123)
+        first = client.put_object(Bucket=bucket, Key="big", Body=old)["VersionId"]
+        client.put_object(Bucket=bucket, Key="big", Body=new)
+        small = client.put_object(Bucket=bucket, Key="small", Body=b"x" * 1000)["VersionId"]
+        # a multipart object, as DANDI uploads blobs
+        upload = client.create_multipart_upload(Bucket=bucket, Key="multi")
+        parts = []
+        for number, body in enumerate((new[: 5 * mib // 2], new[5 * mib // 2 :]), start=1):
+            r = client.upload_part(
+                Bucket=bucket,
+                Key="multi",
+                UploadId=upload["UploadId"],
+                PartNumber=number,
+                Body=body + body if number == 1 else body,
+            )
+            parts.append({"PartNumber": number, "ETag": r["ETag"]})
+        client.complete_multipart_upload(
+            Bucket=bucket,
+            Key="multi",
+            UploadId=upload["UploadId"],
+            MultipartUpload={"Parts": parts},
+        )
+        base = f"{local.endpoint_url}/{bucket}"
+        urls = [
+            f"{base}/big",
+            f"{base}/big?versionId={first}",
+            f"{base}/multi",
+            f"{base}/small?versionId={small}",
+            f"{base}/big?versionId=no-such-version",
+            f"{base}/big?versionId={first}&partNumber=1",
+            f"{base}/absent",
+        ]
+        ranges = [
+            None,
+            "bytes=0-1023",
+            "bytes=1000-2000000",
+            "bytes=5-",
+            "bytes=-4096",
+            "bytes=0-",
+            "bytes=0-99999999",
+            "bytes=99999999-",
+            "bytes=-0",
+            "bytes=10-5",
+            "bytes=0-1,5-9",
+            "bytes=x-y",
+            "",
+        ]
+        before = local.stats()
+        served = 0
+        for url in urls:
+            raw_get(url, {DIRECT_HEADER: "1"})  # moto's first answer teaches the large paths
+            for rng in ranges:
+                for extra in ({}, {"x-amz-checksum-mode": "ENABLED"}):
+                    headers = {**extra, **({"Range": rng} if rng is not None else {})}
+                    moto = raw_get(url, {**headers, DIRECT_HEADER: "1"})
+                    start = local.stats().fast_path
+                    fast = raw_get(url, headers)
+                    served += local.stats().fast_path - start
+                    assert fast == moto, (url, headers)
+        after = local.stats()
+    # the fast path served the three large object versions' 4 partial ranges (with and without
+    # checksum mode) and 4 whole-object requests (no range, "", "0-", past the end) without it
+    assert served == 3 * (4 * 2 + 4)
+    delta = after - before
+    assert delta.fast_path == served
+    assert delta.requests == delta.by_kind["GET"] == len(urls) * (1 + 4 * len(ranges))
+    assert delta.bytes_sent > 0
+
+
+@pytest.mark.s3
+def test_local_s3_counts_requests_and_body_bytes() -> None:
+    with LocalS3() as local:
+        local.client.put_object(Bucket=local.bucket, Key="k", Body=b"y" * 5000)
+        anon = boto3.client(
+            "s3",
+            endpoint_url=local.endpoint_url,
+            region_name="us-east-2",
+            config=BotoConfig(signature_version=UNSIGNED),
+        )
+        before = local.stats()
+        anon.head_object(Bucket=local.bucket, Key="k")
+        assert anon.get_object(Bucket=local.bucket, Key="k", Range="bytes=0-99")["Body"].read()
+        assert len(anon.get_object(Bucket=local.bucket, Key="k")["Body"].read()) == 5000
+        anon.list_objects_v2(Bucket=local.bucket)
+        delta = local.stats() - before
+    assert delta.by_kind == {"HEAD": 1, "GET": 2, "LIST": 1}
+    assert delta.requests == 4 and delta.fast_path == 0
+    listing_bytes = delta.bytes_sent - 100 - 5000
+    assert 0 < listing_bytes < 2000  # the listing's XML; a HEAD sends no body

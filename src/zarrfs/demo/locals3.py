@@ -1,14 +1,32 @@
 """An embedded local S3 (moto server) shaped like the public DANDI bucket.
 
 Owns: running a moto S3 server on 127.0.0.1 with a free port and creating a versioned bucket that
-anonymous clients may read (as the real archive allows). Used by `zarrfs demo`, the test suite and the
-benchmarks; never by a real mount.
+anonymous clients may read (as the real archive allows), and the WSGI middleware in front of moto.
+Used by `zarrfs demo`, the test suite and the benchmarks; never by a real mount.
 
 By default the server runs in its own process (`python -m zarrfs.demo.locals3`): a client in the same
 process that holds the GIL while it blocks in a read syscall on the mount (h5py does) would otherwise
 stop the server thread and deadlock. `isolated=False` runs it as a thread in this process instead, for
-tests that wrap moto's in-process backend. `latency` adds a delay to every response (a WSGI middleware;
-`tc netem` is not available here) to imitate a remote store.
+tests that wrap moto's in-process backend.
+
+The middleware (`tc netem` is not available here, so it is all in WSGI):
+- `latency` adds a delay to every response, to imitate a remote store;
+- it counts requests (by kind: GET, HEAD, LIST, PUT, POST, DELETE, OTHER) and the body bytes sent,
+  and serves those counters as JSON at `STATS_PATH` (`LocalS3.stats()`), which moto never sees and
+  which is neither delayed nor counted;
+- `fast_range_min_size` (off by default) turns on the large-object fast path. moto copies a whole
+  object for every GET, ranged or not (a 256 KiB range of a 512 MiB object costs half a second),
+  so big-file reads through stock moto measure moto. With the fast path, a plain GET of an object
+  at least that big (learned from earlier responses) is answered from an in-memory copy, sliced:
+  moto answers a HEAD for the same request (so its checks, errors and headers apply), then
+  Content-Length and Content-Range are set exactly as moto's own ranged GET sets them. Anything
+  unusual (conditional or CORS headers, query parameters other than versionId, a checksum-mode
+  request whose answer would carry checksums, a range moto would reject or ignore, the
+  `DIRECT_HEADER`) goes to moto unchanged.
+
+Concurrency: the werkzeug server is threaded (delays overlap); counters and the copies are guarded by
+locks. A copy is keyed by host, path, VersionId, ETag and Last-Modified, so an overwritten key is
+never served stale.
 
 One fix to moto itself (`_list_versions_without_copies`, applied in every server): its
 ListObjectVersions deep-copies every version of every key in the bucket for each page it answers,
@@ -31,9 +49,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
+from urllib.parse import parse_qs
 
 #: Actions anonymous readers need. moto derives the checked action from the HTTP method, so HEAD
 #: requests need `s3:HeadObject` as well.
@@ -49,6 +71,19 @@ PUBLIC_READ_ACTIONS = [
 WRITER_KEY = "zarrfs-local"
 #: Seconds to wait for a server process to report its port.
 START_TIMEOUT = 60.0
+#: Path of the statistics document (no bucket can be named `__zarrfs_stats`).
+STATS_PATH = "/__zarrfs_stats"
+#: A request carrying this header is passed to moto unchanged by the fast path (for comparisons).
+DIRECT_HEADER = "x-locals3-direct"
+#: Byte budget of the fast path's in-memory object copies (least recently used go first).
+FAST_PATH_MEMORY = 2 << 30
+#: Bytes per piece of a body served by the fast path (a client that hangs up stops the rest).
+FAST_PATH_PIECE = 1 << 20
+#: Request kinds counted.
+KINDS = ("GET", "HEAD", "LIST", "PUT", "POST", "DELETE", "OTHER")
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 def _list_versions_without_copies() -> None:
@@ -87,7 +122,321 @@ def _list_versions_without_copies() -> None:
     backend.list_object_versions = list_object_versions  # type: ignore[method-assign]
 
 
-def _make_server(latency: float) -> Any:
+@dataclass(frozen=True, slots=True)
+class RequestStats:
+    """What the server has answered so far; subtract two snapshots for the requests in between."""
+
+    requests: int = 0
+    bytes_sent: int = 0
+    by_kind: Mapping[str, int] = field(default_factory=dict)
+    #: GETs answered from an in-memory copy by the fast path.
+    fast_path: int = 0
+
+    def __sub__(self, other: RequestStats) -> RequestStats:
+        kinds = {k: self.by_kind.get(k, 0) - other.by_kind.get(k, 0) for k in self.by_kind}
+        return RequestStats(
+            requests=self.requests - other.requests,
+            bytes_sent=self.bytes_sent - other.bytes_sent,
+            by_kind={k: v for k, v in kinds.items() if v},
+            fast_path=self.fast_path - other.fast_path,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "bytes_sent": self.bytes_sent,
+            "by_kind": dict(self.by_kind),
+            "fast_path": self.fast_path,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RequestStats:
+        return cls(
+            requests=int(data["requests"]),
+            bytes_sent=int(data["bytes_sent"]),
+            by_kind={str(k): int(v) for k, v in data["by_kind"].items()},
+            fast_path=int(data["fast_path"]),
+        )
+
+
+def _kind(environ: Mapping[str, Any]) -> str:
+    method = str(environ.get("REQUEST_METHOD", ""))
+    if method == "GET":
+        # path style: /bucket or /bucket/ is a bucket request (a listing), /bucket/key an object
+        _, _, key = str(environ.get("PATH_INFO", "")).lstrip("/").partition("/")
+        return "GET" if key else "LIST"
+    return method if method in KINDS else "OTHER"
+
+
+def _header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
+    name = name.lower()
+    return next((v for k, v in headers if k.lower() == name), None)
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._bytes = 0
+        self._kinds = dict.fromkeys(KINDS, 0)
+        self._fast = 0
+
+    def request(self, kind: str) -> None:
+        with self._lock:
+            self._requests += 1
+            self._kinds[kind] += 1
+
+    def sent(self, n: int) -> None:
+        with self._lock:
+            self._bytes += n
+
+    def fast(self) -> None:
+        with self._lock:
+            self._fast += 1
+
+    def snapshot(self) -> RequestStats:
+        with self._lock:
+            return RequestStats(self._requests, self._bytes, dict(self._kinds), self._fast)
+
+
+class _Counted:
+    """A response body that adds the bytes it yields to the counters (WSGI `close` passed on)."""
+
+    def __init__(self, body: Iterable[bytes], counters: _Counters) -> None:
+        self._body = body
+        self._counters = counters
+
+    def __iter__(self) -> Iterator[bytes]:
+        for piece in self._body:
+            self._counters.sent(len(piece))
+            yield piece
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()
+
+
+def _call(app: WSGIApp, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Run `app` on `environ` to completion: status line, headers, body."""
+    captured: list[Any] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        captured[:] = [status, list(headers)]
+        return lambda data: None
+
+    body = app(environ, start_response)
+    try:
+        data = b"".join(body)
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+    return captured[0], captured[1], data
+
+
+def _status_line(code: int) -> str:
+    from werkzeug.http import HTTP_STATUS_CODES
+
+    return f"{code} {HTTP_STATUS_CODES[code].upper()}"  # as werkzeug formats moto's responses
+
+
+def _moto_range(header: str, length: int) -> tuple[int, int] | None:
+    """The (first, last) byte moto's own range handling serves with a 206, else None.
+
+    None covers everything moto answers otherwise (a 200 with the whole object, an InvalidRange
+    error, a server error on a malformed header): those requests go to moto itself.
+    """
+    parts = header.split("=")
+    if len(parts) != 2:
+        return None
+    spec = parts[1]
+    if "," in spec:
+        return None
+    try:
+        begin, end = (int(i) if i else None for i in spec.split("-"))
+    except ValueError:
+        return None
+    last = length - 1
+    if (begin is None and end == 0) or (begin is not None and begin > last):
+        return None
+    if begin is not None:
+        end = last if end is None else min(end, last)
+    elif end is not None:
+        begin = length - min(end, length)
+        end = last
+    else:
+        return None
+    if begin > min(end, last):
+        return None
+    return begin, end
+
+
+class _LargeObjects:
+    """The fast path: GETs of large objects served from in-memory copies (see the module doc)."""
+
+    def __init__(self, min_size: int, budget: int = FAST_PATH_MEMORY) -> None:
+        self.min_size = min_size
+        self.budget = budget
+        self._lock = threading.Lock()
+        self._fill_lock = threading.Lock()
+        self._large: set[tuple[str, str]] = set()
+        self._copies: OrderedDict[tuple[str, ...], bytes] = OrderedDict()
+        self._held = 0
+
+    @staticmethod
+    def _where(environ: Mapping[str, Any]) -> tuple[str, str]:
+        return str(environ.get("HTTP_HOST", "")), str(environ.get("PATH_INFO", ""))
+
+    def learn(
+        self, environ: Mapping[str, Any], status: str, headers: list[tuple[str, str]]
+    ) -> None:
+        """Remember paths whose responses show an object of at least `min_size` bytes."""
+        size: int | None = None
+        if status.startswith("206"):
+            total = (_header(headers, "content-range") or "").rpartition("/")[2]
+            size = int(total) if total.isdigit() else None
+        elif status.startswith("200"):
+            length = _header(headers, "content-length") or ""
+            size = int(length) if length.isdigit() else None
+        if size is not None and size >= self.min_size:
+            with self._lock:
+                self._large.add(self._where(environ))
+
+    def serve(
+        self, app: WSGIApp, environ: dict[str, Any], start_response: StartResponse
+    ) -> Iterable[bytes] | None:
+        """The response body if this GET can be served from a copy, else None (moto answers)."""
+        with self._lock:
+            if self._where(environ) not in self._large:
+                return None
+        if f"HTTP_{DIRECT_HEADER.upper().replace('-', '_')}" in environ or "HTTP_ORIGIN" in environ:
+            return None
+        if any(k.startswith("HTTP_IF_") for k in environ):
+            return None
+        query = parse_qs(str(environ.get("QUERY_STRING", "")), keep_blank_values=True)
+        if not set(query) <= {"versionId"}:
+            return None
+        checksum_mode = "HTTP_X_AMZ_CHECKSUM_MODE" in environ
+        head = {
+            k: v
+            for k, v in environ.items()
+            if k not in ("HTTP_RANGE", "HTTP_X_AMZ_CHECKSUM_MODE", "CONTENT_LENGTH")
+        }
+        head["REQUEST_METHOD"] = "HEAD"
+        status, headers, _ = _call(app, head)
+        length = _header(headers, "content-length")
+        if not status.startswith("200") or length is None or not length.isdigit():
+            return None
+        size = int(length)
+        rng = str(environ.get("HTTP_RANGE", ""))
+        if rng:
+            span = _moto_range(rng, size)
+            if span is None:
+                return None
+            first, last = span
+            if checksum_mode and first == 0 and last == size - 1:
+                return None  # moto keeps the checksum headers of a range covering everything
+        elif checksum_mode:
+            return None
+        else:
+            first, last = 0, size - 1
+        identity = (
+            *self._where(environ),
+            _header(headers, "x-amz-version-id") or "",
+            _header(headers, "etag") or "",
+            _header(headers, "last-modified") or "",
+        )
+        data = self._copy(app, environ, identity, size)
+        if data is None:
+            return None
+        out = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        if rng:
+            out.append(("content-range", f"bytes {first}-{last}/{size}"))
+        out.append(("content-length", str(last - first + 1)))
+        start_response(_status_line(206 if rng else 200), out)
+        return self._pieces(data, first, last + 1)
+
+    @staticmethod
+    def _pieces(data: bytes, start: int, end: int) -> Iterator[bytes]:
+        view = memoryview(data)
+        for offset in range(start, end, FAST_PATH_PIECE):
+            yield bytes(view[offset : min(end, offset + FAST_PATH_PIECE)])
+
+    def _copy(
+        self, app: WSGIApp, environ: dict[str, Any], identity: tuple[str, ...], size: int
+    ) -> bytes | None:
+        if size > self.budget:
+            return None
+        with self._lock:
+            data = self._copies.get(identity)
+            if data is not None:
+                self._copies.move_to_end(identity)
+                return data
+        with self._fill_lock:  # one whole-object GET from moto per copy
+            with self._lock:
+                data = self._copies.get(identity)
+            if data is not None:
+                return data
+            get = {
+                k: v
+                for k, v in environ.items()
+                if k not in ("HTTP_RANGE", "HTTP_X_AMZ_CHECKSUM_MODE", "CONTENT_LENGTH")
+            }
+            status, headers, body = _call(app, get)
+            got = (_header(headers, "x-amz-version-id") or "", _header(headers, "etag") or "")
+            if not status.startswith("200") or len(body) != size or got != identity[2:4]:
+                return None  # changed between the HEAD and this GET: let moto answer
+            with self._lock:
+                self._copies[identity] = body
+                self._held += size
+                while self._held > self.budget:
+                    _, dropped = self._copies.popitem(last=False)
+                    self._held -= len(dropped)
+            return body
+
+
+class _Middleware:
+    """Latency, request counting, the statistics document and the optional fast path."""
+
+    def __init__(self, app: WSGIApp, latency: float, fast_range_min_size: int) -> None:
+        self.app = app
+        self.latency = latency
+        self.counters = _Counters()
+        self.large = _LargeObjects(fast_range_min_size) if fast_range_min_size > 0 else None
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == STATS_PATH:
+            document = json.dumps(self.counters.snapshot().to_json()).encode()
+            start_response(
+                "200 OK",
+                [("Content-Type", "application/json"), ("Content-Length", str(len(document)))],
+            )
+            return [document]
+        if self.latency > 0:
+            time.sleep(self.latency)
+        kind = _kind(environ)
+        self.counters.request(kind)
+        large = self.large
+        body: Iterable[bytes] | None = None
+        if large is not None and kind == "GET":
+            body = large.serve(self.app, environ, start_response)
+            if body is not None:
+                self.counters.fast()
+        if body is None:
+            if large is not None and kind in ("GET", "HEAD"):
+
+                def learning(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
+                    large.learn(environ, status, headers)
+                    return start_response(status, headers, *exc)
+
+                body = self.app(environ, learning)
+            else:
+                body = self.app(environ, start_response)
+        return _Counted(body, self.counters)
+
+
+def _make_server(latency: float, fast_range_min_size: int = 0) -> Any:
     """A threaded werkzeug server around moto's WSGI app, on a free loopback port."""
     _list_versions_without_copies()
     from moto.moto_server.werkzeug_app import (
@@ -97,15 +446,8 @@ def _make_server(latency: float) -> Any:
     from moto.server import MotoRequestHandler  # type: ignore[attr-defined]
     from werkzeug.serving import make_server
 
-    app: Callable[..., Iterable[bytes]] = DomainDispatcherApplication(create_backend_app)
-    if latency > 0:
-        inner = app
-
-        def delayed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            time.sleep(latency)
-            return inner(environ, start_response)
-
-        app = delayed
+    moto: WSGIApp = DomainDispatcherApplication(create_backend_app)
+    app = _Middleware(moto, latency, fast_range_min_size)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     return make_server("127.0.0.1", 0, app, True, request_handler=MotoRequestHandler)
 
@@ -114,15 +456,22 @@ class LocalS3:
     """A running moto server holding one public-read, versioned bucket.
 
     Use as a context manager: `with LocalS3() as s3: s3.client.put_object(...)`. `endpoint_url` is what
-    zarrfs gets as `--endpoint-url`; `client` is a signed boto3 client for writing.
+    zarrfs gets as `--endpoint-url`; `client` is a signed boto3 client for writing; `stats()` counts
+    what the server has answered.
     """
 
     def __init__(
-        self, bucket: str = "dandiarchive", *, isolated: bool = True, latency: float = 0.0
+        self,
+        bucket: str = "dandiarchive",
+        *,
+        isolated: bool = True,
+        latency: float = 0.0,
+        fast_range_min_size: int = 0,
     ) -> None:
         self.bucket = bucket
         self.isolated = isolated
         self.latency = latency
+        self.fast_range_min_size = fast_range_min_size
         self.endpoint_url = ""
         self.client: Any = None
         self.pid: int | None = None
@@ -135,7 +484,15 @@ class LocalS3:
 
         if self.isolated:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "zarrfs.demo.locals3", "--latency", str(self.latency)],
+                [
+                    sys.executable,
+                    "-m",
+                    "zarrfs.demo.locals3",
+                    "--latency",
+                    str(self.latency),
+                    "--fast-range-min-size",
+                    str(self.fast_range_min_size),
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -149,7 +506,7 @@ class LocalS3:
                 raise RuntimeError(f"local S3 server did not start (said {line!r})")
             port = int(line.split()[1])
         else:
-            self._server = _make_server(self.latency)
+            self._server = _make_server(self.latency, self.fast_range_min_size)
             self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
             self._thread.start()
             port = self._server.server_address[1]
@@ -178,6 +535,12 @@ class LocalS3:
         }
         self.client.put_bucket_policy(Bucket=self.bucket, Policy=json.dumps(policy))
         return self
+
+    def stats(self) -> RequestStats:
+        """Requests and body bytes the server has answered since it started (a snapshot)."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(self.endpoint_url + STATS_PATH, timeout=30) as response:
+            return RequestStats.from_json(json.loads(response.read()))
 
     def stop(self) -> None:
         if self._process is not None:
@@ -210,8 +573,14 @@ class LocalS3:
 def _serve_until_stdin_closes(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="moto S3 server for zarrfs tests and demo")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added per response")
+    parser.add_argument(
+        "--fast-range-min-size",
+        type=int,
+        default=0,
+        help="serve GETs of objects of at least this many bytes from memory (0: off)",
+    )
     args = parser.parse_args(argv)
-    server = _make_server(args.latency)
+    server = _make_server(args.latency, args.fast_range_min_size)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     print(f"PORT {server.server_address[1]}", flush=True)
