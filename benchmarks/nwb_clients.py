@@ -298,18 +298,24 @@ class Phase:
 
 class Meter:
     """Times a call and counts what reached the S3 meanwhile (at the proxy: a request is counted
-    when it arrives, its body bytes when they have all been sent)."""
+    when it arrives, its body bytes when they have all been sent). Consecutive calls chain: each
+    counts from where the previous one stopped, so a background request that arrives between two
+    phases is counted in the second, never lost; `start()` begins a new chain."""
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
+        self.last: dict[str, Any] | None = None
+
+    def start(self) -> None:
+        self.last = self.proxy.stats()
 
     def __call__(self, action: Callable[[], T], settle: float = 0.0) -> tuple[T, Phase]:
-        before = self.proxy.stats()
+        before = self.last if self.last is not None else self.proxy.stats()
         start = time.perf_counter()
         value = action()
         seconds = time.perf_counter() - start
         time.sleep(settle)  # untimed
-        after = self.proxy.stats()
+        after = self.last = self.proxy.stats()
         return value, Phase(
             seconds=seconds,
             requests=after["requests"] - before["requests"],
@@ -802,6 +808,7 @@ def run(
             root = str(mount.path / ZARR_PATH)
             # the first entry: the manifest is fetched, verified and indexed, and the metadata
             # objects fetched; what follows is the client's own
+            meter.start()  # after the mount's own requests
             _, entry = meter(functools.partial(os.listdir, root))
             results.zarr_entry.append(entry)
             for via in ("zarrfs mount", "same mount, again"):
@@ -815,6 +822,7 @@ def run(
                     "missing_keys": sorted(set(asked)),
                 }
         for via, url in remote.items():
+            meter.start()
             for instance in list(s3fs.S3FileSystem._cache.values()):
                 instance.invalidate_cache()  # no listing kept from the last client
             results.zarr[f"{client} | {via}"] = measure_client(meter, client, url, written.levels)
