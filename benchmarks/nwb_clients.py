@@ -15,16 +15,18 @@ every client and the S3. Then, each round on fresh state:
    `remfile.File(url)`, (c) pynwb on h5py on `fsspec.filesystem("http").open(url)` (its defaults:
    5 MiB blocks, read-ahead cache); `url` is the object's anonymous HTTP URL on the local S3. Each
    is timed and counted in phases: connect (remfile/fsspec: the size request), `h5py.File`,
-   `NWBHDF5IO(file=...).read()`, `data[:1000, :]` and `data[:]` of the ElectricalSeries. The same
+   `NWBHDF5IO(file=..., load_namespaces=True)` (reads the specifications cached in the file),
+   `.read()`, `data[:1000, :]` and `data[:]` of the ElectricalSeries. The same
    phases on a local copy through a counting file object show how many reads h5py itself makes.
 2. Zarr clients (zarr-python, xarray's default `open_zarr`, ome-zarr's reader, dask on 4 threads)
-   on the OME-Zarr, through a fresh mount each and straight over HTTP (fsspec): requests, how many
-   of them were 404s (a probe of a missing key), and, through the mount, how many missing keys the
-   client asked for (opens of paths that do not exist, seen by an audit hook).
+   on the OME-Zarr, through a fresh mount each, and without a mount over fsspec HTTP and s3fs
+   (anonymous): requests, how many of them were 404s (a probe of a missing key), and, through the
+   mount, how many missing keys the client asked for (opens of paths that do not exist, seen by an
+   audit hook).
 
 Every value read is compared with what was written. Prints Markdown tables (copy them into
 RESULTS.md yourself); `--json FILE` also writes the raw figures. Needs `/dev/fuse`, `fusermount3`
-and the test extra (pynwb, remfile, fsspec[http], xarray, dask, ome-zarr). See benchmarks/README.md.
+and the test extra (pynwb, remfile, fsspec[http], s3fs, xarray, dask, ome-zarr). See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -403,7 +405,15 @@ def mounted(endpoint: str, work: Path) -> Iterator[MountProcess]:
 
 # --- 1. NWB -------------------------------------------------------------------------------------
 
-NWB_PHASES = ("connect", "h5py.File", "pynwb read()", "data[:1000, :]", "data[:]", "after")
+NWB_PHASES = (
+    "connect",
+    "h5py.File",
+    "NWBHDF5IO()",
+    "pynwb read()",
+    "data[:1000, :]",
+    "data[:]",
+    "after",
+)
 #: Seconds to wait, untimed, after the last read of a round or a Zarr client: requests the proxy
 #: receives meanwhile (background fetches still queued, e.g. metadata nobody asked for yet) and
 #: bodies whose transfer ends meanwhile are counted in the "after" row (NWB) or with the client.
@@ -419,7 +429,9 @@ def read_nwb(source: Any, meter: Meter, voltage: np.ndarray) -> dict[str, Phase]
     phases: dict[str, Phase] = {}
     h5, phases["h5py.File"] = meter(lambda: h5py.File(source, "r"))
     try:
-        nwb_io = NWBHDF5IO(file=h5, mode="r", load_namespaces=True)
+        nwb_io, phases["NWBHDF5IO()"] = meter(
+            lambda: NWBHDF5IO(file=h5, mode="r", load_namespaces=True)  # the specs in the file
+        )
         nwb, phases["pynwb read()"] = meter(nwb_io.read)
         data = nwb.acquisition["ElectricalSeries"].data
         first, phases["data[:1000, :]"] = meter(lambda: data[:1000, :])
