@@ -187,7 +187,7 @@ def test_zarr_python_format_2_consolidated(
     files = sample.versions[version].files
     store = recording_store(root)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error")  # no "consolidated metadata not found" or other warning
         group = zarr.open_consolidated(store, mode="r", zarr_format=2)
     consolidated = group.metadata.consolidated_metadata
     assert consolidated is not None
@@ -258,7 +258,7 @@ def test_xarray_open_zarr(
     for level, expected in ome_levels(sample, version).items():
         others = [other for other in LEVELS if other != level]
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
+            warnings.simplefilter("error", RuntimeWarning)  # e.g. "no consolidated metadata"
             ds = xr.open_zarr(
                 root, consolidated=consolidated, drop_variables=others, mask_and_scale=False
             )
@@ -283,7 +283,7 @@ def test_xarray_default_probes_for_consolidated_metadata(
         ds = xr.open_zarr(str(mounts["plain"] / V2 / OME_PATH), **kwargs)
     np.testing.assert_array_equal(ds["0"].values, expected)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", RuntimeWarning)  # e.g. "no consolidated metadata"
         ds = xr.open_zarr(str(mounts["consolidated"] / V2 / OME_PATH), **kwargs)
     np.testing.assert_array_equal(ds["0"].values, expected)
 
