@@ -61,13 +61,13 @@ from zarrfs.demo.sample import (
     blob_key,
     build_manifest,
     dandi_etag,
-    dandi_part_sizes,
     format_manifest,
     manifest_key,
     to_yaml,
     write_nwb,
     zarr_checksum_of,
 )
+from zarrfs.digests import dandi_part_sizes
 
 DANDISET = "000980"
 VERSION = "0.251201.1200"

@@ -3,6 +3,8 @@
 # on the system Python (so other users can execute it), pyfuse3 built from its sdist with the patch in
 # patches/ (kernel caching of directory listings; see patches/README.md), and the package with its
 # demo and test extras. Idempotent. Usage: scripts/setup.sh
+# ZARRFS_EXTRAS selects the extras (default: test; empty: the package alone, as the container images
+# install it); ZARRFS_PYTHON the interpreter the virtualenv is built on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,7 @@ command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
 dpkg -s libfuse3-dev >/dev/null 2>&1 || need_apt+=(libfuse3-dev)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 command -v patch >/dev/null 2>&1 || need_apt+=(patch)
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc)  # pyfuse3 is built from source
 dpkg -s python3-venv >/dev/null 2>&1 || need_apt+=(python3-venv)
 dpkg -s python3-dev >/dev/null 2>&1 || need_apt+=(python3-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -75,7 +78,8 @@ else
   [ "$built" -eq 0 ] || echo "setup: building the patched pyfuse3 failed (exit $built)" >&2
 fi
 
-.venv/bin/pip install -q -e '.[test]'
+extras=${ZARRFS_EXTRAS-test}
+.venv/bin/pip install -q -e ".${extras:+[$extras]}"
 
 if ! has_readdir_cache; then
   echo "setup: WARNING: using stock pyfuse3: the kernel will not cache directory listings" \

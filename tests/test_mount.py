@@ -642,6 +642,43 @@ def test_xattrs_name_the_pinned_object_version(
     assert sample.versions[V1].blob_keys[EPHYS_PATH] in blob
 
 
+def test_provenance_attributes(pair: dict[str, Path], sample: SampleDandiset) -> None:
+    """getfattr -d shows where everything comes from: the version at the root, the checksum of
+    each Zarr, the asset and the exact object version of each file."""
+    state = sample.versions[V1]
+    mnt = pair[V1]
+
+    def attrs(path: Path) -> dict[str, str]:
+        return {
+            name.removeprefix("user.zarrfs."): os.getxattr(path, name).decode()
+            for name in os.listxattr(path)
+        }
+
+    assert attrs(mnt) == {"version": f"{sample.dandiset_id}@{V1}"}
+    zarr = attrs(mnt / OME_PATH)
+    assert zarr == {
+        "asset_id": state.asset_ids[OME_PATH],
+        "zarr_id": state.zarr_ids[OME_PATH],
+        "zarr_checksum": state.zarr_checksums[OME_PATH],
+    }
+    vid, _modified, _size, etag = manifest_entries(state.manifests[OME_PATH])[".zgroup"]
+    chunk = attrs(mnt / OME_PATH / ".zgroup")
+    assert chunk == {
+        "asset_id": state.asset_ids[OME_PATH],
+        "s3_url": f"s3://{sample.bucket}/{chunk_key(state.zarr_ids[OME_PATH], '.zgroup')}"
+        f"?versionId={vid}",
+        "version_id": vid,
+        "etag": etag,
+    }
+    blob = attrs(mnt / EPHYS_PATH)
+    assert blob["asset_id"] == state.asset_ids[EPHYS_PATH]
+    assert blob["s3_url"] == f"s3://{sample.bucket}/{state.blob_keys[EPHYS_PATH]}"
+    assert "version_id" not in blob  # a blob key is immutable: no version needed
+    assert attrs(mnt / "sub-01") == {}
+    yaml = attrs(mnt / "dandiset.yaml")
+    assert yaml["s3_url"].endswith(f"dandisets/{sample.dandiset_id}/{V1}/dandiset.yaml")
+
+
 # --- 12. background mode --------------------------------------------------------------------------
 
 

@@ -109,8 +109,8 @@ def test_a_bug_in_one_request_is_eio_and_the_mount_keeps_serving(
 
 HANG = """
 import time, trio
-import zarrfs.manifest_cache as mc, zarrfs.s3_reader as s3
-_parse = mc.parse_manifest_file
+import zarrfs.manifest as mc, zarrfs.s3_reader as s3
+_parse = mc.parse_manifest_file  # looked up there when a conversion starts
 def parse(*args, **kwargs):
     time.sleep(600)  # a conversion that outlives any grace period (an uncancellable thread)
     return _parse(*args, **kwargs)

@@ -521,3 +521,26 @@ async def test_pinned_read_without_version_header_is_refused(world: World, fault
         # blobs are not pinned by version: no header is needed
         faults.plan = ["noversion"]
         assert await reader.read_range(world.blob, 0, 10) == OLD[:10]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2023-06-23T17:35:12.000Z",
+        "2023-06-23T17:35:12.123456Z",
+        "2023-06-23T17:35:12Z",
+        "2023-06-23T19:35:12.5+02:00",
+        "Fri, 23 Jun 2023 17:35:12 GMT",  # an HTTP date: botocore's parser keeps these
+        "2023-06-23T17:35:12",  # no zone: left to botocore
+        "1687541712",
+    ],
+)
+async def test_fast_timestamp_parser_agrees_with_botocore(value: str) -> None:
+    import botocore.utils
+
+    from zarrfs.s3_reader import parse_s3_timestamp
+
+    ours = parse_s3_timestamp(value)
+    theirs = botocore.utils.parse_timestamp(value)
+    assert (ours.tzinfo is None) == (theirs.tzinfo is None)
+    assert ours.timestamp() == theirs.timestamp()

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import boto3
@@ -593,3 +594,65 @@ def test_fake_api_from_dicts_caps_page_size() -> None:
         status, body = http_json(f"{server.url}/dandisets/000001/")
         assert body["most_recent_published_version"] is None
         assert body["draft_version"]["version"] == "draft"
+
+
+def test_fake_api_latency_delays_every_response(monkeypatch: pytest.MonkeyPatch) -> None:
+    import zarrfs.demo.fake_api as fake_api
+
+    slept: list[float] = []
+    monkeypatch.setattr(fake_api, "time", SimpleNamespace(sleep=slept.append))
+    dandisets = {
+        "000001": {"most_recent_published_version": None, "versions": {"draft": {"assets": []}}}
+    }
+    with FakeDandiAPI(dandisets, latency=0.25) as server:
+        assert http_json(f"{server.url}/dandisets/")[0] == 200
+        assert http_json(f"{server.url}/dandisets/999999/")[0] == 404
+    assert slept == [0.25, 0.25]
+    with FakeDandiAPI(dandisets) as server:
+        assert http_json(f"{server.url}/dandisets/000001/")[0] == 200
+    assert slept == [0.25, 0.25]
+
+
+# --- the local S3 -------------------------------------------------------------------------------
+
+
+def test_local_s3_lists_versions_like_stock_moto_without_copies() -> None:
+    """ListObjectVersions answers as moto's own implementation does (checked against it on the same
+    bucket), page by page, and keeps no copy of any version (see `zarrfs.demo.locals3`)."""
+    from moto.s3.models import FakeKey, s3_backends
+
+    with LocalS3(isolated=False) as local:
+        client, bucket = local.client, local.bucket
+        for key, writes in {"v/a": 2, "v/b": 1, "v/c": 1, "v/d/e": 3, "w/x": 1}.items():
+            for i in range(writes):
+                client.put_object(Bucket=bucket, Key=key, Body=f"{key} {i}".encode())
+        client.delete_object(Bucket=bucket, Key="v/c")
+        backend = next(iter(s3_backends.values()))["aws"]
+        stock = type(backend).list_object_versions.__wrapped__  # type: ignore[attr-defined]
+
+        def marked(items: list[Any]) -> list[tuple[str, str, bool]]:
+            return [(i.name, i.version_id, i.is_latest) for i in items]
+
+        tracked = len(FakeKey.instances_tracked)
+        for max_keys in (1, 2, 1000):
+            ours = backend.list_object_versions(bucket, prefix="v/", max_keys=max_keys)
+            theirs = stock(backend, bucket, prefix="v/", max_keys=max_keys)
+            assert marked(ours[0]) == marked(theirs[0]) and ours[0]
+            assert marked(ours[2]) == marked(theirs[2])
+            assert ours[1] == theirs[1] and ours[3:] == theirs[3:]
+        paginator = client.get_paginator("list_object_versions")
+        pages = list(
+            paginator.paginate(Bucket=bucket, Prefix="v/", PaginationConfig={"PageSize": 2})
+        )
+        assert len(pages) > 2
+        versions = [(v["Key"], v["VersionId"], v["IsLatest"]) for p in pages for v in p["Versions"]]
+        whole = client.list_object_versions(Bucket=bucket, Prefix="v/")
+        assert versions == [(v["Key"], v["VersionId"], v["IsLatest"]) for v in whole["Versions"]]
+        assert [v[0] for v in versions if v[2]] == ["v/a", "v/b", "v/d/e"]
+        assert [(m["Key"], m["IsLatest"]) for m in whole["DeleteMarkers"]] == [("v/c", True)]
+        stock_copies = len(FakeKey.instances_tracked) - tracked
+        before = len(FakeKey.instances_tracked)
+        for _ in range(3):
+            client.list_object_versions(Bucket=bucket, Prefix="v/")
+        assert len(FakeKey.instances_tracked) == before, "ListObjectVersions kept copies"
+        assert stock_copies > 0  # the oracle itself copies: the check above can fail

@@ -1,4 +1,5 @@
-"""A mount made by an ordinary user, as on an HPC login node: fusermount3 instead of root.
+"""A mount made by an ordinary user, as on an HPC login node or in the container images:
+fusermount3 instead of root.
 
 Runs as root only to set the stage: it creates a system user if needed, makes /dev/fuse 0666 for the
 duration (real systems ship it so; this machine has 0600) and restores the mode afterwards. The user
@@ -53,8 +54,17 @@ def open_dev_fuse() -> Iterator[None]:
         os.chmod("/dev/fuse", mode)
 
 
-def as_user(user: pwd.struct_passwd, *argv: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
+def user_env(**extra: str) -> dict[str, str]:
+    """A login-like environment; PYTHONPATH is kept (the code under test may come from it)."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", **extra}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
+def as_user(
+    user: pwd.struct_passwd, *argv: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         argv,
         user=user.pw_uid,
@@ -65,7 +75,7 @@ def as_user(user: pwd.struct_passwd, *argv: str) -> subprocess.CompletedProcess[
         text=True,
         timeout=120,
         check=False,
-        env=env,
+        env=user_env() if env is None else env,
     )
 
 
@@ -105,6 +115,50 @@ def test_ordinary_user_mounts_reads_and_unmounts(
         unmounted = as_user(user, python, "-m", "zarrfs", "unmount", str(mnt))
         assert unmounted.returncode == 0, unmounted.stderr
         assert not is_mounted(mnt)
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+
+
+def test_the_container_entrypoint_as_an_ordinary_user(
+    sample: SampleDandiset,
+    user: pwd.struct_passwd,
+    open_dev_fuse: None,
+    request: pytest.FixtureRequest,
+) -> None:
+    """scripts/mount.sh as containers/Dockerfile runs it: as an ordinary user, zarrfs found on PATH
+    (the image's `ENV PATH`), the default cache dir under the user's home, the mountpoint created by
+    the script; it mounts, runs the command with the data visible, unmounts, and passes on the
+    command's exit code."""
+    probe = as_user(user, sys.executable, "-c", "import zarrfs")
+    if probe.returncode != 0:
+        pytest.skip(f"{user.pw_name} cannot run {sys.executable}: {probe.stderr.strip()[-200:]}")
+    home = Path(tempfile.mkdtemp(prefix="zarrfs-user-"))
+    request.addfinalizer(lambda: shutil.rmtree(home, ignore_errors=True))
+    entrypoint = home / "scripts" / "mount.sh"  # the image copies scripts/ as the repository has it
+    entrypoint.parent.mkdir()
+    shutil.copy2(Path(__file__).resolve().parents[1] / "scripts" / "mount.sh", entrypoint)
+    for path in (home, entrypoint.parent, entrypoint):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    mnt = home / "dandi"
+    env = user_env(PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin", HOME=str(home))
+    chunk = f"{OME_PATH}/0/0/0/0/0"
+    command = (
+        f'sha256sum "{mnt}/{EPHYS_PATH}" "{mnt}/{chunk}" && stat -c "%u %a" "{mnt}/{EPHYS_PATH}"'
+        " && exit 3"
+    )
+    try:
+        result = as_user(user, str(entrypoint), f"000123@{V1}", str(mnt),
+                         "--endpoint-url", sample.endpoint_url, "--", "sh", "-c", command, env=env)  # fmt: skip
+        assert result.returncode == 3, result.stderr
+        expected = sample.versions[V1].files
+        *sums, owner = result.stdout.splitlines()
+        assert [line.split()[0] for line in sums] == [
+            hashlib.sha256(expected[rel]).hexdigest() for rel in (EPHYS_PATH, chunk)
+        ]
+        assert owner.split() == [str(user.pw_uid), "444"]
+        assert not is_mounted(mnt)
+        assert (home / ".cache" / "zarrfs").is_dir()  # the default cache dir, in the user's home
     finally:
         if is_mounted(mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)

@@ -167,7 +167,7 @@ class Catalog:
             if not versions:
                 raise VersionNotFound(f"dandiset {source.dandiset_id} has no published version")
             source = Source(source.dandiset_id, versions[-1])
-        path = self._stored(source)
+        path = self.stored_path(source)
         if path is not None:
             try:
                 doc = await trio.to_thread.run_sync(read_checked_json, path, abandon_on_cancel=True)
@@ -184,7 +184,8 @@ class Catalog:
                 log.warning("cannot keep the resolved version in %s: %s", path, e)
         return resolved
 
-    def _stored(self, source: Source) -> Path | None:
+    def stored_path(self, source: Source) -> Path | None:
+        """Where a resolved published version is kept (None: not kept: a draft, no cache dir)."""
         if self.cache_dir is None or not PUBLISHED_VERSION_RE.match(source.version):
             return None
         root = CacheLayout(self.cache_dir).versions

@@ -2,7 +2,8 @@
 
 Owns: `zarrfs mount|unmount|demo`, the `mount.zarrfs` helper for /etc/fstab, daemonizing a mount
 (the parent returns 0 only once the child reports the mount live, else prints the child's one-line
-error and exits non-zero) and exit codes. Never calls FUSE or S3 itself: `mount.serve` does.
+error and exits non-zero; a `/dev/fd/N` mountpoint's descriptor is handed on to the child) and
+exit codes. Never calls FUSE or S3 itself: `mount.serve` does.
 
 Exit codes: 0 success; 1 unexpected internal error; 2 bad usage or SOURCE; 3 dandiset or version not
 found; 4 mountpoint or FUSE problem; 5 remote data unavailable (S3/API unreachable, bad metadata).
@@ -22,15 +23,11 @@ import time
 from collections.abc import Callable, Sequence
 from hashlib import sha1
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from . import __version__
+from . import __version__, systemd
 from . import config as cfg
 from .cache_dir import make_private_dir
 from .errors import DataError, MountError, UserError
-
-if TYPE_CHECKING:
-    from .filesystem import Filesystem
 
 log = logging.getLogger("zarrfs")
 
@@ -38,58 +35,142 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_REMOTE = 5
+EXIT_VERIFY = 6
+
+
+EXIT_CODES = """exit codes:
+  0  done (mounted, unmounted, listed, verified)
+  1  unexpected internal error (a bug: please report it with the log)
+  2  bad usage, bad SOURCE or unknown -o option
+  3  dandiset, version or path not found
+  4  mountpoint missing, not a directory, already mounted, or the FUSE mount failed
+  5  remote data unavailable (S3 or API unreachable, unreadable metadata)
+  6  verification failed: bytes read through the mount differ from what was published"""
+
+EXAMPLES = {
+    "mount": """examples:
+  zarrfs mount 000108@0.230623.1735 /mnt/dandi        one published version
+  zarrfs mount dandi /mnt/dandi                        the whole archive (dandisets/, zarrs/)
+  zarrfs mount 000108 /mnt/dandi                       every version, side by side
+  zarrfs mount dandi://dandi/000108@draft/sub-1 /mnt/x  one directory of the draft
+  zarrfs mount --cache-dir /scratch/zarrfs -o allow_other 000108@latest /mnt/dandi""",
+    "ls": """examples:
+  zarrfs ls dandi://dandi/000108@draft/sub-1/x.ome.zarr/0
+  zarrfs ls -l 000108@0.230623.1735/sub-1          names, sizes, VersionIds and ETags""",
+    "info": """examples:
+  zarrfs info 000108@0.230623.1735                 assets, size, Zarrs, manifests cached
+  zarrfs info /mnt/dandi/sub-1/x.ome.zarr/0/0/0    what a mounted file is a copy of""",
+    "verify": """examples:
+  zarrfs verify /mnt/dandi/sub-1/x.ome.zarr        recompute the Zarr checksum from the bytes
+  zarrfs verify /mnt/dandi/sub-1/x.nwb             recompute the blob's dandi-etag""",
+    "stats": """examples:
+  zarrfs stats /mnt/dandi""",
+    "cache": """examples:
+  zarrfs cache info
+  zarrfs cache warm 000108@0.230623.1735 'sub-*/*.ome.zarr' metadata   index manifests
+  zarrfs cache warm --data 000108@0.230623.1735 sub-1               also every byte below sub-1
+  zarrfs cache clear 000108@0.230623.1735""",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zarrfs",
-        description="Mount a published DANDI dandiset version read-only, every file pinned to the "
-        "exact S3 object version that was published.",
+        description="Mount DANDI data read-only (one version, a dandiset, or the whole archive), "
+        "every file pinned to the exact S3 object version that was published; list, inspect, "
+        "verify and cache it without mounting.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"zarrfs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser(
-        "mount", help="mount SOURCE (the archive, a dandiset, a version) at MOUNTPOINT"
-    )
-    m.add_argument(
-        "source",
-        metavar="SOURCE",
-        help="dandi (the whole archive), 000123 (every version), 000123@0.251101.1200, "
-        "000123@draft, 000123@latest, DANDI:000123/draft, "
-        "https://dandiarchive.org/dandiset/000123/latest, dandi://dandi/000123@draft/sub-01",
-    )
+    def verb(name: str, help_: str, description: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_,
+            description=description or help_,
+            epilog=EXAMPLES.get(name, ""),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    m = verb("mount", "mount SOURCE (the archive, a dandiset, a version) at MOUNTPOINT")
+    m.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     m.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     add_mount_options(m)
 
-    ls = sub.add_parser(
+    u = verb("unmount", "unmount a zarrfs mount (also a dead one)")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    u.add_argument("-z", "--lazy", action="store_true", help="detach even if busy")
+
+    ls = verb(
         "ls",
-        help="list a directory of SOURCE without mounting (name and size per line)",
-        description="List what a mount would show at SOURCE[/PATH], without mounting: one entry "
-        "per line, its name and its size (a directory's total when known). Examples: "
-        "zarrfs ls dandi://dandi/000123@draft/sub-01/x.ome.zarr/0 ; zarrfs ls -l 000123@latest",
+        "list a directory of SOURCE without mounting (name and size per line)",
+        "List what a mount would show at SOURCE[/PATH], without mounting: one entry per line, "
+        "its name and its size (a directory's total when known).",
     )
-    ls.add_argument("source", metavar="SOURCE[/PATH]")
+    ls.add_argument("source", metavar="SOURCE[/PATH]", help=SOURCE_HELP)
     ls.add_argument(
         "-l", "--long", action="store_true", help="also the S3 VersionId and ETag of each file"
     )
     add_connection_options(ls)
 
-    u = sub.add_parser("unmount", help="unmount a zarrfs mount")
-    u.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
-    u.add_argument("-z", "--lazy", action="store_true", help="detach even if busy")
+    i = verb(
+        "info",
+        "what SOURCE holds, or what a mounted PATH is a copy of",
+        "For SOURCE: its version, assets, total size, Zarrs and which manifests are cached "
+        "locally. For a PATH under a zarrfs mount: its type, size and provenance (the "
+        "user.zarrfs.* attributes of --xattr, without needing them).",
+    )
+    i.add_argument("target", metavar="SOURCE|PATH")
+    add_connection_options(i)
 
-    d = sub.add_parser(
+    v = verb(
+        "verify",
+        "read a mounted Zarr, directory or file and check every byte against the published digests",
+        "Read every file at or below PATH through the mount, hash the bytes, and compare with what "
+        "was published: each file's ETag (MD5, or DANDI's multipart etag), and for a Zarr its "
+        "checksum recomputed with zarr_checksum. Exits 0 only if everything matches (6 if not).",
+    )
+    v.add_argument("path", metavar="PATH", type=Path)
+    v.add_argument("--debug", action="store_true")
+
+    st = verb(
+        "stats", "requests, bytes, cache hits, retries, errors and latency of a running mount"
+    )
+    st.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    st.add_argument("--debug", action="store_true")
+
+    c = verb("cache", "what the cache dir holds; clear it; warm it before a job")
+    csub = c.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    ci = csub.add_parser("info", help="what the cache dir holds (indexes, blocks, sizes)")
+    add_connection_options(ci)
+    cc = csub.add_parser("clear", help="remove cached data: everything, or what SOURCE left")
+    cc.add_argument("source", metavar="SOURCE", nargs="?")
+    add_connection_options(cc)
+    cw = csub.add_parser(
+        "warm",
+        help="fetch and index SOURCE's manifests (and with --data the bytes of PATHs)",
+        description="Fetch and index the manifests of SOURCE's Zarrs; with --data also read the "
+        "bytes of every file matching PATH (globs relative to SOURCE; 'metadata' means every "
+        ".zarray/.zattrs/.zgroup/.zmetadata/zarr.json) into the disk block cache. How a login "
+        "node fills a shared cache before a cluster job.",
+    )
+    cw.add_argument("source", metavar="SOURCE")
+    cw.add_argument("paths", metavar="PATH", nargs="*")
+    cw.add_argument("--data", action="store_true", help="also read the bytes into the disk cache")
+    add_connection_options(cw)
+
+    d = verb(
         "demo",
-        help="build a sample dandiset in an embedded local S3 and mount two "
-        "versions side by side (Ctrl-C to stop)",
+        "build a sample archive in an embedded local S3 and mount it (Ctrl-C to stop)",
     )
     d.add_argument(
         "mountpoint",
         metavar="MOUNTPOINT",
         type=Path,
         nargs="?",
-        help="directory to hold the mounts (default: ./zarrfs-demo)",
+        help="where to mount it (default: ./zarrfs-demo)",
     )
     d.add_argument(
         "--check",
@@ -100,10 +181,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SOURCE_HELP = (
+    "dandi (the whole archive), 000123 (every version), 000123@0.251101.1200, 000123@draft, "
+    "000123@latest, DANDI:000123/draft, https://dandiarchive.org/dandiset/000123/latest, "
+    "dandi://dandi/000123@draft/sub-01"
+)
+
+
 def add_mount_options(p: argparse.ArgumentParser) -> None:
     """The connection options, then what only a mount has."""
     add_connection_options(p)
     p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    p.add_argument(
+        "--uid", metavar="UID", help="owner every entry shows (default: the user who mounts)"
+    )
+    p.add_argument(
+        "--gid", metavar="GID", help="group every entry shows (default: the mounting user's group)"
+    )
+    p.add_argument(
+        "--umask",
+        metavar="OCTAL",
+        help="applied to 0777 (directories) and 0666 (files); write bits are always cleared "
+        "(default: 022, i.e. 0555 and 0444)",
+    )
     p.add_argument(
         "--xattr",
         action="store_true",
@@ -115,6 +215,12 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="show a consolidated .zmetadata in Zarr format 2 hierarchies without one (built from "
         "their metadata when first entered; not part of the published data)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics",
     )
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--log-file", type=Path, help="log file of a background mount")
@@ -203,8 +309,12 @@ _O_KEYS = {
     "manifest_cache_size",
     "version_memory",
     "cache_size",
+    "metrics_port",
     "manifest_root",
     "log_file",
+    "uid",
+    "gid",
+    "umask",
 }
 _O_IGNORED = {
     "ro",
@@ -269,6 +379,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         if not root.startswith(("s3://", "https://", "http://", "file:///")):
             raise UserError(f"bad --manifest-root {root!r}: use s3://, https:// or file:///")
     mountpoint = getattr(args, "mountpoint", None)
+    uid, gid, umask = _ownership(args)
     return cfg.Config(
         source=source,
         mountpoint=mountpoint.absolute() if mountpoint is not None else Path("/"),
@@ -284,10 +395,50 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         foreground=getattr(args, "foreground", False),
         debug=args.debug,
         allow_other=getattr(args, "allow_other", False),
+        uid=uid,
+        gid=gid,
+        umask=umask,
         xattrs=getattr(args, "xattrs", False),
         consolidate=getattr(args, "consolidate", False),
+        metrics_port=_port(getattr(args, "metrics_port", None)),
         kernel_readdir_cache=cfg.env_kernel_readdir_cache(),
     )
+
+
+def _ownership(args: argparse.Namespace) -> tuple[int | None, int | None, int]:
+    """`--uid`, `--gid` (numbers) and `--umask` (octal), range-checked; for verbs without them,
+    the defaults."""
+    ids: list[int | None] = []
+    for name in ("uid", "gid"):
+        text = getattr(args, name, None)
+        if text is None:
+            ids.append(None)
+        elif text.isascii() and text.isdigit() and int(text) < 0xFFFFFFFF:
+            ids.append(int(text))  # (uid_t)-1 is no id: chown(2) reads it as "unchanged"
+        else:
+            raise UserError(f"bad {name} {text!r}: use a number (e.g. {name}=1000)")
+    text = getattr(args, "umask", None)
+    if text is None:
+        return ids[0], ids[1], cfg.DEFAULT_UMASK
+    try:
+        umask = int(text, 8)
+    except ValueError:
+        umask = -1
+    if not 0 <= umask <= 0o777:
+        raise UserError(f"bad umask {text!r}: use octal digits (e.g. umask=027)")
+    return ids[0], ids[1], umask
+
+
+def _port(value: object) -> int | None:
+    if value is None:
+        return None
+    try:
+        port = int(str(value))
+    except ValueError:
+        raise UserError(f"bad metrics port {value!r}") from None
+    if not 0 <= port < 65536:
+        raise UserError(f"bad metrics port {value!r}")
+    return port
 
 
 def setup_logging(debug: bool, log_file: Path | None = None) -> Callable[[], None] | None:
@@ -308,7 +459,11 @@ def setup_logging(debug: bool, log_file: Path | None = None) -> Callable[[], Non
 
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log_file is None and systemd.stderr_is_journal(sys.stderr.fileno()):
+        # run by systemd: journald adds the time; `<N>` prefixes carry each line's priority
+        handler.setFormatter(systemd.JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -396,7 +551,10 @@ def _spawn_background(config: cfg.Config, args: argparse.Namespace, argv: Sequen
     log_file = (args.log_file or default_log_file(config)).absolute()
     make_private_dir(log_file.parent)
     os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    from .mount import fuse_fd
+
     read_fd, write_fd = os.pipe()
+    passed_fd = fuse_fd(config.mountpoint)  # /dev/fd/N: the child serves the same descriptor
     command = [
         sys.executable,
         "-m",
@@ -414,7 +572,7 @@ def _spawn_background(config: cfg.Config, args: argparse.Namespace, argv: Sequen
             stdin=devnull,
             stdout=log_out,
             stderr=log_out,
-            pass_fds=(write_fd,),
+            pass_fds=(write_fd,) if passed_fd is None else (write_fd, passed_fd),
             start_new_session=True,
             close_fds=True,
         )
@@ -425,7 +583,7 @@ def _spawn_background(config: cfg.Config, args: argparse.Namespace, argv: Sequen
         return EXIT_OK
     if child.poll() is None:
         child.terminate()
-    if os.path.ismount(config.mountpoint):
+    if passed_fd is None and os.path.ismount(config.mountpoint):
         _fusermount(config.mountpoint, lazy=True)
     if message.startswith("ERROR "):
         _, code, text = message.split(" ", 2)
@@ -473,66 +631,78 @@ def is_mounted(path: Path) -> bool:
         return False
 
 
+def _quiet_logging(debug: bool) -> None:
+    setup_logging(debug)
+    if not debug:
+        logging.getLogger().setLevel(logging.ERROR)  # the output is the answer; errors are lines
+
+
 def run_ls(args: argparse.Namespace) -> int:
     """`zarrfs ls SOURCE[/PATH]`: what a mount would show there, one entry per line."""
     import trio
 
+    from .verbs import list_entries
+
     config = config_from_args(args)
-    setup_logging(config.debug)
-    if not config.debug:
-        logging.getLogger().setLevel(logging.ERROR)  # the listing is the output; errors are lines
-    for line in trio.run(_list_entries, config, args.long):
+    _quiet_logging(config.debug)
+    for line in trio.run(list_entries, config, args.long):
         print(line)
     return EXIT_OK
 
 
-async def _list_entries(config: cfg.Config, long: bool) -> list[str]:
-    from dataclasses import replace
+def run_info(args: argparse.Namespace) -> int:
+    import trio
 
-    from .core import open_filesystem
-    from .errors import SourceError
+    from . import verbs
 
-    source = config.source
-    try:
-        async with open_filesystem(config) as fs:
-            return await _format_listing(fs, None, long)
-    except SourceError:  # PATH names a file: list that one entry
-        if not source.path:
-            raise
-        parent, _, name = source.path.rpartition("/")
-    async with open_filesystem(replace(config, source=replace(source, path=parent))) as fs:
-        return await _format_listing(fs, name.encode(), long)
-
-
-async def _format_listing(fs: Filesystem, only: bytes | None, long: bool) -> list[str]:
-    """`name<TAB>size` per entry (directories end in `/`, a size only when known), with `-l`
-    also `<TAB>VersionId<TAB>ETag` for files; a link as `name -> target`."""
-    from .refs import ObjectRef
-    from .tree import ROOT_INO
-
-    if only is not None:
-        entries = [(only, await fs.lookup(ROOT_INO, only))]
+    _quiet_logging(args.debug)
+    target = Path(args.target)
+    if os.path.exists(target):
+        lines = trio.run(verbs.info_path, target)
     else:
-        handle = await fs.opendir(ROOT_INO)
-        entries = [(name, entry) for name, entry, _ in await fs.readdir(handle, 0)]
-    lines = []
-    for raw, entry in entries:
-        name = raw.decode("utf-8", "replace")
-        if entry.link is not None:
-            lines.append(f"{name} -> {entry.link.decode('utf-8', 'replace')}")
-        elif entry.is_dir:
-            lines.append(f"{name}/\t{entry.size or '-'}")
-        elif long:
-            source = (await fs.open(entry.ino)).source
-            version, etag = (
-                (source.version_id or "-", source.etag or "-")
-                if isinstance(source, ObjectRef)
-                else ("-", "-")
-            )
-            lines.append(f"{name}\t{entry.size}\t{version}\t{etag}")
-        else:
-            lines.append(f"{name}\t{entry.size}")
-    return lines
+        args.source = args.target
+        lines = trio.run(verbs.info_source, config_from_args(args))
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    import trio
+
+    from .verbs import verify
+
+    _quiet_logging(args.debug)
+    if not args.path.exists():
+        raise MountError(f"{args.path} does not exist")
+    verdict = trio.run(verify, args.path)
+    print("\n".join(verdict.lines))
+    return EXIT_OK if verdict.ok else EXIT_VERIFY
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    from .verbs import stats_lines
+
+    print("\n".join(stats_lines(args.mountpoint)))
+    return EXIT_OK
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    import trio
+
+    from . import verbs
+
+    _quiet_logging(args.debug)
+    cache_dir = (args.cache_dir or cfg.default_cache_dir()).absolute()
+    if args.cache_command == "info":
+        lines = verbs.cache_info(cache_dir)
+    elif args.cache_command == "clear":
+        config = config_from_args(args) if args.source else None
+        lines = verbs.cache_clear(config, cache_dir)
+    else:
+        logging.getLogger().setLevel(logging.WARNING if not args.debug else logging.DEBUG)
+        lines = trio.run(verbs.cache_warm, config_from_args(args), args.paths, args.data)
+    print("\n".join(lines))
+    return EXIT_OK
 
 
 def run_unmount(args: argparse.Namespace) -> int:
@@ -556,6 +726,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_unmount(args)
         if args.command == "ls":
             return run_ls(args)
+        if args.command == "info":
+            return run_info(args)
+        if args.command == "verify":
+            return run_verify(args)
+        if args.command == "stats":
+            return run_stats(args)
+        if args.command == "cache":
+            return run_cache(args)
         if args.command == "demo":
             from .demo import missing_requirements
 

@@ -76,6 +76,9 @@ NEGATIVE_MUTABLE_TTL = 60.0
 #: Default byte budget (roughly) for resolved versions kept in memory by an archive or dandiset
 #: mount; the least recently used are dropped and resolved again when entered.
 DEFAULT_VERSION_MEMORY = 256 << 20
+#: Default `--umask`: applied to 0777 for directories and 0666 for files (as rclone does), and the
+#: write bits are always cleared (the mount is read-only), so directories show 0555 and files 0444.
+DEFAULT_UMASK = 0o022
 #: Threads used for CPU-heavy work (manifest parsing and conversion).
 CPU_THREADS = 2
 #: Size bound of a manifest download: an honest manifest of a Zarr with N files (the checksum
@@ -243,10 +246,17 @@ class Config:
     #: Serve a synthesized consolidated `.zmetadata` in Zarr format 2 hierarchies that have none
     #: (it changes what the mount shows, so it is off by default).
     consolidate: bool = False
+    #: Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (a mount only).
+    metrics_port: int | None = None
     block_size: int = BLOCK_SIZE
     foreground: bool = False
     debug: bool = False
     allow_other: bool = False
+    #: Owner and group of every entry (None: the user and group that mounted), and the umask applied
+    #: to 0777 (directories) and 0666 (files); write bits are always cleared (`-o uid=,gid=,umask=`).
+    uid: int | None = None
+    gid: int | None = None
+    umask: int = DEFAULT_UMASK
     #: Serve `user.zarrfs.*` extended attributes. Off by default: with xattrs the kernel must ask the
     #: daemon for every `getxattr` (`ls -l` makes three per entry), without them it stops asking.
     xattrs: bool = False

@@ -11,8 +11,8 @@ uses this module as it is.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -22,6 +22,7 @@ from .chunk_cache import BlockCache
 from .config import Config
 from .disk_cache import DiskBlockCache, default_size
 from .disk_tier import DiskTier
+from .errors import unwrap_single_exception
 from .filesystem import Filesystem
 from .manifest_cache import ManifestCache
 from .remote import Remote
@@ -95,14 +96,3 @@ async def _disk_tier(config: Config) -> tuple[DiskTier | None, str]:
     disk = DiskBlockCache(config.cache_dir, max_bytes=size, block_size=config.block_size)
     note = f"disk block cache in {disk.cache_dir}, up to {size >> 20} MiB ({how})"
     return DiskTier(disk, config.s3.bucket), note
-
-
-@contextmanager
-def unwrap_single_exception() -> Iterator[None]:
-    """Let an exception that a nursery wrapped alone in a group leave as itself."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise

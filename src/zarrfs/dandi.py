@@ -26,7 +26,13 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 import trio
 
 from .config import MAX_API_RESPONSE_BYTES, MAX_ASSET_LIST_BYTES, MountSource, Source
-from .errors import ObjectMissing, RemoteError, SourceError, VersionNotFound
+from .errors import (
+    ObjectMissing,
+    RemoteError,
+    SourceError,
+    VersionNotFound,
+    unwrap_single_exception,
+)
 from .names import path_problem
 from .refs import INT64_MAX
 from .zarr_checksums import is_checksum
@@ -378,11 +384,29 @@ async def resolve(source: Source, remote: Remote, *, bucket: str, api_url: str) 
     needs the API."""
     if source.version == "latest":
         source = Source(source.dandiset_id, await _latest_version(source, remote, api_url))
-    if source.version == "draft":
-        assets = await _draft_assets(source, remote, api_url)
-    else:
-        assets = await _published_assets(source, remote, bucket)
-    yaml = await _dandiset_yaml(source, remote)
+    found: list[bytes | None] = []
+    failed: list[Exception] = []
+
+    async def fetch_yaml() -> None:  # at the same time as the assets: one round trip less
+        try:
+            found.append(await _dandiset_yaml(source, remote))
+        except Exception as e:  # reported after the assets' own error, which comes first
+            failed.append(e)
+
+    with unwrap_single_exception():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch_yaml)
+            if source.version == "draft":
+                assets = await _draft_assets(source, remote, api_url)
+            else:
+                assets = await _published_assets(source, remote, bucket)
+    if failed:
+        raise failed[0]
+    yaml = found[0]
+    if yaml is None:
+        log.warning(
+            "no %s: the mount will not show dandiset.yaml", version_prefix(source) + "dandiset.yaml"
+        )
     return ResolvedVersion(
         source=source, assets=tuple(assets), dandiset_yaml=yaml, published=source.version != "draft"
     )
@@ -408,11 +432,11 @@ async def _published_assets(source: Source, remote: Remote, bucket: str) -> list
 
 
 async def _dandiset_yaml(source: Source, remote: Remote) -> bytes | None:
-    key = version_prefix(source) + "dandiset.yaml"
     try:
-        return await remote.s3.get_bytes(key, max_bytes=MAX_API_RESPONSE_BYTES)
+        return await remote.s3.get_bytes(
+            version_prefix(source) + "dandiset.yaml", max_bytes=MAX_API_RESPONSE_BYTES
+        )
     except ObjectMissing:
-        log.warning("no %s: the mount will not show dandiset.yaml", key)
         return None
 
 

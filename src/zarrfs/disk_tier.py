@@ -44,6 +44,11 @@ class DiskTier:
         self._evict_wanted = trio.Event()
         self.stats = {"stalls": 0, "writes_dropped": 0}
 
+    @property
+    def pending(self) -> int:
+        """Bytes waiting to be written to disk."""
+        return self._pending
+
     async def get(self, ref: ObjectRef, index: int, block_size: int) -> bytes | None:
         """The block from disk (verified there), or None: a miss, a bad block, a slow disk."""
         if time.monotonic() < self._bypass_until:

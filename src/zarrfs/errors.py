@@ -8,6 +8,8 @@ raise these typed errors; only `fuse_ops` converts them to `pyfuse3.FUSEError`, 
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class ZarrfsError(Exception):
@@ -114,3 +116,14 @@ def errno_for(exc: ZarrfsError) -> int:
         if isinstance(exc, cls):
             return code
     return errno.EIO
+
+
+@contextmanager
+def unwrap_single_exception() -> Iterator[None]:
+    """Let an exception that a nursery wrapped alone in a group leave as itself."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

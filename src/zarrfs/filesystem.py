@@ -52,6 +52,7 @@ from .prefetch import PrefetchBudget, Prefetcher
 from .refs import ObjectRef
 from .s3_reader import S3Reader
 from .scheduler import Priority
+from .stats import LatencyHistogram
 from .tree import ROOT_INO, Entry, FileSource, InlineFile, Namespace
 from .zarr_checksums import parse_checksum
 
@@ -155,6 +156,9 @@ class Filesystem:
         self._root_alias: int | None = None
         self._reported: set[str] = set()
         self._entered: dict[tuple[int, str, str], trio.Event] = {}
+        #: Reads served (count, bytes, errors) and their latency, for `zarrfs stats`.
+        self.read_stats = {"count": 0, "bytes": 0, "errors": 0}
+        self.read_latency = LatencyHistogram()
         #: Serve a synthesized `.zmetadata` in format 2 Zarrs without one (`--consolidate`).
         self.consolidate = consolidate
 
@@ -296,15 +300,21 @@ class Filesystem:
             return source.data[offset : offset + size]
         if handle.prefetcher is not None:
             handle.prefetcher.observe(offset, size)
+        started = time.monotonic()
         try:
             with trio.fail_after(self.read_deadline):
-                return await self.blocks.read(source, offset, size, self.reader.read_range)
+                data = await self.blocks.read(source, offset, size, self.reader.read_range)
+            self.read_latency.observe(time.monotonic() - started)
+            self.read_stats["count"] += 1
+            self.read_stats["bytes"] += len(data)
+            return data
         except (DataError, trio.TooSlowError) as exc:
             error = (
                 exc
                 if isinstance(exc, DataError)
                 else RemoteError(f"no answer within {self.read_deadline:g} s")
             )
+            self.read_stats["errors"] += 1
             log.error(
                 "read of %s failed (%s, %d bytes at %d): %s",
                 handle.path,
@@ -316,6 +326,52 @@ class Filesystem:
             if error is exc:
                 raise
             raise error from None
+
+    def version_namespace(self) -> Namespace | None:
+        """The namespace of the one version a version mount shows (None for the archive and
+        dandiset mounts, which show many)."""
+        if self.source.kind != "version":
+            return None
+        return next(iter(self._kept.values()), None)
+
+    async def provenance(self, ino: int) -> dict[str, str]:
+        """What `ino` is a copy of, as `user.zarrfs.<name>` attributes show it (without the
+        prefix): `version` (a version's root), `zarr_id` and `zarr_checksum` (a Zarr's root),
+        `asset_id`, and for files `s3_url`, `version_id` and `etag`."""
+        ino = self._in(ino)
+        out: dict[str, str] = {}
+        node = self._synthetic.get(ino)
+        if node is not None:
+            return out
+        volume, local = self._volume(ino)
+        key = self._volume_keys[volume.id]
+        namespace = await self._namespace(volume)
+        if local == ROOT_INO and key.level == Level.VERSION:
+            out["version"] = str(namespace.resolved.source)
+        asset = namespace.asset_of(local)
+        if asset is not None and asset.asset_id:
+            out["asset_id"] = asset.asset_id
+        if namespace.is_zarr_root(local) and asset is not None:
+            out["zarr_id"] = asset.zarr_id or ""
+            out["zarr_checksum"] = asset.zarr_checksum or ""
+        entry = await self.getattr(ino)
+        if entry.is_dir:
+            return out
+        index = await self._index(namespace, local, volume, inside_only=True)
+        source = namespace.file_source(local, index)
+        if isinstance(source, ObjectRef):
+            out["s3_url"] = describe_object(self.bucket, source)
+            if source.version_id is not None:
+                out["version_id"] = source.version_id
+            if source.etag is not None:
+                out["etag"] = source.etag
+        elif key.level == Level.VERSION:  # dandiset.yaml: the current object of its key
+            resolved = namespace.resolved.source
+            out["s3_url"] = (
+                f"s3://{self.bucket}/dandisets/{resolved.dandiset_id}/{resolved.version}/"
+                "dandiset.yaml"
+            )
+        return out
 
     def statfs(self) -> FsStats:
         namespaces = [*self._kept.values(), *self._loaded.values()]

@@ -1,6 +1,6 @@
 """The pyfuse3 adapter: translates FUSE requests to `Filesystem` calls and domain errors to errno.
 
-Owns: `pyfuse3.Operations` handlers, attribute structs (modes 0555/0444, timeouts), file and directory
+Owns: `pyfuse3.Operations` handlers, attribute structs (owner, modes, timeouts), file and directory
 handles, and the one place where `ZarrfsError` becomes `FUSEError` (`_errors`). Thin by design: no S3,
 no parsing, no cache policy. Every write-like request fails with EROFS (the mount is also made with the
 `ro` option, so the kernel usually answers those itself).
@@ -29,17 +29,19 @@ import pyfuse3
 
 from . import config
 from .errors import NoAttribute, NotFound, ReadOnly, ZarrfsError, errno_for
-from .filesystem import Filesystem, OpenDir, OpenFile, describe_object
+from .filesystem import Filesystem, OpenDir, OpenFile
 from .names import NAME_MAX
-from .refs import ObjectRef
 from .tree import Entry
 
 log = logging.getLogger(__name__)
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-#: Extended attributes on files: where the bytes come from.
-XATTR_URL = b"user.zarrfs.s3_url"
-XATTR_ETAG = b"user.zarrfs.etag"
+#: Extended attributes (with --xattr): `Filesystem.provenance` under this prefix, e.g.
+#: `user.zarrfs.s3_url`, `user.zarrfs.etag`, `user.zarrfs.version_id`, `user.zarrfs.asset_id`,
+#: `user.zarrfs.zarr_checksum` (a Zarr's root), `user.zarrfs.version` (a version's root).
+XATTR_PREFIX = b"user.zarrfs."
+XATTR_URL = XATTR_PREFIX + b"s3_url"
+XATTR_ETAG = XATTR_PREFIX + b"etag"
 
 
 #: Marker of every log line about an unexpected exception in a handler (tests fail on it).
@@ -113,6 +115,7 @@ class ZarrfsOperations(pyfuse3.Operations):
         *,
         uid: int | None = None,
         gid: int | None = None,
+        umask: int = config.DEFAULT_UMASK,
         entry_timeout: float = config.ENTRY_TIMEOUT,
         attr_timeout: float = config.ATTR_TIMEOUT,
         negative_timeout: float = config.NEGATIVE_TIMEOUT,
@@ -125,6 +128,9 @@ class ZarrfsOperations(pyfuse3.Operations):
         self.fs = fs
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
+        #: Modes as rclone derives them: the umask applied to 0777 / 0666, never a write bit.
+        self.dir_mode = 0o777 & ~umask & ~0o222
+        self.file_mode = 0o666 & ~umask & ~0o222
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
         self.negative_timeout = negative_timeout
@@ -142,7 +148,7 @@ class ZarrfsOperations(pyfuse3.Operations):
         attr.entry_timeout = self.entry_timeout if entry.ttl is None else entry.ttl
         attr.attr_timeout = self.attr_timeout if entry.ttl is None else entry.ttl
         if entry.is_dir:
-            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_mode = stat.S_IFDIR | self.dir_mode
             attr.st_nlink = 2
             attr.st_size = 0
         elif entry.link is not None:
@@ -150,7 +156,7 @@ class ZarrfsOperations(pyfuse3.Operations):
             attr.st_nlink = 1
             attr.st_size = len(entry.link)
         else:
-            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_mode = stat.S_IFREG | self.file_mode
             attr.st_nlink = 1
             attr.st_size = entry.size
         attr.st_uid = self.uid
@@ -267,27 +273,20 @@ class ZarrfsOperations(pyfuse3.Operations):
         if not self.xattrs:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel then stops asking (fast `ls -l`)
         with _errors("listxattr"):
-            entry = await self.fs.getattr(inode)
-            return [] if entry.is_dir else [XATTR_URL, XATTR_ETAG]
+            return [XATTR_PREFIX + name.encode() for name in await self.fs.provenance(inode)]
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not self.xattrs:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         with _errors("getxattr"):
-            if name not in (XATTR_URL, XATTR_ETAG):
+            if not name.startswith(XATTR_PREFIX):
                 raise NoAttribute(name.decode("utf-8", "replace"))
-            entry = await self.fs.getattr(inode)
-            if entry.is_dir:
+            value = (await self.fs.provenance(inode)).get(
+                name[len(XATTR_PREFIX) :].decode("utf-8", "replace")
+            )
+            if value is None:
                 raise NoAttribute(name.decode("utf-8", "replace"))
-            handle = await self.fs.open(inode)
-            source = handle.source
-            if not isinstance(source, ObjectRef):
-                raise NoAttribute(name.decode("utf-8", "replace"))
-            if name == XATTR_URL:
-                return describe_object(self.fs.bucket, source).encode()
-            if source.etag is None:
-                raise NoAttribute(name.decode("utf-8", "replace"))
-            return source.etag.encode()
+            return value.encode()
 
     # --- everything that would write: EROFS -------------------------------------------------------
 

@@ -144,6 +144,10 @@ class ManifestCache:
     def index_path(self, zarr_id: str, checksum: str) -> Path:
         return self._dir / zarr_id[:3] / zarr_id / f"{checksum}.arrow"
 
+    def built_path(self, zarr_id: str, checksum: str) -> Path:
+        """Where a manifest built from the bucket's listing is kept."""
+        return Path(manifest_url(str(self._layout.built_manifests), zarr_id, checksum))
+
     def sweep(self) -> tuple[int, int]:
         """Remove temporary and lock files a killed process left behind (old enough not to be in use
         by another process sharing this cache dir), then the least recently loaded indexes until the
@@ -365,10 +369,10 @@ class ManifestCache:
         rejected: DataError | None = None
         limit = max_manifest_bytes(checksum)
         await trio.to_thread.run_sync(make_private_dir, self._tmp)
-        built = self._layout.built_manifests
         roots = [*self._roots]
-        if await trio.to_thread.run_sync(Path(manifest_url(str(built), zarr_id, checksum)).exists):
-            roots.insert(0, f"file://{built}/")  # built from a listing earlier: a manifest like any
+        if await trio.to_thread.run_sync(self.built_path(zarr_id, checksum).exists):
+            # built from a listing earlier: a manifest like any other
+            roots.insert(0, f"file://{self._layout.built_manifests}/")
         for root in roots:
             url = manifest_url(root, zarr_id, checksum)
             tmp = self._tmp / f"{zarr_id}-{checksum}-{uuid.uuid4().hex}.json"  # unique per host
@@ -456,7 +460,7 @@ class ManifestCache:
         raise IntegrityError(message)
 
     def _keep_built(self, src: Path, zarr_id: str, checksum: str) -> None:
-        dest = Path(manifest_url(str(self._layout.built_manifests), zarr_id, checksum))
+        dest = self.built_path(zarr_id, checksum)
         try:
             make_private_dir(dest.parent)
             os.link(src, dest)

@@ -11,6 +11,12 @@ reopens the log file of a mount that logs to a file (logrotate), and stops a mou
 terminal (the terminal hung up). SIGUSR1 dumps the stack of every thread to stderr (faulthandler, works
 even if the event loop is stuck); SIGUSR2 logs the tree of trio tasks with their await stacks.
 The mount is made with libfuse's `auto_unmount`, so even `kill -9` of the daemon leaves no dead mount.
+
+MOUNTPOINT may also be `/dev/fd/N`, an open `/dev/fuse` descriptor that the caller (Apptainer's
+`--fusemount`, a Kubernetes FUSE plugin, a test) has already mounted somewhere: libfuse (>= 3.3) then
+serves that descriptor and mounts nothing, so `auto_unmount` is not requested, and unmounting is the
+caller's business (at exit the daemon only closes the descriptor; when the caller unmounts, the daemon
+ends by itself). systemd is told when the mount is live and when it stops (`systemd.notify`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import faulthandler
 import logging
 import math
 import os
+import re
 import signal
+import stat
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 
@@ -28,10 +36,13 @@ import pyfuse3
 import trio
 
 from . import config as cfg
+from . import runtime, systemd
 from .config import Config
-from .core import open_filesystem, unwrap_single_exception
-from .errors import MountError
-from .fuse_ops import ZarrfsOperations
+from .core import open_filesystem
+from .errors import MountError, unwrap_single_exception
+from .filesystem import Filesystem
+from .fuse_ops import ZarrfsOperations, internal_errors
+from .stats import prometheus_text, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +51,24 @@ MAX_FUSE_TASKS = 64
 #: Seconds in-flight requests get to finish after a stop signal before they are cancelled.
 SHUTDOWN_GRACE = 5.0
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Device numbers of /dev/fuse (the kernel's MISC_MAJOR and FUSE_MINOR).
+_FUSE_DEVICE = (10, 229)
+
+
+def fuse_fd(mountpoint: os.PathLike[str] | str) -> int | None:
+    """N when MOUNTPOINT is `/dev/fd/N` (libfuse's own test: such a mountpoint is an open, already
+    mounted `/dev/fuse` descriptor), else None."""
+    match = re.fullmatch(r"/dev/fd/(\d+)", os.fspath(mountpoint))
+    return int(match[1]) if match else None
 
 
 def fuse_options(config: Config) -> set[str]:
     options = set(pyfuse3.default_options)
-    # auto_unmount: fusermount3 keeps a watchdog that unmounts if this process dies, even by SIGKILL
-    options |= {f"fsname={config.fsname}", "subtype=zarrfs", "ro", "auto_unmount"}
+    options |= {f"fsname={config.fsname}", "subtype=zarrfs", "ro"}
+    if fuse_fd(config.mountpoint) is None:
+        # fusermount3 keeps a watchdog that unmounts if this process dies, even by SIGKILL. With a
+        # /dev/fd/N mountpoint nothing is mounted here: there is nothing for it to unmount.
+        options.add("auto_unmount")
     if config.allow_other:
         options.add("allow_other")
     return options
@@ -64,7 +87,12 @@ async def serve(
     async with AsyncExitStack() as stack:
         fs = await stack.enter_async_context(open_filesystem(config))
         ops = ZarrfsOperations(
-            fs, xattrs=config.xattrs, kernel_readdir_cache=config.kernel_readdir_cache
+            fs,
+            uid=config.uid,
+            gid=config.gid,
+            umask=config.umask,
+            xattrs=config.xattrs,
+            kernel_readdir_cache=config.kernel_readdir_cache,
         )
         if ops.kernel_readdir_cache:
             log.info("the kernel caches directory listings")
@@ -84,15 +112,77 @@ async def serve(
         stack.callback(_close)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         stack.callback(faulthandler.unregister, signal.SIGUSR1)
+        await trio.to_thread.run_sync(runtime.write_state, config)
+        stack.callback(runtime.remove, config.mountpoint)
         with unwrap_single_exception():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_handle_signals, nursery.cancel_scope, reopen_log)
-                log.info("mounted %s at %s", config.source, config.mountpoint)
+                nursery.start_soon(_publish_stats, fs, config)
+                if config.metrics_port is not None:
+                    await nursery.start(_serve_metrics, fs, config.metrics_port)
+                if fuse_fd(config.mountpoint) is None:
+                    log.info("mounted %s at %s", config.source, config.mountpoint)
+                else:
+                    log.info(
+                        "serving %s on %s (mounted by the caller)", config.source, config.mountpoint
+                    )
+                systemd.notify(f"READY=1\nSTATUS=serving {config.source} at {config.mountpoint}")
                 if on_ready is not None:
                     on_ready()
-                await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
+                try:
+                    await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
+                finally:
+                    systemd.notify("STOPPING=1")
                 nursery.cancel_scope.cancel()
         log.info("unmounted %s", config.mountpoint)
+
+
+def _snapshot(fs: Filesystem) -> dict[str, object]:
+    return snapshot(fs, {"internal_errors": sum(internal_errors.values())})
+
+
+async def _publish_stats(fs: Filesystem, config: Config) -> None:
+    """Keep `zarrfs stats MOUNTPOINT` current (runtime.STATS_INTERVAL)."""
+    while True:
+        try:
+            await trio.to_thread.run_sync(
+                runtime.write_stats, config.mountpoint, _snapshot(fs), abandon_on_cancel=True
+            )
+        except OSError as e:
+            log.debug("cannot write the stats file: %s", e)
+        await trio.sleep(runtime.STATS_INTERVAL)
+
+
+async def _serve_metrics(
+    fs: Filesystem, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Prometheus text on http://127.0.0.1:PORT/metrics (local only)."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(5):
+                request = b""
+                while b"\r\n\r\n" not in request and len(request) < 8192:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        break
+                    request += chunk
+                line = request.split(b"\r\n", 1)[0].split()
+                if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
+                    body = prometheus_text(_snapshot(fs)).encode()
+                    head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                else:
+                    body, head = b"not found\n", b"HTTP/1.0 404 Not Found\r\n"
+                await stream.send_all(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    log.info("metrics on http://127.0.0.1:%d/metrics", listeners[0].socket.getsockname()[1])
+    task_status.started()
+    await trio.serve_listeners(answer, listeners)
 
 
 def _close() -> None:
@@ -153,8 +243,23 @@ def describe_tasks() -> str:
 
 
 def check_mountpoint(path: os.PathLike[str] | str) -> None:
-    """Raise MountError unless `path` is an existing directory that is not already a mount."""
+    """Raise MountError unless `path` is an existing directory that is not already a mount, or
+    `/dev/fd/N` with N an open /dev/fuse descriptor (mounted by the caller)."""
     p = os.fspath(path)
+    fd = fuse_fd(p)
+    if fd is not None:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            raise MountError(
+                f"{p}: descriptor {fd} is not open (a /dev/fd/N mountpoint is a /dev/fuse "
+                "descriptor that the caller opened, mounted and passed on)"
+            ) from None
+        if not stat.S_ISCHR(st.st_mode) or (
+            (os.major(st.st_rdev), os.minor(st.st_rdev)) != _FUSE_DEVICE
+        ):
+            raise MountError(f"{p}: descriptor {fd} is not /dev/fuse")
+        return
     try:
         os.stat(p)
     except FileNotFoundError:

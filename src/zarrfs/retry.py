@@ -12,7 +12,8 @@ Never does: classify errors itself (the caller passes `is_retryable`; only a per
 always retryable), wrap a non-retryable error (it propagates unchanged), or catch `trio.Cancelled`
 (only `Exception` is caught, so cancellation of the caller always propagates at once).
 
-Concurrency: stateless; safe to call from any number of trio tasks at once.
+Concurrency: no state but two process-wide counters (`stats`); safe to call from any number of trio
+tasks at once.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from zarrfs.scheduler import Priority, RequestSlots, Ticket
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Process-wide counts: attempts that failed and were tried again, requests that gave up.
+stats = {"retried": 0, "gave_up": 0}
 
 
 def backoff_delay(attempt: int, base_delay: float, max_delay: float) -> float:
@@ -97,7 +101,9 @@ async def retry(
             cause = exc
             reason = f"{type(exc).__name__}: {exc}"
         if attempt >= max_attempts:
+            stats["gave_up"] += 1
             raise RemoteError(f"{what}: failed after {attempt} attempt(s): {reason}") from cause
+        stats["retried"] += 1
         delay = backoff_delay(attempt, base_delay, max_delay)
         log.warning(
             "%s: attempt %d/%d failed (%s); retrying in %.2fs",

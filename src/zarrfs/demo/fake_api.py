@@ -5,7 +5,9 @@ uses (see DANDI-FORMATS: The REST API): the DRF-paginated list of dandisets, the
 (`most_recent_published_version`, `draft_version`), its versions, DRF-paginated asset rows per
 version, and `GET /zarr/<id>/` reporting the draft state of each Zarr. Unknown ids answer 404
 `{"detail": "Not found."}`. Every request path is recorded in `requests` so tests can assert what a
-client asked for; `max_page_size` can be lowered so that a few dandisets take several pages.
+client asked for; `max_page_size` can be lowered so that a few dandisets take several pages;
+`latency` (seconds, default 0) delays every response, as `LocalS3(latency=...)` does for S3, so that
+benchmarks see a remote API (the delays of concurrent requests overlap).
 
 Never does: S3, FUSE, writes, or anything a real mount depends on. Handlers run on server threads;
 `zarrs` may be changed by a test (a Zarr edited in the draft) between requests, the rest is
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -88,7 +91,7 @@ class FakeDandiAPI:
     Built from a `SampleDandiset` (`FakeDandiAPI(sample)`), or from plain dicts. `dandisets`:
     id -> {"most_recent_published_version": str | None,
     "versions": {version: {"metadata": dict, "assets": [API rows]}}}.
-    `zarrs`: zarr id -> the body of `GET /zarr/<id>/`.
+    `zarrs`: zarr id -> the body of `GET /zarr/<id>/`. `latency`: seconds added to every response.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class FakeDandiAPI:
         *,
         more: SampleDandiset | Mapping[str, Mapping[str, Any]] | None = None,
         max_page_size: int = MAX_PAGE_SIZE,
+        latency: float = 0.0,
     ) -> None:
         merged: dict[str, Mapping[str, Any]] = {}
         all_zarrs: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (zarrs or {}).items()}
@@ -111,6 +115,7 @@ class FakeDandiAPI:
         self.dandisets: Mapping[str, Mapping[str, Any]] = merged
         self.zarrs: dict[str, dict[str, Any]] = all_zarrs
         self.max_page_size = max_page_size
+        self.latency = latency
         self.requests: list[str] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -128,8 +133,14 @@ class FakeDandiAPI:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in two writes: with Nagle's algorithm the body waits for
+            # the client's delayed ACK of the headers, 40 ms per response on a kept-alive
+            # connection, which no real API server charges.
+            disable_nagle_algorithm = True
 
             def do_GET(self) -> None:
+                if api.latency > 0:
+                    time.sleep(api.latency)
                 status, body = api.handle(self.path)
                 data = json.dumps(body).encode()
                 self.send_response(status)

@@ -9,11 +9,21 @@ process that holds the GIL while it blocks in a read syscall on the mount (h5py 
 stop the server thread and deadlock. `isolated=False` runs it as a thread in this process instead, for
 tests that wrap moto's in-process backend. `latency` adds a delay to every response (a WSGI middleware;
 `tc netem` is not available here) to imitate a remote store.
+
+One fix to moto itself (`_list_versions_without_copies`, applied in every server): its
+ListObjectVersions deep-copies every version of every key in the bucket for each page it answers,
+only to mark the copies `IsLatest`, and moto's instance tracker keeps every copy for the life of the
+process. A listing of N keys thus costs O(N^2) and holds about 3 KB per key per page: a 100,000-key
+Zarr would take an hour to list and some 30 GB. The fixed listing marks the stored versions
+themselves (`is_latest` is read by nothing but this listing, and always recomputed first), which gives
+the same answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import logging
 import os
@@ -41,8 +51,45 @@ WRITER_KEY = "zarrfs-local"
 START_TIMEOUT = 60.0
 
 
+def _list_versions_without_copies() -> None:
+    """Make moto's ListObjectVersions mark the stored versions instead of deep copies of them (see
+    the module docstring). Only the deep copies made inside that call are skipped; idempotent."""
+    from moto.s3 import models
+
+    backend = models.S3Backend
+    if getattr(backend.list_object_versions, "_without_copies", False):
+        return
+    listing = threading.local()
+
+    class _CopyModule:
+        """Stands in for `copy` inside moto's S3 models: `deepcopy` is the identity only while the
+        current thread is in `list_object_versions`."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(copy, name)
+
+        @staticmethod
+        def deepcopy(value: Any, memo: Any = None) -> Any:
+            return value if getattr(listing, "active", False) else copy.deepcopy(value, memo)
+
+    original = backend.list_object_versions
+
+    @functools.wraps(original)
+    def list_object_versions(self: Any, *args: Any, **kwargs: Any) -> Any:
+        listing.active = True
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            listing.active = False
+
+    list_object_versions._without_copies = True  # type: ignore[attr-defined]
+    models.copy = _CopyModule()  # type: ignore[attr-defined,assignment]
+    backend.list_object_versions = list_object_versions  # type: ignore[method-assign]
+
+
 def _make_server(latency: float) -> Any:
     """A threaded werkzeug server around moto's WSGI app, on a free loopback port."""
+    _list_versions_without_copies()
     from moto.moto_server.werkzeug_app import (
         DomainDispatcherApplication,
         create_backend_app,

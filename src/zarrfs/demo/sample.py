@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import tempfile
@@ -34,6 +33,8 @@ from unittest import mock
 
 import numpy as np
 from zarr_checksum.tree import ZarrChecksumTree
+
+from zarrfs.digests import EtagHasher, dandi_part_sizes
 
 if TYPE_CHECKING:
     from zarrfs.demo.locals3 import LocalS3
@@ -79,9 +80,6 @@ ARRAY_ALWAYS_ABSENT = ("c/2/1",)
 #: Manifest fields, in order (schema version 2).
 MANIFEST_FIELDS = ("versionId", "lastModified", "size", "ETag")
 
-# DANDI's multipart part sizing (dandischema.digests.dandietag.PartGenerator).
-DEFAULT_PART_SIZE = 64 << 20
-MAX_PARTS = 10_000
 
 _SEED = 20251101
 _DANDISET_CREATED = datetime(2025, 10, 30, 9, 0, tzinfo=UTC)
@@ -156,30 +154,11 @@ class SampleDandiset:
 # --- pure helpers ------------------------------------------------------------------------------
 
 
-def dandi_part_sizes(size: int) -> list[int]:
-    """Part sizes DANDI uses to upload `size` bytes (64 MiB parts, at most 10,000 of them)."""
-    if size == 0:
-        return []
-    part_size = DEFAULT_PART_SIZE
-    if math.ceil(size / part_size) >= MAX_PARTS:
-        part_size = math.ceil(size / MAX_PARTS)
-    quantity, final = divmod(size, part_size)
-    if final == 0:
-        final = part_size
-    else:
-        quantity += 1
-    return [part_size] * (quantity - 1) + [final]
-
-
 def dandi_etag(data: bytes) -> str:
     """The `dandi:dandi-etag` of `data`: S3's multipart ETag with DANDI part sizing."""
-    digests = b""
-    offset = 0
-    sizes = dandi_part_sizes(len(data))
-    for size in sizes:
-        digests += hashlib.md5(data[offset : offset + size]).digest()
-        offset += size
-    return f"{hashlib.md5(digests).hexdigest()}-{len(sizes)}"
+    hasher = EtagHasher(len(data))
+    hasher.update(data)
+    return hasher.etag(multipart=True)
 
 
 def blob_key(blob_id: str) -> str:

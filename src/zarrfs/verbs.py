@@ -1,0 +1,481 @@
+"""The verbs that read the archive without mounting it: `ls`, `info`, `verify`, `stats`, `cache`.
+
+Owns: what each verb does and prints, on the same core as the mount (`core.open_filesystem`); for a
+path under a live zarrfs mount, the mount's own configuration (`runtime`), so that `info` and `verify`
+see exactly what it serves; progress bars for long work (`tqdm` on a terminal, plain lines every
+`PROGRESS_INTERVAL` seconds otherwise). Never parses arguments or maps errors to exit codes (`cli`
+does), never touches FUSE: `verify` reads files through the mount as any program would.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import runtime
+from .cache_dir import CacheLayout
+from .config import Config
+from .core import open_filesystem
+from .digests import EtagHasher
+from .errors import SourceError, UserError
+from .filesystem import Filesystem, OpenFile
+from .refs import ObjectRef
+from .tree import ROOT_INO, Entry
+
+log = logging.getLogger(__name__)
+
+#: Seconds between plain progress lines when stderr is not a terminal.
+PROGRESS_INTERVAL = 5.0
+#: Bytes read at a time by `verify` and `cache warm --data`.
+CHUNK = 4 << 20
+#: Files read at once by `cache warm --data`.
+WARM_CONCURRENCY = 8
+#: The Zarr metadata objects (the `metadata` alias of `cache warm` paths).
+METADATA_FILES = (".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json")
+
+
+class Progress:
+    """Files and bytes done of a total: a tqdm bar on a terminal, else a line now and then."""
+
+    def __init__(self, what: str, total_bytes: int, total_files: int) -> None:
+        self.what = what
+        self.total_bytes = total_bytes
+        self.total_files = total_files
+        self.files = 0
+        self.bytes = 0
+        self.started = self.reported = time.monotonic()
+        self._bar: Any = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total_bytes, unit="B", unit_scale=True, desc=what, file=sys.stderr
+            )
+
+    def add(self, files: int, nbytes: int) -> None:
+        self.files += files
+        self.bytes += nbytes
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"{self.files}/{self.total_files} files", refresh=False)
+            self._bar.update(nbytes)
+            return
+        now = time.monotonic()
+        if now - self.reported >= PROGRESS_INTERVAL:
+            self.reported = now
+            print(self.line(), file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = self.bytes / elapsed
+        left = (self.total_bytes - self.bytes) / rate if rate else float("inf")
+        eta = f"{left:.0f} s" if left != float("inf") else "?"
+        return (
+            f"{self.what}: {self.files}/{self.total_files} files, "
+            f"{self.bytes / 2**20:.1f}/{self.total_bytes / 2**20:.1f} MiB, "
+            f"{rate / 2**20:.1f} MiB/s, ETA {eta}"
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            print(self.line(), file=sys.stderr, flush=True)
+
+
+# --- walking what the core serves ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One entry below a directory of the core: its path (relative) and entry."""
+
+    path: str
+    entry: Entry
+
+
+async def walk(fs: Filesystem, ino: int, prefix: str = "") -> AsyncIterator[Item]:
+    """Every entry below directory `ino`, depth-first in name order (links are not followed)."""
+    handle = await fs.opendir(ino)
+    children = [(name.decode("utf-8", "replace"), e) for name, e, _ in await fs.readdir(handle, 0)]
+    for name, entry in children:
+        path = f"{prefix}{name}"
+        yield Item(path, entry)
+        if entry.is_dir:
+            async for item in walk(fs, entry.ino, path + "/"):
+                yield item
+
+
+async def read_whole(fs: Filesystem, handle: OpenFile, size: int) -> int:
+    done = 0
+    while done < size:
+        chunk = await fs.read(handle, done, min(CHUNK, size - done))
+        if not chunk:
+            break
+        done += len(chunk)
+    return done
+
+
+# --- ls ---------------------------------------------------------------------------------------
+
+
+async def list_entries(config: Config, long: bool) -> list[str]:
+    """`name<TAB>size` per entry of SOURCE[/PATH] (directories end in `/`, a size only when
+    known), with `long` also `<TAB>VersionId<TAB>ETag` for files; a link as `name -> target`."""
+    source = config.source
+    try:
+        async with open_filesystem(config) as fs:
+            return await _format_listing(fs, None, long)
+    except SourceError:  # PATH names a file: list that one entry
+        if not source.path:
+            raise
+        parent, _, name = source.path.rpartition("/")
+    async with open_filesystem(replace(config, source=replace(source, path=parent))) as fs:
+        return await _format_listing(fs, name.encode(), long)
+
+
+async def _format_listing(fs: Filesystem, only: bytes | None, long: bool) -> list[str]:
+    if only is not None:
+        entries = [(only, await fs.lookup(ROOT_INO, only))]
+    else:
+        handle = await fs.opendir(ROOT_INO)
+        entries = [(name, entry) for name, entry, _ in await fs.readdir(handle, 0)]
+    lines = []
+    for raw, entry in entries:
+        name = raw.decode("utf-8", "replace")
+        if entry.link is not None:
+            lines.append(f"{name} -> {entry.link.decode('utf-8', 'replace')}")
+        elif entry.is_dir:
+            lines.append(f"{name}/\t{entry.size or '-'}")
+        elif long:
+            source = (await fs.open(entry.ino)).source
+            version, etag = (
+                (source.version_id or "-", source.etag or "-")
+                if isinstance(source, ObjectRef)
+                else ("-", "-")
+            )
+            lines.append(f"{name}\t{entry.size}\t{version}\t{etag}")
+        else:
+            lines.append(f"{name}\t{entry.size}")
+    return lines
+
+
+# --- info -------------------------------------------------------------------------------------
+
+
+async def info_source(config: Config) -> list[str]:
+    """What SOURCE is: for a version, its assets, size, Zarrs and which manifests are cached."""
+    async with open_filesystem(config) as fs:
+        namespace = fs.version_namespace()
+        if namespace is None:
+            handle = await fs.opendir(ROOT_INO)
+            names = [n.decode() for n, _, _ in await fs.readdir(handle, 0)]
+            return [f"source: {config.source}", f"entries: {len(names)}", *names[:50]]
+        resolved = namespace.resolved
+        zarrs = namespace.zarr_assets()
+        cached = [
+            a for a in zarrs
+            if a.zarr_id and a.zarr_checksum
+            and fs.manifests.index_path(a.zarr_id, a.zarr_checksum).exists()
+        ]  # fmt: skip
+        lines = [
+            f"version: {resolved.source}",
+            f"assets: {namespace.n_assets}",
+            f"total size: {namespace.total_size} bytes ({namespace.total_size / 2**30:.2f} GiB)",
+            f"zarrs: {len(zarrs)}",
+            f"manifests cached locally: {len(cached)} of {len(zarrs)} (in {config.cache_dir})",
+        ]
+        lines += [f"  cached: {a.path} ({a.zarr_checksum})" for a in cached]
+        lines += [f"  not cached: {a.path} ({a.zarr_checksum})" for a in zarrs if a not in cached]
+        return lines
+
+
+def mount_config(path: Path) -> tuple[Config, str]:
+    """The configuration of the live zarrfs mount `path` is in, and `path` relative to it."""
+    found = runtime.zarrfs_mount_of(path)
+    if found is None:
+        raise UserError(f"{path} is not inside a zarrfs mount")
+    mountpoint, relative = found
+    state = runtime.read_state(mountpoint)
+    if state is None:
+        raise UserError(
+            f"no state for the zarrfs mount at {mountpoint} in {runtime.runtime_dir()} "
+            "(mounted by another user, or by a zarrfs too old to write it)"
+        )
+    return runtime.config_from_state(state), relative
+
+
+async def info_path(path: Path) -> list[str]:
+    """What a path under a live mount is a copy of (as `--xattr` would show it)."""
+    config, relative = mount_config(path)
+    async with open_filesystem(config) as fs:
+        ino = await fs.walk(relative)
+        entry = await fs.getattr(ino)
+        kind = "directory" if entry.is_dir else "link" if entry.link else "file"
+        lines = [f"path: {path}", f"mount: {config.mountpoint} ({config.source})", f"type: {kind}"]
+        if not entry.is_dir:
+            lines.append(f"size: {entry.size}")
+        lines += [f"{k}: {v}" for k, v in (await fs.provenance(ino)).items()]
+        return lines
+
+
+# --- verify -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    lines: list[str]
+
+
+async def verify(path: Path) -> Verdict:
+    """Read every file at or below `path` through the mount and check the bytes against what was
+    published: a Zarr's checksum recomputed with `zarr_checksum` from the files' own ETags (MD5s),
+    a blob's `dandi:dandi-etag`, a Zarr file's ETag."""
+    from zarr_checksum.tree import ZarrChecksumTree
+
+    config, relative = mount_config(path)
+    async with open_filesystem(config) as fs:
+        ino = await fs.walk(relative)
+        entry = await fs.getattr(ino)
+        prov = await fs.provenance(ino)
+        files: list[tuple[Item, dict[str, str]]] = []
+        unverifiable = 0
+        if not entry.is_dir:
+            files.append((Item(Path(relative).name, entry), prov))
+        else:
+            async for item in walk(fs, ino):
+                if item.entry.is_dir or item.entry.link is not None:
+                    continue
+                attrs = await fs.provenance(item.entry.ino)
+                if "etag" in attrs:
+                    files.append((item, attrs))
+                elif item.path.rsplit("/", 1)[-1] != "dandiset.yaml":
+                    unverifiable += 1
+        total = sum(item.entry.size for item, _ in files)
+        progress = Progress(f"verify {path}", total, len(files))
+        lines: list[str] = []
+        bad = 0
+        recomputed, published = ZarrChecksumTree(), ZarrChecksumTree()
+        base = path if entry.is_dir else path.parent
+        for item, attrs in files:
+            expected = attrs["etag"]
+            local = base / item.path if entry.is_dir else path
+            got = await trio.to_thread.run_sync(_etag_of_file, local, item.entry.size, expected)
+            progress.add(1, item.entry.size)
+            if got != expected:
+                bad += 1
+                lines.append(f"MISMATCH {local}: read {got}, published {expected}")
+            if "version_id" in attrs:  # inside a Zarr: part of its checksum
+                recomputed.add_leaf(Path(item.path), item.entry.size, got)
+                published.add_leaf(Path(item.path), item.entry.size, expected)
+        progress.close()
+        extra = _files_the_mount_shows_beyond(base if entry.is_dir else None, files, config)
+        for name in extra:
+            bad += 1
+            lines.append(f"UNEXPECTED {base / name}: not in the published version")
+        if entry.is_dir and files and all("version_id" in a for _, a in files):
+            checksum = recomputed.process().digest
+            expected_sum = prov.get("zarr_checksum") or published.process().digest
+            if checksum != expected_sum:
+                bad += 1
+                lines.append(
+                    f"MISMATCH Zarr checksum of {path}: {checksum}, published {expected_sum}"
+                )
+            else:
+                lines.append(f"zarr checksum: {checksum} (recomputed from the bytes read; matches)")
+        if unverifiable:
+            lines.append(f"{unverifiable} files have no published digest to compare with")
+        size = sum(item.entry.size for item, _ in files)
+        verdict = "verified" if bad == 0 else f"FAILED ({bad} problems)"
+        lines.append(f"{verdict}: {path}: {len(files)} files, {size} bytes")
+        return Verdict(bad == 0, lines)
+
+
+def _etag_of_file(path: Path, size: int, published: str) -> str:
+    hasher = EtagHasher(size)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            hasher.update(chunk)
+    return hasher.etag(multipart="-" in published)
+
+
+def _files_the_mount_shows_beyond(
+    directory: Path | None, files: list[tuple[Item, dict[str, str]]], config: Config
+) -> list[str]:
+    """Files under `directory` (as the mount lists them) that are not published files
+    (`.zmetadata` that `--consolidate` adds is expected and left out)."""
+    if directory is None:
+        return []
+    known = {item.path for item, _ in files}
+    extra = []
+    for root, _dirs, names in os.walk(directory):
+        for name in names:
+            rel = (Path(root) / name).relative_to(directory).as_posix()
+            if rel in known or (config.consolidate and name == ".zmetadata"):
+                continue
+            if (Path(root) / name).is_symlink() or name == "dandiset.yaml":
+                continue
+            extra.append(rel)
+    return extra
+
+
+# --- stats ------------------------------------------------------------------------------------
+
+
+def stats_lines(mountpoint: Path) -> list[str]:
+    found = runtime.zarrfs_mount_of(mountpoint)
+    if found is None or found[1]:
+        raise UserError(f"{mountpoint} is not a zarrfs mountpoint")
+    snap = runtime.read_stats(found[0])
+    if snap is None:
+        raise UserError(f"no statistics for {found[0]} in {runtime.runtime_dir()} yet")
+    return list(_flatten("", {k: v for k, v in snap.items() if k not in ("pid",)}))
+
+
+def _flatten(prefix: str, value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield from _flatten(f"{prefix}.{key}" if prefix else str(key), child)
+    elif isinstance(value, float):
+        yield f"{prefix}: {value:.6g}"
+    else:
+        yield f"{prefix}: {value}"
+
+
+# --- cache ------------------------------------------------------------------------------------
+
+
+def cache_info(cache_dir: Path) -> list[str]:
+    layout = CacheLayout(cache_dir)
+    lines = [f"cache dir: {cache_dir}"]
+    for name, directory in (
+        ("manifest indexes", layout.manifests),
+        ("manifests built from listings", layout.built_manifests),
+        ("resolved versions", layout.versions),
+        ("disk blocks", layout.blocks),
+        ("logs", layout.logs),
+        ("temporary files", layout.tmp),
+    ):
+        count, size = _usage(directory)
+        lines.append(f"{name}: {count} files, {size} bytes ({size / 2**20:.1f} MiB)")
+    return lines
+
+
+def _usage(directory: Path) -> tuple[int, int]:
+    count = size = 0
+    for root, _dirs, names in os.walk(directory):
+        for name in names:
+            try:
+                size += os.lstat(os.path.join(root, name)).st_size
+                count += 1
+            except OSError:
+                continue
+    return count, size
+
+
+def cache_clear(config: Config | None, cache_dir: Path) -> list[str]:
+    """Remove cached data (not logs): everything, or (with a config) what SOURCE's manifests and
+    resolved version left (its blocks are evicted with everything else's, least recently used)."""
+    layout = CacheLayout(cache_dir)
+    if config is None:
+        removed = []
+        for directory in (layout.manifests, layout.built_manifests, layout.versions,
+                          layout.blocks, layout.tmp, layout.locks):  # fmt: skip
+            if directory.exists():
+                count, size = _usage(directory)
+                shutil.rmtree(directory, ignore_errors=True)
+                removed.append(f"removed {directory} ({count} files, {size} bytes)")
+        return removed or [f"nothing cached in {cache_dir}"]
+    return trio.run(_clear_source, config)
+
+
+async def _clear_source(config: Config) -> list[str]:
+    lines = []
+    async with open_filesystem(config) as fs:
+        namespace = fs.version_namespace()
+        if namespace is None:
+            raise UserError("cache clear SOURCE takes a version (000123@VERSION)")
+        for asset in namespace.zarr_assets():
+            if not (asset.zarr_id and asset.zarr_checksum):
+                continue
+            for path in (
+                fs.manifests.index_path(asset.zarr_id, asset.zarr_checksum),
+                fs.manifests.built_path(asset.zarr_id, asset.zarr_checksum),
+            ):
+                if path.exists():
+                    path.unlink()
+                    lines.append(f"removed {path}")
+        stored = fs.catalog.stored_path(namespace.resolved.source)
+        if stored is not None and stored.exists():
+            stored.unlink()
+            lines.append(f"removed {stored}")
+    return lines or [f"nothing of {config.source} cached in {config.cache_dir}"]
+
+
+def _matches(path: str, patterns: list[str]) -> bool:
+    if not patterns:
+        return True
+    name = path.rsplit("/", 1)[-1]
+    for pattern in patterns:
+        if pattern == "metadata" and name in METADATA_FILES:
+            return True
+        pattern = pattern.strip("/")
+        if fnmatch.fnmatchcase(path, pattern) or path == pattern or path.startswith(pattern + "/"):
+            return True
+        if fnmatch.fnmatchcase(path, pattern + "/*"):
+            return True
+    return False
+
+
+async def cache_warm(config: Config, patterns: list[str], data: bool) -> list[str]:
+    """Fetch and index the manifests of SOURCE's Zarrs (those matching `patterns`, if any), and
+    with `data` the bytes of every matching file into the disk block cache."""
+    async with open_filesystem(config) as fs:
+        files: list[Item] = []
+        zarrs = 0
+        async for item in walk(fs, ROOT_INO):
+            if item.entry.is_dir or item.entry.link is not None:
+                continue
+            if _matches(item.path, patterns):
+                files.append(item)
+        namespace = fs.version_namespace()
+        if namespace is not None:
+            zarrs = len(namespace.zarr_assets())
+        lines = [f"indexed the manifests of {zarrs} Zarrs of {config.source}"]
+        if not data:
+            return lines
+        disk = fs.blocks.disk
+        if disk is None:
+            raise UserError("--data needs the disk block cache (--cache-size is 0)")
+        progress = Progress(f"warm {config.source}", sum(i.entry.size for i in files), len(files))
+        limiter = trio.CapacityLimiter(WARM_CONCURRENCY)
+
+        async def one(item: Item) -> None:
+            async with limiter:
+                handle = await fs.open(item.entry.ino)
+                try:
+                    done = await read_whole(fs, handle, item.entry.size)
+                finally:
+                    await fs.release(handle)
+                progress.add(1, done)
+
+        async with trio.open_nursery() as nursery:
+            for item in files:
+                nursery.start_soon(one, item)
+        progress.close()
+        while disk.pending:  # the disk writes run in the background: let them finish
+            await trio.sleep(0.05)
+        lines.append(
+            f"read {progress.files} files, {progress.bytes} bytes into {disk.disk.cache_dir}"
+        )
+        return lines

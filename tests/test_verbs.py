@@ -1,0 +1,178 @@
+"""The verbs besides mount, as a user runs them: info, cache (info, warm, clear), verify, stats, and
+Prometheus metrics; including a remount over a warmed cache with S3 unreachable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import Mounted, inject
+from zarrfs.demo.sample import ARRAY_PATH, EPHYS_PATH, OME_PATH, V1, SampleDandiset
+
+pytestmark = pytest.mark.fuse
+ROOT = "s3://dandiarchive/zarr-manifest/"
+
+
+def zarrfs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "zarrfs", *args], capture_output=True, text=True, check=False
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def connection(sample: SampleDandiset, cache: Path) -> list[str]:
+    return [
+        "--endpoint-url",
+        sample.endpoint_url,
+        "--cache-dir",
+        str(cache),
+        "--manifest-root",
+        ROOT,
+    ]
+
+
+def test_info_warm_and_clear_a_source(sample: SampleDandiset, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    source = f"{sample.dandiset_id}@{V1}"
+    state = sample.versions[V1]
+    info = zarrfs("info", source, *connection(sample, cache)).stdout.splitlines()
+    assert info[:5] == [
+        f"version: {source}",
+        "assets: 4",
+        f"total size: {sum(a['contentSize'] for a in state.assets)} bytes"
+        f" ({sum(a['contentSize'] for a in state.assets) / 2**30:.2f} GiB)",
+        "zarrs: 2",
+        f"manifests cached locally: 0 of 2 (in {cache})",
+    ]
+    warm = zarrfs("cache", "warm", source, *connection(sample, cache)).stdout
+    assert "indexed the manifests of 2 Zarrs" in warm
+    info = zarrfs("info", source, *connection(sample, cache)).stdout
+    assert "manifests cached locally: 2 of 2" in info
+    data = zarrfs(
+        "cache", "warm", "--data", source, "sub-01", "metadata", *connection(sample, cache)
+    )
+    assert "files" in data.stdout and "into" in data.stdout
+    listing = zarrfs("cache", "info", "--cache-dir", str(cache)).stdout
+    blocks = next(line for line in listing.splitlines() if line.startswith("disk blocks:"))
+    assert int(blocks.split()[2]) > 0
+    cleared = zarrfs("cache", "clear", source, *connection(sample, cache)).stdout
+    assert cleared.count(".arrow") == 2
+    assert (
+        "manifests cached locally: 0 of 2"
+        in zarrfs("info", source, *connection(sample, cache)).stdout
+    )
+    everything = zarrfs("cache", "clear", "--cache-dir", str(cache)).stdout
+    assert "blocks" in everything
+    assert not (cache / "blocks").exists()
+
+
+def test_a_warmed_cache_serves_a_remount_with_s3_unreachable(
+    mount: Callable[..., Mounted], sample: SampleDandiset, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    source = f"{sample.dandiset_id}@{V1}"
+    zarrfs("cache", "warm", "--data", source, "sub-01", *connection(sample, cache))
+    mounted = mount(source, "--manifest-root", ROOT, cache_dir=cache, endpoint="http://127.0.0.1:9")
+    files = sample.versions[V1].files
+    for rel, data in files.items():
+        if rel.startswith("sub-01/"):
+            assert (mounted.path / rel).read_bytes() == data, rel
+    # every byte came from the cache dir: version, manifests, blocks (S3 cannot be reached)
+
+
+def test_info_of_a_mounted_path(mount: Callable[..., Mounted], sample: SampleDandiset) -> None:
+    mounted = mount(f"{sample.dandiset_id}@{V1}", "--manifest-root", ROOT)
+    state = sample.versions[V1]
+    rel = f"{OME_PATH}/.zgroup"
+    lines = zarrfs("info", str(mounted.path / rel)).stdout.splitlines()
+    assert "type: file" in lines and f"size: {len(state.files[rel])}" in lines
+    assert f"asset_id: {state.asset_ids[OME_PATH]}" in lines
+    assert any(line.startswith("s3_url: s3://dandiarchive/zarr/") for line in lines)
+    zarr = zarrfs("info", str(mounted.path / OME_PATH)).stdout
+    assert f"zarr_checksum: {state.zarr_checksums[OME_PATH]}" in zarr
+    root = zarrfs("info", str(mounted.path)).stdout
+    assert f"version: {sample.dandiset_id}@{V1}" in root
+
+
+def test_verify_recomputes_the_published_digests(
+    mount: Callable[..., Mounted], sample: SampleDandiset
+) -> None:
+    mounted = mount(f"{sample.dandiset_id}@{V1}", "--manifest-root", ROOT, "--consolidate")
+    state = sample.versions[V1]
+    for rel in (OME_PATH, ARRAY_PATH):
+        result = zarrfs("verify", str(mounted.path / rel))
+        assert f"zarr checksum: {state.zarr_checksums[rel]}" in result.stdout
+        assert "verified:" in result.stdout
+    inner = zarrfs("verify", str(mounted.path / OME_PATH / "0"))
+    assert "zarr checksum:" in inner.stdout and "verified:" in inner.stdout
+    blob = zarrfs("verify", str(mounted.path / EPHYS_PATH))
+    assert "verified:" in blob.stdout and "1 files" in blob.stdout
+    whole = zarrfs("verify", str(mounted.path))
+    assert "verified:" in whole.stdout
+
+
+FLIP = """
+import zarrfs.filesystem as f
+_read = f.Filesystem.read
+async def read(self, handle, offset, size):
+    data = await _read(self, handle, offset, size)
+    if handle.path.endswith("0/0/0/0/0") and offset == 0 and data:
+        data = bytes([data[0] ^ 1]) + data[1:]
+    return data
+f.Filesystem.read = read
+"""
+
+
+def test_verify_fails_when_the_bytes_differ(
+    mount: Callable[..., Mounted], sample: SampleDandiset, tmp_path: Path
+) -> None:
+    """The control: a daemon made to serve one wrong byte is caught (exit 6, the file named)."""
+    mounted = mount(
+        f"{sample.dandiset_id}@{V1}", "--manifest-root", ROOT, env=inject(tmp_path / "i", FLIP)
+    )
+    result = zarrfs("verify", str(mounted.path / OME_PATH), check=False)
+    assert result.returncode == 6, result.stdout + result.stderr
+    assert "MISMATCH" in result.stdout and "0/0/0/0/0" in result.stdout
+    assert "FAILED" in result.stdout
+
+
+def test_stats_and_metrics_of_a_running_mount(
+    mount: Callable[..., Mounted], sample: SampleDandiset
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mounted = mount(
+        f"{sample.dandiset_id}@{V1}", "--manifest-root", ROOT, "--metrics-port", str(port)
+    )
+    for rel, data in sample.versions[V1].files.items():
+        assert (mounted.path / rel).read_bytes() == data
+    import time
+
+    deadline = time.monotonic() + 10
+    while True:
+        lines = dict(
+            line.split(": ", 1) for line in zarrfs("stats", str(mounted.path)).stdout.splitlines()
+        )
+        if int(lines["reads.count"]) > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert int(lines["reads.count"]) > 0 and int(lines["s3.requests"]) > 0
+    assert lines["reads.errors"] == "0" and lines["internal_errors"] == "0"
+    assert "read_latency_seconds.p50" in lines and "memory_hit_ratio" in lines
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "zarrfs_reads_count" in text and "zarrfs_s3_requests" in text
+    assert json.loads(json.dumps(lines))  # plain strings, one per line
+    assert os.path.ismount(mounted.path)
