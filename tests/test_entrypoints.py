@@ -138,7 +138,7 @@ def test_mount_sh_failure_and_sigterm(sample: SampleDandiset, tmp_path: Path) ->
 def test_filesystem_imports_nothing_of_the_demo_extra() -> None:
     """`pip install zarrfs` has no moto/boto3: mounting must not import them (nor the demo); and
     the manifest machinery (numpy, pyarrow, zarr_checksum) waits until a Zarr is entered."""
-    heavy = ("moto", "boto3", "zarr", "h5py", "numpy", "pyarrow", "zarr_checksum")
+    heavy = ("moto", "boto3", "zarr", "h5py", "pynwb", "numpy", "pyarrow", "zarr_checksum")
     code = (
         "import sys, zarrfs.cli, zarrfs.mount, zarrfs.filesystem, zarrfs.manifest_cache;"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}"

@@ -343,16 +343,26 @@ def test_consolidated_metadata_on_request(
 
 
 def h5_contents(source: Any) -> dict[str, Any]:
+    """Every attribute and dataset value of an HDF5 file; object references (NWB files have them:
+    electrode groups, `.specloc`, a table region's table) become the path they point to."""
     import h5py
 
     out: dict[str, Any] = {}
     with h5py.File(source, "r") as f:
-        out["/"] = {k: f.attrs[k] for k in f.attrs}
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, h5py.Reference):
+                return ("ref", f[value].name)
+            if isinstance(value, np.ndarray) and value.dtype == object:
+                return [plain(v) for v in value.tolist()]
+            return value
+
+        out["/"] = {k: plain(f.attrs[k]) for k in f.attrs}
 
         def visit(name: str, obj: Any) -> None:
-            attrs = {k: obj.attrs[k] for k in obj.attrs}
+            attrs = {k: plain(obj.attrs[k]) for k in obj.attrs}
             if isinstance(obj, h5py.Dataset):
-                out[name] = (obj[()], attrs)
+                out[name] = (plain(obj[()]), attrs)
             else:
                 out[name] = attrs
 

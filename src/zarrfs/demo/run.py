@@ -2,7 +2,7 @@
 
 Owns: orchestrating the demo: start `LocalS3` and write the sample into it (`sample.build_sample`,
 the same builder the tests use), start the fake DANDI API (`fake_api`), run one `zarrfs mount -f
-dandi` daemon, show through real clients (zarr-python, h5py) that each published version still
+dandi` daemon, show through real clients (zarr-python, pynwb) that each published version still
 serves its own bytes after the Zarr was edited in place, that `latest` and `draft` are there and
 that an old Zarr checksum is reachable under `zarrs/`, print what to try, and unmount on Ctrl-C (or
 at once with `--check`). Never implements filesystem behaviour itself.
@@ -85,9 +85,9 @@ def _unmount(path: Path, process: subprocess.Popen[bytes]) -> None:
 def _show_differences(mnt: Path, zarr_path: Path) -> bool:
     """Read the same data through the archive mount's versions with real clients; True if every
     check held."""
-    import h5py
     import numpy as np
     import zarr
+    from pynwb import NWBHDF5IO
 
     from .sample import ARRAY_PATH, EPHYS_PATH, OME_PATH, V1, V2
 
@@ -117,11 +117,14 @@ def _show_differences(mnt: Path, zarr_path: Path) -> bool:
     latest = os.readlink(mnt / "dandisets" / "000123" / "latest")
     print(f"dandisets/000123/latest -> {latest}")
     ok = ok and latest == f"releases/{V2}"
-    with h5py.File(p2 / EPHYS_PATH, "r") as f:
-        data = f["acquisition/ElectricalSeries/data"]
+    with NWBHDF5IO(str(p2 / EPHYS_PATH), mode="r") as io:
+        nwb = io.read()
+        ephys = nwb.acquisition["ElectricalSeries"]
+        video = nwb.acquisition["ImageSeries"]
         print(
-            f"h5py: {EPHYS_PATH}: ElectricalSeries {data.shape} {data.dtype}, "
-            f"first samples {data[0, :4].tolist()}"
+            f"pynwb: {EPHYS_PATH}: ElectricalSeries {ephys.data.shape} {ephys.data.dtype} "
+            f"at {ephys.rate:g} Hz on {len(ephys.electrodes.table)} electrodes, first samples "
+            f"{ephys.data[0, :4].tolist()}; ImageSeries {video.data.shape} {video.data.dtype}"
         )
     draft = sorted(os.listdir(mnt / "dandisets" / "000123" / "draft"))
     print(f"dandisets/000123/draft: {draft}")

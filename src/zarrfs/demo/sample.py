@@ -1,16 +1,18 @@
 """The sample dandiset: one builder for `zarrfs demo`, the test suite and the benchmarks.
 
 Owns: writing into a `LocalS3` bucket exactly what the DANDI archive would hold for a dandiset
-with two published versions and a draft (see DANDI-FORMATS.md): immutable blobs uploaded as
-DANDI-sized multipart uploads, Zarrs (format 2 OME-Zarr and a format 3 array) edited in place
+with two published versions and a draft (see DANDI-FORMATS.md): immutable blobs (real NWB files
+written with pynwb) uploaded as DANDI-sized multipart uploads, Zarrs (format 2 OME-Zarr and a format 3 array) edited in place
 between versions, one schema-2 manifest per observed Zarr state under `zarr-manifest/`, and the
 five metadata files per version under `dandisets/<id>/<version>/`. It returns a `SampleDandiset`
-describing every byte a mount of each version must serve.
+describing every byte a mount of each version must serve, and the values written into each Zarr
+array and NWB series.
 
 Never does: FUSE, reading through zarrfs, or touching anything but its own bucket; it never
-overwrites or deletes a `blobs/` key. zarr and h5py (the `demo` extra) are imported inside
-`build_sample` only. Single-threaded apart from a private upload pool. Everything is
-deterministic except uuids, S3 VersionIds and S3 LastModified times.
+overwrites or deletes a `blobs/` key. zarr and pynwb (the `demo` extra) are imported inside the
+functions that write with them only. Single-threaded apart from a private upload pool. Everything is
+deterministic (the NWB files' object ids too) except asset, blob and Zarr uuids, S3 VersionIds and
+S3 LastModified times.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import numpy as np
 from zarr_checksum.tree import ZarrChecksumTree
@@ -57,6 +60,10 @@ ARRAY_PATH = "sub-02/sub-02_array.zarr"
 BEHAVIOR_PATH = "sub-02/sub-02_behavior.nwb"
 BLOB_PATHS = (EPHYS_PATH, BEHAVIOR_PATH)
 ZARR_PATHS = (OME_PATH, ARRAY_PATH)
+
+#: The OME-Zarr's axes, in the order of its levels' dimensions (also each level's
+#: `_ARRAY_DIMENSIONS`, the attribute xarray reads dimension names from in Zarr format 2).
+OME_AXES = ("c", "z", "y", "x")
 
 #: Zarr entries (relative to the Zarr root) the in-place edits touch, per version, compared with the
 #: previous version. Tests check the bucket against these.
@@ -140,6 +147,8 @@ class SampleDandiset:
     zarr_paths: tuple[str, ...] = ZARR_PATHS
     #: Version -> every manifest key written for it (shared keys appear under each version).
     all_manifest_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: Blob path -> what pynwb wrote into it (blobs are the same in every version).
+    nwb: dict[str, NWBContents] = field(default_factory=dict)
 
 
 # --- pure helpers ------------------------------------------------------------------------------
@@ -297,60 +306,193 @@ def _sha256(data: bytes) -> str:
 # --- sample contents ---------------------------------------------------------------------------
 
 
-def _make_ephys_nwb(h5py: Any, rng: np.random.Generator) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    with h5py.File(buffer, "w", track_order=True) as f:
-        f.attrs["namespace"] = "core"
-        f.attrs["neurodata_type"] = "NWBFile"
-        f.attrs["nwb_version"] = "2.7.0"
-        f.attrs["object_id"] = "4a4f5bd0-6c0a-4b7e-9b7d-8a1b8a6d1c01"
-        f.create_dataset("identifier", data="zarrfs-sample-ecephys")
-        f.create_dataset("session_description", data="sample extracellular recording")
-        f.create_dataset("session_start_time", data="2025-10-01T10:00:00+00:00")
-        f.create_dataset("file_create_date", data=["2025-10-29T14:03:27+00:00"])
-        general = f.create_group("general")
-        general.attrs["lab"] = "zarrfs lab"
-        general.attrs["institution"] = "zarrfs institute"
-        general.create_dataset("experimenter", data=["Doe, Jane"])
-        subject = general.create_group("subject")
-        subject.attrs["neurodata_type"] = "Subject"
-        subject.create_dataset("subject_id", data="01")
-        subject.create_dataset("species", data="Mus musculus")
-        series = f.create_group("acquisition/ElectricalSeries")
-        series.attrs["neurodata_type"] = "ElectricalSeries"
-        series.attrs["description"] = "raw voltage"
-        t = np.arange(24_000, dtype=np.float64)[:, None]
-        wave = 800 * np.sin(t / 37.0 + np.arange(8)[None, :])
-        noise = rng.normal(0, 60, size=(24_000, 8))
-        data = series.create_dataset("data", data=(wave + noise).astype(np.int16), chunks=(4000, 8))
-        data.attrs["conversion"] = 1.95e-7
-        data.attrs["unit"] = "volts"
-        start = series.create_dataset("starting_time", data=0.0)
-        start.attrs["rate"] = 30000.0
-        start.attrs["unit"] = "seconds"
-    return buffer.getvalue()
+#: Values written into the NWB blobs' metadata (tests compare what pynwb reads back with these).
+EPHYS_IDENTIFIER = "zarrfs-sample-ecephys"
+BEHAVIOR_IDENTIFIER = "zarrfs-sample-behavior"
+_EPHYS_START = datetime(2025, 10, 1, 10, 0, tzinfo=UTC)
+_BEHAVIOR_START = datetime(2025, 10, 2, 10, 0, tzinfo=UTC)
 
 
-def _make_behavior_nwb(h5py: Any, rng: np.random.Generator) -> bytes:
-    import io
+@dataclass(frozen=True, slots=True)
+class NWBSeries:
+    """One time series written into an NWB blob, as pynwb must read it back."""
 
-    buffer = io.BytesIO()
-    with h5py.File(buffer, "w", track_order=True) as f:
-        f.attrs["namespace"] = "core"
-        f.attrs["neurodata_type"] = "NWBFile"
-        f.attrs["nwb_version"] = "2.7.0"
-        f.create_dataset("identifier", data="zarrfs-sample-behavior")
-        f.create_dataset("session_start_time", data="2025-10-02T10:00:00+00:00")
-        general = f.create_group("general")
-        general.attrs["lab"] = "zarrfs lab"
-        position = f.create_group("processing/behavior/Position/SpatialSeries")
-        position.attrs["neurodata_type"] = "SpatialSeries"
-        steps = rng.normal(0, 0.01, size=(6000, 2))
-        position.create_dataset("data", data=np.cumsum(steps, axis=0))
-        position.create_dataset("timestamps", data=np.arange(6000, dtype=np.float64) / 60.0)
-    return buffer.getvalue()
+    #: Its object id (`NWBFile.objects[object_id]` after reading) and HDF5 group path.
+    object_id: str
+    path: str
+    neurodata_type: str
+    data: np.ndarray
+    unit: str
+    conversion: float
+    rate: float | None = None
+    starting_time: float | None = None
+    timestamps: np.ndarray | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NWBContents:
+    """What pynwb wrote into one NWB blob (the same bytes in every version)."""
+
+    identifier: str
+    session_description: str
+    session_start_time: datetime
+    #: HDF5 path of the series' group (`acquisition/ElectricalSeries`) -> what was written.
+    series: dict[str, NWBSeries]
+    #: Electrode table columns as written (`x`, `y`, `z`, `location`, `group_name`); empty when the
+    #: file has no electrodes.
+    electrodes: dict[str, np.ndarray]
+
+
+class _SeededUUIDs:
+    """uuid4-shaped strings drawn from a seeded RNG: hdmf gives every container a random object id,
+    and the sample's blobs must be the same bytes on every build."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self) -> uuid.UUID:
+        return uuid.UUID(bytes=self.rng.bytes(16), version=4)
+
+
+def write_nwb(nwbfile: Any, path: Path) -> bytes:
+    """Write `nwbfile` with pynwb at `path` and return the file's bytes."""
+    from pynwb import NWBHDF5IO
+
+    with NWBHDF5IO(str(path), mode="w") as io:
+        io.write(nwbfile)
+    return path.read_bytes()
+
+
+def _series_of(container: Any, path: str, data: np.ndarray, **extra: Any) -> NWBSeries:
+    return NWBSeries(
+        object_id=container.object_id,
+        path=path,
+        neurodata_type=type(container).__name__,
+        data=data,
+        unit=container.unit,
+        conversion=float(container.conversion),
+        **extra,
+    )
+
+
+def _make_ephys_nwb(rng: np.random.Generator, tmp: Path) -> tuple[bytes, NWBContents]:
+    """A real NWB file (pynwb): 8 electrodes on one shank, a 30 kHz int16 ElectricalSeries
+    (24,000 x 8, chunked and gzip-compressed as DANDI uploads usually are) and a small camera
+    ImageSeries (20 frames of 48 x 64 uint8)."""
+    from hdmf.backends.hdf5 import H5DataIO
+    from pynwb import NWBFile
+    from pynwb.ecephys import ElectricalSeries
+    from pynwb.file import Subject
+    from pynwb.image import ImageSeries
+
+    nwb = NWBFile(
+        session_description="sample extracellular recording",
+        identifier=EPHYS_IDENTIFIER,
+        session_start_time=_EPHYS_START,
+        file_create_date=[_BLOB_MODIFIED[EPHYS_PATH]],
+        experimenter=["Doe, Jane"],
+        lab="zarrfs lab",
+        institution="zarrfs institute",
+        subject=Subject(subject_id="01", species="Mus musculus", sex="F", age="P90D"),
+    )
+    device = nwb.create_device(name="probe0", description="32-site silicon probe (8 used)")
+    shank = nwb.create_electrode_group(
+        name="shank0", description="the probe's first shank", location="CA1", device=device
+    )
+    electrodes: dict[str, np.ndarray] = {
+        "x": np.zeros(8),
+        "y": np.arange(8, dtype=np.float64) * 20.0,
+        "z": np.full(8, -1200.0),
+        "location": np.array(["CA1"] * 8),
+        "group_name": np.array(["shank0"] * 8),
+    }
+    for i in range(8):
+        nwb.add_electrode(
+            x=float(electrodes["x"][i]),
+            y=float(electrodes["y"][i]),
+            z=float(electrodes["z"][i]),
+            location="CA1",
+            group=shank,
+        )
+    t = np.arange(24_000, dtype=np.float64)[:, None]
+    wave = 800 * np.sin(t / 37.0 + np.arange(8)[None, :])
+    voltage = (wave + rng.normal(0, 60, size=(24_000, 8))).astype(np.int16)
+    ephys = ElectricalSeries(
+        name="ElectricalSeries",
+        description="raw voltage",
+        data=H5DataIO(voltage, chunks=(4000, 8), compression="gzip", compression_opts=4),
+        electrodes=nwb.create_electrode_table_region(list(range(8)), "all electrodes"),
+        rate=30000.0,
+        starting_time=0.0,
+        conversion=1.95e-7,
+    )
+    nwb.add_acquisition(ephys)
+    y, x = np.mgrid[0:48, 0:64]
+    frames = np.stack(
+        [(96 + 64 * np.sin((x + 3 * i) / 7.0) * np.cos(y / 9.0)) for i in range(20)]
+    ) + rng.integers(0, 32, size=(20, 48, 64))
+    frames = frames.astype(np.uint8)
+    video = ImageSeries(
+        name="ImageSeries",
+        description="head camera",
+        data=H5DataIO(frames, chunks=(1, 48, 64)),
+        unit="n.a.",
+        format="raw",
+        rate=30.0,
+        starting_time=0.0,
+    )
+    nwb.add_acquisition(video)
+    data = write_nwb(nwb, tmp / "ecephys.nwb")
+    series = [
+        _series_of(ephys, "acquisition/ElectricalSeries", voltage, rate=30000.0, starting_time=0.0),
+        _series_of(video, "acquisition/ImageSeries", frames, rate=30.0, starting_time=0.0),
+    ]
+    contents = NWBContents(
+        identifier=EPHYS_IDENTIFIER,
+        session_description="sample extracellular recording",
+        session_start_time=_EPHYS_START,
+        series={s.path: s for s in series},
+        electrodes=electrodes,
+    )
+    return data, contents
+
+
+def _make_behavior_nwb(rng: np.random.Generator, tmp: Path) -> tuple[bytes, NWBContents]:
+    """A real NWB file (pynwb): a 60 Hz SpatialSeries of 2-D positions with timestamps, in a
+    `behavior` processing module's Position."""
+    from pynwb import NWBFile
+    from pynwb.behavior import Position, SpatialSeries
+
+    nwb = NWBFile(
+        session_description="sample open-field session",
+        identifier=BEHAVIOR_IDENTIFIER,
+        session_start_time=_BEHAVIOR_START,
+        file_create_date=[_BLOB_MODIFIED[BEHAVIOR_PATH]],
+        lab="zarrfs lab",
+    )
+    positions = np.cumsum(rng.normal(0, 0.01, size=(6000, 2)), axis=0)
+    timestamps = np.arange(6000, dtype=np.float64) / 60.0
+    spatial = SpatialSeries(
+        name="SpatialSeries",
+        description="head position",
+        data=positions,
+        timestamps=timestamps,
+        reference_frame="arena corner",
+    )
+    module = nwb.create_processing_module(name="behavior", description="tracked behavior")
+    module.add(Position(name="Position", spatial_series=spatial))
+    data = write_nwb(nwb, tmp / "behavior.nwb")
+    series = _series_of(
+        spatial, "processing/behavior/Position/SpatialSeries", positions, timestamps=timestamps
+    )
+    contents = NWBContents(
+        identifier=BEHAVIOR_IDENTIFIER,
+        session_description="sample open-field session",
+        session_start_time=_BEHAVIOR_START,
+        series={series.path: series},
+        electrodes={},
+    )
+    return data, contents
 
 
 def _ome_zattrs(levels: int, omero: bool) -> dict[str, Any]:
@@ -753,7 +895,6 @@ def build_sample(s3: LocalS3, dandiset_id: str = "000123") -> SampleDandiset:
 
     Takes a few seconds. The bucket must not already hold this dandiset.
     """
-    import h5py
     import numcodecs
     import zarr
     from zarr.storage import LocalStore
@@ -762,11 +903,15 @@ def build_sample(s3: LocalS3, dandiset_id: str = "000123") -> SampleDandiset:
     with tempfile.TemporaryDirectory(prefix="zarrfs-sample-") as tmp:
         builder = _Builder(s3=s3, dandiset_id=dandiset_id)
 
-        # Blobs: immutable, uploaded once.
-        builder.upload_blob(EPHYS_PATH, _make_ephys_nwb(h5py, rng))
-        builder.upload_blob(BEHAVIOR_PATH, _make_behavior_nwb(h5py, rng))
+        # Blobs: real NWB files written with pynwb, immutable, uploaded once. hdmf draws each
+        # container's object id from uuid4: seeded here so that every build writes the same bytes.
+        nwb: dict[str, NWBContents] = {}
+        with mock.patch("hdmf.container.uuid4", _SeededUUIDs(_SEED)):
+            for path, make in ((EPHYS_PATH, _make_ephys_nwb), (BEHAVIOR_PATH, _make_behavior_nwb)):
+                blob, nwb[path] = make(rng, Path(tmp))
+                builder.upload_blob(path, blob)
 
-        # The OME-Zarr (Zarr format 2, "/" chunk keys, zlib).
+        # The OME-Zarr (Zarr format 2, "/" chunk keys, zlib; each level's .zattrs names its axes).
         ome_root = Path(tmp) / "ome.zarr"
         ome_store = LocalStore(str(ome_root))
         levels = _ome_levels_v1(rng)
@@ -782,6 +927,8 @@ def build_sample(s3: LocalS3, dandiset_id: str = "000123") -> SampleDandiset:
                 fill_value=0,
                 chunk_key_encoding={"name": "v2", "separator": "/"},
                 compressors=numcodecs.Zlib(level=5),
+                # as xarray-based OME-Zarr writers leave them: xarray needs dimension names
+                attributes={"_ARRAY_DIMENSIONS": list(OME_AXES)},
             )
             array[...] = level
 
@@ -839,4 +986,5 @@ def build_sample(s3: LocalS3, dandiset_id: str = "000123") -> SampleDandiset:
         endpoint_url=s3.endpoint_url,
         versions={v: builder.versions[v] for v in VERSIONS},
         all_manifest_keys=all_keys,
+        nwb=nwb,
     )
