@@ -278,6 +278,14 @@ def processes_with_argument(argument: Path) -> list[int]:
     return pids
 
 
+def _is_fusermount(pid: int) -> bool:
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return False
+    return os.path.basename(argv0).startswith(b"fusermount")
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -362,8 +370,10 @@ def start_mount(
     # a background mount: the launcher exits once the mount is live; the daemon remains
     if process.wait(timeout=MOUNT_DEADLINE) != 0:
         raise RuntimeError(f"{command} exited {process.returncode}:\n{log.read_text()}")
-    pids = processes_with_argument(mnt)
+    # the daemon, not the fusermount3 that keeps watch for auto_unmount (it names mnt too)
+    pids = [p for p in processes_with_argument(mnt) if not _is_fusermount(p)]
     if len(pids) != 1:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
         raise RuntimeError(f"{tool}: expected one daemon with {mnt} in its arguments, got {pids}")
     return Mount(tool, mnt, log, process, pids[0], ready_after, serving_after)
 
