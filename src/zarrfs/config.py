@@ -30,10 +30,12 @@ BLOCK_SIZE = 256 << 10
 #: An object with a plain-MD5 ETag up to this size is fetched whole, by one GET whose body is checked
 #: against the MD5 before any byte is served (most Zarr chunks). Larger ones go by blocks, unverified.
 VERIFY_WHOLE_OBJECT_MAX = 16 << 20
-#: Sequential prefetch (`prefetch`): the first segment ahead of a sequential reader, and the
-#: longest (each is twice the previous one); how far a read may land from where the previous one
-#: ended and still count as sequential; the share of the memory cache that bytes fetched ahead of
-#: readers and not yet read may take, across all open files.
+#: Sequential prefetch (`prefetch`): how many bytes a run of reads that continue each other must
+#: have read before prefetch starts (random preads up to this size never start it); the first segment
+#: ahead of a sequential reader, and the longest (each is twice the previous one); how far a read may
+#: land from where the previous one ended and still count as sequential; the share of the memory
+#: cache that bytes fetched ahead of readers and not yet read may take, across all open files.
+PREFETCH_TRIGGER = 1 << 20
 PREFETCH_FIRST_WINDOW = 1 << 20
 PREFETCH_MAX_WINDOW = 64 << 20
 PREFETCH_TOLERANCE = 1 << 20

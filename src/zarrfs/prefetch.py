@@ -1,13 +1,15 @@
 """Sequential prefetch: per open file, one streaming GET ahead of a reader that reads in order.
 
 Owns: deciding, per open file handle, when a reader reads sequentially and how far ahead to fetch
-(mountpoint-s3's prefetcher is the model): the first read of a file fetches only what it asks for;
-from the second read that continues where the previous one ended, a *segment* (one long ranged GET,
-streamed into the block cache block by block as the bytes arrive) is kept ahead of the reader, and
+(mountpoint-s3's prefetcher is the model): reads fetch only what they ask for until a run of reads,
+each continuing where the previous one ended, has read `config.PREFETCH_TRIGGER` bytes; from then
+on a *segment* (one long ranged GET, streamed into the block cache block by block as the bytes
+arrive) is kept ahead of the reader, and
 each new segment is twice as long as the previous one, from `config.PREFETCH_FIRST_WINDOW` up to
 `config.PREFETCH_MAX_WINDOW`; a new segment starts when the reader has consumed half of what was
 fetched ahead. A read elsewhere (a random pread) resets it: random reads keep fetching exactly their
-blocks. Blocks the disk cache holds are read from disk instead of S3. All prefetched bytes not yet read
+blocks. The trigger is the bytes a run has read, not its second read, because the kernel splits one pread into
+requests of at most 128 KiB: a random 256 KiB pread arrives as two reads that continue each other. Blocks the disk cache holds are read from disk instead of S3. All prefetched bytes not yet read
 count against one budget shared by every open file (`PrefetchBudget`): when it is used up, segments
 shrink or wait (backpressure), and readers fetch their own blocks. Closing the file cancels its
 segments.
@@ -75,6 +77,7 @@ class Prefetcher:
         self.unit = blocks.unit(ref)
         self._scopes: set[trio.CancelScope] = set()  # of the segments running
         self.next_offset: int | None = None  # where the previous read ended
+        self.run_bytes = 0  # read by the current run of reads that continue each other
         self.fetched_from = 0  # prefetch covers [fetched_from, fetched_until)
         self.fetched_until = 0
         self.window = config.PREFETCH_FIRST_WINDOW
@@ -94,12 +97,16 @@ class Prefetcher:
         inside = self.fetched_from <= offset < self.fetched_until
         if not (near or inside):
             self.next_offset = end
+            self.run_bytes = end - offset
             if self.fetched_until:
                 self._reset()
             return
         self.next_offset = max(self.next_offset or 0, end)
+        self.run_bytes += end - offset
         read_until = self.next_offset
         self._settle_budget(read_until)
+        if not self.fetched_until and self.run_bytes < config.PREFETCH_TRIGGER:
+            return  # not (yet) a sequential reader: maybe one pread in several requests
         if self.fetched_until >= self.ref.size:
             return
         if self.fetched_until - read_until > self.window // 2:
