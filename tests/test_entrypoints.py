@@ -161,3 +161,34 @@ def test_demo_without_the_extra_says_how_to_get_it() -> None:
         "zarrfs: error: zarrfs demo needs the demo extra (moto[server] missing): "
         "pip install 'zarrfs[demo]' (scripts/setup.sh installs it)"
     )
+
+
+def test_building_and_loading_an_index_does_not_import_pandas(tmp_path: Path) -> None:
+    """pyarrow imports pandas (0.3 s) for `pa.array`, `pa.table` and `to_numpy` when pandas is
+    installed, as it is in most scientific environments (and in the test extra): a first entry
+    into a Zarr, or a remount over a cached index, must not pay for it."""
+    import importlib.util
+
+    from zarrfs.demo.sample import ManifestLeaf, build_manifest, format_manifest, zarr_checksum_of
+
+    assert importlib.util.find_spec("pandas") is not None  # the test extra brings it (xarray)
+    when = "2025-11-01T12:00:00+00:00"
+    leaves = [ManifestLeaf(f"0/{i}", "v1", when, 10 + i, f"{i:032x}") for i in range(50)]
+    (tmp_path / "m.json").write_text(format_manifest(build_manifest(leaves)))
+    zarr_id = "11111111-1111-4111-8111-111111111111"
+    code = f"""
+import sys
+from pathlib import Path
+from zarrfs.manifest import ManifestIndex, parse_manifest_file
+built = parse_manifest_file(Path({str(tmp_path / "m.json")!r}), zarr_id={zarr_id!r},
+                            expected_checksum={zarr_checksum_of(leaves)!r})
+built.write(Path({str(tmp_path / "i.arrow")!r}))
+loaded = ManifestIndex.load(Path({str(tmp_path / "i.arrow")!r}), zarr_id={zarr_id!r},
+                            checksum={zarr_checksum_of(leaves)!r})
+assert loaded.n_files == 50, loaded.n_files
+print(sorted(m for m in sys.modules if m.split('.')[0] == 'pandas'))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -303,16 +303,18 @@ class ManifestCache:
             return await self._fetch_and_convert(key, what, path, live)
 
     async def _load_from_disk(self, path: Path, key: _Key) -> ManifestIndex | None:
-        from .manifest import ManifestIndex
-
         zarr_id, checksum = key
         if not await trio.to_thread.run_sync(path.exists):
             return None
+
+        def load() -> ManifestIndex:
+            from .manifest import ManifestIndex  # in the worker thread, as in `_convert`
+
+            return ManifestIndex.load(path, zarr_id=zarr_id, checksum=checksum)
+
         try:
             index = await trio.to_thread.run_sync(
-                lambda: ManifestIndex.load(path, zarr_id=zarr_id, checksum=checksum),
-                limiter=self._limiter,
-                abandon_on_cancel=True,
+                load, limiter=self._limiter, abandon_on_cancel=True
             )
         except ManifestError as e:
             log.warning("discarding cached index %s: %s", path, e)
@@ -476,9 +478,11 @@ class ManifestCache:
         started = time.monotonic()
         cancel = threading.Event()
 
-        from .manifest import ManifestIndex, parse_manifest_file
-
         def convert() -> ManifestIndex:
+            # imported here, in the worker thread: the first import (numpy, pyarrow) takes
+            # ~0.2 s, which the event loop spends serving other requests
+            from .manifest import ManifestIndex, parse_manifest_file
+
             built = parse_manifest_file(
                 src, zarr_id=zarr_id, expected_checksum=checksum, cancel=cancel
             )
