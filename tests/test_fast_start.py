@@ -10,12 +10,14 @@ sleeps first, so the order of events does not depend on the machine's speed.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,16 +26,20 @@ from conftest import (
     EXIT_DEADLINE,
     MOUNT_DEADLINE,
     SERVING,
+    Mounted,
     inject,
     require_fuse,
     wait_until_no_process_mentions,
     zarrfs_command,
 )
+from zarrfs.demo.locals3 import LocalS3
 from zarrfs.demo.sample import EPHYS_PATH, V1, SampleDandiset
 
 pytestmark = pytest.mark.fuse
 
 TOP_LEVEL = ["dandiset.yaml", "sub-01", "sub-02"]
+#: A dandiset this module publishes: the sample's NWB files alone.
+BLOBS_ONLY = "000444"
 #: Seconds the injected code holds the core back.
 SLOW_START = 3.0
 
@@ -170,3 +176,28 @@ def test_a_background_mount_returns_only_once_it_serves_and_reports_a_failed_sta
                     capture_output=True,
                 )
         wait_until_no_process_mentions(mnt)
+
+
+def loaded_libraries(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_the_manifest_machinery_is_imported_ahead_only_for_versions_with_zarrs(
+    mount: Callable[..., Mounted], sample: SampleDandiset, local_s3: LocalS3
+) -> None:
+    """numpy and pyarrow (~0.2 s to import, ~40 MB) are imported in the background once a mount of
+    a version with Zarrs serves, so that entering a Zarr does not wait for them; a mount of NWB
+    files alone never loads them."""
+    with_zarrs = mount(f"{sample.dandiset_id}@{V1}")
+    wait = time.monotonic() + MOUNT_DEADLINE
+    while "pyarrow" not in loaded_libraries(with_zarrs.process.pid):
+        assert time.monotonic() < wait, "pyarrow was not imported ahead"
+        time.sleep(0.05)
+    blobs_only = [r for r in sample.versions[V1].assets if "zarr" not in r["encodingFormat"]]
+    key = f"dandisets/{BLOBS_ONLY}/{V1}/assets.jsonld"
+    local_s3.client.put_object(Bucket=sample.bucket, Key=key, Body=json.dumps(blobs_only).encode())
+    without = mount(f"{BLOBS_ONLY}@{V1}")
+    assert (without.path / EPHYS_PATH).read_bytes() == sample.versions[V1].files[EPHYS_PATH]
+    time.sleep(1.0)  # what the other mount needed, and more
+    maps = loaded_libraries(without.process.pid)
+    assert "pyarrow" not in maps and "numpy" not in maps

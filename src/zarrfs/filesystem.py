@@ -138,6 +138,8 @@ class Filesystem:
         #: A read fails with EIO rather than take longer than this (config.READ_DEADLINE).
         self.read_deadline = config.READ_DEADLINE
         self._started_ns = time.time_ns()
+        #: The mounted version holds Zarrs (known after `start`; False for the archive levels).
+        self.holds_zarrs = False
         self._synthetic: dict[int, _Synthetic] = {}
         self._by_key: dict[NodeKey, int] = {}
         self._volumes: dict[int, Volume] = {}  # by volume id
@@ -187,6 +189,7 @@ class Filesystem:
         namespace = self._namespace_of(resolved)
         self._settle(volume, namespace, keep=True)
         self._report_unservable(resolved)
+        self.holds_zarrs = bool(namespace.zarr_assets())
         if source.path:
             try:
                 target = await self.walk(source.path, start=root)
