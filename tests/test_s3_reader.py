@@ -223,6 +223,20 @@ async def test_old_version_after_overwrite_and_delete(world: World) -> None:
         assert await reader.get_bytes("zarr/z1/0/0", world.v_new) == NEW
 
 
+async def test_whole_object_reads_are_md5_checked_and_counted(world: World) -> None:
+    """A GET of a whole object with a plain-MD5 ETag is hashed (counted, with the time it took, for
+    `zarrfs stats` and the benchmarks); a partial range is not."""
+    async with S3Reader.open(world.settings()) as reader:
+        assert await reader.read_range(world.old(), 0, len(OLD)) == OLD
+        assert await reader.read_range(world.big, 0, len(BIG)) == BIG  # hashed in a thread
+        assert reader.stats["md5_verified"] == 2
+        assert reader.stats["md5_bytes"] == len(OLD) + len(BIG)
+        assert reader.stats["md5_ns"] > 0
+        assert await reader.read_range(world.old(), 10, 20) == OLD[10:20]
+        assert reader.stats["md5_verified"] == 2
+        assert reader.stats["md5_mismatches"] == 0
+
+
 async def test_unversioned_blob_and_multipart_etag(world: World) -> None:
     async with S3Reader.open(world.settings()) as reader:
         # single-PUT blob, record carries a multipart-form etag: forms differ, size still checked

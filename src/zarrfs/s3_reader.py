@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -238,7 +239,14 @@ class S3Reader:
             background_max=max(1, settings.max_concurrency * 3 // 4),
             document_max=max(1, min(4, settings.max_concurrency // 4)),
         )
-        self.stats = {"requests": 0, "bytes": 0, "md5_verified": 0, "md5_mismatches": 0}
+        self.stats = {
+            "requests": 0,
+            "bytes": 0,
+            "md5_verified": 0,
+            "md5_mismatches": 0,
+            "md5_bytes": 0,  # hashed to verify bodies
+            "md5_ns": 0,  # time spent hashing them (what verification costs)
+        }
 
     @classmethod
     @asynccontextmanager
@@ -561,9 +569,11 @@ class S3Reader:
 
     async def _verify_md5(self, name: str, expected: str, data: bytes) -> None:
         if len(data) >= HASH_IN_THREAD:
-            got = await trio.to_thread.run_sync(_md5_hex, data, abandon_on_cancel=True)
+            got, spent = await trio.to_thread.run_sync(_md5_hex, data, abandon_on_cancel=True)
         else:
-            got = _md5_hex(data)
+            got, spent = _md5_hex(data)
+        self.stats["md5_bytes"] += len(data)
+        self.stats["md5_ns"] += spent
         if got != expected:
             self.stats["md5_mismatches"] += 1
             log.warning(
@@ -632,8 +642,11 @@ def whole_object_md5(ref: ObjectRef, start: int, end: int) -> str | None:
     return ref.md5() if start == 0 and end == ref.size else None
 
 
-def _md5_hex(data: bytes) -> str:
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+def _md5_hex(data: bytes) -> tuple[str, int]:
+    """The MD5 of `data` in hex, and the nanoseconds it took."""
+    started = time.perf_counter_ns()
+    digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    return digest, time.perf_counter_ns() - started
 
 
 def _check_size(what: str, size: object, max_bytes: int | None) -> None:
