@@ -228,6 +228,9 @@ def test_storage_options_are_the_command_lines_connection_options(tmp_path: Path
         ZarrfsFileSystem(manifest_root="ftp://x/", skip_instance_cache=True)
     with pytest.raises(TypeError, match="no_such_option"):
         ZarrfsFileSystem(no_such_option=1, skip_instance_cache=True)
+    assert ZarrfsFileSystem(signed="true", skip_instance_cache=True).config.s3.unsigned is False
+    with pytest.raises(ValueError, match="signed"):
+        ZarrfsFileSystem(signed="perhaps", skip_instance_cache=True)
 
 
 # --- the tree ----------------------------------------------------------------------------------------
@@ -556,7 +559,9 @@ def test_the_entry_point_registers_the_protocol(
     options: dict[str, Any], sample: SampleDandiset, tmp_path: Path
 ) -> None:
     """pyproject.toml declares `zarrfs` under `fsspec.specs`; installed metadata saying so (written
-    here from pyproject, as `pip install` would) is all fsspec needs to find the class."""
+    here from pyproject, as `pip install` would) is all fsspec needs to find the class. The storage
+    options come from fsspec's own configuration (`FSSPEC_ZARRFS_<OPTION>`), as on a Dask worker
+    configured by its environment."""
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -574,10 +579,15 @@ def test_the_entry_point_registers_the_protocol(
         "import sys, fsspec\n"
         "cls = fsspec.get_filesystem_class('zarrfs')\n"
         "assert cls.__module__ == 'zarrfs.fsspec_face', cls\n"
-        f"with fsspec.open('zarrfs://{path}', 'rb', **{options!r}) as f:\n"
+        f"with fsspec.open('zarrfs://{path}', 'rb') as f:\n"
         "    sys.stdout.buffer.write(f.read())\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *sys.path])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *sys.path]),
+        **{f"FSSPEC_ZARRFS_{k.upper()}": str(value) for k, value in options.items()},
+        "FSSPEC_ZARRFS_SIGNED": "false",
+    }
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, timeout=120, check=False, env=env
     )

@@ -129,6 +129,18 @@ def os_error(exc: ZarrfsError, path: str) -> OSError:
     return OSError(code, str(exc) or os.strerror(code), path)
 
 
+def flag_option(name: str, value: bool | str) -> bool:
+    """A yes/no storage option: a bool, or a string as fsspec's config files give them."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{name}: expected true or false, not {value!r}")
+
+
 def _refuse(operation: str) -> Callable[..., NoReturn]:
     def refuse(self: object, *args: Any, **kwargs: Any) -> NoReturn:
         target = str(args[0]) if args else None
@@ -552,8 +564,8 @@ class ZarrfsFileSystem(AbstractFileSystem):  # type: ignore[misc]
         manifest_memory: int | str = cfg.DEFAULT_MANIFEST_MEMORY,
         manifest_cache_size: int | str = cfg.DEFAULT_MANIFEST_DISK_BUDGET,
         version_memory: int | str = cfg.DEFAULT_VERSION_MEMORY,
-        signed: bool = False,
-        consolidate: bool = False,
+        signed: bool | str = False,
+        consolidate: bool | str = False,
         **fsspec_options: Any,
     ) -> None:
         unknown = sorted(set(fsspec_options) - IGNORED_OPTIONS)
@@ -573,11 +585,13 @@ class ZarrfsFileSystem(AbstractFileSystem):  # type: ignore[misc]
             manifest_memory=manifest_memory,
             manifest_cache_size=manifest_cache_size,
             version_memory=version_memory,
-            signed=signed,
+            signed=flag_option("signed", signed),
         )
         #: What every source is opened with, but for the source itself (built now: a bad option
         #: fails here, with ValueError, rather than at the first read on a worker).
-        self.config: Config = replace(connection, consolidate=consolidate)
+        self.config: Config = replace(
+            connection, consolidate=flag_option("consolidate", consolidate)
+        )
 
     @classmethod
     def _strip_protocol(cls, path: Any) -> Any:
