@@ -376,6 +376,36 @@ def test_draft_latest_a_dandisets_versions_and_the_archive(
     assert fs.info(archive_rel)["size"] == len(sample.versions[V2].files[rel])
 
 
+def test_many_threads_at_once(fs: ZarrfsFileSystem, sample: SampleDandiset) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [(version, rel) for version in (V1, V2) for rel in sample.versions[version].files]
+    with ThreadPoolExecutor(16) as pool:
+        read = list(pool.map(lambda item: fs.cat_file(v(sample, *item)), files))
+    assert read == [sample.versions[version].files[rel] for version, rel in files]
+
+
+def test_sources_beyond_the_limit_are_closed_when_idle(
+    fs: ZarrfsFileSystem, sample: SampleDandiset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zarrfs import fsspec_face
+
+    monkeypatch.setattr(fsspec_face, "MAX_SOURCES", 2)
+    rel = f"{OME_PATH}/.zattrs"
+    opened = fs.open(v(sample, V1, EPHYS_PATH))  # holds V1 open
+    for version in (V2, "latest", V1, V2):
+        assert (
+            fs.cat_file(v(sample, version, rel))
+            == sample.versions[V2 if version == "latest" else version].files[rel]
+        )
+    assert fs.cat_file(f"{sample.dandiset_id}/{V1}/{rel}") == sample.versions[V1].files[rel]
+    runtime = fsspec_face.runtime()
+    open_now = [str(source) for source in runtime.call(runtime.sources)]
+    assert len(open_now) <= 3 and f"{sample.dandiset_id}@{V1}" in open_now  # in use: kept
+    assert opened.read() == sample.versions[V1].files[EPHYS_PATH]
+    opened.close()
+
+
 # --- readers -----------------------------------------------------------------------------------------
 
 

@@ -236,6 +236,11 @@ class Runtime:
             self._served.clear()
             nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT / 2
 
+    async def sources(self) -> list[MountSource]:
+        """The sources open now (or opening), least recently used first (`call` it)."""
+        served = sorted(self._served.values(), key=lambda s: s.last_used)
+        return [s.config.source for s in served]
+
     # --- sources (everything below runs in the loop) --------------------------------------------
 
     @asynccontextmanager
@@ -262,8 +267,7 @@ class Runtime:
             raise
         if served.error is not None:
             self.let_go(served)
-            error = served.error
-            raise type(error)(*error.args)
+            raise _copy(served.error) from served.error  # each waiter raises its own
         return served
 
     def let_go(self, served: _Served) -> None:
@@ -296,6 +300,13 @@ class Runtime:
         for served in idle[: max(excess, 0)]:
             del self._served[served.config]
             served.stop.set()
+
+
+def _copy(error: Exception) -> Exception:
+    try:
+        return type(error)(*error.args)
+    except Exception:  # a constructor that wants more than its args
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 _lock = threading.Lock()
