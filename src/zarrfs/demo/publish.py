@@ -21,13 +21,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..digests import dandi_part_sizes
 from .sample import (
     PUBLIC_S3_URL,
     ManifestLeaf,
     blob_key,
     build_manifest,
     dandi_etag,
-    dandi_part_sizes,
     format_iso_seconds,
     format_manifest,
     manifest_key,
