@@ -406,6 +406,30 @@ def test_sources_beyond_the_limit_are_closed_when_idle(
     opened.close()
 
 
+def test_a_cache_dir_warmed_by_the_command_line_serves_without_s3(
+    sample: SampleDandiset, tmp_path: Path
+) -> None:
+    """`zarrfs cache warm` on a login node, then workers without network: the cache dir has the
+    same layout for both faces."""
+    cache = tmp_path / "warmed"
+    source = v(sample, V1)
+    warm = subprocess.run(
+        [sys.executable, "-m", "zarrfs", "cache", "warm", source, OME_PATH, "--data",
+         "--endpoint-url", sample.endpoint_url, "--cache-dir", str(cache),
+         "--manifest-root", f"s3://{sample.bucket}/zarr-manifest/", "--api-url", NO_API],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert warm.returncode == 0, warm.stderr
+    offline = ZarrfsFileSystem(**storage_options(sample, cache, endpoint="http://127.0.0.1:9"))
+    expected = sample.versions[V1].files
+    found = offline.find(v(sample, V1, OME_PATH))
+    assert [name.split("/", 1)[1] for name in found] == sorted(
+        rel for rel in expected if rel.startswith(f"{OME_PATH}/")
+    )
+    for name in found:
+        assert offline.cat_file(name) == expected[name.split("/", 1)[1]], name
+
+
 # --- readers -----------------------------------------------------------------------------------------
 
 
