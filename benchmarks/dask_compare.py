@@ -245,6 +245,54 @@ def reading(
         yield f"s3://dandiarchive/zarr/{zarr_id}/", options
 
 
+# --- CPU per chunk ---------------------------------------------------------------------------------
+
+CPU_PROBE = f"""
+import resource, sys, time
+from concurrent.futures import ThreadPoolExecutor
+kind, endpoint, cache, zarr_id, side, threads = sys.argv[1:7]
+side, threads = int(side), int(threads)
+if kind.startswith("fsspec"):
+    from zarrfs.fsspec_face import ZarrfsFileSystem
+    fs = ZarrfsFileSystem(endpoint_url=endpoint, manifest_root="s3://dandiarchive/zarr-manifest/",
+                          api_url="http://127.0.0.1:9/api", cache_dir=cache,
+                          cache_size=0 if kind == "fsspec-no-disk-cache" else None)
+    root = "{DANDISET}@{VERSION}/{ZARR_PATH}"
+else:
+    import s3fs
+    fs = s3fs.S3FileSystem(anon=True, client_kwargs={{"endpoint_url": endpoint}})
+    root = f"dandiarchive/zarr/{{zarr_id}}"
+fs.cat_file(root + "/.zarray")  # started, connected
+names = [f"{{root}}/{{i}}.{{j}}" for i in range(side) for j in range(side)]
+before = resource.getrusage(resource.RUSAGE_SELF)
+with ThreadPoolExecutor(threads) as pool:
+    list(pool.map(fs.cat_file, names))
+after = resource.getrusage(resource.RUSAGE_SELF)
+cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+print(cpu / len(names) * 1000)
+"""
+CPU_KINDS = ("fsspec", "fsspec-no-disk-cache", "s3fs")
+
+
+def cpu_per_chunk(
+    endpoint: str, zarr_id: str, n_chunks: int, threads: int, scratch: Path, runs: int
+) -> dict[str, list[float]]:
+    """CPU ms per chunk read cold (after the first request) by one process reading every chunk with
+    `threads` threads, without Dask: what each way costs a worker per chunk."""
+    side = max(1, round(n_chunks**0.5))
+    out: dict[str, list[float]] = {kind: [] for kind in CPU_KINDS}
+    for _ in range(runs):
+        for kind in CPU_KINDS:
+            cache = tempfile.mkdtemp(dir=scratch)
+            result = subprocess.run(
+                [sys.executable, "-c", CPU_PROBE, kind, endpoint, cache, zarr_id, str(side),
+                 str(threads)],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            out[kind].append(float(result.stdout.strip().splitlines()[-1]))
+    return out
+
+
 # --- report --------------------------------------------------------------------------------------
 
 
@@ -292,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=4, help="threads per worker")
     parser.add_argument("--runs", type=int, help="runs per cell (default 5, --quick 1)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="which of fsspec,mount,s3fs")
+    parser.add_argument(
+        "--no-cpu", action="store_true", help="skip the CPU per chunk of each way (one process)"
+    )
     args = parser.parse_args(argv)
     n_chunks = args.chunks or (100 if args.quick else 400)
     runs = args.runs or (1 if args.quick else 5)
@@ -335,9 +386,20 @@ def main(argv: list[str] | None = None) -> int:
                             f"({cell.warm_requests[-1]} requests); load {os.getloadavg()[0]:.1f}",
                             flush=True,
                         )
+            cpu = (
+                {}
+                if args.no_cpu
+                else cpu_per_chunk(s3.endpoint_url, zarr_id, n_chunks, args.threads, scratch, runs)
+            )
         finally:
             proxy.stop()
             shutil.rmtree(scratch, ignore_errors=True)
+    if cpu:
+        print()
+        print(f"CPU per chunk, one process reading every chunk with {args.threads} threads:")
+        for kind, values in cpu.items():
+            runs_text = ", ".join(f"{v:.2f}" for v in values)
+            print(f"  {kind}: {statistics.median(values):.2f} ms ({runs_text})")
     if set(kinds) != set(KINDS):
         return 0
     return report(cells, worker_counts)
