@@ -686,9 +686,17 @@ class Runner:
                 with self.mounted(tool, scratch, foreground=False) as mount:
                     runs.append((mount.ready_after, mount.serving_after, settled(self.s3) - before))
                 self.done_with(scratch)
-            for workload, index in (("mount", 0), ("serve", 1)):
-                median = sorted(runs, key=lambda run: run[index])[len(runs) // 2]
-                self.record(tool, workload, phase, median[index], median[2])
+            for workload, pick in (("mount", _ready_after), ("serve", _serving_after)):
+                median = sorted(runs, key=pick)[len(runs) // 2]
+                self.record(tool, workload, phase, pick(median), median[2])
+
+
+def _ready_after(run: tuple[float, float, RequestStats]) -> float:
+    return run[0]
+
+
+def _serving_after(run: tuple[float, float, RequestStats]) -> float:
+    return run[1]
 
 
 # --- the report ---------------------------------------------------------------------------------

@@ -36,12 +36,12 @@ from zarrfs.demo.sample import (
     blob_key,
     build_manifest,
     dandi_etag,
-    dandi_part_sizes,
     format_manifest,
     manifest_key,
     to_yaml,
     zarr_checksum_of,
 )
+from zarrfs.digests import dandi_part_sizes
 
 #: Seconds a mount may take to become live.
 MOUNT_DEADLINE = 60.0

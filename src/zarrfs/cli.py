@@ -358,40 +358,35 @@ def apply_o_options(args: argparse.Namespace) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> cfg.Config:
+    from dataclasses import replace
+
     from .dandi import parse_source
 
     apply_o_options(args)
     source = parse_source(args.source)
     try:
-        memory = cfg.parse_size(args.memory_cache_size)
-        manifest_memory = cfg.parse_size(args.manifest_memory)
-        manifest_disk = cfg.parse_size(args.manifest_cache_size)
-        version_memory = cfg.parse_size(args.version_memory)
-        disk_size = None if args.cache_size is None else cfg.parse_size(args.cache_size)
+        connection = cfg.config_from_options(
+            source,
+            endpoint_url=args.endpoint_url,
+            bucket=args.bucket,
+            region=args.region,
+            manifest_root=args.manifest_roots,
+            api_url=args.api_url,
+            cache_dir=args.cache_dir,
+            memory_cache_size=args.memory_cache_size,
+            cache_size=args.cache_size,
+            manifest_memory=args.manifest_memory,
+            manifest_cache_size=args.manifest_cache_size,
+            version_memory=args.version_memory,
+            signed=args.signed,
+        )
     except ValueError as e:
         raise UserError(str(e)) from None
-    endpoint = args.endpoint_url or cfg.env_endpoint_url()
-    s3 = cfg.S3Settings(
-        endpoint_url=endpoint, bucket=args.bucket, region=args.region, unsigned=not args.signed
-    )
-    roots = tuple(args.manifest_roots or cfg.default_manifest_roots(args.bucket))
-    for root in roots:
-        if not root.startswith(("s3://", "https://", "http://", "file:///")):
-            raise UserError(f"bad --manifest-root {root!r}: use s3://, https:// or file:///")
     mountpoint = getattr(args, "mountpoint", None)
     uid, gid, umask = _ownership(args)
-    return cfg.Config(
-        source=source,
+    return replace(
+        connection,
         mountpoint=mountpoint.absolute() if mountpoint is not None else Path("/"),
-        s3=s3,
-        manifest_roots=roots,
-        api_url=args.api_url.rstrip("/"),
-        cache_dir=(args.cache_dir or cfg.default_cache_dir()).absolute(),
-        memory_cache_size=memory,
-        manifest_memory=manifest_memory,
-        manifest_disk_size=manifest_disk,
-        version_memory=version_memory,
-        disk_cache_size=disk_size,
         foreground=getattr(args, "foreground", False),
         debug=args.debug,
         allow_other=getattr(args, "allow_other", False),

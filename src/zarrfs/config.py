@@ -1,12 +1,15 @@
 """Every tunable of zarrfs as a documented constant, and the frozen `Config` a mount runs with.
 
-Owns: defaults and the `Config` value object. `cli` builds a `Config` from arguments and the
-environment; everything else only reads it. No I/O here.
+Owns: defaults, the `Config` value object, and the one mapping from the connection options (the
+command line's `--endpoint-url`, ... and the fsspec face's storage options, under the same names) to a
+`Config` (`config_from_options`). `cli` and `fsspec_face` build a `Config` with it; everything else
+only reads one. No I/O here (the environment and the user's cache dir are read for defaults).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,3 +291,92 @@ def parse_size(text: str) -> int:
     if value < 0:
         raise ValueError(f"size must not be negative: {text!r}")
     return int(value * _SIZE_UNITS[unit])
+
+
+#: The options saying where the archive is and how much a process may cache: the command line's
+#: connection options (`--endpoint-url`, `--manifest-root`, ...) and the fsspec face's storage
+#: options, one name each (the option's long name with underscores). `config_from_options` takes
+#: exactly these, with the defaults both faces share.
+CONNECTION_OPTIONS = (
+    "endpoint_url",
+    "bucket",
+    "region",
+    "manifest_root",
+    "api_url",
+    "cache_dir",
+    "memory_cache_size",
+    "cache_size",
+    "manifest_memory",
+    "manifest_cache_size",
+    "version_memory",
+    "signed",
+)
+#: Schemes a manifest root may have.
+MANIFEST_ROOT_SCHEMES = ("s3://", "https://", "http://", "file:///")
+
+
+def config_from_options(
+    source: MountSource,
+    *,
+    endpoint_url: str | None = None,
+    bucket: str = DEFAULT_BUCKET,
+    region: str = DEFAULT_REGION,
+    manifest_root: str | Sequence[str] | None = None,
+    api_url: str = DEFAULT_API_URL,
+    cache_dir: str | os.PathLike[str] | None = None,
+    memory_cache_size: int | str = DEFAULT_MEMORY_CACHE_SIZE,
+    cache_size: int | str | None = None,
+    manifest_memory: int | str = DEFAULT_MANIFEST_MEMORY,
+    manifest_cache_size: int | str = DEFAULT_MANIFEST_DISK_BUDGET,
+    version_memory: int | str = DEFAULT_VERSION_MEMORY,
+    signed: bool = False,
+) -> Config:
+    """The `Config` for `source` under the connection options (`CONNECTION_OPTIONS`); whatever only
+    a mount has keeps its default (`dataclasses.replace` sets it). `endpoint_url` None reads the
+    environment (`env_endpoint_url`); `manifest_root` is one URL or several, tried in order (None:
+    `default_manifest_roots`); sizes are bytes or strings such as `"512M"` (`parse_size`);
+    `cache_size` None is the default disk block cache, 0 none. Raises ValueError naming the option.
+    """
+    if manifest_root is None or manifest_root == []:
+        roots = default_manifest_roots(bucket)
+    elif isinstance(manifest_root, str):
+        roots = (manifest_root,)
+    else:
+        roots = tuple(manifest_root)
+    for root in roots:
+        if not isinstance(root, str) or not root.startswith(MANIFEST_ROOT_SCHEMES):
+            raise ValueError(f"bad manifest root {root!r}: use s3://, https:// or file:///")
+    s3 = S3Settings(
+        endpoint_url=endpoint_url or env_endpoint_url(),
+        bucket=bucket,
+        region=region,
+        unsigned=not signed,
+    )
+    return Config(
+        source=source,
+        mountpoint=Path("/"),
+        s3=s3,
+        manifest_roots=roots,
+        api_url=api_url.rstrip("/"),
+        cache_dir=Path(cache_dir if cache_dir is not None else default_cache_dir()).absolute(),
+        memory_cache_size=size_option("memory_cache_size", memory_cache_size),
+        manifest_memory=size_option("manifest_memory", manifest_memory),
+        manifest_disk_size=size_option("manifest_cache_size", manifest_cache_size),
+        version_memory=size_option("version_memory", version_memory),
+        disk_cache_size=None if cache_size is None else size_option("cache_size", cache_size),
+    )
+
+
+def size_option(name: str, value: int | str) -> int:
+    """A size option's bytes: an int as it is, a string through `parse_size`. Raises ValueError
+    naming the option."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{name} must not be negative: {value}")
+        return value
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    raise ValueError(f"{name}: expected bytes (an int) or a size such as '512M', not {value!r}")
