@@ -222,13 +222,16 @@ class BlockCache:
         unit = self.unit(ref)
         try:
             remote: list[int] = []
-            for index in run:
-                data = await self._from_disk(ref, index, unit)
-                if data is not None:
-                    found[index] = data
-                    self.fulfil(ref, index, data)
-                else:
-                    remote.append(index)
+            for start in range(0, len(run), config.DISK_CACHE_BATCH):
+                batch = run[start : start + config.DISK_CACHE_BATCH]
+                on_disk = await self._from_disk(ref, batch, unit)
+                for index in batch:
+                    data = on_disk.get(index)
+                    if data is not None:
+                        found[index] = data
+                        self.fulfil(ref, index, data)
+                    else:
+                        remote.append(index)
             for part in runs_of(remote):
                 start = part[0] * unit
                 stop = min((part[-1] + 1) * unit, ref.size)
@@ -252,13 +255,12 @@ class BlockCache:
         finally:
             self.abandon(ref, run, None, ticket)  # still claimed (cancelled): waiters take over
 
-    async def _from_disk(self, ref: R, index: int, unit: int) -> bytes | None:
+    async def _from_disk(self, ref: R, indexes: list[int], unit: int) -> dict[int, bytes]:
         if self.disk is None or not isinstance(ref, ObjectRef):
-            return None
-        data = await self.disk.get(ref, index, unit)
-        if data is not None:
-            self._disk_hits += 1
-        return data
+            return {}
+        found = await self.disk.get_many(ref, indexes, unit)
+        self._disk_hits += len(found)
+        return found
 
     # --- producers (`read` itself, and `prefetch` streams) ---------------------------------------
 

@@ -12,7 +12,9 @@ bypassed for `config.DISK_CACHE_STALL_PAUSE` seconds (logged). Writes queued bey
 `config.DISK_CACHE_PENDING_MAX` bytes are dropped (counted), never buffered without bound.
 
 Concurrency: one trio run. Reads use `config.DISK_CACHE_THREADS` worker threads; writes share them;
-eviction has one thread of its own. Worker threads are abandoned on cancellation (a hung disk must not
+eviction has one thread of its own. Blocks go to and from the threads in batches of up to
+`config.DISK_CACHE_BATCH` (a trip to a thread costs the event loop more than reading or writing a
+256 KiB block on a local disk). Worker threads are abandoned on cancellation (a hung disk must not
 hold up shutdown).
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import trio
 
@@ -41,6 +44,8 @@ class DiskTier:
         self._threads = trio.CapacityLimiter(config.DISK_CACHE_THREADS)
         self._bypass_until = 0.0
         self._pending = 0
+        self._queue: deque[tuple[ObjectRef, int, int, bytes]] = deque()  # to be written
+        self._writers = 0  # tasks writing the queue
         self._evict_wanted = trio.Event()
         self.stats = {"stalls": 0, "writes_dropped": 0}
 
@@ -51,14 +56,21 @@ class DiskTier:
 
     async def get(self, ref: ObjectRef, index: int, block_size: int) -> bytes | None:
         """The block from disk (verified there), or None: a miss, a bad block, a slow disk."""
-        if time.monotonic() < self._bypass_until:
-            return None
+        return (await self.get_many(ref, [index], block_size)).get(index)
+
+    async def get_many(
+        self, ref: ObjectRef, indexes: list[int], block_size: int
+    ) -> dict[int, bytes]:
+        """The blocks of `indexes` the disk has (each verified there), read in one trip to a
+        worker thread (at most `config.DISK_CACHE_BATCH` blocks: callers batch longer runs); a
+        miss, a bad block or a slow disk leaves a block out."""
+        if not indexes or time.monotonic() < self._bypass_until:
+            return {}
         with trio.move_on_after(config.DISK_CACHE_STALL_TIMEOUT) as scope:
             return await trio.to_thread.run_sync(
-                self.disk.get,
-                self.bucket,
+                self._get_all,
                 ref,
-                index,
+                indexes,
                 block_size,
                 limiter=self._threads,
                 abandon_on_cancel=True,
@@ -72,34 +84,51 @@ class DiskTier:
                 config.DISK_CACHE_STALL_TIMEOUT,
                 config.DISK_CACHE_STALL_PAUSE,
             )
-        return None
+        return {}
+
+    def _get_all(self, ref: ObjectRef, indexes: list[int], block_size: int) -> dict[int, bytes]:
+        found = {}
+        for index in indexes:
+            data = self.disk.get(self.bucket, ref, index, block_size)
+            if data is not None:
+                found[index] = data
+        return found
 
     def put_later(self, ref: ObjectRef, index: int, block_size: int, data: bytes) -> None:
-        """Write the block to disk in the background (dropped if too much is pending already)."""
+        """Write the block to disk in the background (dropped if too much is pending already).
+        Blocks queue up and are written in batches by at most `config.DISK_CACHE_WRITERS` tasks."""
         if self.nursery is None or time.monotonic() < self._bypass_until:
             return
         if self._pending + len(data) > config.DISK_CACHE_PENDING_MAX:
             self.stats["writes_dropped"] += 1
             return
         self._pending += len(data)
-        self.nursery.start_soon(self._put, ref, index, block_size, data)
+        self._queue.append((ref, index, block_size, data))
+        if self._writers < config.DISK_CACHE_WRITERS:
+            self._writers += 1
+            self.nursery.start_soon(self._write_queued)
 
-    async def _put(self, ref: ObjectRef, index: int, block_size: int, data: bytes) -> None:
+    async def _write_queued(self) -> None:
         try:
-            await trio.to_thread.run_sync(
-                self.disk.put,
-                self.bucket,
-                ref,
-                index,
-                data,
-                block_size,
-                limiter=self._threads,
-                abandon_on_cancel=True,
-            )
+            while self._queue:
+                batch = [
+                    self._queue.popleft()
+                    for _ in range(min(len(self._queue), config.DISK_CACHE_BATCH))
+                ]
+                try:
+                    await trio.to_thread.run_sync(
+                        self._put_all, batch, limiter=self._threads, abandon_on_cancel=True
+                    )
+                finally:
+                    self._pending -= sum(len(item[3]) for item in batch)
+                if self.disk.needs_eviction:
+                    self._evict_wanted.set()
         finally:
-            self._pending -= len(data)
-        if self.disk.needs_eviction:
-            self._evict_wanted.set()
+            self._writers -= 1
+
+    def _put_all(self, batch: list[tuple[ObjectRef, int, int, bytes]]) -> None:
+        for ref, index, block_size, data in batch:
+            self.disk.put(self.bucket, ref, index, data, block_size)
 
     async def keep_within_bounds(self) -> None:
         """Run forever (in the service nursery): evict at start, then whenever this process's writes

@@ -183,12 +183,15 @@ class Prefetcher:
         if disk is None:
             return claimed
         remote = []
-        for index in claimed:
-            data = await disk.get(self.ref, index, self.unit)
-            if data is None:
-                remote.append(index)
-            else:
-                self.blocks.fulfil(self.ref, index, data)
+        for start in range(0, len(claimed), config.DISK_CACHE_BATCH):
+            batch = claimed[start : start + config.DISK_CACHE_BATCH]
+            on_disk = await disk.get_many(self.ref, batch, self.unit)
+            for index in batch:
+                data = on_disk.get(index)
+                if data is None:
+                    remote.append(index)
+                else:
+                    self.blocks.fulfil(self.ref, index, data)
         return remote
 
     async def _stream(self, run: list[int], ticket: Ticket) -> None:

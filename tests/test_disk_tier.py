@@ -1,0 +1,113 @@
+"""DiskTier, the async face of the disk block cache: blocks written in the background in batches,
+read in batches, a bound on what waits to be written, and a hung disk bypassed instead of waited
+for. Real threads and real files, no mounts."""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from zarrfs import config
+from zarrfs.disk_cache import DiskBlockCache
+from zarrfs.disk_tier import DiskTier
+from zarrfs.refs import ObjectRef
+
+BUCKET = "dandiarchive"
+BS = 64 << 10
+pytestmark = pytest.mark.trio
+
+REF = ObjectRef("blobs/abc/def/abcdef", None, 40 * BS + 123, "etag-1")
+
+
+def block(index: int) -> bytes:
+    length = min(BS, REF.size - index * BS)
+    return random.Random(index).randbytes(length)
+
+
+def make_tier(tmp_path: Path) -> DiskTier:
+    disk = DiskBlockCache(tmp_path / "cache", max_bytes=1 << 30, block_size=BS, min_free_fraction=0)
+    return DiskTier(disk, BUCKET)
+
+
+async def test_blocks_written_in_the_background_in_batches(tmp_path: Path) -> None:
+    tier = make_tier(tmp_path)
+    trips: list[int] = []
+    put_all = tier._put_all
+
+    def counting(batch: list[tuple[ObjectRef, int, int, bytes]]) -> None:
+        trips.append(len(batch))
+        put_all(batch)
+
+    tier._put_all = counting  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        tier.nursery = nursery
+        for index in range(41):
+            tier.put_later(REF, index, BS, block(index))
+        assert tier.pending == sum(len(block(i)) for i in range(41))
+    assert tier.pending == 0
+    assert sum(trips) == 41
+    assert max(trips) <= config.DISK_CACHE_BATCH
+    assert len(trips) <= -(-41 // config.DISK_CACHE_BATCH) + config.DISK_CACHE_WRITERS
+    found = await tier.get_many(REF, list(range(41)), BS)
+    assert found == {i: block(i) for i in range(41)}  # the short last block too
+
+
+async def test_get_many_leaves_out_what_the_disk_lacks_or_has_damaged(tmp_path: Path) -> None:
+    tier = make_tier(tmp_path)
+    for index in (1, 2, 5):
+        assert tier.disk.put(BUCKET, REF, index, block(index), BS)
+    damaged = next(p for p in (tmp_path / "cache").rglob("*.2") if not p.name.startswith("."))
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 1
+    damaged.write_bytes(bytes(data))
+    assert await tier.get_many(REF, [0, 1, 2, 3, 4, 5], BS) == {1: block(1), 5: block(5)}
+    assert await tier.get(REF, 5, BS) == block(5)
+    assert await tier.get(REF, 2, BS) is None  # discarded, never served
+    assert await tier.get_many(REF, [], BS) == {}
+
+
+async def test_writes_beyond_the_pending_bound_are_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config, "DISK_CACHE_PENDING_MAX", 3 * BS)
+    tier = make_tier(tmp_path)
+    async with trio.open_nursery() as nursery:
+        tier.nursery = nursery
+        for index in range(5):  # nothing is written before the loop yields
+            tier.put_later(REF, index, BS, block(index))
+        assert tier.pending == 3 * BS
+        assert tier.stats["writes_dropped"] == 2
+    assert tier.pending == 0
+    assert set(await tier.get_many(REF, list(range(5)), BS)) == {0, 1, 2}
+
+
+async def test_a_hung_disk_is_bypassed_not_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config, "DISK_CACHE_STALL_TIMEOUT", 0.2)
+    tier = make_tier(tmp_path)
+    assert tier.disk.put(BUCKET, REF, 0, block(0), BS)
+    hang = threading.Event()
+    get = tier.disk.get
+
+    def hung_get(*args: object) -> bytes | None:
+        hang.wait(10)
+        return get(*args)  # type: ignore[arg-type]
+
+    tier.disk.get = hung_get  # type: ignore[method-assign]
+    try:
+        with trio.fail_after(2):
+            assert await tier.get_many(REF, [0], BS) == {}  # after the stall timeout: a miss
+            assert tier.stats["stalls"] == 1
+            assert await tier.get(REF, 0, BS) is None  # bypassed: no wait at all
+        assert tier.stats["stalls"] == 1
+        async with trio.open_nursery() as nursery:
+            tier.nursery = nursery
+            tier.put_later(REF, 1, BS, block(1))  # bypassed too: not even queued
+            assert tier.pending == 0
+    finally:
+        hang.set()
