@@ -894,6 +894,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep scratch dirs and the tmpfs copy")
     parser.add_argument("--seed", type=int, default=20251130)
     parser.add_argument(
+        "--zarrfs-option",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="pass ARG to zarrfs mount (repeatable; e.g. --zarrfs-option=--read-ahead=0)",
+    )
+    parser.add_argument(
         "--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "zarrfs-bench-compare"
     )
     args = parser.parse_args(argv)
@@ -927,6 +934,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = str(sizes.blob + MiB)
     info = machine_info(args.latency * 1000)
     say("\n".join(info))
+    if args.zarrfs_option:
+        say(f"zarrfs mount options: {' '.join(args.zarrfs_option)}")
     runner: Runner | None = None
     try:
         with LocalS3(latency=args.latency, fast_range_min_size=FAST_RANGE_MIN_SIZE) as s3:
@@ -937,11 +946,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"MiB) and a {sizes.blob // MiB} MiB blob in {time.perf_counter() - start:.0f} s")  # fmt: skip
             warm_up(work, s3, bench)
             runner = Runner(args, s3, bench, work)
+            runner.zarrfs_options = list(args.zarrfs_option)
             if ZARRFS in clients:
                 if "--cache-size" in zarrfs_help():
                     runner.zarrfs_disk_cache = True
                     budget = math.ceil((sizes.blob + sizes.array_bytes) * 2 / MiB)
-                    runner.zarrfs_options = ["--cache-size", f"{budget}M"]
+                    runner.zarrfs_options += ["--cache-size", f"{budget}M"]
                 else:
                     say("n/a: zarrfs has no disk cache option: no remount row for zarrfs")
             if "tmpfs" in clients:

@@ -36,6 +36,7 @@ from conftest import (
     wait_until_no_process_mentions,
 )
 from conftest import zarrfs_command as zarrfs
+from zarrfs import runtime
 from zarrfs.demo.locals3 import LocalS3
 from zarrfs.demo.sample import (
     ARRAY_PATH,
@@ -616,6 +617,29 @@ def test_statfs(pair: dict[str, Path], sample: SampleDandiset) -> None:
     assert st.f_files == len(state.assets)
     assert st.f_blocks * st.f_frsize >= sum(r["contentSize"] for r in state.assets)
     assert st.f_bavail == 0
+
+
+def read_ahead_kb(mnt: Path) -> int:
+    device = os.stat(mnt).st_dev
+    bdi = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    return int(bdi.read_text())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may set a mount's kernel readahead")
+def test_the_mount_sets_the_kernel_readahead(
+    mount: Callable[..., Mounted], sample: SampleDandiset
+) -> None:
+    source = f"{sample.dandiset_id}@{V1}"
+    assert read_ahead_kb(mount(source).path) == 1024  # the default, 1M
+    assert read_ahead_kb(mount(source, "--read-ahead", "4M").path) == 4096
+    assert read_ahead_kb(mount(source, "-o", "read_ahead=512K").path) == 512
+    # 0 keeps the kernel's own: 128 KiB (VM_READAHEAD_PAGES) for a FUSE mount
+    assert read_ahead_kb(mount(source, "--read-ahead", "0").path) == 128
+
+
+def test_mount_table_paths_are_unescaped(tmp_path: Path) -> None:
+    assert runtime.unescape_mount_field(r"/tmp/a\040b\011c\134d\012e") == "/tmp/a b\tc\\d\ne"
+    assert runtime.mount_device(tmp_path) is None  # not a FUSE mount
 
 
 def test_xattrs_name_the_pinned_object_version(

@@ -217,6 +217,13 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
         "their metadata when first entered; not part of the published data)",
     )
     p.add_argument(
+        "--read-ahead",
+        default="1M",
+        metavar="SIZE",
+        help="the kernel's readahead for the mount, set when permitted (root); 0 keeps the "
+        "kernel's 128K (default: %(default)s)",
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         metavar="PORT",
@@ -310,6 +317,7 @@ _O_KEYS = {
     "version_memory",
     "cache_size",
     "metrics_port",
+    "read_ahead",
     "manifest_root",
     "log_file",
     "uid",
@@ -397,6 +405,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         consolidate=getattr(args, "consolidate", False),
         metrics_port=_port(getattr(args, "metrics_port", None)),
         kernel_readdir_cache=cfg.env_kernel_readdir_cache(),
+        read_ahead=_size("read ahead", getattr(args, "read_ahead", None), cfg.DEFAULT_READ_AHEAD),
     )
 
 
@@ -422,6 +431,15 @@ def _ownership(args: argparse.Namespace) -> tuple[int | None, int | None, int]:
     if not 0 <= umask <= 0o777:
         raise UserError(f"bad umask {text!r}: use octal digits (e.g. umask=027)")
     return ids[0], ids[1], umask
+
+
+def _size(what: str, value: object, default: int) -> int:
+    if value is None:
+        return default
+    try:
+        return cfg.parse_size(str(value))
+    except ValueError:
+        raise UserError(f"bad {what} size {value!r}: use bytes or a size such as 4M") from None
 
 
 def _port(value: object) -> int | None:

@@ -84,6 +84,11 @@ DEFAULT_VERSION_MEMORY = 256 << 20
 #: Default `--umask`: applied to 0777 for directories and 0666 for files (as rclone does), and the
 #: write bits are always cleared (the mount is read-only), so directories show 0555 and files 0444.
 DEFAULT_UMASK = 0o022
+#: Default `--read-ahead`: the kernel's readahead for the mount (its `read_ahead_kb`), which zarrfs
+#: sets when it may (as root). The kernel's own 128 KiB splits a 256 KiB pread into two round trips
+#: to the daemon, one after the other, plus 256 KiB of readahead nobody asked for, and sends a
+#: sequential reader's requests 128 KiB at a time (benchmarks/RESULTS.md, "Kernel readahead").
+DEFAULT_READ_AHEAD = 1 << 20
 #: Threads used for CPU-heavy work (manifest parsing and conversion).
 CPU_THREADS = 2
 #: Size bound of a manifest download: an honest manifest of a Zarr with N files (the checksum
@@ -275,6 +280,9 @@ class Config:
     #: Let the kernel cache directory listings for the life of the mount, where the running pyfuse3
     #: supports it (the tree never changes). Off only through `KERNEL_READDIR_CACHE_ENV`.
     kernel_readdir_cache: bool = True
+    #: The kernel's readahead for the mount in bytes (`/sys/class/bdi/<dev>/read_ahead_kb`), set at
+    #: mount when permitted; 0 leaves the kernel's default.
+    read_ahead: int = DEFAULT_READ_AHEAD
     fsname: str = "zarrfs"
 
 

@@ -133,6 +133,8 @@ class ZarrfsOperations(pyfuse3.Operations):
         self.kernel_readdir_cache = kernel_readdir_cache and kernel_readdir_cache_supported()
         self._fs = fs
         self._ready = trio.Event()  # the core is attached (or failed): requests may proceed
+        #: Set once the kernel's INIT request is answered: the mount's settings are final then.
+        self.initialized = trio.Event()
         self._started_ns = time.time_ns()
         if fs is not None:
             self._ready.set()
@@ -156,6 +158,11 @@ class ZarrfsOperations(pyfuse3.Operations):
         if self._fs is None:
             raise RuntimeError("the filesystem is not attached yet")
         return self._fs
+
+    def init(self) -> None:
+        """pyfuse3 calls this while answering the kernel's INIT request; the answer is sent when
+        it returns, before any waiter on `initialized` runs."""
+        self.initialized.set()
 
     def attach(self, fs: Filesystem) -> None:
         """The core is ready: requests that arrived since the mount was made proceed."""

@@ -17,6 +17,8 @@ reopens the log file of a mount that logs to a file (logrotate), and stops a mou
 terminal (the terminal hung up). SIGUSR1 dumps the stack of every thread to stderr (faulthandler, works
 even if the event loop is stuck); SIGUSR2 logs the tree of trio tasks with their await stacks.
 The mount is made with libfuse's `auto_unmount`, so even `kill -9` of the daemon leaves no dead mount.
+Once the kernel has the answer to INIT, the mount's kernel readahead is raised to `--read-ahead`
+where permitted (`set_read_ahead`).
 
 MOUNTPOINT may also be `/dev/fd/N`, an open `/dev/fuse` descriptor that the caller (Apptainer's
 `--fusemount`, a Kubernetes FUSE plugin, a test) has already mounted somewhere: libfuse (>= 3.3) then
@@ -82,6 +84,42 @@ def fuse_options(config: Config) -> set[str]:
     return options
 
 
+async def _set_read_ahead_once_initialized(ops: ZarrfsOperations, config: Config) -> None:
+    # The kernel sets the mount's readahead when it gets the answer to INIT (to the smaller of
+    # its own and the daemon's): a value written before that is overwritten.
+    await ops.initialized.wait()
+    set_read_ahead(config)
+
+
+def set_read_ahead(config: Config) -> None:
+    """Set the kernel's readahead of the new mount to `config.read_ahead` (`read_ahead_kb` of its
+    backing device in sysfs, which only root may write; the FUSE protocol lets a daemon lower the
+    kernel's 128 KiB, never raise it). Best effort: a mount without it works, only slower. Call it
+    once the kernel has the answer to INIT."""
+    if config.read_ahead <= 0 or fuse_fd(config.mountpoint) is not None:
+        return  # /dev/fd/N: whoever mounted it knows where (and may set it)
+    device = runtime.mount_device(config.mountpoint)
+    if device is None:
+        log.debug("no mountinfo entry for %s: kernel readahead left as it is", config.mountpoint)
+        return
+    path = f"/sys/class/bdi/{device}/read_ahead_kb"
+    kib = max(1, config.read_ahead // 1024)
+    try:
+        with open(path, "w") as f:
+            f.write(f"{kib}\n")
+    except OSError as e:
+        log.info(
+            "kernel readahead of %s left at its default (%s: %s); as root: echo %d > %s",
+            config.mountpoint,
+            path,
+            e.strerror or e,
+            kib,
+            path,
+        )
+    else:
+        log.debug("kernel readahead of %s: %d KiB (%s)", config.mountpoint, kib, path)
+
+
 async def serve(
     config: Config,
     *,
@@ -112,6 +150,7 @@ async def serve(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_handle_signals, nursery.cancel_scope, reopen_log)
                 nursery.start_soon(_run_fuse, nursery.cancel_scope)
+                nursery.start_soon(_set_read_ahead_once_initialized, ops, config)
                 # The mountpoint is live from here on; requests wait for the core, which starts
                 # now. Its imports (the S3 client's: ~0.4 s) run in a thread so that the event
                 # loop answers the kernel meanwhile (a `stat` of the mountpoint, for one).

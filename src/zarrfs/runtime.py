@@ -5,7 +5,8 @@ Owns: one private directory per user (`$XDG_RUNTIME_DIR/zarrfs`, else `/tmp/zarr
 0700), and in it, per live mount, `<key>.json` (its pid, mountpoint and the configuration it runs
 with, enough to rebuild its `Config`) and `<key>.stats.json` (its latest `stats.snapshot`, rewritten
 every `STATS_INTERVAL` seconds), where `<key>` is a hash of the mountpoint; finding the zarrfs mount
-a local path is under (from `/proc/self/mounts`). Files are written atomically and removed at unmount;
+a local path is under (from `/proc/self/mounts`) and the device number of a mount (from
+`/proc/self/mountinfo`). Files are written atomically and removed at unmount;
 a file whose pid is gone is stale and ignored. Synchronous and small.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict
 from hashlib import sha1
 from pathlib import Path
@@ -138,7 +140,7 @@ def zarrfs_mount_of(path: Path) -> tuple[Path, str] | None:
                 fields = line.split(" ")
                 if len(fields) < 3 or fields[2] != "fuse.zarrfs":
                     continue
-                mnt = Path(fields[1].replace("\\040", " ").replace("\\011", "\t"))
+                mnt = Path(unescape_mount_field(fields[1]))
                 if (target == mnt or mnt in target.parents) and (
                     best is None or len(mnt.parts) > len(best.parts)
                 ):
@@ -149,3 +151,27 @@ def zarrfs_mount_of(path: Path) -> tuple[Path, str] | None:
         return None
     relative = target.relative_to(best).as_posix()
     return best, "" if relative == "." else relative
+
+
+def mount_device(mountpoint: os.PathLike[str] | str) -> str | None:
+    """`major:minor` of the FUSE mount at `mountpoint` (the newest one there), from
+    /proc/self/mountinfo: asking the kernel with stat() would wait for this very daemon."""
+    target = os.path.abspath(os.fspath(mountpoint))
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields, _, rest = line.partition(" - ")
+                parts = fields.split()
+                if len(parts) < 5 or not rest.startswith("fuse"):
+                    continue
+                if unescape_mount_field(parts[4]) == target:
+                    found = parts[2]
+    except OSError:
+        return None
+    return found
+
+
+def unescape_mount_field(field: str) -> str:
+    """A path as /proc/self/mounts and mountinfo show it, octal escapes (`\\040`) undone."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
