@@ -324,5 +324,7 @@ def _slice(
 ) -> bytes:
     if first == last:
         return blocks[first][offset - first * unit : end - first * unit]
-    data = b"".join(blocks[i] for i in range(first, last + 1))
-    return data[offset - first * unit : end - first * unit]
+    # one copy: the ends as views, joined with the blocks between them
+    head = memoryview(blocks[first])[offset - first * unit :]
+    tail = memoryview(blocks[last])[: end - last * unit]
+    return b"".join([head, *(blocks[i] for i in range(first + 1, last)), tail])

@@ -199,18 +199,26 @@ class Prefetcher:
         index = run[0]
         start = index * unit
         stop = min((run[-1] + 1) * unit, ref.size)
-        pending = bytearray()
+        parts: list[bytes] = []  # of the block being received
+        held = 0  # bytes in parts
         disk = blocks.disk
 
         def sink(chunk: bytes) -> None:
-            nonlocal index
-            pending.extend(chunk)
-            while pending and (len(pending) >= unit or index * unit + len(pending) >= stop):
-                block = bytes(pending[:unit])
-                del pending[:unit]
-                blocks.fulfil(ref, index, block)
-                if disk is not None:
-                    disk.put_later(ref, index, unit, block)
-                index += 1
+            # Chunks are joined into blocks with one copy (chunks of a stream that starts on a
+            # block boundary usually end on one too: a block is then its chunks, joined).
+            nonlocal index, held
+            while chunk:
+                take = min(len(chunk), min(unit, stop - index * unit) - held)
+                parts.append(chunk if take == len(chunk) else chunk[:take])
+                chunk = chunk[take:]
+                held += take
+                if held == min(unit, stop - index * unit):
+                    block = parts[0] if len(parts) == 1 else b"".join(parts)
+                    parts.clear()
+                    held = 0
+                    blocks.fulfil(ref, index, block)
+                    if disk is not None:
+                        disk.put_later(ref, index, unit, block)
+                    index += 1
 
         await self.reader.stream_range(ref, start, stop, ticket, sink)

@@ -62,8 +62,10 @@ T = TypeVar("T")
 
 #: Bytes per read of a streamed download body (and per file write).
 DOWNLOAD_CHUNK = 1 << 20
-#: Bytes per read of a streamed (prefetch) body.
-STREAM_CHUNK = 256 << 10
+#: Bytes per read of a streamed (prefetch) body: what the HTTP stack reads from the socket at a
+#: time (httpcore: 64 KiB), so that a read returns the chunk as it came, without the copies of
+#: aiobotocore's buffer joining several.
+STREAM_CHUNK = 64 << 10
 #: Bodies at least this large are hashed in a worker thread (hashlib releases the GIL).
 HASH_IN_THREAD = 1 << 18
 
