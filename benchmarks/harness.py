@@ -35,13 +35,12 @@ from zarrfs.demo.sample import (
     ManifestLeaf,
     blob_key,
     build_manifest,
-    dandi_etag,
     format_manifest,
     manifest_key,
     to_yaml,
+    upload_as_dandi,
     zarr_checksum_of,
 )
-from zarrfs.digests import dandi_part_sizes
 
 #: Seconds a mount may take to become live.
 MOUNT_DEADLINE = 60.0
@@ -112,29 +111,12 @@ def put_zarr(s3: LocalS3, path: str, files: Mapping[str, bytes], threads: int = 
 
 def upload_blob(s3: LocalS3, path: str, data: bytes) -> BlobAsset:
     """Upload `data` as DANDI does: one multipart upload in 64 MiB parts; its ETag is the dandi-etag."""
-    client, bucket = s3.client, s3.bucket
     blob_id = str(uuid.uuid4())
     key = blob_key(blob_id)
-    upload = client.create_multipart_upload(Bucket=bucket, Key=key)
-    parts = []
-    offset = 0
-    for number, size in enumerate(dandi_part_sizes(len(data)), start=1):
-        part = client.upload_part(
-            Bucket=bucket,
-            Key=key,
-            UploadId=upload["UploadId"],
-            PartNumber=number,
-            Body=data[offset : offset + size],
-        )
-        parts.append({"PartNumber": number, "ETag": part["ETag"]})
-        offset += size
-    done = client.complete_multipart_upload(
-        Bucket=bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
-    )
-    etag = dandi_etag(data)
-    if done["ETag"].strip('"') != etag:
-        raise RuntimeError(f"blob ETag {done['ETag']} != dandi-etag {etag}")
-    return BlobAsset(path, blob_id, key, len(data), etag, done["VersionId"])
+    etag, version_id = upload_as_dandi(s3.client, s3.bucket, key, data)
+    if version_id is None:
+        raise RuntimeError(f"the bucket gave {key} no VersionId: is it versioned?")
+    return BlobAsset(path, blob_id, key, len(data), etag, version_id)
 
 
 def publish(

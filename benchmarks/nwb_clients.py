@@ -64,10 +64,10 @@ from zarrfs.demo.sample import (
     format_manifest,
     manifest_key,
     to_yaml,
+    upload_as_dandi,
     write_nwb,
     zarr_checksum_of,
 )
-from zarrfs.digests import dandi_part_sizes
 
 DANDISET = "000980"
 VERSION = "0.251201.1200"
@@ -228,21 +228,7 @@ def publish(s3: LocalS3, written: Written) -> Published:
     now = datetime.now(UTC).replace(microsecond=0).isoformat()
     blob_id, zarr_id = str(uuid.uuid4()), str(uuid.uuid4())
     key = blob_key(blob_id)
-    upload = client.create_multipart_upload(Bucket=bucket, Key=key)
-    parts, offset = [], 0
-    for number, size in enumerate(dandi_part_sizes(len(written.nwb)), start=1):
-        part = client.upload_part(
-            Bucket=bucket,
-            Key=key,
-            UploadId=upload["UploadId"],
-            PartNumber=number,
-            Body=written.nwb[offset : offset + size],
-        )
-        parts.append({"PartNumber": number, "ETag": part["ETag"]})
-        offset += size
-    client.complete_multipart_upload(
-        Bucket=bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
-    )
+    upload_as_dandi(client, bucket, key, written.nwb)
 
     def put(item: tuple[str, bytes]) -> ManifestLeaf:
         path, body = item

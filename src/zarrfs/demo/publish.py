@@ -21,17 +21,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..digests import dandi_part_sizes
 from .sample import (
     PUBLIC_S3_URL,
     ManifestLeaf,
     blob_key,
     build_manifest,
-    dandi_etag,
     format_iso_seconds,
     format_manifest,
     manifest_key,
     to_yaml,
+    upload_as_dandi,
 )
 
 if TYPE_CHECKING:
@@ -118,26 +117,8 @@ def publish_zarrs(
 
 def _upload_blob(s3: LocalS3, path: str, data: bytes, now: str) -> dict[str, object]:
     """Upload `data` as DANDI uploads a blob; its asset record."""
-    client, bucket = s3.client, s3.bucket
     key = blob_key(str(uuid.uuid4()))
-    upload = client.create_multipart_upload(Bucket=bucket, Key=key)
-    parts, offset = [], 0
-    for number, size in enumerate(dandi_part_sizes(len(data)), start=1):
-        part = client.upload_part(
-            Bucket=bucket,
-            Key=key,
-            UploadId=upload["UploadId"],
-            PartNumber=number,
-            Body=data[offset : offset + size],
-        )
-        parts.append({"PartNumber": number, "ETag": part["ETag"]})
-        offset += size
-    done = client.complete_multipart_upload(
-        Bucket=bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
-    )
-    etag = dandi_etag(data)
-    if done["ETag"].strip('"') != etag:
-        raise RuntimeError(f"S3 ETag {done['ETag']} of {key} is not the dandi-etag {etag}")
+    etag, _ = upload_as_dandi(s3.client, s3.bucket, key, data)
     return {
         "identifier": str(uuid.uuid4()),
         "path": path,

@@ -161,6 +161,33 @@ def dandi_etag(data: bytes) -> str:
     return hasher.etag(multipart=True)
 
 
+def upload_as_dandi(
+    client: Any, bucket: str, key: str, data: bytes, content_type: str | None = None
+) -> tuple[str, str | None]:
+    """Upload `data` to `key` as DANDI uploads a blob (one multipart upload in DANDI's part sizes),
+    check that S3's ETag is the dandi-etag, and return (that ETag, the new VersionId)."""
+    extra = {"ContentType": content_type} if content_type else {}
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key, **extra)
+    parts, offset = [], 0
+    for number, size in enumerate(dandi_part_sizes(len(data)), start=1):
+        part = client.upload_part(
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload["UploadId"],
+            PartNumber=number,
+            Body=data[offset : offset + size],
+        )
+        parts.append({"PartNumber": number, "ETag": part["ETag"]})
+        offset += size
+    done = client.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
+    )
+    etag = dandi_etag(data)
+    if done["ETag"].strip('"') != etag:
+        raise RuntimeError(f"S3 ETag {done['ETag']} of {key} is not the dandi-etag {etag}")
+    return etag, done.get("VersionId")
+
+
 def blob_key(blob_id: str) -> str:
     """`blobs/<u[0:3]>/<u[3:6]>/<u>`."""
     return f"blobs/{blob_id[0:3]}/{blob_id[3:6]}/{blob_id}"
@@ -611,29 +638,9 @@ class _Builder:
 
     def upload_blob(self, path: str, data: bytes) -> None:
         blob_id = str(uuid.uuid4())
-        key = blob_key(blob_id)
-        client, bucket = self.s3.client, self.s3.bucket
-        upload = client.create_multipart_upload(
-            Bucket=bucket, Key=key, ContentType="application/octet-stream"
+        etag, _ = upload_as_dandi(
+            self.s3.client, self.s3.bucket, blob_key(blob_id), data, "application/octet-stream"
         )
-        parts = []
-        offset = 0
-        for number, size in enumerate(dandi_part_sizes(len(data)), start=1):
-            response = client.upload_part(
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload["UploadId"],
-                PartNumber=number,
-                Body=data[offset : offset + size],
-            )
-            parts.append({"PartNumber": number, "ETag": response["ETag"]})
-            offset += size
-        done = client.complete_multipart_upload(
-            Bucket=bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
-        )
-        etag = dandi_etag(data)
-        if done["ETag"].strip('"') != etag:
-            raise RuntimeError(f"S3 ETag {done['ETag']} of {key} is not the dandi-etag {etag}")
         self.blobs[path] = _Blob(blob_id=blob_id, data=data, etag=etag, sha256=_sha256(data))
 
     def sync_zarr(
