@@ -107,6 +107,9 @@ def test_ordinary_user_mounts_reads_and_unmounts(
                            f"import sys,hashlib; print(hashlib.sha256(open({str(mnt / rel)!r},'rb').read()).hexdigest())")  # fmt: skip
             assert read.returncode == 0, read.stderr
             assert read.stdout.strip() == hashlib.sha256(expected[rel]).hexdigest()
+        # only root may raise the kernel's readahead: the user's mount says how, and serves anyway
+        log = "".join(p.read_text() for p in (home / "cache" / "logs").glob("*.log"))
+        assert "kernel readahead of" in log and "left at its default" in log, log
         owner = as_user(user, "stat", "-c", "%u %a", str(mnt / EPHYS_PATH))
         assert owner.stdout.split() == [str(user.pw_uid), "444"]
         # without allow_other, nobody else (not even root) sees inside a user's FUSE mount

@@ -1,9 +1,9 @@
 """Command line: arguments -> a frozen `Config`, logging, user-facing errors -> exit codes.
 
 Owns: `zarrfs mount|unmount|demo`, the `mount.zarrfs` helper for /etc/fstab, daemonizing a mount
-(the parent returns 0 only once the child reports the mount live, else prints the child's one-line
-error and exits non-zero; a `/dev/fd/N` mountpoint's descriptor is handed on to the child) and
-exit codes. Never calls FUSE or S3 itself: `mount.serve` does.
+(a fork of this process; the parent returns 0 only once the child reports the mount serving, else
+prints the child's one-line error and exits non-zero; a `/dev/fd/N` mountpoint's descriptor is
+inherited by the child) and exit codes. Never calls FUSE or S3 itself: `mount.serve` does.
 
 Exit codes: 0 success; 1 unexpected internal error; 2 bad usage or SOURCE; 3 dandiset or version not
 found; 4 mountpoint or FUSE problem; 5 remote data unavailable (S3/API unreachable, bad metadata).
