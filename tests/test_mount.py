@@ -13,9 +13,12 @@ import hashlib
 import io
 import json
 import os
+import select
 import signal
+import socket
 import stat
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -637,6 +640,25 @@ def test_the_mount_sets_the_kernel_readahead(
     assert read_ahead_kb(mount(source, "--read-ahead", "0").path) == 128
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may set a mount's kernel readahead")
+def test_the_readahead_is_set_through_a_symlinked_mountpoint(
+    sample: SampleDandiset, tmp_path: Path
+) -> None:
+    """As on clusters where $HOME is a symlink: mountinfo shows the resolved path."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    mounted = start_mount(
+        tmp_path / "link",
+        f"{sample.dandiset_id}@{V1}",
+        endpoint=sample.endpoint_url,
+        cache=tmp_path / "cache",
+    )
+    try:
+        assert read_ahead_kb(mounted.path) == 1024
+    finally:
+        stop_mount(mounted)
+
+
 def test_mount_table_paths_are_unescaped(tmp_path: Path) -> None:
     assert runtime.unescape_mount_field(r"/tmp/a\040b\011c\134d\012e") == "/tmp/a b\tc\\d\ne"
     assert runtime.mount_device(tmp_path) is None  # not a FUSE mount
@@ -748,6 +770,72 @@ def test_background_mount_and_unmount(tmp_path: Path, sample: SampleDandiset) ->
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
         for pid in processes_mentioning(mnt):
             os.kill(pid, 15)
+
+
+def test_the_daemon_keeps_no_descriptor_of_its_caller(
+    tmp_path: Path, sample: SampleDandiset
+) -> None:
+    """The daemon is a fork of the command: what the caller left open (a lock, the write end of a
+    pipe it reads until EOF) must not stay open for the life of the mount."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    read_end, write_end = os.pipe()
+    common = ["--endpoint-url", sample.endpoint_url, "--cache-dir", str(tmp_path / "cache")]
+    try:
+        result = subprocess.run(
+            zarrfs("mount", f"{sample.dandiset_id}@{V1}", str(mnt), *common),
+            capture_output=True,
+            text=True,
+            timeout=MOUNT_DEADLINE,
+            check=False,
+            pass_fds=(write_end,),
+        )
+        assert result.returncode == 0, result.stderr
+        os.close(write_end)
+        write_end = -1
+        assert processes_mentioning(mnt), "no daemon serves the mount"
+        readable, _, _ = select.select([read_end], [], [], 5)
+        assert readable and os.read(read_end, 1) == b"", "the daemon holds the caller's pipe"
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
+        wait_until_no_process_mentions(mnt)
+
+
+def test_ctrl_c_while_the_mount_starts_leaves_nothing_behind(
+    tmp_path: Path, sample: SampleDandiset
+) -> None:
+    """An S3 that accepts connections and never answers: the mountpoint is live at once (fast
+    start), the command waits for the version to resolve, and the user presses Ctrl-C."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    command = zarrfs("mount", f"{sample.dandiset_id}@{V1}", str(mnt), "--endpoint-url", endpoint,
+                     "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + MOUNT_DEADLINE
+        while not os.path.ismount(mnt):
+            assert launcher.poll() is None, launcher.communicate()
+            assert time.monotonic() < deadline, "the mountpoint never became live"
+            time.sleep(0.02)
+        launcher.send_signal(signal.SIGINT)
+        _, err = launcher.communicate(timeout=EXIT_DEADLINE)
+        assert launcher.returncode == 130, err
+        assert not os.path.ismount(mnt)
+        wait_until_no_process_mentions(mnt)  # the daemon is gone too
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
+        silent.close()
 
 
 def test_without_xattr_option_the_kernel_stops_asking(

@@ -590,6 +590,7 @@ def _spawn_background(config: cfg.Config, args: argparse.Namespace) -> int:
             os.close(read_fd)
             os.setsid()
             _detach_stdio(log_file)
+            _close_fds_but(write_fd, passed_fd)  # what the caller left open is not the daemon's
             code = _run_daemon(config, write_fd, log_file)
         except BaseException:
             log.exception("the mount process failed")
@@ -597,19 +598,43 @@ def _spawn_background(config: cfg.Config, args: argparse.Namespace) -> int:
             logging.shutdown()
             os._exit(code)
     os.close(write_fd)
-    message = _wait_for_child(read_fd, pid, cfg.MOUNT_READY_TIMEOUT)
-    os.close(read_fd)
+    try:
+        message = _wait_for_child(read_fd, pid, cfg.MOUNT_READY_TIMEOUT)
+    except BaseException:  # Ctrl-C while waiting: no mount may outlive the command that failed
+        _stop_child(pid, config.mountpoint if passed_fd is None else None)
+        raise
+    finally:
+        os.close(read_fd)
     if message == "READY":
         return EXIT_OK
-    with contextlib.suppress(ChildProcessError, ProcessLookupError):
-        if os.waitpid(pid, os.WNOHANG) == (0, 0):
-            os.kill(pid, signal.SIGTERM)
-    if passed_fd is None and os.path.ismount(config.mountpoint):
-        _fusermount(config.mountpoint, lazy=True)
+    _stop_child(pid, config.mountpoint if passed_fd is None else None)
     if message.startswith("ERROR "):
         _, status, text = message.split(" ", 2)
         return _fail(text, int(status))
     return _fail(f"{message} (see {log_file})", EXIT_INTERNAL)
+
+
+def _close_fds_but(*keep: int | None) -> None:
+    """Close every descriptor above 2 except `keep` (a fork inherits them all: a lock the caller
+    holds, the far end of a pipe it waits on)."""
+    start = 3
+    for fd in sorted(k for k in keep if k is not None and k >= 3):
+        os.closerange(start, fd)
+        start = fd + 1
+    os.closerange(start, os.sysconf("SC_OPEN_MAX"))
+
+
+def _stop_child(pid: int, mountpoint: Path | None) -> None:
+    """End a daemon that did not get ready (it unmounts on SIGTERM; `auto_unmount` covers a crash),
+    and make sure nothing stays mounted at `mountpoint` (None: a /dev/fd/N mount, the caller's)."""
+    with contextlib.suppress(ChildProcessError, ProcessLookupError):
+        if os.waitpid(pid, os.WNOHANG) == (0, 0):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + cfg.CHILD_STOP_WAIT
+            while os.waitpid(pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    if mountpoint is not None and os.path.ismount(mountpoint):
+        _fusermount(mountpoint, lazy=True)
 
 
 def _detach_stdio(log_file: Path) -> None:

@@ -113,6 +113,9 @@ READ_DEADLINE = MAX_ATTEMPTS * REQUEST_TIMEOUT + sum(
 )
 #: Seconds `zarrfs mount` waits for a background mount to become live.
 MOUNT_READY_TIMEOUT = 120.0
+#: Seconds `zarrfs mount` waits for the daemon it stops (it failed to get ready, or the command was
+#: interrupted) to exit, before unmounting what may be left itself.
+CHILD_STOP_WAIT = 10.0
 
 # --- the disk block cache (`disk_cache`) --------------------------------------------------------
 #: Default `--cache-size` when none is given: this fraction of the free space of the cache dir's

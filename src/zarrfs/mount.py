@@ -84,23 +84,26 @@ def fuse_options(config: Config) -> set[str]:
     return options
 
 
-async def _set_read_ahead_once_initialized(ops: ZarrfsOperations, config: Config) -> None:
+async def _set_read_ahead_once_initialized(
+    ops: ZarrfsOperations, config: Config, real_mountpoint: str
+) -> None:
     # The kernel sets the mount's readahead when it gets the answer to INIT (to the smaller of
     # its own and the daemon's): a value written before that is overwritten.
     await ops.initialized.wait()
-    set_read_ahead(config)
+    set_read_ahead(config, real_mountpoint)
 
 
-def set_read_ahead(config: Config) -> None:
+def set_read_ahead(config: Config, real_mountpoint: str) -> None:
     """Set the kernel's readahead of the new mount to `config.read_ahead` (`read_ahead_kb` of its
     backing device in sysfs, which only root may write; the FUSE protocol lets a daemon lower the
     kernel's 128 KiB, never raise it). Best effort: a mount without it works, only slower. Call it
-    once the kernel has the answer to INIT."""
+    once the kernel has the answer to INIT, with the mountpoint's real path (symlinks resolved, as
+    mountinfo shows it) found before mounting."""
     if config.read_ahead <= 0 or fuse_fd(config.mountpoint) is not None:
         return  # /dev/fd/N: whoever mounted it knows where (and may set it)
-    device = runtime.mount_device(config.mountpoint)
+    device = runtime.mount_device(real_mountpoint)
     if device is None:
-        log.debug("no mountinfo entry for %s: kernel readahead left as it is", config.mountpoint)
+        log.info("no mountinfo entry for %s: kernel readahead left as it is", real_mountpoint)
         return
     path = f"/sys/class/bdi/{device}/read_ahead_kb"
     kib = max(1, config.read_ahead // 1024)
@@ -139,6 +142,8 @@ async def serve(
             xattrs=config.xattrs,
             kernel_readdir_cache=config.kernel_readdir_cache,
         )
+        # mountinfo shows the resolved path; resolving it after the mount would stat this daemon
+        real_mountpoint = os.path.realpath(config.mountpoint)
         try:
             pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
         except RuntimeError as e:
@@ -150,7 +155,7 @@ async def serve(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_handle_signals, nursery.cancel_scope, reopen_log)
                 nursery.start_soon(_run_fuse, nursery.cancel_scope)
-                nursery.start_soon(_set_read_ahead_once_initialized, ops, config)
+                nursery.start_soon(_set_read_ahead_once_initialized, ops, config, real_mountpoint)
                 # The mountpoint is live from here on; requests wait for the core, which starts
                 # now. Its imports (the S3 client's: ~0.4 s) run in a thread so that the event
                 # loop answers the kernel meanwhile (a `stat` of the mountpoint, for one).

@@ -154,8 +154,9 @@ def zarrfs_mount_of(path: Path) -> tuple[Path, str] | None:
 
 
 def mount_device(mountpoint: os.PathLike[str] | str) -> str | None:
-    """`major:minor` of the FUSE mount at `mountpoint` (the newest one there), from
-    /proc/self/mountinfo: asking the kernel with stat() would wait for this very daemon."""
+    """`major:minor` of the FUSE mount at `mountpoint` (the newest one there; give the real path,
+    as mountinfo shows mountpoints with symlinks resolved), from /proc/self/mountinfo: asking the
+    kernel with stat() would wait for this very daemon."""
     target = os.path.abspath(os.fspath(mountpoint))
     found = None
     try:
