@@ -8,14 +8,20 @@ missing /dev/fuse or fusermount3 is an error, elsewhere a visible skip.
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -216,3 +222,71 @@ def mount(
     yield start
     for mounted in live:
         stop_mount(mounted)
+
+
+class ForwardingProxy:
+    """An HTTP proxy in front of the local S3: forwards every GET and HEAD, counts them by (method,
+    path), and passes each GET body through `alter` (a subclass damages some). With
+    `drop_checksums`, `x-amz-checksum-*` headers are not passed on, as for most objects in the
+    archive (uploaded without a checksum), so that botocore cannot catch damage itself."""
+
+    def __init__(self, upstream: str, *, drop_checksums: bool = False) -> None:
+        self.upstream = urlsplit(upstream)
+        self.drop_checksums = drop_checksums
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                self.forward("GET")
+
+            def do_HEAD(self) -> None:
+                self.forward("HEAD")
+
+            def forward(self, method: str) -> None:
+                path = urlsplit(self.path).path
+                with proxy.lock:
+                    proxy.counts[(method, path)] += 1
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                conn.request(method, self.path, headers=headers)
+                response = conn.getresponse()
+                body = response.read()
+                if method == "GET":
+                    body = proxy.alter(path, body)
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    low = key.lower()
+                    if low in ("content-length", "transfer-encoding", "connection") or (
+                        proxy.drop_checksums and low.startswith("x-amz-checksum")
+                    ):
+                        continue
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if method != "HEAD":
+                    self.wfile.write(body)
+                conn.close()
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def alter(self, path: str, body: bytes) -> bytes:
+        """The body of a GET of `path` as the client gets it (unchanged here)."""
+        return body
+
+    def gets(self, key: str) -> int:
+        """GETs so far of paths ending with `key`."""
+        with self.lock:
+            return sum(n for (m, p), n in self.counts.items() if m == "GET" and p.endswith(key))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

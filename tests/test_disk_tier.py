@@ -111,3 +111,35 @@ async def test_a_hung_disk_is_bypassed_not_waited_for(
             assert tier.pending == 0
     finally:
         hang.set()
+
+
+async def test_a_write_that_fails_skips_that_block_only(tmp_path: Path) -> None:
+    tier = make_tier(tmp_path)
+    put = tier.disk.put
+
+    def failing_put(bucket: str, ref: ObjectRef, index: int, data: bytes, bs: int) -> bool:
+        if index == 1:
+            raise ValueError("a bug")
+        return put(bucket, ref, index, data, bs)
+
+    tier.disk.put = failing_put  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:  # would be torn down by an escaping error
+        tier.nursery = nursery
+        for index in range(4):
+            tier.put_later(REF, index, BS, block(index))
+    assert tier.stats["write_errors"] == 1
+    assert set(await tier.get_many(REF, list(range(4)), BS)) == {0, 2, 3}
+    assert tier.pending == 0
+
+
+async def test_a_closed_nursery_strands_no_later_write(tmp_path: Path) -> None:
+    tier = make_tier(tmp_path)
+    async with trio.open_nursery() as nursery:
+        tier.nursery = nursery
+    with pytest.raises(RuntimeError):
+        tier.put_later(REF, 0, BS, block(0))  # the nursery is closed
+    async with trio.open_nursery() as nursery:
+        tier.nursery = nursery
+        tier.put_later(REF, 1, BS, block(1))  # a writer starts: none counted from before
+    assert set(await tier.get_many(REF, [0, 1], BS)) == {0, 1}  # block 0 stayed queued
+    assert tier.pending == 0

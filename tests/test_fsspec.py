@@ -15,7 +15,6 @@ published here: an xarray dataset written by xarray, and an NWB file written by 
 from __future__ import annotations
 
 import errno
-import http.client
 import io
 import json
 import os
@@ -23,20 +22,17 @@ import pickle
 import subprocess
 import sys
 import tempfile
-import threading
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import fsspec
 import numpy as np
 import pytest
 
+from conftest import ForwardingProxy
 from zarrfs import config as cfg
 from zarrfs.cli import build_parser, config_from_args
 from zarrfs.demo.locals3 import LocalS3
@@ -406,6 +402,32 @@ def test_sources_beyond_the_limit_are_closed_when_idle(
     opened.close()
 
 
+def test_a_file_closed_on_the_loop_thread_lets_its_source_go(
+    fs: ZarrfsFileSystem, sample: SampleDandiset
+) -> None:
+    """An unclosed file is in a reference cycle: the cycle collector may free (close) it on the
+    runtime's own thread, where a blocking call into the loop is refused."""
+    import trio
+
+    from zarrfs import fsspec_face
+
+    opened = fs.open(v(sample, V1, EPHYS_PATH))
+    assert opened.read(10) == sample.versions[V1].files[EPHYS_PATH][:10]
+    handle = opened._handle
+    assert handle is not None and handle.served.users == 1
+
+    async def close_on_the_loop() -> int:
+        opened.close()
+        for _ in range(100):
+            if handle.served.users == 0:
+                break
+            await trio.sleep(0.01)
+        return handle.served.users
+
+    runtime = fsspec_face.runtime()
+    assert runtime.call(close_on_the_loop) == 0  # released: the source may be closed when idle
+
+
 def test_a_cache_dir_warmed_by_the_command_line_serves_without_s3(
     sample: SampleDandiset, tmp_path: Path
 ) -> None:
@@ -652,61 +674,9 @@ def test_the_entry_point_registers_the_protocol(
 # --- a Dask cluster ----------------------------------------------------------------------------------
 
 
-class CountingProxy:
-    """Forwards every request to the local S3 and counts them by method and path."""
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = urlsplit(upstream)
-        self.counts: Counter[tuple[str, str]] = Counter()
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                self.forward("GET")
-
-            def do_HEAD(self) -> None:
-                self.forward("HEAD")
-
-            def forward(self, method: str) -> None:
-                with proxy.lock:
-                    proxy.counts[(method, urlsplit(self.path).path)] += 1
-                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                conn.request(method, self.path, headers=headers)
-                response = conn.getresponse()
-                body = response.read()
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if method != "HEAD":
-                    self.wfile.write(body)
-                conn.close()
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def gets(self, key: str) -> int:
-        with self.lock:
-            return sum(n for (m, p), n in self.counts.items() if m == "GET" and p.endswith(key))
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def counting_proxy(sample: SampleDandiset) -> Iterator[CountingProxy]:
-    proxy = CountingProxy(sample.endpoint_url)
+def counting_proxy(sample: SampleDandiset) -> Iterator[ForwardingProxy]:
+    proxy = ForwardingProxy(sample.endpoint_url)
     yield proxy
     proxy.close()
 
@@ -725,7 +695,7 @@ def _cold_read(options: dict[str, Any], path: str) -> tuple[int, bytes]:
 
 
 def test_a_dask_cluster_reads_the_pinned_array_and_fetches_each_manifest_once(
-    sample: SampleDandiset, counting_proxy: CountingProxy, tmp_path: Path
+    sample: SampleDandiset, counting_proxy: ForwardingProxy, tmp_path: Path
 ) -> None:
     import cloudpickle
     import dask.array as da

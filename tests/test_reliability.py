@@ -12,7 +12,6 @@ import contextlib
 import copy
 import errno
 import hashlib
-import http.client
 import json
 import os
 import signal
@@ -21,14 +20,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import EXIT_DEADLINE, Mounted, inject, zarrfs_command
+from conftest import EXIT_DEADLINE, ForwardingProxy, Mounted, inject, zarrfs_command
 from zarrfs.demo.sample import (
     ARRAY_PATH,
     EPHYS_PATH,
@@ -233,67 +230,23 @@ def _pids_with_arg(arg: str) -> list[int]:
 # --- 4. damaged bytes in transit ----------------------------------------------------------------------
 
 
-class FlippingProxy:
-    """Forwards every request to the local S3; flips one byte in the body of the next `flips` GETs
-    whose path ends with `target`. It drops `x-amz-checksum-*` headers, as for most objects in the
-    archive (uploaded without a checksum), so that botocore cannot catch the damage itself."""
+class FlippingProxy(ForwardingProxy):
+    """Flips one byte in the body of the next `flips` GETs whose path ends with `target`, and drops
+    the checksum headers (see `ForwardingProxy`)."""
 
     def __init__(self, upstream: str, target: str) -> None:
-        self.upstream = urlsplit(upstream)
+        super().__init__(upstream, drop_checksums=True)
         self.target = target
         self.flips = 0
         self.flipped = 0
-        proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                self.forward("GET")
-
-            def do_HEAD(self) -> None:
-                self.forward("HEAD")
-
-            def forward(self, method: str) -> None:
-                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                conn.request(method, self.path, headers=headers)
-                response = conn.getresponse()
-                body = response.read()
-                if (
-                    method == "GET"
-                    and urlsplit(self.path).path.endswith(proxy.target)
-                    and proxy.flips > 0
-                    and body
-                ):
-                    proxy.flips -= 1
-                    proxy.flipped += 1
-                    body = body[:100] + bytes([body[100] ^ 0x01]) + body[101:]
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    low = key.lower()
-                    if low.startswith("x-amz-checksum") or low in (
-                        "content-length",
-                        "transfer-encoding",
-                        "connection",
-                    ):
-                        continue
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                conn.close()
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def alter(self, path: str, body: bytes) -> bytes:
+        with self.lock:
+            if not (path.endswith(self.target) and self.flips > 0 and body):
+                return body
+            self.flips -= 1
+            self.flipped += 1
+        return body[:100] + bytes([body[100] ^ 0x01]) + body[101:]
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ class DiskTier:
         self._queue: deque[tuple[ObjectRef, int, int, bytes]] = deque()  # to be written
         self._writers = 0  # tasks writing the queue
         self._evict_wanted = trio.Event()
-        self.stats = {"stalls": 0, "writes_dropped": 0}
+        self.stats = {"stalls": 0, "writes_dropped": 0, "write_errors": 0}
 
     @property
     def pending(self) -> int:
@@ -105,8 +105,8 @@ class DiskTier:
         self._pending += len(data)
         self._queue.append((ref, index, block_size, data))
         if self._writers < config.DISK_CACHE_WRITERS:
+            self.nursery.start_soon(self._write_queued)  # raises on a closed nursery: count after
             self._writers += 1
-            self.nursery.start_soon(self._write_queued)
 
     async def _write_queued(self) -> None:
         try:
@@ -128,7 +128,11 @@ class DiskTier:
 
     def _put_all(self, batch: list[tuple[ObjectRef, int, int, bytes]]) -> None:
         for ref, index, block_size, data in batch:
-            self.disk.put(self.bucket, ref, index, data, block_size)
+            try:
+                self.disk.put(self.bucket, ref, index, data, block_size)
+            except Exception:  # a bug (disk problems never raise): the block is not written
+                self.stats["write_errors"] += 1
+                log.exception("cannot write block %d of %s to the disk cache", index, ref.key)
 
     async def keep_within_bounds(self) -> None:
         """Run forever (in the service nursery): evict at start, then whenever this process's writes

@@ -207,6 +207,16 @@ class Runtime:
         """Run `fn(*args)` in the loop; block until it returns (or raises) here."""
         return trio.from_thread.run(fn, *args, trio_token=self._token)
 
+    def on_loop_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def release_soon(self, handle: _Handle) -> None:
+        """Release `handle` without waiting for it: for a file closed on the loop's own thread
+        (the cycle collector may free an unclosed file there), where `call` cannot block."""
+        nursery, token = self._nursery, self._token
+        if nursery is not None and token is not None:
+            token.run_sync_soon(nursery.start_soon, _release, handle)
+
     def close(self) -> None:
         """Close every source and stop the loop (at exit); waits at most CLOSE_TIMEOUT."""
         if not self.alive or self._token is None or self._closing is None:
@@ -775,6 +785,9 @@ class ZarrfsFile(AbstractBufferedFile):  # type: ignore[misc]
     def close(self) -> None:
         handle, self._handle = getattr(self, "_handle", None), None
         if handle is not None and handle.runtime.alive:
-            with contextlib.suppress(trio.RunFinishedError, RuntimeError):  # the loop is gone
-                handle.runtime.call(_release, handle)
+            if handle.runtime.on_loop_thread():  # never closed, freed by the collector there
+                handle.runtime.release_soon(handle)
+            else:
+                with contextlib.suppress(trio.RunFinishedError, RuntimeError):  # the loop is gone
+                    handle.runtime.call(_release, handle)
         super().close()
