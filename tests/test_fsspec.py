@@ -329,6 +329,9 @@ def test_ranges_and_open_files(fs: ZarrfsFileSystem, sample: SampleDandiset) -> 
     assert isinstance(results[3], FileNotFoundError)
     with pytest.raises(FileNotFoundError):
         fs.cat_ranges([v(sample, V1, "sub-01/missing")], [0], [1], on_error="raise")
+    # a path no source can have is that range's error too, not the whole call's
+    mixed = fs.cat_ranges(["not-a-dandiset@x/y", path], [0, 0], [1, 8])
+    assert isinstance(mixed[0], OSError) and mixed[1] == data[:8]
     with fs.open(f"zarrfs://{path}") as f:
         assert isinstance(f, ZarrfsFile) and f.size == size
         assert f.read(8) == data[:8]

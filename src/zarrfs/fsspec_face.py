@@ -536,8 +536,8 @@ async def _cat(
 
 async def _cat_ranges(
     rt: Runtime, requests: list[tuple[Config, FsspecPath, int | None, int | None]]
-) -> list[bytes | ZarrfsError]:
-    results: list[bytes | ZarrfsError] = [b""] * len(requests)
+) -> list[bytes | Exception]:
+    results: list[bytes | Exception] = [b""] * len(requests)
     limiter = trio.CapacityLimiter(RANGE_CONCURRENCY)
 
     async def one(
@@ -546,7 +546,7 @@ async def _cat_ranges(
         async with limiter:
             try:
                 results[i] = await _cat(rt, config, where, start, end)
-            except ZarrfsError as e:
+            except Exception as e:  # each range its own outcome (fsspec's on_error="return")
                 results[i] = e
 
     async with trio.open_nursery() as nursery:
@@ -682,21 +682,28 @@ class ZarrfsFileSystem(AbstractFileSystem):  # type: ignore[misc]
         ends_list = ends if isinstance(ends, list) else [ends] * count
         if len(starts_list) != count or len(ends_list) != count:
             raise ValueError("paths, starts and ends must have the same length")
-        requests = []
-        for path, start, end in zip(paths, starts_list, ends_list, strict=True):
-            config, where = self._where(path)
+        results: list[bytes | Exception] = [b""] * count
+        requests, asked = [], []
+        for i, (path, start, end) in enumerate(zip(paths, starts_list, ends_list, strict=True)):
+            try:
+                config, where = self._where(path)
+            except OSError as e:  # a path no source can have: that range's error
+                results[i] = e
+                continue
             requests.append((config, where, start, end))
-        results = runtime().call(_cat_ranges, runtime(), requests)
-        out: list[bytes | Exception] = []
-        for path, result in zip(paths, results, strict=True):
-            if isinstance(result, ZarrfsError):
-                error = os_error(result, path)
-                if on_error == "raise":
-                    raise error
-                out.append(error)
-            else:
-                out.append(result)
-        return out
+            asked.append(i)
+        if requests:
+            for i, result in zip(
+                asked, runtime().call(_cat_ranges, runtime(), requests), strict=True
+            ):
+                results[i] = (
+                    os_error(result, paths[i]) if isinstance(result, ZarrfsError) else result
+                )
+        if on_error == "raise":
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+        return results
 
     def modified(self, path: str) -> datetime:
         return datetime.fromtimestamp(self.info(path)["mtime"], tz=UTC)
