@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -138,6 +139,27 @@ def test_missing_mountpoint_exits_4(tmp_path: Path) -> None:
     result = run_cli("mount", "000123@0.251101.1200", str(missing))
     assert_user_error(result, 4, str(missing), "does not exist")
     assert not missing.exists()
+
+
+def test_no_background_mount_from_a_process_with_threads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The daemon is a fork: forking a process with other threads could copy a lock one of them
+    holds. Called in-process (a notebook, a program) with a thread running: a clear error."""
+    from zarrfs import cli
+
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    thread.start()
+    try:
+        code = cli.main(["mount", "000123@0.251101.1200", str(tmp_path),
+                         "--endpoint-url", "http://127.0.0.1:9", "--cache-dir", str(tmp_path / "c")])  # fmt: skip
+    finally:
+        stop.set()
+        thread.join()
+    assert code == 2
+    assert "process that runs threads" in capsys.readouterr().err
+    assert not os.path.ismount(tmp_path)
 
 
 def test_mountpoint_that_is_a_file_exits_4(tmp_path: Path) -> None:

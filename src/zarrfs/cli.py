@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from hashlib import sha1
@@ -574,6 +575,11 @@ def _spawn_background(config: cfg.Config, args: argparse.Namespace) -> int:
     A fork, not a new interpreter: this process has already imported what the mount needs (pyfuse3,
     trio, the FUSE adapter: some 0.2 s), and nothing here has started a thread. The child starts a
     session of its own (no terminal), reads /dev/null and writes to the log file."""
+    if threading.active_count() > 1:  # a fork would copy locks other threads may hold
+        raise UserError(
+            "a background mount cannot be started from a process that runs threads: "
+            "run `zarrfs mount` as a command, or with --foreground"
+        )
     log_file = (args.log_file or default_log_file(config)).absolute()
     make_private_dir(log_file.parent)
     os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
