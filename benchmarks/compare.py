@@ -888,6 +888,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--full", action="store_true", help="20k-entry Zarr, 250 MiB array, 512 MiB blob"
     )
     parser.add_argument("--latency", type=float, default=0.02, help="seconds per S3 response")
+    parser.add_argument(
+        "--stream-bandwidth",
+        type=float,
+        default=0.0,
+        metavar="MB_PER_S",
+        help="pace every S3 response body to this many MB/s, as one S3 connection is (0: unpaced)",
+    )
     parser.add_argument("--only", default=",".join(CLIENTS), help="comma-separated clients")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
@@ -936,9 +943,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     say("\n".join(info))
     if args.zarrfs_option:
         say(f"zarrfs mount options: {' '.join(args.zarrfs_option)}")
+    if args.stream_bandwidth:
+        say(f"every response body paced to {args.stream_bandwidth:g} MB/s")
     runner: Runner | None = None
     try:
-        with LocalS3(latency=args.latency, fast_range_min_size=FAST_RANGE_MIN_SIZE) as s3:
+        with LocalS3(
+            latency=args.latency,
+            fast_range_min_size=FAST_RANGE_MIN_SIZE,
+            stream_bandwidth=args.stream_bandwidth * 1e6,
+        ) as s3:
             start = time.perf_counter()
             bench = make_bench(sizes, args.seed)
             write_bench(s3, bench)

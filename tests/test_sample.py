@@ -162,6 +162,21 @@ def http_json(url: str) -> tuple[int, Any]:
 # --- pure units ---------------------------------------------------------------------------------
 
 
+def test_local_s3_paces_bodies_to_the_stream_bandwidth() -> None:
+    """`stream_bandwidth` makes one response body take at least size / bandwidth, as one S3
+    connection is limited, and leaves the bytes whole."""
+    import time
+
+    body = bytes(range(256)) * 4096  # 1 MiB
+    with LocalS3(stream_bandwidth=4e6) as paced:
+        paced.client.put_object(Bucket=paced.bucket, Key="k", Body=body)
+        started = time.monotonic()
+        assert paced.client.get_object(Bucket=paced.bucket, Key="k")["Body"].read() == body
+        assert time.monotonic() - started >= len(body) / 4e6 * 0.95  # 0.26 s at least
+        ranged = paced.client.get_object(Bucket=paced.bucket, Key="k", Range="bytes=100-70099")
+        assert ranged["Body"].read() == body[100:70100]
+
+
 def test_manifest_format_and_statistics_reproduce_real_manifest() -> None:
     text = REAL_MANIFEST.read_text()
     real = json.loads(text)

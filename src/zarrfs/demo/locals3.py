@@ -11,6 +11,9 @@ tests that wrap moto's in-process backend.
 
 The middleware (`tc netem` is not available here, so it is all in WSGI):
 - `latency` adds a delay to every response, to imitate a remote store;
+- `stream_bandwidth` (off by default) paces every response body to that many bytes per second, as
+  one connection to S3 is limited (some 100 MB/s), so that one stream and several parallel ones
+  differ as they do there;
 - it counts requests (by kind: GET, HEAD, LIST, PUT, POST, DELETE, OTHER) and the body bytes sent,
   and serves those counters as JSON at `STATS_PATH` (`LocalS3.stats()`), which moto never sees and
   which is neither delayed nor counted;
@@ -199,17 +202,35 @@ class _Counters:
             return RequestStats(self._requests, self._bytes, dict(self._kinds), self._fast)
 
 
-class _Counted:
-    """A response body that adds the bytes it yields to the counters (WSGI `close` passed on)."""
+#: Bytes yielded at a time by a paced body.
+PACED_PIECE = 64 << 10
 
-    def __init__(self, body: Iterable[bytes], counters: _Counters) -> None:
+
+class _Counted:
+    """A response body that adds the bytes it yields to the counters (WSGI `close` passed on), paced
+    to `bandwidth` bytes per second when that is positive."""
+
+    def __init__(self, body: Iterable[bytes], counters: _Counters, bandwidth: float = 0.0) -> None:
         self._body = body
         self._counters = counters
+        self._bandwidth = bandwidth
 
     def __iter__(self) -> Iterator[bytes]:
+        if self._bandwidth <= 0:
+            for piece in self._body:
+                self._counters.sent(len(piece))
+                yield piece
+            return
+        start, sent = time.monotonic(), 0
         for piece in self._body:
-            self._counters.sent(len(piece))
-            yield piece
+            for at in range(0, len(piece), PACED_PIECE):
+                part = piece[at : at + PACED_PIECE]
+                self._counters.sent(len(part))
+                yield part
+                sent += len(part)
+                ahead = start + sent / self._bandwidth - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
 
     def close(self) -> None:
         close = getattr(self._body, "close", None)
@@ -399,9 +420,12 @@ class _LargeObjects:
 class _Middleware:
     """Latency, request counting, the statistics document and the optional fast path."""
 
-    def __init__(self, app: WSGIApp, latency: float, fast_range_min_size: int) -> None:
+    def __init__(
+        self, app: WSGIApp, latency: float, fast_range_min_size: int, stream_bandwidth: float = 0.0
+    ) -> None:
         self.app = app
         self.latency = latency
+        self.stream_bandwidth = stream_bandwidth
         self.counters = _Counters()
         self.large = _LargeObjects(fast_range_min_size) if fast_range_min_size > 0 else None
 
@@ -433,10 +457,12 @@ class _Middleware:
                 body = self.app(environ, learning)
             else:
                 body = self.app(environ, start_response)
-        return _Counted(body, self.counters)
+        return _Counted(body, self.counters, self.stream_bandwidth)
 
 
-def _make_server(latency: float, fast_range_min_size: int = 0) -> Any:
+def _make_server(
+    latency: float, fast_range_min_size: int = 0, stream_bandwidth: float = 0.0
+) -> Any:
     """A threaded werkzeug server around moto's WSGI app, on a free loopback port."""
     _list_versions_without_copies()
     from moto.moto_server.werkzeug_app import (
@@ -447,7 +473,7 @@ def _make_server(latency: float, fast_range_min_size: int = 0) -> Any:
     from werkzeug.serving import make_server
 
     moto: WSGIApp = DomainDispatcherApplication(create_backend_app)
-    app = _Middleware(moto, latency, fast_range_min_size)
+    app = _Middleware(moto, latency, fast_range_min_size, stream_bandwidth)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     return make_server("127.0.0.1", 0, app, True, request_handler=MotoRequestHandler)
 
@@ -467,11 +493,13 @@ class LocalS3:
         isolated: bool = True,
         latency: float = 0.0,
         fast_range_min_size: int = 0,
+        stream_bandwidth: float = 0.0,
     ) -> None:
         self.bucket = bucket
         self.isolated = isolated
         self.latency = latency
         self.fast_range_min_size = fast_range_min_size
+        self.stream_bandwidth = stream_bandwidth
         self.endpoint_url = ""
         self.client: Any = None
         self.pid: int | None = None
@@ -492,6 +520,8 @@ class LocalS3:
                     str(self.latency),
                     "--fast-range-min-size",
                     str(self.fast_range_min_size),
+                    "--stream-bandwidth",
+                    str(self.stream_bandwidth),
                 ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -506,7 +536,9 @@ class LocalS3:
                 raise RuntimeError(f"local S3 server did not start (said {line!r})")
             port = int(line.split()[1])
         else:
-            self._server = _make_server(self.latency, self.fast_range_min_size)
+            self._server = _make_server(
+                self.latency, self.fast_range_min_size, self.stream_bandwidth
+            )
             self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
             self._thread.start()
             port = self._server.server_address[1]
@@ -579,8 +611,14 @@ def _serve_until_stdin_closes(argv: list[str] | None = None) -> None:
         default=0,
         help="serve GETs of objects of at least this many bytes from memory (0: off)",
     )
+    parser.add_argument(
+        "--stream-bandwidth",
+        type=float,
+        default=0.0,
+        help="bytes per second each response body is paced to (0: unpaced)",
+    )
     args = parser.parse_args(argv)
-    server = _make_server(args.latency, args.fast_range_min_size)
+    server = _make_server(args.latency, args.fast_range_min_size, args.stream_bandwidth)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     print(f"PORT {server.server_address[1]}", flush=True)
