@@ -33,15 +33,18 @@ REF = ObjectRef("blobs/abc/def/x", None, SIZE, "f" * 32 + "-1")
 
 
 class StreamingBody:
-    def __init__(self, data: bytes, delay: float) -> None:
+    def __init__(self, data: bytes, delay: float, fake: FakeS3) -> None:
         self.data = data
         self.delay = delay
+        self.fake = fake
 
     async def __aenter__(self) -> StreamingBody:
+        self.fake.open_streams += 1
+        self.fake.peak_streams = max(self.fake.peak_streams, self.fake.open_streams)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        return None
+        self.fake.open_streams -= 1
 
     async def read(self, n: int = -1) -> bytes:
         await trio.sleep(self.delay)
@@ -59,6 +62,7 @@ class FakeS3:
         self.ranges: list[tuple[int, int]] = []
         self.sent = 0
         self.open_streams = 0
+        self.peak_streams = 0
 
     async def get_object(self, **params: Any) -> dict[str, Any]:
         await trio.sleep(self.latency)
@@ -67,7 +71,7 @@ class FakeS3:
         body = DATA[first : last + 1]
         self.sent += len(body)
         return {
-            "Body": StreamingBody(body, self.per_chunk),
+            "Body": StreamingBody(body, self.per_chunk, self),
             "ContentRange": f"bytes {first}-{last}/{SIZE}",
             "ContentLength": len(body),
             "ETag": f'"{REF.etag}"',
@@ -107,6 +111,20 @@ async def test_a_sequential_reader_gets_a_few_long_streamed_gets(
     windows = sorted((b - a) for a, b in fake.ranges)
     assert windows[-1] >= 8 << 20  # the window grew
     assert budget.used == 0
+
+
+async def test_a_long_window_is_streamed_as_parallel_parts(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fake = FakeS3()
+    cache, reader, budget = make(fake)
+    async with trio.open_nursery() as nursery:
+        prefetcher = Prefetcher(REF, cache, reader, budget, nursery)
+        assert await read_all(cache, reader, prefetcher) == DATA
+        prefetcher.close()
+    assert max(b - a for a, b in fake.ranges) <= config.PREFETCH_PART
+    assert fake.peak_streams >= 2  # the 16 MiB window: two 8 MiB streams at once
+    assert fake.sent <= SIZE * 1.05  # still nothing fetched twice
 
 
 async def test_random_preads_fetch_exactly_their_blocks(autojump_clock: trio.abc.Clock) -> None:

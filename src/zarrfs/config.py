@@ -43,6 +43,10 @@ PREFETCH_FIRST_WINDOW = 1 << 20
 PREFETCH_MAX_WINDOW = 64 << 20
 PREFETCH_TOLERANCE = 1 << 20
 PREFETCH_MEMORY_SHARE = 0.5
+#: A prefetch window longer than this is fetched as parts of this size streamed in parallel (one
+#: S3 connection carries some 100 MB/s; the AWS CRT client under mountpoint-s3 splits its GETs into
+#: parts fetched in parallel too).
+PREFETCH_PART = 8 << 20
 #: Default byte budget of the in-memory block cache.
 DEFAULT_MEMORY_CACHE_SIZE = 512 << 20
 #: Default byte budget for loaded manifest indexes (evicted ones reload from the disk cache).

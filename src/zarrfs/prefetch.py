@@ -5,9 +5,10 @@ Owns: deciding, per open file handle, when a reader reads sequentially and how f
 each continuing where the previous one ended, has read `config.PREFETCH_TRIGGER` bytes; from then
 on a *segment* (one long ranged GET, streamed into the block cache block by block as the bytes
 arrive) is kept ahead of the reader, and
-each new segment is twice as long as the previous one, from `config.PREFETCH_FIRST_WINDOW` up to
-`config.PREFETCH_MAX_WINDOW`; a new segment starts when the reader has consumed half of what was
-fetched ahead. A read elsewhere (a random pread) resets it: random reads keep fetching exactly their
+each new window is twice as long as the previous one, from `config.PREFETCH_FIRST_WINDOW` up to
+`config.PREFETCH_MAX_WINDOW`, and a window longer than `config.PREFETCH_PART` is fetched as several
+segments streamed at once (one connection to S3 carries some 100 MB/s, several carry more); a new
+window starts when the reader has consumed half of what was fetched ahead. A read elsewhere (a random pread) resets it: random reads keep fetching exactly their
 blocks. The trigger is the bytes a run has read, not its second read, because the kernel splits one pread into
 requests of at most 128 KiB: a random 256 KiB pread arrives as two reads that continue each other. Blocks the disk cache holds are read from disk instead of S3. All prefetched bytes not yet read
 count against one budget shared by every open file (`PrefetchBudget`): when it is used up, segments
@@ -124,8 +125,11 @@ class Prefetcher:
         self.fetched_until = stop
         self.held += granted
         self.window = min(self.window * 2, config.PREFETCH_MAX_WINDOW)
-        self.segments += 1
-        self.nursery.start_soon(self._segment, start, stop)
+        # a long window is several streams at once: one S3 connection carries some 100 MB/s
+        part = max(self.unit, config.PREFETCH_PART // self.unit * self.unit)
+        for part_start in range(start, stop, part):
+            self.segments += 1
+            self.nursery.start_soon(self._segment, part_start, min(part_start + part, stop))
 
     def close(self) -> None:
         """The file was closed: stop its segments, give its budget back."""
