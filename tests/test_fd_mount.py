@@ -26,6 +26,7 @@ from conftest import (
     EXIT_DEADLINE,
     MOUNT_DEADLINE,
     processes_mentioning,
+    require,
     require_fuse,
     wait_until_no_process_mentions,
     zarrfs_command,
@@ -79,11 +80,10 @@ class CallerMount:
 @pytest.fixture
 def caller_mount(tmp_path: Path) -> Iterator[CallerMount]:
     require_fuse()
-    if os.getuid() != 0:
-        message = "mount(2) of /dev/fuse needs root (as Apptainer's starter or a CSI driver has)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require(
+        os.getuid() == 0,
+        "mount(2) of /dev/fuse needs root (as Apptainer's starter or a CSI driver has)",
+    )
     target = tmp_path / "target"
     target.mkdir()
     mounted = CallerMount(target)

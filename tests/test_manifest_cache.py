@@ -204,7 +204,8 @@ def test_processes_sharing_a_cache_dir_fetch_each_manifest_once(
     with ctx.Pool(4) as pool:
         results = pool.starmap(
             load_in_process,
-            [(server.url, str(tmp_path / "shared"), asset.zarr_id, asset.zarr_checksum, start)] * 4,
+            [(server.url, str(tmp_path / "cache-dir"), asset.zarr_id, asset.zarr_checksum, start)]
+            * 4,
         )
     assert results == [3000] * 4
     assert sum(server.counts.values()) == 1, server.counts  # one GET for all four processes

@@ -34,6 +34,7 @@ from conftest import (
     MOUNT_DEADLINE,
     Mounted,
     processes_mentioning,
+    require,
     start_mount,
     stop_mount,
     wait_until_no_process_mentions,
@@ -628,10 +629,10 @@ def read_ahead_kb(mnt: Path) -> int:
     return int(bdi.read_text())
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root may set a mount's kernel readahead")
 def test_the_mount_sets_the_kernel_readahead(
     mount: Callable[..., Mounted], sample: SampleDandiset
 ) -> None:
+    require(os.geteuid() == 0, "only root may set a mount's kernel readahead")
     source = f"{sample.dandiset_id}@{V1}"
     assert read_ahead_kb(mount(source).path) == 1024  # the default, 1M
     assert read_ahead_kb(mount(source, "--read-ahead", "4M").path) == 4096
@@ -640,11 +641,11 @@ def test_the_mount_sets_the_kernel_readahead(
     assert read_ahead_kb(mount(source, "--read-ahead", "0").path) == 128
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root may set a mount's kernel readahead")
 def test_the_readahead_is_set_through_a_symlinked_mountpoint(
     sample: SampleDandiset, tmp_path: Path
 ) -> None:
     """As on clusters where $HOME is a symlink: mountinfo shows the resolved path."""
+    require(os.geteuid() == 0, "only root may set a mount's kernel readahead")
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     mounted = start_mount(

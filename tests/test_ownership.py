@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_fuse, start_mount, stop_mount
+from conftest import require, require_fuse, start_mount, stop_mount
 from zarrfs import config as cfg
 from zarrfs.cli import build_parser, config_from_args
 from zarrfs.demo.sample import EPHYS_PATH, OME_PATH, V1, SampleDandiset
@@ -129,8 +129,7 @@ def test_a_root_mount_shows_the_job_users_ownership(
     """Root mounts for a job with allow_other: the job's user reads, another user is refused (the
     kernel checks the modes zarrfs reports: `default_permissions`)."""
     require_fuse()
-    if os.getuid() != 0:
-        pytest.skip("needs root: mounts for another user and runs readers as other users")
+    require(os.getuid() == 0, "needs root: mounts for another user and runs readers as other users")
     mounted = start_mount(
         shared_base, f"{sample.dandiset_id}@{V1}", "--allow-other", "-o", f"uid={JOB_UID},gid={JOB_UID}",
         "--umask", "077", endpoint=sample.endpoint_url, cache=shared_base / "cache",

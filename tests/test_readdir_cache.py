@@ -22,7 +22,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from conftest import Mounted
+from conftest import Mounted, require
 from zarrfs import fuse_ops
 from zarrfs.cli import build_parser, config_from_args
 from zarrfs.config import KERNEL_READDIR_CACHE_ENV
@@ -37,15 +37,11 @@ NOT_ASKED = "kernel caching of directory listings is off"
 @pytest.fixture
 def patched_pyfuse3() -> None:
     """Skip without the patched pyfuse3; in CI, fail instead (setup.sh must have built it)."""
-    if kernel_readdir_cache_supported():
-        return
-    problem = (
+    require(
+        kernel_readdir_cache_supported(),
         "this pyfuse3 cannot ask the kernel to cache directory listings "
-        "(scripts/setup.sh builds one with patches/pyfuse3-3.5.0-cache-readdir.patch)"
+        "(scripts/setup.sh builds one with patches/pyfuse3-3.5.0-cache-readdir.patch)",
     )
-    if os.environ.get("CI"):
-        pytest.fail(f"in CI the patched pyfuse3 must be installed: {problem}")
-    pytest.skip(problem)
 
 
 # --- the handler, awaited directly ------------------------------------------------------------
