@@ -25,7 +25,6 @@ See benchmarks/README.md ("Dask").
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -34,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,9 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from soak import Proxy
 
 from zarrfs.demo.locals3 import LocalS3
-from zarrfs.demo.publish import publish_zarrs, read_tree
+from zarrfs.demo.publish import publish_zarrs
+from zarrfs.demo.sample import read_tree
 
 DANDISET = "000961"
 VERSION = "0.251107.1200"
@@ -97,38 +97,6 @@ def write_array(s3: LocalS3, n_chunks: int) -> tuple[np.ndarray, str]:
         tree = read_tree(Path(tmp) / "a.zarr")
     published = publish_zarrs(s3, DANDISET, VERSION, {ZARR_PATH: tree})
     return data, published[ZARR_PATH].zarr_id
-
-
-class Proxy:
-    """`faultproxy.py` in its own process, without faults: it counts what it forwards."""
-
-    def __init__(self, upstream: str) -> None:
-        script = Path(__file__).with_name("faultproxy.py")
-        self.process = subprocess.Popen(
-            [sys.executable, str(script), "--upstream", upstream],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().strip()
-        if not line.startswith("PORT "):
-            self.stop()
-            raise RuntimeError(f"proxy did not start (said {line!r})")
-        self.url = f"http://127.0.0.1:{int(line.split()[1])}"
-
-    def requests(self) -> int:
-        with urllib.request.urlopen(f"{self.url}/__stats", timeout=10) as response:
-            return int(json.loads(response.read())["requests"])
-
-    def stop(self) -> None:
-        if self.process.stdin is not None:
-            self.process.stdin.close()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.terminate()
-            self.process.wait(timeout=10)
 
 
 @contextmanager
@@ -212,11 +180,11 @@ def run_once(
     ):
         client.run(_preimport, kind)
         for times, counts in ((cell.cold, cell.cold_requests), (cell.warm, cell.warm_requests)):
-            before = proxy.requests()
+            before = int(proxy.stats()["requests"])
             start = time.perf_counter()
             opened = reduction(url, options, expected)
             times.append(time.perf_counter() - start)
-            counts.append(proxy.requests() - before)
+            counts.append(int(proxy.stats()["requests"]) - before)
             if times is cell.cold:
                 cell.opening.append(opened)
     shutil.rmtree(base, ignore_errors=True)

@@ -63,6 +63,7 @@ from zarrfs.demo.sample import (
     dandi_etag,
     format_manifest,
     manifest_key,
+    read_tree,
     to_yaml,
     upload_as_dandi,
     write_nwb,
@@ -206,14 +207,6 @@ def make_ome_zarr(root: Path) -> dict[str, np.ndarray]:
         )
         array[...] = values
     return levels
-
-
-def read_tree(root: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 @dataclass

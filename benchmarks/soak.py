@@ -265,12 +265,14 @@ def write_dandiset(s3: LocalS3, dataset: Dataset) -> str:
 
 
 class Proxy:
-    """`faultproxy.py` in its own process."""
+    """`faultproxy.py` in its own process (without faults until `set_faults`; it counts what it
+    forwards: `stats()`)."""
 
-    def __init__(self, upstream: str, seed: int) -> None:
+    def __init__(self, upstream: str, seed: int | None = None) -> None:
         script = Path(__file__).with_name("faultproxy.py")
+        seeded = [] if seed is None else ["--seed", str(seed)]
         self.process = subprocess.Popen(
-            [sys.executable, str(script), "--upstream", upstream, "--seed", str(seed)],
+            [sys.executable, str(script), "--upstream", upstream, *seeded],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

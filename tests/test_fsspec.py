@@ -36,7 +36,7 @@ from conftest import ForwardingProxy
 from zarrfs import config as cfg
 from zarrfs.cli import build_parser, config_from_args
 from zarrfs.demo.locals3 import LocalS3
-from zarrfs.demo.publish import PublishedZarr, publish_zarrs, read_tree
+from zarrfs.demo.publish import PublishedZarr, publish_zarrs
 from zarrfs.demo.sample import (
     ARRAY_PATH,
     DRAFT,
@@ -47,6 +47,7 @@ from zarrfs.demo.sample import (
     V1,
     V2,
     SampleDandiset,
+    read_tree,
 )
 from zarrfs.errors import SourceError
 from zarrfs.fsspec_face import ZarrfsFile, ZarrfsFileSystem, split_path

@@ -78,12 +78,10 @@ def as_user(
     )
 
 
-def test_ordinary_user_mounts_reads_and_unmounts(
-    sample: SampleDandiset,
-    user: pwd.struct_passwd,
-    open_dev_fuse: None,
-    request: pytest.FixtureRequest,
-) -> None:
+@pytest.fixture
+def home(user: pwd.struct_passwd) -> Iterator[Path]:
+    """A home of the user's own (pytest's tmp_path lives under a root-only directory), once the
+    user is known to be able to run this interpreter."""
     probe = as_user(user, sys.executable, "-c", "import zarrfs")
     # a venv under root's home is not executable by others: scripts/setup.sh builds it on a system
     # interpreter, which CI uses; a developer's own venv may not be
@@ -91,9 +89,17 @@ def test_ordinary_user_mounts_reads_and_unmounts(
         probe.returncode == 0,
         f"{user.pw_name} cannot run {sys.executable}: {probe.stderr.strip()[-200:]}",
     )
-    # pytest's tmp_path lives under a root-only directory: give the user a home of its own
-    home = Path(tempfile.mkdtemp(prefix="zarrfs-user-"))
-    request.addfinalizer(lambda: shutil.rmtree(home, ignore_errors=True))
+    path = Path(tempfile.mkdtemp(prefix="zarrfs-user-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_ordinary_user_mounts_reads_and_unmounts(
+    sample: SampleDandiset,
+    user: pwd.struct_passwd,
+    open_dev_fuse: None,
+    home: Path,
+) -> None:
     mnt = home / "mnt"
     mnt.mkdir()
     for path in (home, mnt):
@@ -130,21 +136,12 @@ def test_the_container_entrypoint_as_an_ordinary_user(
     sample: SampleDandiset,
     user: pwd.struct_passwd,
     open_dev_fuse: None,
-    request: pytest.FixtureRequest,
+    home: Path,
 ) -> None:
     """scripts/mount.sh as containers/Dockerfile runs it: as an ordinary user, zarrfs found on PATH
     (the image's `ENV PATH`), the default cache dir under the user's home, the mountpoint created by
     the script; it mounts, runs the command with the data visible, unmounts, and passes on the
     command's exit code."""
-    probe = as_user(user, sys.executable, "-c", "import zarrfs")
-    # a venv under root's home is not executable by others: scripts/setup.sh builds it on a system
-    # interpreter, which CI uses; a developer's own venv may not be
-    require(
-        probe.returncode == 0,
-        f"{user.pw_name} cannot run {sys.executable}: {probe.stderr.strip()[-200:]}",
-    )
-    home = Path(tempfile.mkdtemp(prefix="zarrfs-user-"))
-    request.addfinalizer(lambda: shutil.rmtree(home, ignore_errors=True))
     entrypoint = home / "scripts" / "mount.sh"  # the image copies scripts/ as the repository has it
     entrypoint.parent.mkdir()
     shutil.copy2(Path(__file__).resolve().parents[1] / "scripts" / "mount.sh", entrypoint)

@@ -98,16 +98,18 @@ def _alive(pid: object) -> bool:
 
 def read_state(mountpoint: Path) -> dict[str, Any] | None:
     """The state a live mount at `mountpoint` wrote, or None."""
-    try:
-        doc = json.loads(state_path(mountpoint).read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) and _alive(doc.get("pid")) else None
+    return _read_live(state_path(mountpoint))
 
 
 def read_stats(mountpoint: Path) -> dict[str, Any] | None:
+    """The latest stats snapshot a live mount at `mountpoint` wrote, or None."""
+    return _read_live(stats_path(mountpoint))
+
+
+def _read_live(path: Path) -> dict[str, Any] | None:
+    """A JSON document written by a mount whose process still runs, else None."""
     try:
-        doc = json.loads(stats_path(mountpoint).read_text())
+        doc = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) and _alive(doc.get("pid")) else None

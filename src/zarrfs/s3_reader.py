@@ -288,13 +288,7 @@ class S3Reader:
             return b""
         name = _describe(self.bucket, ref.key, ref.version_id)
         what = f"GET {name} bytes={start}-{end - 1}"
-        params: dict[str, Any] = {
-            "Bucket": self.bucket,
-            "Key": ref.key,
-            "Range": f"bytes={start}-{end - 1}",
-        }
-        if ref.version_id is not None:
-            params["VersionId"] = ref.version_id
+        params = self._range_params(ref, start, end)
         md5 = whole_object_md5(ref, start, end)
 
         async def attempt() -> bytes:
@@ -314,6 +308,17 @@ class S3Reader:
         return await self._retry(
             attempt, what, ref.version_id, self.settings.request_timeout, ticket
         )
+
+    def _range_params(self, ref: ObjectRef, start: int, end: int) -> dict[str, Any]:
+        """GetObject arguments for bytes [start, end) of exactly the version `ref` pins."""
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": ref.key,
+            "Range": f"bytes={start}-{end - 1}",
+        }
+        if ref.version_id is not None:
+            params["VersionId"] = ref.version_id
+        return params
 
     async def stream_range(
         self,
@@ -337,13 +342,7 @@ class S3Reader:
 
         async def attempt() -> None:
             nonlocal position
-            params: dict[str, Any] = {
-                "Bucket": self.bucket,
-                "Key": ref.key,
-                "Range": f"bytes={position}-{end - 1}",
-            }
-            if ref.version_id is not None:
-                params["VersionId"] = ref.version_id
+            params = self._range_params(ref, position, end)
             with trio.CancelScope(deadline=trio.current_time() + stall) as watchdog:
                 self.stats["requests"] += 1
                 resp = await self._client.get_object(**params)

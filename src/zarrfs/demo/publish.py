@@ -12,13 +12,11 @@ in a private thread pool.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .sample import (
@@ -54,16 +52,6 @@ class PublishedZarr:
     def prefix(self) -> str:
         """`zarr/<zarr id>/`: the live objects."""
         return f"zarr/{self.zarr_id}/"
-
-
-def read_tree(root: Path) -> dict[str, bytes]:
-    """Every file under `root` (a Zarr written locally) as `relative/path -> bytes`."""
-    out: dict[str, bytes] = {}
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            full = Path(dirpath) / name
-            out[full.relative_to(root).as_posix()] = full.read_bytes()
-    return dict(sorted(out.items()))
 
 
 def publish_zarrs(

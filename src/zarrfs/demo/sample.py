@@ -591,7 +591,8 @@ def _array_v1(rng: np.random.Generator) -> np.ndarray:
     return data
 
 
-def _read_tree(root: Path) -> dict[str, bytes]:
+def read_tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (a Zarr written locally) as `relative/path -> bytes`."""
     out: dict[str, bytes] = {}
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
@@ -958,8 +959,8 @@ def build_sample(s3: LocalS3, dandiset_id: str = "000123") -> SampleDandiset:
             return {str(i): level for i, level in enumerate(levels)}
 
         def sync() -> None:
-            builder.sync_zarr(OME_PATH, _read_tree(ome_root), ome_arrays())
-            builder.sync_zarr(ARRAY_PATH, _read_tree(array_root), {"": data})
+            builder.sync_zarr(OME_PATH, read_tree(ome_root), ome_arrays())
+            builder.sync_zarr(ARRAY_PATH, read_tree(array_root), {"": data})
 
         sync()
         builder.publish(V1, also_draft=True)
