@@ -222,16 +222,14 @@ class BlockCache:
         unit = self.unit(ref)
         try:
             remote: list[int] = []
-            for start in range(0, len(run), config.DISK_CACHE_BATCH):
-                batch = run[start : start + config.DISK_CACHE_BATCH]
-                on_disk = await self._from_disk(ref, batch, unit)
-                for index in batch:
-                    data = on_disk.get(index)
-                    if data is not None:
-                        found[index] = data
-                        self.fulfil(ref, index, data)
-                    else:
-                        remote.append(index)
+            on_disk = await self._from_disk(ref, run, unit)
+            for index in run:
+                data = on_disk.get(index)
+                if data is not None:
+                    found[index] = data
+                    self.fulfil(ref, index, data)
+                else:
+                    remote.append(index)
             for part in runs_of(remote):
                 start = part[0] * unit
                 stop = min((part[-1] + 1) * unit, ref.size)

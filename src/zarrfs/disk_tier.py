@@ -61,30 +61,35 @@ class DiskTier:
     async def get_many(
         self, ref: ObjectRef, indexes: list[int], block_size: int
     ) -> dict[int, bytes]:
-        """The blocks of `indexes` the disk has (each verified there), read in one trip to a
-        worker thread (at most `config.DISK_CACHE_BATCH` blocks: callers batch longer runs); a
-        miss, a bad block or a slow disk leaves a block out."""
-        if not indexes or time.monotonic() < self._bypass_until:
-            return {}
-        with trio.move_on_after(config.DISK_CACHE_STALL_TIMEOUT) as scope:
-            return await trio.to_thread.run_sync(
-                self._get_all,
-                ref,
-                indexes,
-                block_size,
-                limiter=self._threads,
-                abandon_on_cancel=True,
-            )
-        if scope.cancelled_caught:
-            self.stats["stalls"] += 1
-            self._bypass_until = time.monotonic() + config.DISK_CACHE_STALL_PAUSE
-            log.warning(
-                "the disk block cache %s did not answer within %.0f s: bypassing it for %.0f s",
-                self.disk.cache_dir,
-                config.DISK_CACHE_STALL_TIMEOUT,
-                config.DISK_CACHE_STALL_PAUSE,
-            )
-        return {}
+        """The blocks of `indexes` the disk has (each verified there), read in trips to a worker
+        thread of up to `config.DISK_CACHE_BATCH` blocks each; a miss, a bad block or a slow disk
+        (a trip longer than the stall timeout) leaves a block out."""
+        found: dict[int, bytes] = {}
+        for start in range(0, len(indexes), config.DISK_CACHE_BATCH):
+            if time.monotonic() < self._bypass_until:
+                break
+            batch = indexes[start : start + config.DISK_CACHE_BATCH]
+            with trio.move_on_after(config.DISK_CACHE_STALL_TIMEOUT) as scope:
+                found.update(
+                    await trio.to_thread.run_sync(
+                        self._get_all,
+                        ref,
+                        batch,
+                        block_size,
+                        limiter=self._threads,
+                        abandon_on_cancel=True,
+                    )
+                )
+            if scope.cancelled_caught:
+                self.stats["stalls"] += 1
+                self._bypass_until = time.monotonic() + config.DISK_CACHE_STALL_PAUSE
+                log.warning(
+                    "the disk block cache %s did not answer within %.0f s: bypassing it for %.0f s",
+                    self.disk.cache_dir,
+                    config.DISK_CACHE_STALL_TIMEOUT,
+                    config.DISK_CACHE_STALL_PAUSE,
+                )
+        return found
 
     def _get_all(self, ref: ObjectRef, indexes: list[int], block_size: int) -> dict[int, bytes]:
         found = {}

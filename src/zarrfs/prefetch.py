@@ -76,6 +76,7 @@ class Prefetcher:
         self.budget = budget
         self.nursery = nursery
         self.unit = blocks.unit(ref)
+        self.part = max(self.unit, config.PREFETCH_PART // self.unit * self.unit)  # whole blocks
         self._scopes: set[trio.CancelScope] = set()  # of the segments running
         self.next_offset: int | None = None  # where the previous read ended
         self.run_bytes = 0  # read by the current run of reads that continue each other
@@ -126,10 +127,9 @@ class Prefetcher:
         self.held += granted
         self.window = min(self.window * 2, config.PREFETCH_MAX_WINDOW)
         # a long window is several streams at once: one S3 connection carries some 100 MB/s
-        part = max(self.unit, config.PREFETCH_PART // self.unit * self.unit)
-        for part_start in range(start, stop, part):
+        for part_start in range(start, stop, self.part):
             self.segments += 1
-            self.nursery.start_soon(self._segment, part_start, min(part_start + part, stop))
+            self.nursery.start_soon(self._segment, part_start, min(part_start + self.part, stop))
 
     def close(self) -> None:
         """The file was closed: stop its segments, give its budget back."""
@@ -186,17 +186,10 @@ class Prefetcher:
         disk: DiskTier | None = self.blocks.disk
         if disk is None:
             return claimed
-        remote = []
-        for start in range(0, len(claimed), config.DISK_CACHE_BATCH):
-            batch = claimed[start : start + config.DISK_CACHE_BATCH]
-            on_disk = await disk.get_many(self.ref, batch, self.unit)
-            for index in batch:
-                data = on_disk.get(index)
-                if data is None:
-                    remote.append(index)
-                else:
-                    self.blocks.fulfil(self.ref, index, data)
-        return remote
+        on_disk = await disk.get_many(self.ref, claimed, self.unit)
+        for index, data in on_disk.items():
+            self.blocks.fulfil(self.ref, index, data)
+        return [index for index in claimed if index not in on_disk]
 
     async def _stream(self, run: list[int], ticket: Ticket) -> None:
         unit, ref, blocks = self.unit, self.ref, self.blocks
