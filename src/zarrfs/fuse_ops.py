@@ -22,7 +22,6 @@ import logging
 import os
 import stat
 import time
-import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import count
@@ -32,7 +31,16 @@ import pyfuse3
 import trio
 
 from . import config
-from .errors import NoAttribute, NotFound, ReadOnly, ZarrfsError, errno_for
+from .errors import (
+    INTERNAL_ERROR,
+    NoAttribute,
+    NotFound,
+    ReadOnly,
+    ZarrfsError,
+    errno_for,
+    internal_errors,
+    report_bug,
+)
 from .names import NAME_MAX
 from .tree import Entry
 
@@ -48,12 +56,6 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 XATTR_PREFIX = b"user.zarrfs."
 XATTR_URL = XATTR_PREFIX + b"s3_url"
 XATTR_ETAG = XATTR_PREFIX + b"etag"
-
-
-#: Marker of every log line about an unexpected exception in a handler (tests fail on it).
-INTERNAL_ERROR = "INTERNAL_ERROR"
-#: How many unexpected exceptions were answered with EIO, by where they were raised.
-internal_errors: dict[tuple[str, str, int], int] = {}
 
 
 def kernel_readdir_cache_supported() -> bool:
@@ -80,32 +82,11 @@ def _errors(handler: str) -> Iterator[None]:
     except ZarrfsError as e:
         raise pyfuse3.FUSEError(errno_for(e)) from e
     except Exception as e:
-        _report_internal_error(handler, e)
+        report_bug(handler, e)
         raise pyfuse3.FUSEError(errno.EIO) from e
 
 
-def _report_internal_error(handler: str, exc: Exception) -> None:
-    frames = traceback.extract_tb(exc.__traceback__)
-    last = frames[-1] if frames else None
-    where = (type(exc).__name__, last.filename if last else "?", (last.lineno or 0) if last else 0)
-    seen = internal_errors.get(where, 0)
-    internal_errors[where] = seen + 1
-    if seen == 0:
-        log.error(
-            "%s in %s (answered EIO; the mount keeps serving): %r",
-            INTERNAL_ERROR,
-            handler,
-            exc,
-            exc_info=exc,
-        )
-    else:
-        log.error(
-            "%s in %s again (%d times so far, traceback logged the first time): %r",
-            INTERNAL_ERROR,
-            handler,
-            seen + 1,
-            exc,
-        )
+__all__ = ["INTERNAL_ERROR", "ZarrfsOperations", "internal_errors"]
 
 
 class ZarrfsOperations(pyfuse3.Operations):
