@@ -113,6 +113,25 @@ async def test_second_read_is_a_hit() -> None:
     assert cache.stats()["hits"] == 2
 
 
+async def test_a_block_changed_in_memory_is_dropped_and_fetched_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cache = BlockCache(max_bytes=1 << 20, block_size=1000)
+    fetch = FakeFetch()
+    await cache.read(REF, 0, 2500, fetch)
+    cache.recheck_age = 0.0  # every hit is checked again
+    assert await cache.read(REF, 0, 2500, fetch) == content(REF)[:2500]
+    assert cache.recheck_stats() == {"rechecked": 3, "failed": 0} and len(fetch.calls) == 1
+    block = cache._lru[(REF.key, REF.version_id, 1)]
+    flipped = bytearray(block.data)
+    flipped[7] ^= 0x10  # a bit flipped in RAM
+    block.data = bytes(flipped)
+    assert await cache.read(REF, 0, 2500, fetch) == content(REF)[:2500]  # never the flipped bytes
+    assert cache.recheck_stats()["failed"] == 1
+    assert fetch.calls[-1] == (REF.key, REF.version_id, 1000, 2000)  # that block fetched again
+    assert "changed in memory" in caplog.text and REF.key in caplog.text
+
+
 async def test_single_flight_concurrent_readers(autojump_clock: trio.abc.Clock) -> None:
     cache = BlockCache(max_bytes=1 << 20, block_size=1000)
     fetch = FakeFetch(delay=1.0)

@@ -65,8 +65,8 @@ async def test_get_many_leaves_out_what_the_disk_lacks_or_has_damaged(tmp_path: 
     data[-1] ^= 1
     damaged.write_bytes(bytes(data))
     assert await tier.get_many(REF, [0, 1, 2, 3, 4, 5], BS) == {1: block(1), 5: block(5)}
-    assert await tier.get(REF, 5, BS) == block(5)
-    assert await tier.get(REF, 2, BS) is None  # discarded, never served
+    assert await tier.get_many(REF, [5], BS) == {5: block(5)}
+    assert await tier.get_many(REF, [2], BS) == {}  # discarded, never served
     assert await tier.get_many(REF, [], BS) == {}
 
 
@@ -103,7 +103,7 @@ async def test_a_hung_disk_is_bypassed_not_waited_for(
         with trio.fail_after(2):
             assert await tier.get_many(REF, [0], BS) == {}  # after the stall timeout: a miss
             assert tier.stats["stalls"] == 1
-            assert await tier.get(REF, 0, BS) is None  # bypassed: no wait at all
+            assert await tier.get_many(REF, [0], BS) == {}  # bypassed: no wait at all
         assert tier.stats["stalls"] == 1
         async with trio.open_nursery() as nursery:
             tier.nursery = nursery
@@ -113,6 +113,7 @@ async def test_a_hung_disk_is_bypassed_not_waited_for(
         hang.set()
 
 
+@pytest.mark.internal_errors  # a bug in the disk cache's writer, injected on purpose
 async def test_a_write_that_fails_skips_that_block_only(tmp_path: Path) -> None:
     tier = make_tier(tmp_path)
     put = tier.disk.put

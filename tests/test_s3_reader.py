@@ -29,7 +29,7 @@ from werkzeug.serving import make_server
 
 from zarrfs.config import S3Settings
 from zarrfs.demo.locals3 import LocalS3
-from zarrfs.errors import IntegrityError, ObjectMissing, RemoteError
+from zarrfs.errors import DocumentTooLarge, IntegrityError, ObjectMissing, RemoteError
 from zarrfs.http_client import HttpClient
 from zarrfs.remote import Remote
 from zarrfs.s3_reader import ObjectRef, S3Reader
@@ -483,15 +483,16 @@ async def test_http_connection_refused_is_retried_then_remote_error() -> None:
                 await client.get_bytes(f"http://127.0.0.1:{port}/x")
 
 
-async def test_http_download(http: HttpWorld, tmp_path: Path) -> None:
+async def test_http_documents_are_bounded_and_retried(http: HttpWorld) -> None:
     http.responses = {"/big": [(500, b""), (200, BIG)]}
     async with HttpClient.open(max_attempts=3, timeout=5) as client:
-        dest = tmp_path / "big"
-        assert await client.download(http.base + "/big", dest) == len(BIG)
-        assert dest.read_bytes() == BIG
+        assert await client.get_bytes(http.base + "/big", max_bytes=len(BIG), document=True) == BIG
+        assert http.hits["/big"] == 2
+        with pytest.raises(DocumentTooLarge):
+            await client.get_bytes(http.base + "/big", max_bytes=len(BIG) - 1, document=True)
+        assert http.hits["/big"] == 3  # refused at once, not retried
         with pytest.raises(ObjectMissing):
-            await client.download(http.base + "/nothing", tmp_path / "nothing")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]
+            await client.get_bytes(http.base + "/nothing", document=True)
 
 
 # --- Remote -----------------------------------------------------------------------------------
@@ -501,30 +502,26 @@ async def test_remote_dispatches_on_scheme(world: World, http: HttpWorld, tmp_pa
     http.responses = {"/doc": [(200, b"from http")]}
     local = tmp_path / "local file.json"
     local.write_bytes(b"from disk")
+    big = 1 << 30
     async with Remote.open(world.settings()) as remote:
-        assert await remote.get_bytes(f"s3://{BUCKET}/{world.blob.key}") == OLD
-        assert await remote.download(f"s3://{BUCKET}/{world.big.key}", tmp_path / "a") == len(BIG)
-        assert (tmp_path / "a").read_bytes() == BIG
-        assert await remote.get_bytes(http.base + "/doc") == b"from http"
-        assert await remote.download(http.base + "/doc", tmp_path / "b") == 9
-        assert (tmp_path / "b").read_bytes() == b"from http"
+        assert await remote.get_bytes(f"s3://{BUCKET}/{world.blob.key}", max_bytes=big) == OLD
+        assert await remote.get_bytes(f"s3://{BUCKET}/{world.big.key}", max_bytes=big) == BIG
+        assert await remote.get_bytes(http.base + "/doc", max_bytes=big) == b"from http"
         file_url = "file://" + str(local).replace(" ", "%20")
-        assert await remote.get_bytes(file_url) == b"from disk"
-        assert await remote.download(file_url, tmp_path / "c") == 9
-        assert (tmp_path / "c").read_bytes() == b"from disk"
+        assert await remote.get_bytes(file_url, max_bytes=big) == b"from disk"
+        for url in (f"s3://{BUCKET}/{world.big.key}", http.base + "/doc", file_url):
+            with pytest.raises(DocumentTooLarge):
+                await remote.get_bytes(url, max_bytes=5)
 
         with pytest.raises(RemoteError, match="other-bucket"):
-            await remote.get_bytes("s3://other-bucket/key")
+            await remote.get_bytes("s3://other-bucket/key", max_bytes=big)
         with pytest.raises(ObjectMissing):
-            await remote.get_bytes(f"s3://{BUCKET}/zarr-manifest/none.json")
+            await remote.get_bytes(f"s3://{BUCKET}/zarr-manifest/none.json", max_bytes=big)
         with pytest.raises(ObjectMissing):
-            await remote.get_bytes(f"file://{tmp_path}/absent")
-        with pytest.raises(ObjectMissing):
-            await remote.download(f"file://{tmp_path}/absent", tmp_path / "d")
+            await remote.get_bytes(f"file://{tmp_path}/absent", max_bytes=big)
         with pytest.raises(RemoteError, match="scheme"):
-            await remote.get_bytes("ftp://example.org/x")
-    assert not (tmp_path / "d").exists()
-    assert not list(tmp_path.glob("*.part"))
+            await remote.get_bytes("ftp://example.org/x", max_bytes=big)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local file.json"]  # nothing written
 
 
 async def test_pinned_read_without_version_header_is_refused(world: World, faults: Faults) -> None:

@@ -35,53 +35,50 @@ async def hold(
 
 
 async def test_demand_gets_the_reserved_slots_while_background_waits() -> None:
-    slots = RequestSlots(4, background_max=2, document_max=1)
+    slots = RequestSlots(4, background_max=2)
     release = trio.Event()
     order: list[str] = []
     async with trio.open_nursery() as nursery:
         for i in range(3):
             nursery.start_soon(hold, slots, Ticket(Priority.PREFETCH), release, order, f"p{i}")
             await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(hold, slots, Ticket(Priority.DOCUMENT), release, order, "doc")
+        nursery.start_soon(hold, slots, Ticket(Priority.PREFETCH), release, order, "p3")
         await trio.testing.wait_all_tasks_blocked()
         assert order == ["p0", "p1"]  # background is capped at 2 of 4 slots
         for i in range(2):
             nursery.start_soon(hold, slots, Ticket(Priority.DEMAND), release, order, f"d{i}")
             await trio.testing.wait_all_tasks_blocked()
         assert order == ["p0", "p1", "d0", "d1"]  # demand used the two reserved slots at once
-        assert slots.in_use == 4 and slots.waiting(Priority.PREFETCH) == 1
+        assert slots.in_use == 4 and slots.waiting(Priority.PREFETCH) == 2
         release.set()
-    assert sorted(order) == sorted(["p0", "p1", "p2", "doc", "d0", "d1"])
+    assert sorted(order) == sorted(["p0", "p1", "p2", "p3", "d0", "d1"])
     assert slots.in_use == 0
 
 
-async def test_a_freed_slot_goes_to_the_most_urgent_waiter_and_documents_are_capped() -> None:
-    slots = RequestSlots(2, background_max=2, document_max=1)
+async def test_a_freed_slot_goes_to_the_most_urgent_waiter() -> None:
+    slots = RequestSlots(2, background_max=2)
     gates = [trio.Event() for _ in range(2)]
     order: list[str] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(hold, slots, Ticket(Priority.DOCUMENT), gates[0], order, "doc0")
+        nursery.start_soon(hold, slots, Ticket(Priority.PREFETCH), gates[0], order, "p0")
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(hold, slots, Ticket(Priority.DEMAND), gates[1], order, "d0")
         await trio.testing.wait_all_tasks_blocked()
         last = trio.Event()
-        nursery.start_soon(hold, slots, Ticket(Priority.DOCUMENT), last, order, "doc1")
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(hold, slots, Ticket(Priority.PREFETCH), last, order, "p0")
+        nursery.start_soon(hold, slots, Ticket(Priority.PREFETCH), last, order, "p1")
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(hold, slots, Ticket(Priority.DEMAND), last, order, "d1")
         await trio.testing.wait_all_tasks_blocked()
         gates[1].set()  # a slot frees: the demand waiter goes first, though it came last
         await trio.testing.wait_all_tasks_blocked()
-        assert order == ["doc0", "d0", "d1"]
+        assert order == ["p0", "d0", "d1"]
         last.set()
         gates[0].set()
-    # the second document never ran beside the first (document_max=1)
-    assert order.index("doc1") > order.index("d1")
+    assert order.index("p1") > order.index("d1")
 
 
 async def test_promotion_moves_a_waiting_prefetch_ahead_and_cancellation_frees_slots() -> None:
-    slots = RequestSlots(2, background_max=1, document_max=1)
+    slots = RequestSlots(2, background_max=1)
     release = trio.Event()
     order: list[str] = []
     async with trio.open_nursery() as nursery:

@@ -121,7 +121,10 @@ def publication_time_ns(version: str) -> int:
     """The publication time a version's name records (`0.YYMMDD.HHMM`, UTC), else 0."""
     if not PUBLISHED_VERSION_RE.match(version):
         return 0
-    stamp = datetime.strptime(version[2:], "%y%m%d.%H%M").replace(tzinfo=UTC)
+    try:  # the pattern admits impossible dates and times, such as 0.231399.9999
+        stamp = datetime.strptime(version[2:], "%y%m%d.%H%M").replace(tzinfo=UTC)
+    except ValueError:
+        return 0
     return int(stamp.timestamp()) * 1_000_000_000
 
 

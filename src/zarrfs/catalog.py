@@ -23,11 +23,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-import trio
+import cachetools
 
 from . import config
 from .archive import ZARR_SUFFIX, Level, NodeKey
@@ -44,7 +44,9 @@ from .dandi import (
     resolved_to_json,
     zarr_current_checksum,
 )
-from .errors import DataError, ObjectMissing, RemoteError, VersionNotFound
+from .disk_gate import DiskGate
+from .errors import DataError, ObjectMissing, RemoteError, VersionNotFound, copy_error
+from .flight import SingleFlight
 from .remote import Remote
 from .zarr_checksums import is_checksum
 
@@ -53,21 +55,25 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass(slots=True)
-class _Flight:
-    done: trio.Event = field(default_factory=trio.Event)
-
-
 class _Memo(Generic[T]):
-    """Answers by key, each fetched once at a time and kept for `ttl` seconds (errors for
-    `error_ttl`); at most `maxsize` answers are kept (the oldest are dropped first)."""
+    """Answers by key, each fetched once at a time (`SingleFlight`) and kept for `ttl` seconds (or
+    for what `ttl(answer)` says: a partial answer is kept briefly); a failure for `error_ttl` (short:
+    an outage must not be remembered as an answer); at most `maxsize` answers are kept (the least
+    recently used are dropped first)."""
 
-    def __init__(self, ttl: float, error_ttl: float, maxsize: int = 100_000) -> None:
+    def __init__(
+        self,
+        what: str,
+        ttl: float | Callable[[T], float],
+        error_ttl: float,
+        maxsize: int = 100_000,
+    ) -> None:
         self.ttl = ttl
         self.error_ttl = error_ttl
-        self.maxsize = maxsize
-        self._kept: dict[Hashable, tuple[float, T | None, Exception | None]] = {}
-        self._inflight: dict[Hashable, _Flight] = {}
+        self._kept: cachetools.LRUCache[Hashable, tuple[float, T | None, Exception | None]] = (
+            cachetools.LRUCache(maxsize=maxsize)
+        )
+        self._flights: SingleFlight[Hashable, T] = SingleFlight(what)
 
     def peek(self, key: Hashable) -> T | None:
         kept = self._kept.get(key)
@@ -76,33 +82,32 @@ class _Memo(Generic[T]):
         return kept[1]
 
     async def get(self, key: Hashable, fetch: Callable[[], Awaitable[T]]) -> T:
-        while True:
-            kept = self._kept.get(key)
-            if kept is not None and kept[0] >= time.monotonic():
-                if kept[2] is not None:
-                    raise type(kept[2])(*kept[2].args)
-                return kept[1]  # type: ignore[return-value]
-            flight = self._inflight.get(key)
-            if flight is None:
-                break
-            await flight.done.wait()  # then the answer is kept, or its fetcher was cancelled
-        flight = self._inflight[key] = _Flight()
-        try:
-            value = await fetch()
-        except (DataError, VersionNotFound) as e:
-            self._keep(key, None, e, self.error_ttl)
-            raise
-        finally:
-            del self._inflight[key]
-            flight.done.set()
-        self._keep(key, value, None, self.ttl)
-        return value
+        kept = self._kept.get(key)
+        if kept is not None and kept[0] >= time.monotonic():
+            if kept[2] is not None:
+                raise copy_error(kept[2]) from None
+            return kept[1]  # type: ignore[return-value]
 
-    def _keep(self, key: Hashable, value: T | None, error: Exception | None, ttl: float) -> None:
-        if len(self._kept) >= self.maxsize:
-            self._kept.pop(next(iter(self._kept)))
-        self._kept.pop(key, None)
-        self._kept[key] = (time.monotonic() + ttl, value, error)
+        async def produce() -> T:
+            try:
+                value = await fetch()
+            except (DataError, VersionNotFound) as e:
+                self._kept[key] = (time.monotonic() + self.error_ttl, None, e)
+                raise
+            ttl = self.ttl(value) if callable(self.ttl) else self.ttl
+            self._kept[key] = (time.monotonic() + ttl, value, None)
+            return value
+
+        return await self._flights.run(key, produce)
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Names at a zarrs/ level, and whether every manifest root could be listed (else the names
+    are those of the roots that could, kept only briefly)."""
+
+    names: tuple[str, ...]
+    complete: bool
 
 
 class Catalog:
@@ -116,18 +121,31 @@ class Catalog:
         api_url: str,
         manifest_roots: Sequence[str],
         cache_dir: Path | None = None,
+        gate: DiskGate | None = None,
     ) -> None:
         self.remote = remote
         self.cache_dir = cache_dir
+        self.gate = gate or (DiskGate(cache_dir) if cache_dir is not None else None)
         self.bucket = bucket
         self.api_url = api_url
         self.manifest_roots = tuple(manifest_roots)
         error_ttl = config.FAILED_LIST_TTL
-        self._dandisets: _Memo[list[str]] = _Memo(config.DANDISET_LIST_TTL, error_ttl, 1)
-        self._exists: _Memo[bool] = _Memo(config.VERSION_LIST_TTL, error_ttl)
-        self._versions: _Memo[list[str]] = _Memo(config.VERSION_LIST_TTL, error_ttl)
-        self._zarr_names: _Memo[list[str]] = _Memo(config.ZARR_LIST_TTL, error_ttl)
-        self._checksums: _Memo[str | None] = _Memo(config.ZARR_CHECKSUM_TTL, error_ttl)
+        self._dandisets: _Memo[list[str]] = _Memo(
+            "the list of dandisets", config.DANDISET_LIST_TTL, error_ttl, 1
+        )
+        self._exists: _Memo[bool] = _Memo("a dandiset", config.VERSION_LIST_TTL, error_ttl)
+        self._versions: _Memo[list[str]] = _Memo(
+            "the versions of a dandiset", config.VERSION_LIST_TTL, error_ttl
+        )
+        self._zarr_names: _Memo[Listing] = _Memo(
+            "a zarrs/ listing",
+            lambda listing: config.ZARR_LIST_TTL if listing.complete else error_ttl,
+            error_ttl,
+        )
+        self._zarr_exists: _Memo[bool] = _Memo("a Zarr id", config.ZARR_LIST_TTL, error_ttl)
+        self._checksums: _Memo[str | None] = _Memo(
+            "the current checksum of a Zarr", config.ZARR_CHECKSUM_TTL, error_ttl
+        )
 
     async def dandisets(self) -> list[str]:
         return await self._dandisets.get("all", lambda: list_dandisets(self.remote, self.api_url))
@@ -146,21 +164,27 @@ class Catalog:
         )
 
     async def current_checksum(self, zarr_id: str) -> str | None:
-        """The Zarr's live checksum per the API; None when unknown (the API unreachable, or the
-        Zarr not finalized): then no manifest is built from the bucket for it."""
+        """The Zarr's live checksum per the API; None when the API knows no such Zarr or it is not
+        finalized (then no manifest is built from the bucket for it). RemoteError (EIO) when the
+        API cannot be asked: an outage is never taken for "no such Zarr"."""
 
         async def fetch() -> str | None:
             try:
                 return await zarr_current_checksum(zarr_id, self.remote, self.api_url)
-            except (DataError, VersionNotFound) as e:
-                log.info("cannot ask the API for the current checksum of zarr %s: %s", zarr_id, e)
+            except VersionNotFound:  # the API answered 404
                 return None
 
         return await self._checksums.get(zarr_id, fetch)
 
+    async def is_live(self, zarr_id: str, checksum: str) -> bool:
+        """Whether `checksum` is the Zarr's current one (asked of the API; RemoteError when it
+        cannot be asked)."""
+        return await self.current_checksum(zarr_id) == checksum
+
     async def resolve(self, source: Source) -> ResolvedVersion:
         """One version, pinned. A published version never changes, so with a cache dir it is
-        kept there (`versions/<bucket>/<id>/<version>.json`, checked on read) and a later mount
+        kept there (`versions/<bucket>/<id>/<version>.json`, checked on read, through the disk
+        gate: a stalled cache dir only means it is resolved from the bucket) and a later mount
         resolves it without a request."""
         if source.version == "latest":
             versions = await self.published_versions(source.dandiset_id)
@@ -168,18 +192,18 @@ class Catalog:
                 raise VersionNotFound(f"dandiset {source.dandiset_id} has no published version")
             source = Source(source.dandiset_id, versions[-1])
         path = self.stored_path(source)
-        if path is not None:
+        if path is not None and self.gate is not None:
             try:
-                doc = await trio.to_thread.run_sync(read_checked_json, path, abandon_on_cancel=True)
+                doc = await self.gate.run(read_checked_json, path)
                 if doc is not None:
                     return resolved_from_json(doc)
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("ignoring the stored version %s: %s", path, e)
         resolved = await resolve(source, self.remote, bucket=self.bucket, api_url=self.api_url)
-        if path is not None and resolved.published:
+        if path is not None and self.gate is not None and resolved.published:
             try:
                 doc = resolved_to_json(resolved)
-                await trio.to_thread.run_sync(write_checked_json, path, doc, abandon_on_cancel=True)
+                await self.gate.run(write_checked_json, path, doc)
             except OSError as e:
                 log.warning("cannot keep the resolved version in %s: %s", path, e)
         return resolved
@@ -194,22 +218,57 @@ class Catalog:
     # --- the zarrs/ levels: best effort -------------------------------------------------------------
 
     async def zarr_names(self, key: NodeKey) -> list[str]:
-        """Names at a zarrs/ level, from the manifest roots' listings (union; roots that cannot be
-        listed are skipped). Only a best effort: lookups by exact name never need it."""
-        return await self._zarr_names.get(key, lambda: self._list_zarr_level(key))
+        """Names at a zarrs/ level, from the manifest roots' listings (the union; when some roots
+        cannot be listed, the others' names, kept only briefly). Only a best effort: lookups by
+        exact name never need it. RemoteError when no root can be listed."""
+        listing = await self._zarr_names.get(key, lambda: self._list_zarr_level(key))
+        return list(listing.names)
 
-    async def _list_zarr_level(self, key: NodeKey) -> list[str]:
+    async def _list_zarr_level(self, key: NodeKey) -> Listing:
         relative = _root_relative_dir(key)
         names: set[str] = set()
+        failures: list[str] = []
         for root in self.manifest_roots:
             url = f"{root.rstrip('/')}/{relative}"
             try:
                 entries = await self.remote.list_dir(url)
-            except (ObjectMissing, RemoteError) as e:
+            except ObjectMissing:
+                continue  # that root has nothing there: an answer
+            except RemoteError as e:
                 log.debug("cannot list %s: %s", url, e)
+                failures.append(f"{url}: {e}")
                 continue
             names.update(n for n in (_zarr_name(key, entry) for entry in entries) if n)
-        return sorted(names)
+        if failures and len(failures) == len(self.manifest_roots):
+            raise RemoteError("no manifest root could be listed: " + "; ".join(failures))
+        return Listing(tuple(sorted(names)), complete=not failures)
+
+    async def zarr_exists(self, zarr_id: str) -> bool:
+        """Whether the archive knows Zarr `zarr_id`: some manifest root has a directory for it, or
+        the API reports it (a draft Zarr none of whose states has a manifest yet). RemoteError
+        when neither could answer: never "no such Zarr" for an outage."""
+        return await self._zarr_exists.get(zarr_id, lambda: self._find_zarr(zarr_id))
+
+    async def _find_zarr(self, zarr_id: str) -> bool:
+        relative = f"{zarr_id[:3]}/{zarr_id[3:6]}/{zarr_id}/"
+        failures: list[str] = []
+        for root in self.manifest_roots:
+            url = f"{root.rstrip('/')}/{relative}"
+            try:
+                if await self.remote.list_dir(url, limit=1):
+                    return True
+            except ObjectMissing:
+                continue
+            except RemoteError as e:
+                failures.append(f"{url}: {e}")
+        try:
+            if await self.current_checksum(zarr_id) is not None:
+                return True
+        except RemoteError as e:
+            failures.append(f"API: {e}")
+        if failures:
+            raise RemoteError(f"cannot tell whether zarr {zarr_id} exists: " + "; ".join(failures))
+        return False
 
 
 def _root_relative_dir(key: NodeKey) -> str:

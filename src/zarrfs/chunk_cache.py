@@ -9,6 +9,11 @@ share one fetch and get its bytes or its error. A read's missing blocks that are
 fetched by one ranged GET. Blocks can also be *claimed* by a producer that streams them
 (`prefetch`): readers then wait for `fulfil` instead of fetching.
 
+Every block is kept with the xxh3-64 of its bytes, and a block served from memory that was last
+checked more than `config.BLOCK_RECHECK_AGE` seconds ago is checked again (as mountpoint-s3's
+`ChecksummedBytes` carries a checksum with data held in memory): a bit flipped in RAM during a long
+stay is dropped and fetched again, never served.
+
 Never does: S3 or HTTP (the `fetch(ref, start, end, ticket)` callable is injected; in production it is
 `S3Reader.read_range`), decide what to read ahead (`prefetch` does), invalidation (every key carries
 an immutable version), or caching errors. With a `disk` tier, a memory miss asks the disk before
@@ -28,11 +33,13 @@ cancelled (or a producer that gives up) is abandoned: its waiters wake up and on
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import trio
+import xxhash
 from cachetools import LRUCache
 
 from zarrfs import config
@@ -67,6 +74,15 @@ Fetch = Callable[[R, int, int, Ticket], Awaitable[bytes]]
 
 
 @dataclass(slots=True)
+class _Block:
+    """A block in memory: its bytes, their xxh3-64 when stored, when last checked (monotonic)."""
+
+    data: bytes
+    digest: int
+    checked: float
+
+
+@dataclass(slots=True)
 class _Flight:
     """One block in flight. `done` is set once it is fulfilled, failed, or abandoned."""
 
@@ -94,10 +110,17 @@ class BlockCache:
         self.block_size = block_size
         self.whole_object_max = whole_object_max
         self.disk = disk
-        self._lru: LRUCache[BlockKey, bytes] = LRUCache(maxsize=max_bytes, getsizeof=len)
+        self._lru: LRUCache[BlockKey, _Block] = LRUCache(
+            maxsize=max_bytes, getsizeof=lambda block: len(block.data)
+        )
+        #: A block served from memory is checked against the checksum it was stored with when it
+        #: was last checked longer ago than this (seconds).
+        self.recheck_age = config.BLOCK_RECHECK_AGE
         self._inflight: dict[BlockKey, _Flight] = {}
         self._hits = 0
         self._misses = 0
+        self._rechecked = 0
+        self._recheck_failures = 0
         self._disk_hits = 0
         self._fetches = 0
 
@@ -127,6 +150,10 @@ class BlockCache:
             "bytes": int(self._lru.currsize),
             "items": len(self._lru),
         }
+
+    def recheck_stats(self) -> dict[str, int]:
+        """Blocks checked again when served from memory, and those that failed (dropped)."""
+        return {"rechecked": self._rechecked, "failed": self._recheck_failures}
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -159,7 +186,7 @@ class BlockCache:
                 if index in found:
                     continue
                 key = (ref.key, ref.version_id, index)
-                cached = self._lru.get(key)
+                cached = self._cached(key)
                 if cached is not None:
                     self._hits += 1
                     found[index] = cached
@@ -274,14 +301,36 @@ class BlockCache:
             claimed.append(index)
         return claimed
 
-    def is_cached(self, ref: BlockSource, index: int) -> bool:
-        return (ref.key, ref.version_id, index) in self._lru
+    def _cached(self, key: BlockKey) -> bytes | None:
+        """The block in memory, checked against the checksum it was stored with if its last check
+        is older than `recheck_age` (a bit flipped in memory during a long stay: dropped, logged,
+        fetched again; never served)."""
+        block = self._lru.get(key)
+        if block is None:
+            return None
+        now = time.monotonic()
+        if now - block.checked < self.recheck_age:
+            return block.data
+        self._rechecked += 1
+        if xxhash.xxh3_64_intdigest(block.data) != block.digest:
+            self._recheck_failures += 1
+            del self._lru[key]
+            log.error(
+                "block %d of %s (version %s) changed in memory since it was fetched: dropped, "
+                "fetched again",
+                key[2],
+                key[0],
+                key[1],
+            )
+            return None
+        block.checked = now
+        return block.data
 
     def fulfil(self, ref: BlockSource, index: int, data: bytes) -> None:
-        """A claimed (or unclaimed) block arrived: keep it, wake its waiters."""
+        """A claimed (or unclaimed) block arrived: keep it (with its checksum), wake its waiters."""
         key = (ref.key, ref.version_id, index)
         if len(data) <= self.max_bytes:
-            self._lru[key] = data
+            self._lru[key] = _Block(data, xxhash.xxh3_64_intdigest(data), time.monotonic())
         flight = self._inflight.pop(key, None)
         if flight is not None:
             flight.data = data

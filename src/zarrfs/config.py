@@ -47,12 +47,24 @@ PREFETCH_MEMORY_SHARE = 0.5
 #: S3 connection carries some 100 MB/s; the AWS CRT client under mountpoint-s3 splits its GETs into
 #: parts fetched in parallel too).
 PREFETCH_PART = 8 << 20
+#: A block served from the memory cache is checked against the xxh3-64 it was stored with when its
+#: last check is older than this (seconds): a long stay in RAM is where a flipped bit would hide.
+BLOCK_RECHECK_AGE = 60.0
 #: Default byte budget of the in-memory block cache.
 DEFAULT_MEMORY_CACHE_SIZE = 512 << 20
 #: Default byte budget for loaded manifest indexes (evicted ones reload from the disk cache).
 DEFAULT_MANIFEST_MEMORY = 1 << 30
 #: Concurrent S3 requests at most, across the whole mount.
 MAX_CONCURRENT_REQUESTS = 32
+#: Concurrent HTTP requests at most (the API, manifest mirrors: documents are few and large).
+MAX_CONCURRENT_HTTP = 8
+#: FUSE requests handled concurrently at most.
+MAX_FUSE_TASKS = 64
+#: Descriptors a process of zarrfs may need at once, whatever the archive's size (what makes it up:
+#: `resources`); the soft limit is raised to the hard one at start, and a limit below this is logged.
+FD_BUDGET = 256
+#: Seconds between two counts of the open descriptors (their peak is in `zarrfs stats`).
+FD_SAMPLE_INTERVAL = 1.0
 #: Attempts per S3/HTTP request (first try included) for retryable failures.
 MAX_ATTEMPTS = 5
 #: First retry back-off in seconds; doubles each attempt, with full jitter, capped by RETRY_MAX_DELAY.
@@ -85,6 +97,9 @@ NEGATIVE_MUTABLE_TTL = 60.0
 #: Default byte budget (roughly) for resolved versions kept in memory by an archive or dandiset
 #: mount; the least recently used are dropped and resolved again when entered.
 DEFAULT_VERSION_MEMORY = 256 << 20
+#: Bytes of synthesized `.zmetadata` documents (`--consolidate`) kept in memory at most; one that is
+#: dropped is built again (from its metadata objects, usually still in the block cache) when needed.
+CONSOLIDATED_MEMORY = 64 << 20
 #: Default `--umask`: applied to 0777 for directories and 0666 for files (as rclone does), and the
 #: write bits are always cleared (the mount is read-only), so directories show 0555 and files 0444.
 DEFAULT_UMASK = 0o022
@@ -103,6 +118,36 @@ MANIFEST_BASE_BYTES = 1 << 20
 MANIFEST_BYTES_PER_FILE = 4096
 #: Default cap of the on-disk store of converted manifest indexes (least recently loaded go first).
 DEFAULT_MANIFEST_DISK_BUDGET = 8 << 30
+#: A manifest that could not be served (missing, malformed, not matching its checksum: an answer
+#: about the data, never an outage) is remembered this many seconds, so a broken Zarr is not
+#: downloaded again by every probe; at most FAILURES_REMEMBERED of them.
+FAILURE_TTL = 30.0
+FAILURES_REMEMBERED = 10_000
+#: Conversions slower than this (seconds) get progress lines in the log.
+SLOW_CONVERSION = 2.0
+#: Seconds between two tries of the cross-process lock while another process loads a manifest, and
+#: the longest wait for it (then the load goes on anyway: a hung holder must not hold everyone).
+LOCK_POLL = 0.1
+MANIFEST_LOCK_WAIT = 120.0
+#: The longest a sweep of the cache dir (stale temporary files, the index store's cap) may take
+#: before the cache dir counts as stalled.
+SWEEP_TIMEOUT = 300.0
+#: Temporary files, lock files and lapsed pins directories older than this (seconds) in the cache
+#: dir were left by a killed process: removed by the sweeps (a write takes seconds; a running
+#: mount renews its pins far more often).
+STALE_TEMP_AGE = 3600.0
+#: Indexes at least this big (bytes on disk) are memory-mapped when loaded (their descriptor closed
+#: at once); smaller ones are read into memory. Most Zarrs' indexes are tens of KB; the largest
+#: DANDI Zarr's is some 150 MB.
+INDEX_MAP_MIN = 8 << 20
+#: Loaded manifest indexes kept at most, whatever their bytes (each mapped one is a memory map:
+#: the kernel allows some 65,000 per process).
+MANIFEST_MAX_LOADED = 4096
+#: A process that keeps a memory-mapped index loaded renews its lease on the file (its mtime)
+#: this often; no process sharing the cache dir deletes an index whose lease is younger than
+#: INDEX_LEASE (deleting a file another node has mapped gives that node SIGBUS on NFS).
+INDEX_LEASE_RENEW = 600.0
+INDEX_LEASE = 3600.0
 #: A draft Zarr whose current checksum has no manifest anywhere is listed from the bucket; a listing
 #: that does not add up to the checksum the API reports (the Zarr changed meanwhile) is retried this
 #: many times in all, LISTING_RETRY_DELAY seconds apart.
@@ -135,8 +180,6 @@ DISK_CACHE_HIGH_WATER = 0.95
 DISK_CACHE_LOW_WATER = 0.85
 #: A hit refreshes its block's mtime (the LRU clock) when that mtime is older than this (seconds).
 DISK_CACHE_TOUCH_INTERVAL = 600.0
-#: Temporary files older than this (seconds) were left by a killed writer: removed on eviction.
-DISK_CACHE_STALE_TEMP_AGE = 3600.0
 #: Seconds between two eviction scans even when this process writes nothing (others may).
 DISK_CACHE_EVICT_INTERVAL = 300.0
 #: Threads doing disk cache reads and writes (a limiter of their own, apart from S3 and CPU work).
@@ -146,6 +189,9 @@ DISK_CACHE_THREADS = 4
 #: reads that S3 could serve.
 DISK_CACHE_STALL_TIMEOUT = 5.0
 DISK_CACHE_STALL_PAUSE = 60.0
+#: Writes of a known size (a manifest index) get DISK_CACHE_STALL_TIMEOUT plus a second per this
+#: many bytes before the cache dir counts as stalled.
+DISK_WRITE_MIN_RATE = 10 << 20
 #: Bytes of fetched blocks waiting to be written to disk at most; more are not written (counted).
 DISK_CACHE_PENDING_MAX = 64 << 20
 #: Blocks read from or written to disk in one trip to a worker thread. A trip costs the event loop

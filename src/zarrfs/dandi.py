@@ -491,14 +491,30 @@ async def list_dandisets(remote: Remote, api_url: str) -> list[str]:
                 identifier = row.get("identifier") if isinstance(row, dict) else None
                 if isinstance(identifier, str) and DANDISET_ID_RE.match(identifier):
                     ids.append(identifier)
-            nxt = page.get("next")
-            url = nxt if isinstance(nxt, str) and nxt else None
+            url = _next_page(page, url)
     except (RemoteError, VersionNotFound) as e:
         log.warning("cannot list dandisets through the API (%s); listing the bucket instead", e)
         listing = await remote.s3.list_prefixes("dandisets/")
         names = (p.rstrip("/").rsplit("/", 1)[-1] for p in listing.prefixes)
         return sorted(n for n in names if DANDISET_ID_RE.match(n))
     return sorted(set(ids))
+
+
+def _next_page(page: dict[str, Any], url: str) -> str | None:
+    """The `next` link of a page of the API's paginated lists (None on the last page); a link that
+    is not an http(s) URL is a RemoteError (EIO), never a crash."""
+    nxt = page.get("next")
+    if nxt is None or nxt == "":
+        return None
+    try:
+        parts = urlsplit(nxt) if isinstance(nxt, str) else None
+        valid = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        valid = False
+    if not valid:
+        raise RemoteError(f"{url}: the API's next page is not an http(s) URL: {nxt!r:.200}")
+    assert isinstance(nxt, str)
+    return nxt
 
 
 async def zarr_current_checksum(zarr_id: str, remote: Remote, api_url: str) -> str | None:
@@ -529,8 +545,7 @@ async def _draft_assets(source: Source, remote: Remote, api_url: str) -> list[As
             if not isinstance(row, dict):
                 raise RemoteError(f"{url}: an asset row is not a JSON object: {row!r:.80}")
             records.append(_record_from_api_row(row))
-        nxt = page.get("next")
-        url = nxt if isinstance(nxt, str) and nxt else None
+        url = _next_page(page, url)
         if url and "metadata" not in parse_qs(urlsplit(url).query):
             url += ("&" if "?" in url else "?") + "metadata=true"
     assets = parse_asset_records(records)

@@ -282,7 +282,7 @@ class DiskBlockCache:
         high_water: float = config.DISK_CACHE_HIGH_WATER,
         low_water: float = config.DISK_CACHE_LOW_WATER,
         touch_interval: float = config.DISK_CACHE_TOUCH_INTERVAL,
-        stale_temp_age: float = config.DISK_CACHE_STALE_TEMP_AGE,
+        stale_temp_age: float = config.STALE_TEMP_AGE,
         fsync: bool = config.DISK_CACHE_FSYNC,
         log_interval: float = LOG_INTERVAL,
     ) -> None:

@@ -10,19 +10,29 @@ to: its asset list is kept on disk for that), and the log line naming the object
 fails. Works in domain types and raises typed `ZarrfsError`s; knows nothing of pyfuse3, so it is
 tested by awaiting it directly. Never parses, never retries, never decides cache policy.
 
+Every operation answers within `config.READ_DEADLINE` or fails with EIO (a lookup never waits
+without bound on a manifest, an asset list or the API); an unreachable remote is EIO, never "does not
+exist". What this module keeps grows only with what exists: names are given inodes only once the
+archive says they exist (the `zarrs/` hex levels have inode numbers derived from their names, and no
+node object at all).
+
 Concurrency: all state is touched from tasks of one trio run. Each volume is resolved once however
-many requests need it (single flight); a requester that gives up does not cancel a resolution others
-wait for (it runs in `service_nursery` when set).
+many requests need it (`flight.SingleFlight`); a requester that gives up does not cancel a resolution
+others wait for (it runs in `service_nursery` when set), and a bug in one fails only the requests
+waiting on it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +46,7 @@ from .catalog import Catalog
 from .chunk_cache import BlockCache
 from .config import MountSource, Source
 from .dandi import AssetRecord, ResolvedVersion, resolved_from_json, resolved_to_json
+from .disk_gate import DiskGate
 from .errors import (
     DataError,
     IsADirectory,
@@ -45,11 +56,15 @@ from .errors import (
     RemoteError,
     SourceError,
     VersionNotFound,
+    is_transient,
+    report_bug,
 )
+from .flight import BoundedLRU, SingleFlight
 from .inodes import InodeSpace, Volume
-from .manifest_cache import ManifestCache
+from .manifest_cache import Live, ManifestCache, pins_dir_name
 from .prefetch import PrefetchBudget, Prefetcher
 from .refs import ObjectRef
+from .resources import Budget, DescriptorGauge
 from .s3_reader import S3Reader
 from .scheduler import Priority
 from .stats import LatencyHistogram
@@ -92,21 +107,19 @@ class FsStats:
     files: int
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Synthetic:
     """A directory (or `latest` link) of the archive's levels (internal)."""
 
     ino: int
     key: NodeKey
     path: str  # from the mount's root, for log lines
-    children: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class _Resolution:
-    done: trio.Event = field(default_factory=trio.Event)
-    namespace: Namespace | None = None
-    error: Exception | None = None
+#: The `zarrs/` hex levels of an archive mount: `zarrs/<z[0:3]>` and `zarrs/<z[0:3]>/<z[3:6]>`;
+#: their inode numbers are derived from the hex digits, from one block reserved at start.
+_HEX3 = 1 << 12
+_HEX_BLOCK = _HEX3 + (1 << 24)
 
 
 class Filesystem:
@@ -123,6 +136,7 @@ class Filesystem:
         cache_dir: Path | None = None,
         version_memory: int = config.DEFAULT_VERSION_MEMORY,
         consolidate: bool = False,
+        gate: DiskGate | None = None,
     ) -> None:
         self.source = source
         self.catalog = catalog
@@ -133,36 +147,63 @@ class Filesystem:
         self.inodes = InodeSpace()
         #: Bytes prefetched ahead of readers and not yet read, across every open file.
         self.prefetch_budget = PrefetchBudget(int(blocks.max_bytes * config.PREFETCH_MEMORY_SHARE))
-        #: Where volume resolutions run (so a requester giving up does not cancel them).
-        self.service_nursery: trio.Nursery | None = None
-        #: A read fails with EIO rather than take longer than this (config.READ_DEADLINE).
+        #: A read (any operation) fails with EIO rather than take longer than this.
         self.read_deadline = config.READ_DEADLINE
         self._started_ns = time.time_ns()
         #: The mounted version holds Zarrs (known after `start`; False for the archive levels).
         self.holds_zarrs = False
         self._synthetic: dict[int, _Synthetic] = {}
         self._by_key: dict[NodeKey, int] = {}
+        self._hex_base = 0  # first inode of the zarrs/ hex levels (archive mounts)
         self._volumes: dict[int, Volume] = {}  # by volume id
         self._volume_keys: dict[int, NodeKey] = {}
         self._volume_paths: dict[int, str] = {}
-        self._loaded: cachetools.LRUCache[int, Namespace] = cachetools.LRUCache(
-            maxsize=max(version_memory, 1), getsizeof=lambda ns: max(ns.approx_bytes, 1)
+        self._loaded: BoundedLRU[int, Namespace] = BoundedLRU(
+            version_memory, lambda ns: ns.approx_bytes
         )
         self._kept: dict[int, Namespace] = {}  # never evicted: a version mount's, unpinnable drafts
-        self._oversized: tuple[int, Namespace] | None = None  # bigger than the whole budget
-        self._resolving: dict[int, _Resolution] = {}
+        self._resolutions: SingleFlight[int, Namespace] = SingleFlight("version resolution")
+        self.gate = gate or (DiskGate(cache_dir) if cache_dir is not None else None)
         self._pins: Path | None = None
         if cache_dir is not None:
-            tag = f"pins-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            self._pins = CacheLayout(cache_dir).tmp / tag
+            name = pins_dir_name(os.getpid(), uuid.uuid4().hex[:8])
+            self._pins = CacheLayout(cache_dir).tmp / name
         self._root_alias: int | None = None
         self._reported: set[str] = set()
-        self._entered: dict[tuple[int, str, str], trio.Event] = {}
+        #: Zarrs (id, checksum) entered: their metadata was prefetched.
+        self._entered: cachetools.LRUCache[tuple[str, str], bool] = cachetools.LRUCache(
+            maxsize=config.FAILURES_REMEMBERED
+        )
+        #: `--consolidate`: the `.zmetadata` built for each Zarr (id, checksum) that needs one (b""
+        #: for those that need none or whose metadata cannot be had for good); rebuilt when dropped.
+        self._consolidated: BoundedLRU[tuple[str, str], bytes] = BoundedLRU(
+            config.CONSOLIDATED_MEMORY, len
+        )
+        self._consolidating: SingleFlight[tuple[str, str], bytes] = SingleFlight(
+            "consolidation of Zarr metadata"
+        )
         #: Reads served (count, bytes, errors) and their latency, for `zarrfs stats`.
         self.read_stats = {"count": 0, "bytes": 0, "errors": 0}
         self.read_latency = LatencyHistogram()
         #: Serve a synthesized `.zmetadata` in format 2 Zarrs without one (`--consolidate`).
         self.consolidate = consolidate
+        #: The process's descriptors (sampled by the core) and the memory budget of its parts.
+        self.descriptors = DescriptorGauge()
+        self.budget = Budget(
+            block_cache=blocks.max_bytes,
+            manifests=manifests.memory_budget,
+            versions=version_memory,
+        )
+
+    @property
+    def service_nursery(self) -> trio.Nursery | None:
+        """Where resolutions and background work run (so a requester giving up cancels nothing
+        others need); None: in the requester's task."""
+        return self._resolutions.nursery
+
+    @service_nursery.setter
+    def service_nursery(self, nursery: trio.Nursery | None) -> None:
+        self._resolutions.nursery = nursery
 
     # --- setting up -------------------------------------------------------------------------------
 
@@ -173,6 +214,7 @@ class Filesystem:
         source = self.source
         if source.kind == "archive":
             self._add_synthetic(ROOT_INO, archive.ARCHIVE, "")
+            self._hex_base = self.inodes.new_block(_HEX_BLOCK)
             return "the whole archive"
         assert source.dandiset_id is not None
         if source.kind == "dandiset":
@@ -211,38 +253,52 @@ class Filesystem:
 
     # --- domain operations ------------------------------------------------------------------------
 
+    @contextmanager
+    def _bounded(self, what: str) -> Iterator[None]:
+        """Fail with EIO (RemoteError) rather than take longer than `read_deadline`: a lookup
+        must not wait without bound on a manifest root, the API or a slot."""
+        try:
+            with trio.fail_after(self.read_deadline):
+                yield
+        except trio.TooSlowError:
+            raise RemoteError(f"{what}: no answer within {self.read_deadline:g} s") from None
+
     async def getattr(self, ino: int) -> Entry:
-        ino = self._in(ino)
-        node = self._synthetic.get(ino)
-        if node is not None:
-            return self._out(await self._synthetic_entry(node))
-        volume, local = self._volume(ino)
-        namespace = await self._namespace(volume)
-        index = await self._index(namespace, local, volume, inside_only=True)
-        return self._out(self._globalize(volume, namespace.getattr(local, index)))
+        with self._bounded(f"getattr of inode {ino}"):
+            ino = self._in(ino)
+            node = self._node(ino)
+            if node is not None:
+                return self._out(await self._synthetic_entry(node))
+            volume, local = self._volume(ino)
+            namespace = await self._namespace(volume)
+            index = await self._index(namespace, local, volume, inside_only=True)
+            return self._out(self._globalize(volume, namespace.getattr(local, index)))
 
     async def lookup(self, parent: int, name: bytes) -> Entry:
-        parent = self._in(parent)
-        node = self._synthetic.get(parent)
-        if node is not None:
-            return self._out(await self._synthetic_lookup(node, name))
-        volume, local = self._volume(parent)
-        namespace = await self._namespace(volume)
-        index = await self._index(namespace, local, volume, inside_only=False)
-        return self._out(self._globalize(volume, namespace.lookup(local, name, index)))
+        with self._bounded(f"lookup of {name!r:.80} in inode {parent}"):
+            parent = self._in(parent)
+            node = self._node(parent)
+            if node is not None:
+                return self._out(await self._synthetic_lookup(node, name))
+            volume, local = self._volume(parent)
+            namespace = await self._namespace(volume)
+            index = await self._index(namespace, local, volume, inside_only=False)
+            return self._out(self._globalize(volume, namespace.lookup(local, name, index)))
 
     async def opendir(self, ino: int) -> OpenDir:
-        ino = self._in(ino)
-        node = self._synthetic.get(ino)
-        if node is not None:
-            if node.key.level == Level.LATEST:
-                raise NotADirectory(f"{node.path} is a symbolic link")
-            listing = await self._synthetic_listing(node)
-            return OpenDir(ino, cacheable=False, snapshot=tuple(listing))
-        volume, local = self._volume(ino)
-        namespace = await self._namespace(volume)
-        namespace.check_dir(local, await self._index(namespace, local, volume, inside_only=False))
-        return OpenDir(ino, cacheable=True)
+        with self._bounded(f"opendir of inode {ino}"):
+            ino = self._in(ino)
+            node = self._node(ino)
+            if node is not None:
+                if node.key.level == Level.LATEST:
+                    raise NotADirectory(f"{node.path} is a symbolic link")
+                listing = await self._synthetic_listing(node)
+                return OpenDir(ino, cacheable=False, snapshot=tuple(listing))
+            volume, local = self._volume(ino)
+            namespace = await self._namespace(volume)
+            index = await self._index(namespace, local, volume, inside_only=False)
+            namespace.check_dir(local, index)
+            return OpenDir(ino, cacheable=True)
 
     async def readdir(self, handle: OpenDir, offset: int) -> Iterator[tuple[bytes, Entry, int]]:
         """Entries of an open directory from `offset` (a value a previous entry returned, or 0)."""
@@ -253,29 +309,32 @@ class Filesystem:
                 for i, (name, entry) in enumerate(entries)
                 if i >= offset
             )
-        volume, local = self._volume(handle.ino)
-        namespace = await self._namespace(volume)
-        index = await self._index(namespace, local, volume, inside_only=False)
+        with self._bounded(f"readdir of inode {handle.ino}"):
+            volume, local = self._volume(handle.ino)
+            namespace = await self._namespace(volume)
+            index = await self._index(namespace, local, volume, inside_only=False)
         return (
             (name, self._out(self._globalize(volume, entry)), next_offset)
             for name, entry, next_offset in namespace.readdir(local, offset, index)
         )
 
     async def readlink(self, ino: int) -> bytes:
-        node = self._synthetic.get(self._in(ino))
-        if node is None or node.key.level != Level.LATEST:
-            raise NotFound(f"inode {ino} is not a symbolic link")
-        entry = await self._synthetic_entry(node)
-        assert entry.link is not None
-        return entry.link
+        with self._bounded(f"readlink of inode {ino}"):
+            node = self._node(self._in(ino))
+            if node is None or node.key.level != Level.LATEST:
+                raise NotFound(f"inode {ino} is not a symbolic link")
+            entry = await self._synthetic_entry(node)
+            assert entry.link is not None
+            return entry.link
 
     async def open(self, ino: int) -> OpenFile:
-        ino = self._in(ino)
-        if ino in self._synthetic:
-            raise IsADirectory(f"inode {ino} is a directory")
-        volume, local = self._volume(ino)
-        namespace = await self._namespace(volume)
-        index = await self._index(namespace, local, volume, inside_only=True)
+        with self._bounded(f"open of inode {ino}"):
+            ino = self._in(ino)
+            if self._node(ino) is not None:
+                raise IsADirectory(f"inode {ino} is a directory")
+            volume, local = self._volume(ino)
+            namespace = await self._namespace(volume)
+            index = await self._index(namespace, local, volume, inside_only=True)
         where = self._describe(volume, namespace, local, index)
         try:
             source = namespace.file_source(local, index)
@@ -343,8 +402,7 @@ class Filesystem:
         `asset_id`, and for files `s3_url`, `version_id` and `etag`."""
         ino = self._in(ino)
         out: dict[str, str] = {}
-        node = self._synthetic.get(ino)
-        if node is not None:
+        if self._node(ino) is not None:
             return out
         volume, local = self._volume(ino)
         key = self._volume_keys[volume.id]
@@ -378,12 +436,19 @@ class Filesystem:
 
     def statfs(self) -> FsStats:
         namespaces = [*self._kept.values(), *self._loaded.values()]
-        if self._oversized is not None:
-            namespaces.append(self._oversized[1])
         return FsStats(
             total_bytes=sum(ns.total_size for ns in namespaces),
             files=sum(ns.n_assets for ns in namespaces),
         )
+
+    @property
+    def consolidated_bytes(self) -> int:
+        return self._consolidated.weight
+
+    @property
+    def versions_bytes(self) -> int:
+        """Approximate memory of the resolved versions kept (for `zarrfs stats`)."""
+        return self._loaded.weight + sum(ns.approx_bytes for ns in self._kept.values())
 
     # --- inode plumbing -----------------------------------------------------------------------------
 
@@ -424,46 +489,25 @@ class Filesystem:
         self.inodes.reserve(volume, namespace.n_plain, namespace.n_slots)
         if keep:
             self._kept[volume.id] = namespace
-            return
-        try:
-            self._loaded[volume.id] = namespace
-        except ValueError:  # bigger than the whole budget: kept alone until another replaces it
-            self._oversized = (volume.id, namespace)
+        else:
+            self._loaded.put(volume.id, namespace)
 
     def _cached(self, volume: Volume) -> Namespace | None:
-        namespace = self._kept.get(volume.id) or self._loaded.get(volume.id)
-        if namespace is None and self._oversized is not None and self._oversized[0] == volume.id:
-            namespace = self._oversized[1]
-        return namespace
+        return self._kept.get(volume.id) or self._loaded.get(volume.id)
 
     async def _namespace(self, volume: Volume) -> Namespace:
-        while True:
-            namespace = self._cached(volume)
-            if namespace is not None:
-                return namespace
-            flight = self._resolving.get(volume.id)
-            if flight is None:
-                flight = self._resolving[volume.id] = _Resolution()
-                if self.service_nursery is not None:
-                    self.service_nursery.start_soon(self._run_resolution, volume, flight)
-                else:
-                    await self._run_resolution(volume, flight)
-            await flight.done.wait()
-            if flight.error is not None:
-                raise type(flight.error)(*flight.error.args)
-            if flight.namespace is not None:
-                return flight.namespace
+        namespace = self._cached(volume)
+        if namespace is not None:
+            return namespace
+        return await self._resolutions.run(volume.id, partial(self._run_resolution, volume))
 
-    async def _run_resolution(self, volume: Volume, flight: _Resolution) -> None:
+    async def _run_resolution(self, volume: Volume) -> Namespace:
         try:
             namespace = await self._resolve_volume(volume)
-            self._settle(volume, namespace)
-            flight.namespace = namespace
-        except (DataError, VersionNotFound) as e:
-            flight.error = e if isinstance(e, DataError) else DataError(str(e))
-        finally:
-            del self._resolving[volume.id]
-            flight.done.set()
+        except VersionNotFound as e:  # it existed when it was looked up: EIO now
+            raise DataError(str(e)) from None
+        self._settle(volume, namespace)
+        return namespace
 
     async def _resolve_volume(self, volume: Volume) -> Namespace:
         key = self._volume_keys[volume.id]
@@ -477,7 +521,6 @@ class Filesystem:
                 mtime_ns=0,
                 zarr_id=key.zarr,
                 zarr_checksum=key.checksum,
-                live=await self._is_live(key),
             )
             return Namespace.for_zarr(asset, bucket=self.bucket, source=Source("", ""))
         source = Source(key.dandiset_id, key.version)
@@ -491,9 +534,6 @@ class Filesystem:
         log.info("entered %s: %d assets", path or resolved.source, len(resolved.assets))
         return self._namespace_of(resolved)
 
-    async def _is_live(self, key: NodeKey) -> bool:
-        return await self.catalog.current_checksum(key.zarr) == key.checksum
-
     def _report_unservable(self, resolved: ResolvedVersion) -> None:
         for asset in resolved.assets:
             if asset.problem:
@@ -505,42 +545,46 @@ class Filesystem:
                 )
 
     # draft pins: what a draft resolved to the first time, so that a re-resolution after eviction
-    # gives the same tree (the draft may have changed meanwhile)
+    # gives the same tree (the draft may have changed meanwhile). Kept under the cache dir's tmp/
+    # in a directory named for this host and process, whose lease (mtime) `renew_pins` renews;
+    # sweeps remove those of mounts that are gone.
 
     async def _save_pin(self, volume: Volume, resolved: ResolvedVersion) -> None:
-        if self._pins is None:
+        if self._pins is None or self.gate is None:
             self._kept[volume.id] = self._namespace_of(resolved)  # no cache dir: keep it in memory
             return
         path = self._pins / f"{volume.id}.json"
         try:
-            await trio.to_thread.run_sync(
-                write_checked_json, path, resolved_to_json(resolved), abandon_on_cancel=True
-            )
+            await self.gate.run(write_checked_json, path, resolved_to_json(resolved))
         except OSError as e:
             log.warning("cannot keep the pin of %s on disk (%s): keeping it in memory", path, e)
             self._kept[volume.id] = self._namespace_of(resolved)
 
     async def _load_pin(self, volume: Volume) -> ResolvedVersion | None:
-        if self._pins is None:
+        if self._pins is None or self.gate is None:
             return None
         path = self._pins / f"{volume.id}.json"
-
         try:
-            doc = await trio.to_thread.run_sync(read_checked_json, path, abandon_on_cancel=True)
+            doc = await self.gate.run(read_checked_json, path)
             return None if doc is None else resolved_from_json(doc)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"the pinned draft {path} cannot be read: {e}") from e
 
-    def remove_pins(self) -> None:
-        """Delete this mount's pin files (at unmount). Synchronous."""
-        if self._pins is None or not self._pins.exists():
+    async def renew_pins(self) -> None:
+        """Renew the lease of this mount's pins directory (its mtime), so that no sweep removes
+        it while the mount runs."""
+        if self._pins is None or self.gate is None:
             return
-        for path in self._pins.glob("*"):
-            path.unlink(missing_ok=True)
-        try:
-            self._pins.rmdir()
-        except OSError as e:
-            log.debug("cannot remove %s: %s", self._pins, e)
+        with suppress(OSError):
+            await self.gate.run(_touch_if_exists, self._pins)
+
+    async def remove_pins(self) -> None:
+        """Delete this mount's pin files (at unmount), through the gate (a stalled cache dir is
+        left for a later sweep)."""
+        if self._pins is None or self.gate is None:
+            return
+        with suppress(OSError):
+            await self.gate.run(shutil.rmtree, self._pins, True)
 
     # --- inside a volume: the manifest index a question needs -----------------------------------
 
@@ -557,39 +601,69 @@ class Filesystem:
             raise
         if asset is None:
             return None
-        index = await self.manifests.get(asset)
-        key = (volume.id, index.zarr_id, index.checksum)
-        entered = self._entered.get(key)
-        if entered is None:
-            entered = self._entered[key] = trio.Event()
-            try:
-                await self._enter_zarr(namespace, local, asset, index)
-            finally:
-                entered.set()
-        else:
-            await entered.wait()
+        assert asset.zarr_id is not None and asset.zarr_checksum is not None
+        live: Live = asset.live
+        if not live and self._volume_keys[volume.id].level == Level.ZARR:  # zarrs/...: ask the API
+            live = partial(self.catalog.is_live, asset.zarr_id, asset.zarr_checksum)
+        index = await self.manifests.get_index(
+            asset.zarr_id, asset.zarr_checksum, f"asset {asset.path}", live=live
+        )
+        await self._enter_zarr(namespace, local, asset, index)
         return index
 
     async def _enter_zarr(
         self, namespace: Namespace, local: int, asset: AssetRecord, index: ManifestIndex
     ) -> None:
-        """A Zarr is entered for the first time: fetch its metadata objects now, all at once
-        (concurrently, in the background), and with `consolidate` build the `.zmetadata` it lacks
-        before answering (the reader is about to ask for it)."""
+        """A Zarr is entered: the first time (per id and checksum), fetch its metadata objects now,
+        all at once (concurrently, in the background); with `consolidate`, make sure the namespace
+        shows the `.zmetadata` it lacks (built once per Zarr, before answering: the reader is about
+        to ask for it; again in a namespace resolved anew after eviction)."""
+        key = (index.zarr_id, index.checksum)
+        if self.consolidate and not namespace.has_consolidated(local):
+            document = self._consolidated.get(key)
+            if document is None:
+                document = await self._consolidating.run(
+                    key, partial(self._consolidate, key, asset, index)
+                )
+            if document:
+                namespace.add_consolidated(local, document)
+            return
+        if key in self._entered:
+            return
+        self._entered[key] = True
+        if self.service_nursery is not None and not self.consolidate:
+            from .zarr_metadata import metadata_nodes
+
+            refs = {index.path(node): index.object_ref(node) for node in metadata_nodes(index)}
+            if refs:
+                self.service_nursery.start_soon(self._prefetch_metadata, refs, asset.path)
+
+    async def _consolidate(
+        self, key: tuple[str, str], asset: AssetRecord, index: ManifestIndex
+    ) -> bytes:
+        """The `.zmetadata` of a Zarr format 2 hierarchy that has none (b"" when it needs none, or
+        when a metadata object cannot be had for good). A transient failure (S3 unreachable) fails
+        the request and is tried again by the next: a `.zmetadata` never goes missing because of
+        an outage."""
         from .zarr_metadata import consolidated, metadata_nodes, needs_consolidation
 
-        nodes = metadata_nodes(index)
-        refs = {index.path(node): index.object_ref(node) for node in nodes}
-        if self.consolidate and needs_consolidation(index):
+        if not needs_consolidation(index):
+            document = b""
+        else:
+            refs = {index.path(node): index.object_ref(node) for node in metadata_nodes(index)}
             try:
                 objects = await self._fetch_all(refs, Priority.DEMAND)
             except DataError as e:
+                if is_transient(e):
+                    raise
                 log.warning("cannot consolidate the metadata of %s: %s", asset.path, e)
-                return
-            namespace.add_consolidated(local, consolidated(objects))
-            log.info("consolidated %d metadata objects of %s", len(objects), asset.path)
-        elif refs and self.service_nursery is not None:
-            self.service_nursery.start_soon(self._prefetch_metadata, refs, asset.path)
+                document = b""
+            else:
+                document = consolidated(objects)
+                log.info("consolidated %d metadata objects of %s", len(objects), asset.path)
+        self._consolidated.put(key, document)
+        self._entered[key] = True
+        return document
 
     async def _fetch_all(self, refs: dict[str, ObjectRef], priority: Priority) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
@@ -607,7 +681,8 @@ class Filesystem:
             for path, ref in refs.items():
                 nursery.start_soon(one, path, ref)
         if errors:
-            raise errors[0]
+            transient = [e for e in errors if is_transient(e)]
+            raise (transient or errors)[0]
         return out
 
     async def _prefetch_metadata(self, refs: dict[str, ObjectRef], what: str) -> None:
@@ -615,8 +690,8 @@ class Filesystem:
             await self._fetch_all(refs, Priority.PREFETCH)
         except DataError as e:  # not cached: whoever reads one of them sees the error itself
             log.debug("metadata prefetch of %s failed: %s", what, e)
-        except Exception:  # a bug: logged loudly, never taking the service nursery down
-            log.exception("metadata prefetch of %s failed unexpectedly", what)
+        except Exception as e:  # a bug: logged loudly, never taking the service nursery down
+            report_bug(f"metadata prefetch of {what}", e)
 
     def _describe(
         self, volume: Volume, namespace: Namespace, local: int, index: ManifestIndex | None
@@ -635,20 +710,44 @@ class Filesystem:
         self._by_key[key] = ino
         return node
 
+    def _node(self, ino: int) -> _Synthetic | None:
+        """The synthetic node `ino` is (None: a volume's inode), the derived hex levels included."""
+        node = self._synthetic.get(ino)
+        if node is not None or not self._hex_base:
+            return node
+        n = ino - self._hex_base
+        if 0 <= n < _HEX3:
+            prefix = f"{n:03x}"
+            return _Synthetic(ino, NodeKey(Level.ZARRS_PREFIX, zarr=prefix), f"zarrs/{prefix}")
+        if _HEX3 <= n < _HEX_BLOCK:
+            z = f"{n - _HEX3:06x}"
+            key = NodeKey(Level.ZARRS_IDS, zarr=z)
+            return _Synthetic(ino, key, f"zarrs/{z[:3]}/{z[3:]}")
+        return None
+
+    def _derived_ino(self, key: NodeKey) -> int | None:
+        if not self._hex_base:
+            return None
+        if key.level == Level.ZARRS_PREFIX:
+            return self._hex_base + int(key.zarr, 16)
+        if key.level == Level.ZARRS_IDS:
+            return self._hex_base + _HEX3 + int(key.zarr, 16)
+        return None
+
     def _child_ino(self, parent: _Synthetic, name: str, key: NodeKey) -> int:
-        ino = parent.children.get(name)
+        derived = self._derived_ino(key)
+        if derived is not None:
+            return derived
+        ino = self._by_key.get(key)
         if ino is not None:
             return ino
-        ino = self._by_key.get(key)
         path = f"{parent.path}/{name}" if parent.path else name
-        if ino is None:
-            ino = self.inodes.new_synthetic()
-            if key.is_volume:
-                self._by_key[key] = ino
-                self._add_volume(ino, key, path)
-            else:
-                self._add_synthetic(ino, key, path)
-        parent.children[name] = ino
+        ino = self.inodes.new_synthetic()
+        if key.is_volume:
+            self._by_key[key] = ino
+            self._add_volume(ino, key, path)
+        else:
+            self._add_synthetic(ino, key, path)
         return ino
 
     async def _synthetic_lookup(self, node: _Synthetic, raw: bytes) -> Entry:
@@ -665,7 +764,7 @@ class Filesystem:
 
     async def _child_entry(self, node: _Synthetic, name: str, key: NodeKey) -> Entry:
         ino = self._child_ino(node, name, key)
-        child = self._synthetic.get(ino)
+        child = self._node(ino)
         if child is not None:
             return await self._synthetic_entry(child)
         volume = self.inodes.volume_of(ino)
@@ -694,11 +793,12 @@ class Filesystem:
         return Entry(node.ino, True, 0, self._started_ns, _listing_ttl(key))
 
     async def _exists(self, key: NodeKey) -> bool:
+        """Whether the name `key` stands for exists now (RemoteError when that cannot be told)."""
         level = key.level
         if level in (Level.DANDISETS, Level.ZARRS, Level.ZARRS_PREFIX, Level.ZARRS_IDS):
-            return True
+            return True  # best effort: their inodes are derived, nothing is kept for them
         if level == Level.ZARR_CHECKSUMS:
-            return True  # best effort: a Zarr id is looked up by exact name
+            return await self.catalog.zarr_exists(key.zarr)
         if level in (Level.DANDISET, Level.RELEASES):
             return await self.catalog.dandiset_exists(key.dandiset_id)
         if level == Level.LATEST:
@@ -709,10 +809,9 @@ class Filesystem:
             return key.version in await self.catalog.published_versions(key.dandiset_id)
         if level == Level.ZARR:
             what = archive.zarr_path(key.zarr, key.checksum)
+            live = partial(self.catalog.is_live, key.zarr, key.checksum)
             try:
-                await self.manifests.get_index(
-                    key.zarr, key.checksum, what, live=await self._is_live(key)
-                )
+                await self.manifests.get_index(key.zarr, key.checksum, what, live=live)
             except ManifestMissing:
                 return False
             return True
@@ -745,6 +844,11 @@ class Filesystem:
                 continue
             listing.append((name.encode(), entry))
         return listing
+
+
+def _touch_if_exists(path: Path) -> None:
+    if path.exists():
+        os.utime(path)
 
 
 def _listing_ttl(key: NodeKey) -> float | None:

@@ -4,32 +4,28 @@ Owns: the only `httpx.AsyncClient` of zarrfs (httpx runs on trio), retries of tr
 through `retry.retry` (transport errors, timeouts, 5xx, 429) and the translation of HTTP failures
 into zarrfs errors (404/410 -> `ObjectMissing`, any other 4xx -> `RemoteError`).
 
-Never does: S3 object versions (see `s3_reader`), caching, or interpretation of what it fetched
-beyond JSON decoding. A download is written to `dest.part` and renamed into place only when
-complete.
+Never does: S3 object versions (see `s3_reader`), caching, writing to disk, or interpretation of
+what it fetched beyond JSON decoding.
 
 Concurrency: one client (one connection pool) per `HttpClient`, shared by all tasks of the trio run
-that opened it; a `scheduler.RequestSlots` bounds the requests in flight and serves small GETs (API
-calls a lookup waits for) before document downloads. Small GETs are bounded in size
-(`config.MAX_API_RESPONSE_BYTES`), downloads by the caller's `max_bytes`.
+that opened it; a `scheduler.RequestSlots` bounds the requests in flight (every request here is one
+a lookup waits for: demand priority). API answers are bounded in size
+(`config.MAX_API_RESPONSE_BYTES`), documents by the caller's `max_bytes`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import trio
 
 from zarrfs import config
-from zarrfs.cache_dir import create_private_file
-from zarrfs.errors import DataError, DocumentTooLarge, ObjectMissing, RemoteError
+from zarrfs.errors import DocumentTooLarge, ObjectMissing, RemoteError
 from zarrfs.retry import retry
 from zarrfs.scheduler import Priority, RequestSlots, Ticket
 
@@ -41,8 +37,6 @@ T = TypeVar("T")
 DOWNLOAD_CHUNK = 1 << 20
 #: Bodies larger than this are JSON-decoded in a worker thread.
 THREAD_DECODE_THRESHOLD = 1 << 20
-#: Concurrent HTTP requests at most per client (documents are few and large).
-MAX_CONCURRENT_HTTP = 8
 
 
 class HttpStatusError(Exception):
@@ -83,11 +77,7 @@ class HttpClient:
         self._client = client
         self.max_attempts = max_attempts
         self.timeout = timeout
-        self.slots = RequestSlots(
-            max_concurrency,
-            background_max=max(1, max_concurrency - 2),
-            document_max=max(1, min(4, max_concurrency - 2)),
-        )
+        self.slots = RequestSlots(max_concurrency, background_max=max(1, max_concurrency - 2))
 
     @classmethod
     @asynccontextmanager
@@ -96,7 +86,7 @@ class HttpClient:
         *,
         max_attempts: int = config.MAX_ATTEMPTS,
         timeout: float = config.REQUEST_TIMEOUT,
-        max_concurrency: int = MAX_CONCURRENT_HTTP,
+        max_concurrency: int = config.MAX_CONCURRENT_HTTP,
     ) -> AsyncIterator[HttpClient]:
         """`timeout` bounds one attempt of a small GET and each connect/read/write wait (a stall)
         of a download, which has no total deadline."""
@@ -112,8 +102,16 @@ class HttpClient:
                 max_concurrency=max_concurrency,
             )
 
-    async def get_bytes(self, url: str, *, max_bytes: int = config.MAX_API_RESPONSE_BYTES) -> bytes:
-        """The whole body of `url` (a small document: at most `max_bytes`)."""
+    async def get_bytes(
+        self,
+        url: str,
+        *,
+        max_bytes: int = config.MAX_API_RESPONSE_BYTES,
+        document: bool = False,
+    ) -> bytes:
+        """The whole body of `url`, at most `max_bytes` (more is refused at once: DocumentTooLarge,
+        not retried). An API call's attempt has a deadline of `timeout`; a `document` (a manifest,
+        which may be big) has no total deadline, only a bound on each wait for bytes (a stall)."""
 
         async def attempt() -> bytes:
             async with self._client.stream("GET", url) as response:
@@ -127,7 +125,8 @@ class HttpClient:
                     chunks.append(chunk)
                 return b"".join(chunks)
 
-        return await self._retry(attempt, f"GET {url}", self.timeout, Priority.DEMAND)
+        timeout = None if document else self.timeout
+        return await self._retry(attempt, f"GET {url}", timeout, Priority.DEMAND)
 
     async def get_json(self, url: str) -> Any:
         """`url` decoded as JSON; a body that is not JSON is a `RemoteError`."""
@@ -138,38 +137,6 @@ class HttpClient:
             return json.loads(data)
         except ValueError as exc:
             raise RemoteError(f"GET {url}: response is not JSON: {exc}") from exc
-
-    async def download(self, url: str, dest: Path, *, max_bytes: int | None = None) -> int:
-        """Stream `url` to `dest` (via `dest.part`, 0600, then an atomic rename); returns its size.
-        No total deadline (each wait for bytes is bounded instead); more than `max_bytes` is refused
-        at once (DocumentTooLarge, not retried)."""
-        dest = Path(dest)
-        part = dest.with_name(dest.name + ".part")
-
-        async def attempt() -> int:
-            async with self._client.stream("GET", url) as response:
-                _check_status(url, response)
-                _check_size(url, _content_length(response), max_bytes)
-                done = False
-                written = 0
-                try:
-                    part.unlink(missing_ok=True)
-                    fd = create_private_file(part)
-                    async with trio.wrap_file(os.fdopen(fd, "wb")) as f:
-                        async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK):
-                            written += len(chunk)
-                            _check_size(url, written, max_bytes)
-                            await f.write(chunk)
-                    os.replace(part, dest)
-                    done = True
-                except OSError as e:  # the local disk: not retried, never a raw OSError
-                    raise DataError(f"GET {url}: cannot write {part}: {e}") from e
-                finally:
-                    if not done:
-                        part.unlink(missing_ok=True)
-                return written
-
-        return await self._retry(attempt, f"GET {url} -> {dest}", None, Priority.DOCUMENT)
 
     async def _retry(
         self,
@@ -186,6 +153,9 @@ class HttpClient:
                     raise
                 # redirect loops, undecodable bodies, bad URLs: not worth retrying, still EIO
                 raise RemoteError(f"{what}: {type(e).__name__}: {e}") from e
+            except (httpx.InvalidURL, UnicodeError) as e:  # not HTTPErrors: a malformed URL (the
+                # API's own `next` link, say) is an answer we cannot use: EIO, never a crash
+                raise RemoteError(f"{what}: invalid URL: {e}") from e
 
         return await retry(
             translated,

@@ -67,6 +67,11 @@ class InodeSpace:
         """A fresh plain inode number (a synthetic directory or a volume root)."""
         return self._take_plain(1)
 
+    def new_block(self, count: int) -> int:
+        """The first of `count` fresh consecutive plain inode numbers, for nodes whose number is
+        derived from their name (the `zarrs/` hex levels of an archive mount)."""
+        return self._take_plain(count)
+
     def new_volume(self, root_ino: int) -> Volume:
         """A volume whose root is `root_ino` (a synthetic inode, or 1 for the mount's root)."""
         volume = Volume(id=len(self._volumes), root_ino=root_ino)

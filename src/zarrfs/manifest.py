@@ -58,6 +58,7 @@ from zarr_checksum.checksum import (
     ZarrDirectoryDigest,
 )
 
+from . import config
 from .cache_dir import create_private_file
 from .errors import IntegrityError, ManifestError
 from .names import NAME_MAX, name_problem
@@ -342,6 +343,7 @@ class ManifestIndex:
         odd_etags: dict[int, str],
         n_files: int,
         keepalive: object = None,
+        mapped: Path | None = None,
     ) -> None:
         self.zarr_id = zarr_id
         self.checksum = checksum
@@ -360,7 +362,11 @@ class ManifestIndex:
         self._child_count = columns["child_count"]
         self._parent = columns["parent"]
         self._odd_etags = odd_etags
-        self._keepalive = keepalive  # the memory map backing the columns, if any
+        self._keepalive = keepalive  # the table whose buffers back the columns, if any
+        #: The file whose memory map backs the columns (None: they are in memory). Whoever keeps
+        #: such an index loaded renews its lease (the file's mtime), so no process sharing the
+        #: cache dir deletes it meanwhile (`manifest_cache`).
+        self.mapped = mapped
         self.n_nodes = len(self._kind)
 
     # --- queries ----------------------------------------------------------------------------
@@ -519,10 +525,11 @@ class ManifestIndex:
         h.update(json.dumps(sorted(self._odd_etags.items())).encode())
         return h.hexdigest()
 
-    def write(self, path: Path) -> None:
-        """Write the index as an Arrow IPC file, atomically (temp file 0600, rename). The directory
-        must exist. Not fsynced (that cost 0.2 s per index here): a file torn by a crash fails the
-        content checksum on load and is rebuilt, like a torn disk cache block."""
+    def write(self, path: Path) -> int:
+        """Write the index as an Arrow IPC file, atomically (temp file 0600, rename); its size in
+        bytes. The directory must exist. Not fsynced (that cost 0.2 s per index here): a file torn
+        by a crash fails the content checksum on load and is rebuilt, like a torn disk cache
+        block."""
         n = self.n_nodes
 
         def binary(off: np.ndarray[Any, Any], data: np.ndarray[Any, Any]) -> pa.Array:
@@ -567,18 +574,40 @@ class ManifestIndex:
             os.close(create_private_file(tmp))
             with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table, max_chunksize=max(n, 1))
+            size = tmp.stat().st_size
             os.replace(tmp, path)
+            return size
         finally:
             tmp.unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, path: Path, *, zarr_id: str, checksum: str) -> ManifestIndex:
-        """Memory-map an index written by `write`, checking its header, its content checksum and the
-        structure of its columns. Raises ManifestError if it is not exactly the expected index."""
+    def load(
+        cls, path: Path, *, zarr_id: str, checksum: str, map_min: int | None = None
+    ) -> ManifestIndex:
+        """Load an index written by `write`, checking its header, its content checksum and the
+        structure of its columns. Raises ManifestError if it is not exactly the expected index.
+
+        Holds no file descriptor afterwards: an index smaller than `map_min` bytes is read into
+        memory (nothing of it stays mapped, so another process may delete the file at once); a
+        bigger one (`map_min`: `config.INDEX_MAP_MIN` by default) is memory-mapped and its descriptor closed at once (the mapping keeps the pages
+        reachable, and the columns keep the mapping). So the number of loaded indexes never counts
+        against the descriptor limit (`config.FD_BUDGET`)."""
+        if map_min is None:
+            map_min = config.INDEX_MAP_MIN
         try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < map_min:
+                    data = f.read()
+            if size < map_min:
+                table = ipc.open_file(pa.py_buffer(data)).read_all()
+                return cls._from_table(table, None, path, zarr_id=zarr_id, checksum=checksum)
             source = pa.memory_map(str(path), "r")
-            table = ipc.open_file(source).read_all()
-            return cls._from_table(table, source, path, zarr_id=zarr_id, checksum=checksum)
+            try:
+                table = ipc.open_file(source).read_all()
+            finally:
+                source.close()  # the descriptor; the mapping lives on with the table's buffers
+            return cls._from_table(table, True, path, zarr_id=zarr_id, checksum=checksum)
         except ManifestError:
             raise
         except (OSError, pa.ArrowException, ValueError, TypeError, KeyError, IndexError) as e:
@@ -586,7 +615,7 @@ class ManifestIndex:
 
     @classmethod
     def _from_table(
-        cls, table: pa.Table, source: object, path: Path, *, zarr_id: str, checksum: str
+        cls, table: pa.Table, mapped: object, path: Path, *, zarr_id: str, checksum: str
     ) -> ManifestIndex:
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         expected = {
@@ -647,7 +676,8 @@ class ManifestIndex:
             columns=columns,
             odd_etags=odd,
             n_files=int(meta["n_files"]),
-            keepalive=(source, table),
+            keepalive=table,
+            mapped=path if mapped else None,
         )
         if index._checksum() != meta.get("content_xxh3_128"):
             raise ManifestError(f"index {path}: content checksum mismatch (corrupt file)")

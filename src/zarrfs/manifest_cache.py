@@ -1,40 +1,51 @@
-"""Manifest fetching and caching: fetch once (single-flight), verify, convert, persist, bound memory.
+"""Manifest fetching and caching: fetch once (single flight), verify, convert, persist, bound memory.
 
 Owns: where a Zarr's manifest is looked up (`<root>/<z[0:3]>/<z[3:6]>/<z>/<checksum>.json` under each
-configured root in order), the on-disk store of converted indexes (`<cache dir>/manifests/...arrow`,
-immutable, keyed by Zarr id and checksum, files 0600 in 0700 dirs, capped at `disk_budget` bytes with
-least-recently-loaded files removed first), and a size-weighted LRU of loaded indexes. Never knows about
+configured root in order; a manifest built from the bucket's listing is kept under
+`<cache dir>/manifests-built/` and tried first), the on-disk store of converted indexes
+(`<cache dir>/manifests/...arrow`, immutable, keyed by Zarr id and checksum, files 0600 in 0700 dirs,
+capped at `disk_budget` bytes with least-recently-loaded files removed first, never one that another
+process may have mapped), and a bounded LRU of loaded indexes (by bytes and by count). Never knows about
 paths inside the dandiset or FUSE; parsing and verification live in `manifest`.
 
 A download is refused as soon as it grows past what its checksum allows: `<md5>-<count>--<size>` names
-the number of files, which bounds the size of an honest manifest (`max_manifest_bytes`).
+the number of files, which bounds the size of an honest manifest (`max_manifest_bytes`). Downloads go to
+memory (never through the cache dir), at demand priority: a lookup is waiting for them.
 
-Concurrency: at most one fetch/convert per (zarr id, checksum) at a time in this process, however many
-tasks ask (a `_Load` per key in flight), and at most one across processes sharing the cache dir (an
-`flock` on `locks/<zarr id>-<checksum>.lock`, polled so that waiting stays cancellable; the second
-process then finds the index on disk). With a `service_nursery` (set by whoever runs the cache: the mount,
-the fsspec runtime), loads run there, so a requester that gives up (its deadline, an interrupted
-syscall) does not cancel a load others will want; without one a load runs in the first requester's
-task and a cancelled loader hands over to its waiters. Conversion runs in worker threads bounded by a
-CapacityLimiter and is abandoned on cancellation (a flag stops the thread at its next directory). A
-failed load is remembered for `FAILURE_TTL` seconds so a broken Zarr is not re-downloaded on every
-probe, then retried. An index larger than the whole memory budget is not put in the LRU but kept as the
-one most recent oversized index, so it is not reloaded on every request.
+The cache dir is an optimisation: every operation on it goes through the `DiskGate` (a worker thread,
+a deadline, a bypass while it stalls), and any local disk problem (stalled, full, read-only, not a
+directory) only means the index is served from memory, not stored. Indexes are loaded without keeping
+a descriptor (`ManifestIndex.load`); a loaded index that is memory-mapped holds a *lease* on its file:
+its mtime is set `config.INDEX_LEASE` seconds into the future and renewed (`renew_leases`) while it is
+loaded, and `sweep` never deletes a leased file, so a node sharing the cache dir over NFS never deletes
+what another node has mapped.
+
+Answers and failures: a manifest that no root has is `ManifestMissing` (ENOENT where that means "no
+such Zarr"), but only when every root answered; if a root could not be reached, the load fails with a
+`RemoteError` (EIO), never "does not exist". A failure that is an answer about the data (missing,
+malformed, not matching its checksum) is remembered for `config.FAILURE_TTL` seconds (at most
+`config.FAILURES_REMEMBERED` of them) so a broken Zarr is not re-downloaded on every probe; an outage
+is never remembered.
+
+Concurrency: at most one load per (zarr id, checksum) at a time in this process (`SingleFlight`, in the
+service nursery when set, so a requester that gives up does not cancel a load others want), and at
+most one across processes sharing the cache dir (an `flock` on `locks/<zarr id>-<checksum>.lock`,
+polled so that waiting stays cancellable, given up after `config.MANIFEST_LOCK_WAIT`; the second
+process then finds the index on disk). Conversion runs in worker threads bounded by a CapacityLimiter
+and is abandoned on cancellation (a flag stops the thread at its next directory).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import fcntl
 import logging
 import os
+import shutil
+import socket
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,8 +53,9 @@ import cachetools
 import trio
 
 from . import config
-from .cache_dir import CacheLayout, make_private_dir
+from .cache_dir import CacheLayout, create_private_file, make_private_dir
 from .dandi import AssetRecord
+from .disk_gate import CacheDirStalled, DiskGate
 from .errors import (
     DataError,
     DocumentTooLarge,
@@ -52,26 +64,25 @@ from .errors import (
     ManifestMissing,
     ObjectMissing,
     RemoteError,
+    ZarrfsError,
+    copy_error,
+    is_transient,
 )
+from .flight import BoundedLRU, SingleFlight
 from .remote import Remote
 from .zarr_checksums import parse_checksum
-from .zarr_listing import write_manifest_from_listing, zarr_prefix
+from .zarr_listing import manifest_from_listing, zarr_prefix
 
 if TYPE_CHECKING:  # imported when a Zarr is first entered: numpy, pyarrow, zarr_checksum are heavy
     from .manifest import ManifestIndex
 
 log = logging.getLogger(__name__)
 
-#: Seconds a failed manifest load is remembered before it is tried again.
-FAILURE_TTL = 30.0
-#: Conversions slower than this get progress log lines.
-SLOW_CONVERSION = 2.0
-#: Temporary files older than this in the cache dir were left by a killed process: removed at start.
-STALE_TEMP_AGE = 86400.0
-#: Seconds between two tries of the cross-process lock while another process loads the manifest.
-LOCK_POLL = 0.1
-
 _Key = tuple[str, str]
+#: Whether a Zarr's checksum is its live one (a draft pinned through the API), or how to find out.
+Live = bool | Callable[[], Awaitable[bool]]
+#: Prefix of a mount's directory of draft pins under `<cache dir>/tmp/` (see `pins_dir_name`).
+PINS_PREFIX = "pins-"
 
 
 def manifest_url(root: str, zarr_id: str, checksum: str) -> str:
@@ -90,13 +101,23 @@ def max_manifest_bytes(checksum: str) -> int:
     return config.MANIFEST_BASE_BYTES + count * config.MANIFEST_BYTES_PER_FILE
 
 
-@dataclass(slots=True)
-class _Load:
-    """One load in flight: waiters wait on `done`, then read `index` or `error`."""
+def pins_dir_name(pid: int, tag: str) -> str:
+    """The name of a mount's pins directory: its host and pid say whether its owner still runs."""
+    return f"{PINS_PREFIX}{_host()}-{pid}-{tag}"
 
-    done: trio.Event = field(default_factory=trio.Event)
-    index: ManifestIndex | None = None
-    error: DataError | None = None
+
+def _host() -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in socket.gethostname())[:64]
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class ManifestCache:
@@ -111,6 +132,7 @@ class ManifestCache:
         memory_budget: int,
         disk_budget: int = config.DEFAULT_MANIFEST_DISK_BUDGET,
         cpu_limiter: trio.CapacityLimiter | None = None,
+        gate: DiskGate | None = None,
     ) -> None:
         if not roots:
             raise ValueError("at least one manifest root is needed")
@@ -121,23 +143,35 @@ class ManifestCache:
         self._tmp = self._layout.tmp
         self._memory_budget = max(memory_budget, 1)
         self._disk_budget = disk_budget
-        self._loaded: cachetools.LRUCache[_Key, ManifestIndex] = cachetools.LRUCache(
-            maxsize=self._memory_budget, getsizeof=lambda index: max(index.nbytes, 1)
+        self.gate = gate or DiskGate(cache_dir)
+        self._loaded: BoundedLRU[_Key, ManifestIndex] = BoundedLRU(
+            self._memory_budget, lambda index: index.nbytes, config.MANIFEST_MAX_LOADED
         )
-        self._oversized: tuple[_Key, ManifestIndex] | None = None
-        self._inflight: dict[_Key, _Load] = {}
-        self._failures: dict[_Key, tuple[float, DataError, bool]] = {}
+        self._loads: SingleFlight[_Key, ManifestIndex] = SingleFlight("manifest load")
+        self._failures: cachetools.LRUCache[_Key, tuple[float, ZarrfsError]] = cachetools.LRUCache(
+            maxsize=config.FAILURES_REMEMBERED
+        )
         self._limiter = cpu_limiter or trio.CapacityLimiter(config.CPU_THREADS)
         self._sweep_pending = False
-        #: Where loads run (see the module docstring); None: in the first requester's task.
-        self.service_nursery: trio.Nursery | None = None
+        self._warned_oversized: _Key | None = None
         self.stats = {
             "memory_hits": 0,
             "disk_loads": 0,
             "fetches": 0,
             "listings": 0,
             "lock_waits": 0,
+            "stored": 0,
+            "not_stored": 0,
         }
+
+    @property
+    def service_nursery(self) -> trio.Nursery | None:
+        """Where loads and sweeps run (see the module docstring); None: in the requester's task."""
+        return self._loads.nursery
+
+    @service_nursery.setter
+    def service_nursery(self, nursery: trio.Nursery | None) -> None:
+        self._loads.nursery = nursery
 
     # --- the disk store ---------------------------------------------------------------------------
 
@@ -149,16 +183,23 @@ class ManifestCache:
         return Path(manifest_url(str(self._layout.built_manifests), zarr_id, checksum))
 
     def sweep(self) -> tuple[int, int]:
-        """Remove temporary and lock files a killed process left behind (old enough not to be in use
-        by another process sharing this cache dir), then the least recently loaded indexes until the
-        store fits `disk_budget`. Returns (temporary files, indexes) removed. Synchronous; run it in a
-        worker thread. Files vanishing meanwhile (another process sweeping) are fine."""
+        """Remove what killed processes left behind: temporary and lock files older than
+        `config.STALE_TEMP_AGE`, and pins directories whose mount is gone (same host, pid not
+        running) or whose lease lapsed that long ago; then the least recently loaded indexes until
+        the store fits `disk_budget`, never a leased one (mtime in the future: mapped by a running
+        process somewhere). Returns (temporary files and directories, indexes) removed. Synchronous;
+        run it through the gate. Files vanishing meanwhile (another process sweeping) are fine."""
         temps = indexes = 0
         now = time.time()
         stale = [*self._tmp.glob("*"), *self._dir.glob("*/*/.*.tmp"), *self._layout.locks.glob("*")]
         for path in stale:
             try:
-                if now - path.stat().st_mtime > STALE_TEMP_AGE:
+                st = path.lstat()
+                if path.name.startswith(PINS_PREFIX) and path.is_dir():
+                    if self._pins_abandoned(path.name, now - st.st_mtime):
+                        shutil.rmtree(path, ignore_errors=True)
+                        temps += 1
+                elif now - st.st_mtime > config.STALE_TEMP_AGE:
                     path.unlink()
                     temps += 1
             except OSError:
@@ -171,9 +212,13 @@ class ManifestCache:
                 continue
             files.append((st.st_mtime, st.st_size, path))
         total = sum(size for _, size, _ in files)
-        for _, size, path in sorted(files):
+        leased = 0
+        for mtime, size, path in sorted(files):
             if total <= self._disk_budget:
                 break
+            if mtime > now:  # leased: some process has it mapped
+                leased += size
+                continue
             try:
                 path.unlink()
             except OSError:
@@ -184,7 +229,24 @@ class ManifestCache:
             log.info(
                 "manifest index store over %d bytes: removed %d indexes", self._disk_budget, indexes
             )
+        if total > self._disk_budget and leased:
+            log.info(
+                "manifest index store holds %d bytes (over its %d) because %d bytes of indexes are "
+                "mapped by running mounts",
+                total,
+                self._disk_budget,
+                leased,
+            )
         return temps, indexes
+
+    @staticmethod
+    def _pins_abandoned(name: str, age: float) -> bool:
+        if age > config.STALE_TEMP_AGE:
+            return True  # its owner renews the lease far more often than that
+        parts = name[len(PINS_PREFIX) :].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != _host() or not parts[1].isdigit():
+            return False  # another node's: only its lease tells
+        return not _pid_running(int(parts[1]))
 
     def sweep_stale_temp_files(self) -> int:
         """`sweep`, returning only the number of temporary files removed."""
@@ -201,9 +263,39 @@ class ManifestCache:
         return sum(sizes), len(sizes)
 
     @property
+    def memory_budget(self) -> int:
+        return self._memory_budget
+
+    @property
     def loaded_bytes(self) -> int:
-        oversized = self._oversized[1].nbytes if self._oversized else 0
-        return int(self._loaded.currsize) + oversized
+        return self._loaded.weight
+
+    @property
+    def loaded_count(self) -> int:
+        return len(self._loaded)
+
+    async def renew_leases(self) -> int:
+        """Renew the lease of every loaded memory-mapped index (so that no process sharing the
+        cache dir deletes it); the number renewed. Skipped while the cache dir stalls."""
+        paths = [index.mapped for index in self._loaded.values() if index.mapped is not None]
+        if not paths:
+            return 0
+        try:
+            return await self.gate.run(_lease_all, paths)
+        except OSError as e:
+            log.debug("cannot renew the leases of loaded indexes: %s", e)
+            return 0
+
+    async def sweep_in_background(self) -> None:
+        """`sweep` through the gate (a scan of a shared cache dir may take a while), logging what it
+        removed; a stalled or broken cache dir only skips it."""
+        try:
+            temps, _ = await self.gate.run(self.sweep, timeout=config.SWEEP_TIMEOUT)
+        except OSError as e:
+            log.warning("cannot sweep the manifest index store %s: %s", self._dir, e)
+            return
+        if temps:
+            log.info("removed %d stale temporary files from %s", temps, self._layout.root)
 
     # --- loading ----------------------------------------------------------------------------------
 
@@ -216,71 +308,43 @@ class ManifestCache:
         )
 
     async def get_index(
-        self, zarr_id: str, checksum: str, what: str, *, live: bool = False
+        self, zarr_id: str, checksum: str, what: str, *, live: Live = False
     ) -> ManifestIndex:
         """The verified index of Zarr `zarr_id` at `checksum`; `what` names it in log lines.
 
-        `live`: the checksum is the Zarr's current one (the API said so), so when no root has its
-        manifest it may be built from the bucket's listing (verified against the checksum like any
-        manifest). Raises ManifestMissing when there is none, another DataError when unusable.
+        `live`: whether the checksum is the Zarr's current one (the API said so), or an async
+        function that asks the API (called only when no root has the manifest): then the manifest
+        may be built from the bucket's listing (verified against the checksum like any manifest).
+        Raises ManifestMissing when there is none, RemoteError when a root (or the API) could not
+        be asked, another DataError when the manifest is unusable.
         """
         key = (zarr_id, checksum)
-        while True:
-            index = self._cached(key)
-            if index is not None:
-                self.stats["memory_hits"] += 1
-                return index
-            failed = self._failures.get(key)
-            if failed is not None:
-                at, error, failed_live = failed
-                # a load that could not build from the listing does not answer one that may
-                if time.monotonic() - at < FAILURE_TTL and (failed_live or not live):
-                    # a fresh exception each time: re-raising one object grows its traceback
-                    raise type(error)(*error.args)
-                del self._failures[key]
-            load = self._inflight.get(key)
-            if load is None:
-                load = self._inflight[key] = _Load()
-                if self.service_nursery is not None:
-                    self.service_nursery.start_soon(self._run_load, key, what, live, load)
-                else:
-                    await self._run_load(key, what, live, load)
-            await load.done.wait()
-            if load.error is not None:
-                raise type(load.error)(*load.error.args)
-            if load.index is not None:
-                return load.index
-            # the loader was cancelled: look again (loaded, failed, or ours to load)
-
-    def _cached(self, key: _Key) -> ManifestIndex | None:
         index = self._loaded.get(key)
-        if index is None and self._oversized is not None and self._oversized[0] == key:
-            index = self._oversized[1]
+        if index is not None:
+            self.stats["memory_hits"] += 1
+            return index
+        failed = self._failures.get(key)
+        if failed is not None:
+            at, error = failed
+            if time.monotonic() - at < config.FAILURE_TTL:
+                raise copy_error(error) from None
+            del self._failures[key]
+        return await self._loads.run(key, lambda: self._load(key, what, live))
+
+    async def _load(self, key: _Key, what: str, live: Live) -> ManifestIndex:
+        """The producer of one load (in the single flight)."""
+        try:
+            index = await self._load_somewhere(key, what, live)
+        except ZarrfsError as e:
+            if not is_transient(e):
+                self._failures[key] = (time.monotonic(), e)
+            raise
+        self._keep(key, index, what)
         return index
 
-    async def _run_load(self, key: _Key, what: str, live: bool, load: _Load) -> None:
-        try:
-            index = await self._load(key, what, live)
-        except OSError as e:  # the local cache dir (full, read-only, ...): EIO, never a crash
-            error = ManifestError(f"Zarr {what}: manifest cache {self._dir}: {e}")
-            log.error("%s", error)
-            self._failures[key] = (time.monotonic(), error, live)
-            load.error = error
-        except DataError as e:
-            self._failures[key] = (time.monotonic(), e, live)
-            load.error = e
-        else:
-            load.index = index
-            self._keep(key, index, what)
-        finally:
-            del self._inflight[key]
-            load.done.set()
-
     def _keep(self, key: _Key, index: ManifestIndex, what: str) -> None:
-        if index.nbytes <= self._memory_budget:
-            self._loaded[key] = index
-            return
-        if self._oversized is None or self._oversized[0] != key:
+        if self._loaded.put(key, index) and self._warned_oversized != key:
+            self._warned_oversized = key
             log.warning(
                 "manifest index of %s (%d bytes) exceeds the manifest memory budget (%d bytes); "
                 "it is kept loaded as the one oversized index (raise --manifest-memory)",
@@ -288,108 +352,118 @@ class ManifestCache:
                 index.nbytes,
                 self._memory_budget,
             )
-        self._oversized = (key, index)
 
-    async def _load(self, key: _Key, what: str, live: bool) -> ManifestIndex:
-        zarr_id, checksum = key
-        path = self.index_path(zarr_id, checksum)
-        index = await self._load_from_disk(path, key)
-        if index is not None:
-            return index
-        async with self._cross_process_lock(key):
-            index = await self._load_from_disk(path, key)  # another process may have made it
+    async def _load_somewhere(self, key: _Key, what: str, live: Live) -> ManifestIndex:
+        try:
+            index = await self._from_disk(key)
             if index is not None:
                 return index
-            return await self._fetch_and_convert(key, what, path, live)
+            async with self._cross_process_lock(key):
+                index = await self._from_disk(key)  # another process may have made it meanwhile
+                if index is not None:
+                    return index
+                index, built = await self._fetch_and_parse(key, what, live)
+                return await self._store(key, index, built, what)
+        except CacheDirStalled:
+            pass  # logged by the gate: serve from memory, store nothing
+        index, _ = await self._fetch_and_parse(key, what, live)
+        return index
 
-    async def _load_from_disk(self, path: Path, key: _Key) -> ManifestIndex | None:
+    async def _from_disk(self, key: _Key) -> ManifestIndex | None:
+        """The stored index (loaded and verified, its lease or LRU clock renewed), or None when it
+        is absent, damaged (then deleted) or unreadable. CacheDirStalled when the dir stalls."""
         zarr_id, checksum = key
-        if not await trio.to_thread.run_sync(path.exists):
-            return None
-
-        def load() -> ManifestIndex:
-            from .manifest import ManifestIndex  # in the worker thread, as in `_convert`
-
-            return ManifestIndex.load(path, zarr_id=zarr_id, checksum=checksum)
-
+        path = self.index_path(zarr_id, checksum)
         try:
-            index = await trio.to_thread.run_sync(
-                load, limiter=self._limiter, abandon_on_cancel=True
-            )
-        except ManifestError as e:
-            log.warning("discarding cached index %s: %s", path, e)
-            await trio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+            index = await self.gate.run(_load_index, path, zarr_id, checksum)
+        except CacheDirStalled:
+            raise
+        except OSError as e:
+            log.warning("cannot read the manifest index store (%s): %s", path, e)
             return None
-        self.stats["disk_loads"] += 1
-        await trio.to_thread.run_sync(_touch, path)  # least recently loaded goes first
+        if index is not None:
+            self.stats["disk_loads"] += 1
         return index
 
     @asynccontextmanager
     async def _cross_process_lock(self, key: _Key) -> AsyncIterator[None]:
         """Hold `locks/<zarr id>-<checksum>.lock` (flock) while loading, so processes sharing the
-        cache dir download and convert each manifest once. Polls (cancellable); a lock that cannot be
-        taken at all (no such filesystem support) is logged and skipped."""
-        lock_dir = self._layout.locks
-        path = lock_dir / f"{key[0]}-{key[1]}.lock"
-
-        def open_lock() -> int:
-            make_private_dir(lock_dir)
-            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-
+        cache dir download and convert each manifest once. Polls (cancellable) for at most
+        `config.MANIFEST_LOCK_WAIT`; a lock that cannot be taken at all (no such filesystem support,
+        an unwritable dir) is logged and skipped. CacheDirStalled when the dir stalls."""
+        path = self._layout.locks / f"{key[0]}-{key[1]}.lock"
         try:
-            fd = await trio.to_thread.run_sync(open_lock)
+            fd = await self.gate.run(_open_lock, path)
+        except CacheDirStalled:
+            raise
         except OSError as e:
             log.warning("cannot create %s (%s): loading without cross-process lock", path, e)
             yield
             return
         try:
             waited = False
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            deadline = trio.current_time() + config.MANIFEST_LOCK_WAIT
+            while not await self._try_lock(fd, path):
+                if not waited:
+                    waited = True
+                    self.stats["lock_waits"] += 1
+                    log.info("another process is loading manifest %s; waiting", key[1])
+                if trio.current_time() > deadline:
+                    log.warning(
+                        "manifest %s: another process held %s for over %.0f s: loading anyway",
+                        key[1],
+                        path,
+                        config.MANIFEST_LOCK_WAIT,
+                    )
                     break
-                except BlockingIOError:
-                    if not waited:
-                        waited = True
-                        self.stats["lock_waits"] += 1
-                        log.info("another process is loading manifest %s; waiting", key[1])
-                    await trio.sleep(LOCK_POLL)
-                except OSError as e:
-                    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                        raise
-                    log.warning("cannot lock %s (%s): loading without cross-process lock", path, e)
-                    break
+                await trio.sleep(config.LOCK_POLL)
             yield
         finally:
-            os.close(fd)  # releases the flock
+            with trio.CancelScope(shield=True), suppress(OSError):
+                await self.gate.run(os.close, fd)  # releases the flock
 
-    async def _fetch_and_convert(
-        self, key: _Key, what: str, path: Path, live: bool
-    ) -> ManifestIndex:
+    async def _try_lock(self, fd: int, path: Path) -> bool:
+        """True once the flock is held, or when it cannot be had at all (then the load goes on
+        without it, logged). CacheDirStalled when the dir stalls."""
+        try:
+            return await self.gate.run(_try_flock, fd)
+        except CacheDirStalled:
+            raise
+        except OSError as e:
+            log.warning("cannot lock %s (%s): loading without cross-process lock", path, e)
+            return True
+
+    async def _fetch_and_parse(
+        self, key: _Key, what: str, live: Live
+    ) -> tuple[ManifestIndex, bytes | None]:
+        """The verified index from the first root that has the manifest (or from the bucket's
+        listing for a live checksum), and the document when it was built from a listing (to be
+        kept)."""
         zarr_id, checksum = key
+        built = await self._read_built(key)
+        if built is not None:
+            try:
+                return await self._parse(key, what, "(built earlier from a listing)", built), None
+            except (IntegrityError, ManifestError):
+                pass  # logged; the roots or a new listing may do better
         tried: list[str] = []
         rejected: DataError | None = None
+        unreachable: list[str] = []
         limit = max_manifest_bytes(checksum)
-        await trio.to_thread.run_sync(make_private_dir, self._tmp)
-        roots = [*self._roots]
-        if await trio.to_thread.run_sync(self.built_path(zarr_id, checksum).exists):
-            # built from a listing earlier: a manifest like any other
-            roots.insert(0, f"file://{self._layout.built_manifests}/")
-        for root in roots:
+        for root in self._roots:
             url = manifest_url(root, zarr_id, checksum)
-            tmp = self._tmp / f"{zarr_id}-{checksum}-{uuid.uuid4().hex}.json"  # unique per host
             try:
                 started = time.monotonic()
-                size = await self._remote.download(url, tmp, max_bytes=limit)
+                data = await self._remote.get_bytes(url, max_bytes=limit)
                 self.stats["fetches"] += 1
                 log.info(
                     "fetched manifest of %s (%d bytes) from %s in %.1f s",
                     what,
-                    size,
+                    len(data),
                     url,
                     time.monotonic() - started,
                 )
-                return await self._convert(key, what, url, tmp, path)
+                return await self._parse(key, what, url, data), None
             except ObjectMissing:
                 tried.append(f"{url}: not found")
             except DocumentTooLarge as e:
@@ -397,17 +471,23 @@ class ManifestCache:
                 log.error("Zarr %s: manifest %s refused: %s", what, url, e)
                 rejected = rejected or ManifestError(f"Zarr {what}: manifest {url}: {e}")
             except (IntegrityError, ManifestError) as e:
-                tried.append(f"{url}: rejected")  # logged by _convert; another root may be intact
+                tried.append(f"{url}: rejected")  # logged by _parse; another root may be intact
                 rejected = rejected or e
             except RemoteError as e:
                 tried.append(f"{url}: {e}")
+                unreachable.append(url)
                 log.warning("manifest of %s: %s: %s", what, url, e)
-            finally:
-                tmp.unlink(missing_ok=True)  # synchronous: must happen even when cancelled
         if rejected is not None:
             raise rejected
-        if live:
-            return await self._build_from_listing(key, what, path)
+        if live if isinstance(live, bool) else await live():
+            return await self._build_from_listing(key, what)
+        if unreachable:
+            message = (
+                f"Zarr {what} (zarr {zarr_id}, checksum {checksum}): no manifest root could be "
+                "asked (" + "; ".join(tried) + ")"
+            )
+            log.error("%s", message)
+            raise RemoteError(message)
         message = (
             f"Zarr {what} (zarr {zarr_id}, checksum {checksum}): no manifest found ("
             + "; ".join(tried)
@@ -416,11 +496,16 @@ class ManifestCache:
         log.error("%s", message)
         raise ManifestMissing(message)
 
-    async def _build_from_listing(self, key: _Key, what: str, path: Path) -> ManifestIndex:
-        """List the Zarr's live state, write it as a manifest and verify it against `checksum` (the
-        API's current one); a listing that does not add up (the Zarr changed meanwhile) is retried.
-        The verified JSON is kept under `<cache dir>/manifests-built/`, laid out like a manifest
-        root, and the index is kept like any other."""
+    async def _read_built(self, key: _Key) -> bytes | None:
+        path = self.built_path(*key)
+        try:
+            return await self.gate.run(_read_if_exists, path)
+        except OSError:
+            return None  # stalled or unreadable: fetched or listed again
+
+    async def _build_from_listing(self, key: _Key, what: str) -> tuple[ManifestIndex, bytes]:
+        """List the Zarr's live state as a manifest and verify it against `checksum` (the API's
+        current one); a listing that does not add up (the Zarr changed meanwhile) is retried."""
         zarr_id, checksum = key
         source = f"s3://{self._remote.s3.bucket}/{zarr_prefix(zarr_id)} (live listing)"
         log.info(
@@ -431,13 +516,10 @@ class ManifestCache:
         )
         failure: DataError | None = None
         for attempt in range(1, config.LISTING_ATTEMPTS + 1):
-            tmp = self._tmp / f"{zarr_id}-{checksum}-{uuid.uuid4().hex}.listing.json"
+            document, _ = await manifest_from_listing(self._remote.s3, zarr_id, what=what)
+            self.stats["listings"] += 1
             try:
-                await write_manifest_from_listing(self._remote.s3, zarr_id, tmp, what=what)
-                self.stats["listings"] += 1
-                index = await self._convert(key, what, source, tmp, path)
-                await trio.to_thread.run_sync(self._keep_built, tmp, zarr_id, checksum)
-                return index
+                return await self._parse(key, what, source, document), document
             except IntegrityError as e:
                 failure = e
                 if attempt < config.LISTING_ATTEMPTS:
@@ -451,8 +533,6 @@ class ManifestCache:
                         config.LISTING_ATTEMPTS,
                     )
                     await trio.sleep(config.LISTING_RETRY_DELAY)
-            finally:
-                tmp.unlink(missing_ok=True)
         message = (
             f"Zarr {what} (zarr {zarr_id}): no manifest of checksum {checksum} anywhere, and "
             f"{config.LISTING_ATTEMPTS} listings of {source} did not add up to it (the Zarr is "
@@ -461,39 +541,52 @@ class ManifestCache:
         log.error("%s", message)
         raise IntegrityError(message)
 
-    def _keep_built(self, src: Path, zarr_id: str, checksum: str) -> None:
-        dest = self.built_path(zarr_id, checksum)
-        try:
-            make_private_dir(dest.parent)
-            os.link(src, dest)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            log.warning("cannot keep the built manifest %s: %s", dest, e)
-
-    async def _convert(
-        self, key: _Key, what: str, url: str, src: Path, dest: Path
+    async def _store(
+        self, key: _Key, index: ManifestIndex, built: bytes | None, what: str
     ) -> ManifestIndex:
+        """Keep `index` (and a manifest built from a listing) in the cache dir, through the gate;
+        returns the index to serve (a big one reloaded memory-mapped). A disk that fails or stalls
+        only means the index is served from memory."""
+        zarr_id, checksum = key
+        path = self.index_path(zarr_id, checksum)
+        try:
+            if built is not None:
+                await self.gate.run(
+                    _write_new_file,
+                    self.built_path(zarr_id, checksum),
+                    built,
+                    timeout=self.gate.write_timeout(len(built)),
+                )
+            mapped = await self.gate.run(
+                _write_index, index, path, timeout=self.gate.write_timeout(index.nbytes)
+            )
+        except OSError as e:  # stalled, full, read-only: the disk store is an optimisation
+            self.stats["not_stored"] += 1
+            if not isinstance(e, CacheDirStalled):
+                log.warning("cannot keep the index of %s in %s: %s", what, path, e)
+            return index
+        self.stats["stored"] += 1
+        self._schedule_sweep()
+        return mapped or index
+
+    async def _parse(self, key: _Key, what: str, url: str, data: bytes) -> ManifestIndex:
+        """Parse and verify a manifest document in a worker thread (CPU-heavy; abandoned on
+        cancellation), logging progress for slow ones and the reason for a refusal."""
         zarr_id, checksum = key
         started = time.monotonic()
         cancel = threading.Event()
+        holder = [data]
+        del data
 
         def convert() -> ManifestIndex:
             # imported here, in the worker thread: the first import (numpy, pyarrow) takes
             # ~0.2 s, which the event loop spends serving other requests
-            from .manifest import ManifestIndex, parse_manifest_file
+            from .manifest import parse_manifest
 
-            built = parse_manifest_file(
-                src, zarr_id=zarr_id, expected_checksum=checksum, cancel=cancel
+            document = holder.pop()
+            return parse_manifest(
+                document, zarr_id=zarr_id, expected_checksum=checksum, cancel=cancel
             )
-            try:
-                make_private_dir(dest.parent)
-                built.write(dest)
-            except OSError as e:  # the disk cache is an optimisation: serve from memory
-                log.warning("cannot keep the index of %s in %s: %s", what, dest, e)
-                return built
-            del built  # drop the heap columns; serve from the memory map instead
-            return ManifestIndex.load(dest, zarr_id=zarr_id, checksum=checksum)
 
         failure: Exception | None = None
         try:
@@ -534,34 +627,107 @@ class ManifestCache:
             index.n_nodes,
             time.monotonic() - started,
         )
-        self._schedule_sweep()
         return index
 
     def _schedule_sweep(self) -> None:
         """Keep the disk store within its budget after it grew (in the background, once at a time)."""
-        if self._sweep_pending or self.service_nursery is None:
+        nursery = self.service_nursery
+        if self._sweep_pending or nursery is None:
             return
         self._sweep_pending = True
 
         async def run() -> None:
             try:
-                await trio.to_thread.run_sync(self.sweep, abandon_on_cancel=True)
-            except OSError as e:
-                log.warning("cannot sweep the manifest index store: %s", e)
+                await self.sweep_in_background()
             finally:
                 self._sweep_pending = False
 
-        self.service_nursery.start_soon(run)
+        nursery.start_soon(run)
 
     @staticmethod
     async def _report_progress(what: str, started: float) -> None:
-        await trio.sleep(SLOW_CONVERSION)
+        await trio.sleep(config.SLOW_CONVERSION)
         while True:
             log.info("still converting manifest of %s (%.0f s)", what, time.monotonic() - started)
             await trio.sleep(5)
 
 
-def _touch(path: Path) -> None:
+# --- what runs in the gate's worker threads ---------------------------------------------------------
+
+
+def _load_index(path: Path, zarr_id: str, checksum: str) -> ManifestIndex | None:
+    """The index stored at `path`, or None when absent or damaged (a damaged one is deleted); its
+    lease (mapped) or LRU clock (in memory) is renewed."""
+    if not path.exists():
+        return None
+    from .manifest import ManifestIndex  # in the worker thread, as in `_parse`
+
+    try:
+        index = ManifestIndex.load(path, zarr_id=zarr_id, checksum=checksum)
+    except ManifestError as e:
+        log.warning("discarding cached index %s: %s", path, e)
+        path.unlink(missing_ok=True)
+        return None
+    _renew(path, leased=index.mapped is not None)
+    return index
+
+
+def _write_index(index: ManifestIndex, path: Path) -> ManifestIndex | None:
+    """Write `index` to `path`; a big one is reloaded memory-mapped (served from the page cache)
+    and leased; None when the one in memory should be served."""
+    from .manifest import ManifestIndex
+
+    make_private_dir(path.parent)
+    size = index.write(path)
+    if size < config.INDEX_MAP_MIN:
+        return None
+    mapped = ManifestIndex.load(path, zarr_id=index.zarr_id, checksum=index.checksum)
+    _renew(path, leased=True)
+    return mapped
+
+
+def _renew(path: Path, *, leased: bool) -> None:
     # a read-only store, or a file removed by another process: only the eviction order suffers
-    with contextlib.suppress(OSError):
-        os.utime(path)
+    stamp = time.time() + (config.INDEX_LEASE if leased else 0.0)
+    with suppress(OSError):
+        os.utime(path, (stamp, stamp))
+
+
+def _lease_all(paths: list[Path]) -> int:
+    for path in paths:
+        _renew(path, leased=True)
+    return len(paths)
+
+
+def _read_if_exists(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """`data` at `path`, atomically (0600 temp file, rename); an existing file is left as it is."""
+    make_private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    try:
+        with os.fdopen(create_private_file(tmp), "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _open_lock(path: Path) -> int:
+    make_private_dir(path.parent)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def _try_flock(fd: int) -> bool:
+    """Take the exclusive flock on `fd` if it is free: True when held, False when another process
+    holds it; OSError when the filesystem cannot lock at all."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

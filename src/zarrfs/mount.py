@@ -56,8 +56,6 @@ if TYPE_CHECKING:  # the core is imported once the mount is made (fast start)
 
 log = logging.getLogger(__name__)
 
-#: Most FUSE requests handled concurrently.
-MAX_FUSE_TASKS = 64
 #: Seconds in-flight requests get to finish after a stop signal before they are cancelled.
 SHUTDOWN_GRACE = 5.0
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -204,7 +202,7 @@ async def _announce(
 async def _run_fuse(scope: trio.CancelScope) -> None:
     """Serve FUSE requests until the filesystem is unmounted (or the mount is stopped)."""
     try:
-        await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
+        await pyfuse3.main(min_tasks=1, max_tasks=cfg.MAX_FUSE_TASKS)
     finally:
         systemd.notify("STOPPING=1")
     scope.cancel()

@@ -2,8 +2,9 @@
 
 Owns: the dispatch of a URL to the one `S3Reader` (`s3://BUCKET/KEY`, BUCKET must be the configured
 bucket), the one `HttpClient` (`http://`, `https://`) or the local filesystem (`file:///abs/path`,
-read in a worker thread), with the same error types for all three (`ObjectMissing` when absent); and a
-best-effort listing of a "directory" at a URL (an S3 prefix, a local directory, an autoindex page).
+read in a worker thread), with the same error types for all three (`ObjectMissing` when absent,
+`DocumentTooLarge` past the caller's bound); and a best-effort listing of a "directory" at a URL (an
+S3 prefix, a local directory, an autoindex page).
 
 Never does: caching, parsing, retries of its own (the two clients retry), or talking to a second S3
 endpoint.
@@ -14,9 +15,7 @@ Concurrency: the clients it holds bound their own requests; local file work runs
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,7 +23,6 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
-from zarrfs.cache_dir import create_private_file
 from zarrfs.config import S3Settings
 from zarrfs.errors import DocumentTooLarge, ObjectMissing, RemoteError
 from zarrfs.http_client import HttpClient
@@ -32,7 +30,7 @@ from zarrfs.s3_reader import S3Reader
 
 
 class Remote:
-    """One `S3Reader` and one `HttpClient` behind URL-based `get_bytes` and `download`."""
+    """One `S3Reader` and one `HttpClient` behind URL-based `get_bytes` and `list_dir`."""
 
     def __init__(self, s3: S3Reader, http: HttpClient) -> None:
         self.s3 = s3
@@ -44,41 +42,32 @@ class Remote:
         async with S3Reader.open(settings) as s3, HttpClient.open() as http:
             yield cls(s3, http)
 
-    async def get_bytes(self, url: str) -> bytes:
-        """The whole content at `url`."""
+    async def get_bytes(self, url: str, *, max_bytes: int) -> bytes:
+        """The whole document at `url` (in memory; nothing is written to disk), at most
+        `max_bytes` (more is refused with DocumentTooLarge). No total deadline: a big manifest on a
+        slow link still arrives; a stall fails an attempt."""
         scheme = urlsplit(url).scheme.lower()
         if scheme == "s3":
-            return await self.s3.get_bytes(self._s3_key(url))
+            return await self.s3.get_bytes(self._s3_key(url), max_bytes=max_bytes)
         if scheme in ("http", "https"):
-            return await self.http.get_bytes(url)
-        if scheme == "file":
-            path = _file_path(url)
-            return await trio.to_thread.run_sync(_read_local, path, url)
-        raise RemoteError(f"unsupported URL scheme {scheme!r}: {url}")
-
-    async def download(self, url: str, dest: Path, *, max_bytes: int | None = None) -> int:
-        """Copy the content at `url` to `dest` (atomically, via `dest.part`); returns its size.
-        More than `max_bytes` is refused with DocumentTooLarge."""
-        scheme = urlsplit(url).scheme.lower()
-        if scheme == "s3":
-            return await self.s3.download(self._s3_key(url), dest, max_bytes=max_bytes)
-        if scheme in ("http", "https"):
-            return await self.http.download(url, dest, max_bytes=max_bytes)
+            return await self.http.get_bytes(url, max_bytes=max_bytes, document=True)
         if scheme == "file":
             path = _file_path(url)
             return await trio.to_thread.run_sync(
-                _copy_local, path, Path(dest), url, max_bytes, abandon_on_cancel=True
+                _read_local, path, url, max_bytes, abandon_on_cancel=True
             )
         raise RemoteError(f"unsupported URL scheme {scheme!r}: {url}")
 
-    async def list_dir(self, url: str) -> list[str]:
+    async def list_dir(self, url: str, *, limit: int | None = None) -> list[str]:
         """Best effort: the names in the directory at `url` (a prefix for `s3://`, a directory for
-        `file://`, an autoindex page's links for `http(s)://`), subdirectories with a trailing `/`.
-        Raises ObjectMissing/RemoteError when it cannot be listed."""
+        `file://`, an autoindex page's links for `http(s)://`), subdirectories with a trailing `/`;
+        for `s3://`, at most about `limit` of them (enough to tell whether there are any). Raises
+        ObjectMissing (or gives nothing) when there is no such directory, RemoteError when it
+        cannot be listed."""
         scheme = urlsplit(url).scheme.lower()
         if scheme == "s3":
             prefix = self._s3_key(url.rstrip("/") + "/x")[:-1]
-            listing = await self.s3.list_prefixes(prefix)
+            listing = await self.s3.list_prefixes(prefix, max_keys=limit)
             return [p[len(prefix) :] for p in listing.prefixes] + [
                 k[len(prefix) :] for k in listing.keys
             ]
@@ -128,31 +117,17 @@ def _list_local(path: Path, url: str) -> list[str]:
         raise RemoteError(f"{url}: {exc}") from exc
 
 
-def _read_local(path: Path, url: str) -> bytes:
+def _read_local(path: Path, url: str, max_bytes: int) -> bytes:
     try:
-        return path.read_bytes()
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise DocumentTooLarge(f"{url}: {size} bytes is more than the {max_bytes} allowed")
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
     except FileNotFoundError as exc:
         raise ObjectMissing(f"{url}: no such file") from exc
     except OSError as exc:
         raise RemoteError(f"{url}: {exc}") from exc
-
-
-def _copy_local(path: Path, dest: Path, url: str, max_bytes: int | None) -> int:
-    part = dest.with_name(dest.name + ".part")
-    try:
-        size = path.stat().st_size
-        if max_bytes is not None and size > max_bytes:
-            raise DocumentTooLarge(f"{url}: {size} bytes is more than the {max_bytes} allowed")
-        part.unlink(missing_ok=True)
-        os.close(create_private_file(part))
-        shutil.copyfile(path, part)
-        os.replace(part, dest)
-    except FileNotFoundError as exc:
-        part.unlink(missing_ok=True)
-        if not path.exists():
-            raise ObjectMissing(f"{url}: no such file") from exc
-        raise RemoteError(f"{url}: {exc}") from exc
-    except OSError as exc:
-        part.unlink(missing_ok=True)
-        raise RemoteError(f"{url}: {exc}") from exc
-    return dest.stat().st_size
+    if len(data) > max_bytes:  # it grew meanwhile
+        raise DocumentTooLarge(f"{url}: more than the {max_bytes} bytes allowed")
+    return data

@@ -13,7 +13,7 @@ version of a key when a VersionId was given. A body whose MD5 does not match is 
 damaged in transit) and never returned.
 
 Concurrency: every request holds one slot of a `scheduler.RequestSlots` shared by the whole reader
-(its `Ticket` says demand, prefetch or document); a slot is held for one attempt, body included, never
+(its `Ticket` says demand or prefetch); a slot is held for one attempt, body included, never
 during a back-off sleep. Downloads of documents have no total deadline but fail an attempt when the
 body stalls for `request_timeout`, and stop at `max_bytes`. The client is shared by all tasks of the one
 trio run that opened it.
@@ -237,9 +237,7 @@ class S3Reader:
         self.settings = settings
         self.bucket = settings.bucket
         self.slots = slots or RequestSlots(
-            settings.max_concurrency,
-            background_max=max(1, settings.max_concurrency * 3 // 4),
-            document_max=max(1, min(4, settings.max_concurrency // 4)),
+            settings.max_concurrency, background_max=max(1, settings.max_concurrency * 3 // 4)
         )
         self.stats = {
             "requests": 0,
@@ -376,27 +374,38 @@ class S3Reader:
         max_bytes: int | None = None,
         priority: Priority = Priority.DEMAND,
     ) -> bytes:
-        """A whole (small) object; the current version unless `version_id` is given."""
+        """A whole document (a manifest, `dandiset.yaml`): the current version of `key` unless
+        `version_id` is given, read into memory as it streams in. Like `download`, no total deadline
+        but an attempt fails when no byte arrives for `request_timeout`; more than `max_bytes` is
+        refused at once (DocumentTooLarge, not retried). Demand priority by default: whoever asks
+        for a document is waiting for it."""
         name = _describe(self.bucket, key, version_id)
         what = f"GET {name}"
         params = self._params(key, version_id)
+        stall = self.settings.request_timeout
 
         async def attempt() -> bytes:
-            self.stats["requests"] += 1
-            resp = await self._client.get_object(**params)
-            body = resp["Body"]
-            async with body:
-                self._verify_version(name, version_id, resp)
-                _check_size(what, resp.get("ContentLength"), max_bytes)
-                data: bytes = await body.read()
-            self.stats["bytes"] += len(data)
-            self._check(name, "body length", resp.get("ContentLength", len(data)), len(data))
-            _check_size(what, len(data), max_bytes)
-            return data
+            chunks: list[bytes] = []
+            size = 0
+            with trio.CancelScope(deadline=trio.current_time() + stall) as watchdog:
+                self.stats["requests"] += 1
+                resp = await self._client.get_object(**params)
+                body = resp["Body"]
+                async with body:
+                    self._verify_version(name, version_id, resp)
+                    _check_size(what, resp.get("ContentLength"), max_bytes)
+                    while chunk := await body.read(DOWNLOAD_CHUNK):
+                        watchdog.deadline = trio.current_time() + stall
+                        size += len(chunk)
+                        self.stats["bytes"] += len(chunk)
+                        _check_size(what, size, max_bytes)
+                        chunks.append(chunk)
+            if watchdog.cancelled_caught:
+                raise Stalled(f"no data for {stall:g} s")
+            self._check(name, "body length", resp.get("ContentLength", size), size)
+            return b"".join(chunks)
 
-        return await self._retry(
-            attempt, what, version_id, self.settings.request_timeout, Ticket(priority)
-        )
+        return await self._retry(attempt, what, version_id, None, Ticket(priority, flow=key))
 
     async def download(
         self,
@@ -405,7 +414,7 @@ class S3Reader:
         version_id: str | None = None,
         *,
         max_bytes: int | None = None,
-        priority: Priority = Priority.DOCUMENT,
+        priority: Priority = Priority.DEMAND,
     ) -> int:
         """Stream a whole object to `dest` (via `dest.part`, 0600, then atomic rename); return its
         size.
@@ -483,7 +492,8 @@ class S3Reader:
     async def iter_live_versions(self, prefix: str) -> AsyncIterator[list[LiveObject]]:
         """Pages of the live objects under `prefix` (the latest version of each key that is not a
         delete marker), with VersionId, size, ETag and LastModified, in key order (ListObjectVersions;
-        1,000 versions a page). Document priority: a long listing never delays demand reads."""
+        1,000 versions a page). Demand priority (a lookup waits for it), one page at a time: a long
+        listing holds one connection."""
         what = f"LIST VERSIONS s3://{self.bucket}/{prefix}"
         key_marker: str | None = None
         version_marker: str | None = None
@@ -495,7 +505,7 @@ class S3Reader:
                     params["VersionIdMarker"] = version_marker
 
             page = await self._list_page(
-                self._client.list_object_versions, params, what, Priority.DOCUMENT
+                self._client.list_object_versions, params, what, Priority.DEMAND
             )
             live = [
                 LiveObject(

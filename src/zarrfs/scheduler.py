@@ -1,11 +1,11 @@
 """Request admission: which request gets one of the mount's S3 connection slots next.
 
-Owns: the priority classes of remote requests and the slot pool they share. A read a process is
-blocked on (`DEMAND`) never waits behind background work: it may use any free slot, background
-classes (`PREFETCH`: readahead and prefetch; `DOCUMENT`: manifest and asset-list downloads) may hold at
-most `background_max` slots together (documents at most `document_max`), so `total - background_max`
-slots are always left for demand, and a freed slot goes to the oldest waiter of the most urgent class
-it may serve. A waiting background request whose result a blocked reader needs is promoted
+Owns: the priority classes of remote requests and the slot pool they share. A request something is
+blocked on (`DEMAND`: a read, and every document a lookup waits for: manifests, asset lists, API
+answers, listings) never waits behind background work (`PREFETCH`: readahead and prefetch): it may use
+any free slot, background work may hold at most `background_max` slots, so `total - background_max`
+slots are always left for demand, and a freed slot goes to a waiter of the most urgent class it may
+serve. A waiting background request whose result a blocked reader needs is promoted
 (`Ticket.promote`) and is then served as demand.
 
 Within a class, waiters are served least-attained-service first: each ticket names a *flow* (the
@@ -40,7 +40,6 @@ class Priority(IntEnum):
 
     DEMAND = 0
     PREFETCH = 1
-    DOCUMENT = 2
 
 
 class Ticket:
@@ -67,17 +66,13 @@ class Ticket:
 
 
 class RequestSlots:
-    """`total` slots; background classes share at most `background_max`, documents `document_max`."""
+    """`total` slots; background work holds at most `background_max` of them."""
 
-    def __init__(self, total: int, *, background_max: int, document_max: int) -> None:
-        if not 0 < background_max <= total or not 0 < document_max <= background_max:
-            raise ValueError(
-                f"need 0 < document_max ({document_max}) <= background_max ({background_max}) "
-                f"<= total ({total})"
-            )
+    def __init__(self, total: int, *, background_max: int) -> None:
+        if not 0 < background_max <= total:
+            raise ValueError(f"need 0 < background_max ({background_max}) <= total ({total})")
         self.total = total
         self.background_max = background_max
-        self.document_max = document_max
         self._in_use = {p: 0 for p in Priority}
         self._waiting: dict[Priority, list[Ticket]] = {p: [] for p in Priority}
         self._served: LRUCache[Hashable, int] = LRUCache(maxsize=FLOWS_REMEMBERED)
@@ -98,10 +93,7 @@ class RequestSlots:
             return False
         if priority == Priority.DEMAND:
             return True
-        background = self._in_use[Priority.PREFETCH] + self._in_use[Priority.DOCUMENT]
-        if background >= self.background_max:
-            return False
-        return priority != Priority.DOCUMENT or self._in_use[Priority.DOCUMENT] < self.document_max
+        return self._in_use[Priority.PREFETCH] < self.background_max
 
     # --- use --------------------------------------------------------------------------------------
 

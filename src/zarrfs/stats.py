@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -69,9 +70,15 @@ def snapshot(fs: Filesystem, extra: dict[str, Any] | None = None) -> dict[str, A
         "s3": dict(fs.reader.stats),
         "slots": dict(fs.reader.slots.stats),
         "retries": dict(retry.stats),
-        "memory_cache": blocks,
+        "memory_cache": {**blocks, **fs.blocks.recheck_stats()},
         "memory_hit_ratio": blocks["hits"] / lookups if lookups else None,
-        "manifests": dict(fs.manifests.stats),
+        "manifests": {
+            **fs.manifests.stats,
+            "loaded": fs.manifests.loaded_count,
+            "loaded_bytes": fs.manifests.loaded_bytes,
+        },
+        "descriptors": fs.descriptors.stats(),
+        "memory": _memory(fs),
     }
     disk = fs.blocks.disk
     if disk is not None:
@@ -79,9 +86,48 @@ def snapshot(fs: Filesystem, extra: dict[str, Any] | None = None) -> dict[str, A
         out["disk_cache"] = disk_stats
         misses = blocks["misses"]
         out["disk_hit_ratio"] = blocks["disk_hits"] / misses if misses else None
+    if fs.gate is not None:
+        out["cache_dir"] = {**fs.gate.stats, "stalled": int(fs.gate.stalled)}
     if extra:
         out.update(extra)
     return out
+
+
+def _memory(fs: Filesystem) -> dict[str, Any]:
+    """What each part holds, its budget, their totals, and the process's resident memory."""
+    budget = fs.budget
+    disk = fs.blocks.disk
+    held = {
+        "block_cache": fs.blocks.stats()["bytes"],
+        "prefetched_ahead": fs.prefetch_budget.used,
+        "manifests": fs.manifests.loaded_bytes,
+        "versions": fs.versions_bytes,
+        "disk_pending": disk.pending if disk is not None else 0,
+        "consolidated": fs.consolidated_bytes,
+    }
+    return {
+        "held": held,
+        "budget": {
+            "block_cache": budget.block_cache,
+            "prefetched_ahead": fs.prefetch_budget.limit,
+            "manifests": budget.manifests,
+            "versions": budget.versions,
+            "disk_pending": budget.disk_pending,
+            "consolidated": budget.consolidated,
+        },
+        "held_total": sum(held.values()) - held["prefetched_ahead"],  # inside the block cache
+        "budget_total": budget.total,
+        "rss": _rss(),
+    }
+
+
+def _rss() -> int:
+    """Resident bytes of this process (-1 when /proc cannot tell)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def prometheus_text(snap: dict[str, Any]) -> str:

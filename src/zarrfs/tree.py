@@ -291,6 +291,11 @@ class Namespace:
             raise ValueError(f"inode {ino} is not in a Zarr")
         self._consolidated[split[0].slot] = data
 
+    def has_consolidated(self, ino: int) -> bool:
+        """Whether the Zarr that `ino` is in shows a synthesized `.zmetadata` already."""
+        split = self._split(ino)
+        return split is not None and split[0].slot in self._consolidated
+
     def _has_node(self, root: _Top, index: ManifestIndex, node: int) -> bool:
         return node < index.n_nodes or (node == index.n_nodes and root.slot in self._consolidated)
 

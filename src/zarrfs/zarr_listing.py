@@ -3,10 +3,11 @@ root has yet.
 
 Owns: turning the live objects under `zarr/<zarr_id>/` (ListObjectVersions: the latest version of
 each key that is not deleted, with its VersionId, size, ETag and LastModified) into a schema-2
-manifest document, written to a file as the listing streams in, in key order, so memory stays bounded
-however big the Zarr is; and progress lines in the log for long listings (keys listed, rate).
+manifest document, built in memory as the listing streams in, in key order (about 150 bytes per key:
+the document itself, no Python object per entry), and progress lines in the log for long listings
+(keys listed, rate). No disk I/O: the caller keeps the document where it likes.
 
-Never does: decide whether the result may be served. The caller (`manifest_cache`) parses the file
+Never does: decide whether the result may be served. The caller (`manifest_cache`) parses it
 like any downloaded manifest, which recomputes the Zarr checksum with the reference implementation
 and refuses it unless it equals the checksum the API reports for the Zarr (a Zarr edited while it
 was listed does not add up, and is listed again).
@@ -19,14 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
-from pathlib import Path
 
 from . import config
-from .cache_dir import create_private_file
 from .s3_reader import LiveObject, S3Reader
 
 log = logging.getLogger(__name__)
@@ -46,37 +45,38 @@ def zarr_prefix(zarr_id: str) -> str:
     return f"zarr/{zarr_id}/"
 
 
-async def write_manifest_from_listing(
-    reader: S3Reader, zarr_id: str, dest: Path, *, what: str = ""
-) -> ListingStats:
-    """List `zarr/<zarr_id>/` and write its live state to `dest` (0600) as a schema-2 manifest."""
+async def manifest_from_listing(
+    reader: S3Reader, zarr_id: str, *, what: str = ""
+) -> tuple[bytes, ListingStats]:
+    """List `zarr/<zarr_id>/`: its live state as a schema-2 manifest document (UTF-8 JSON)."""
     prefix = zarr_prefix(zarr_id)
     started = last_report = time.monotonic()
     keys = total = pages = 0
-    fd = create_private_file(dest)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        writer = _NestedWriter(out)
-        out.write('{"schemaVersion": 2, "fields": ["versionId", "lastModified", "size", "ETag"], ')
-        out.write('"entries": {')
-        async for page in reader.iter_live_versions(prefix):
-            pages += 1
-            for obj in page:
-                writer.add(obj.key[len(prefix) :], _entry(obj))
-                keys += 1
-                total += obj.size
-            now = time.monotonic()
-            if now - last_report >= config.LISTING_PROGRESS_INTERVAL:
-                last_report = now
-                log.info(
-                    "listing %s (zarr %s): %d keys so far, %.0f keys/s",
-                    what or prefix,
-                    zarr_id,
-                    keys,
-                    keys / (now - started),
-                )
-        writer.close_all()
-        statistics = {"entries": keys, "totalSize": total}
-        out.write('}, "statistics": ' + json.dumps(statistics) + "}")
+    parts: list[str] = []
+    writer = _NestedWriter(parts.append)
+    parts.append('{"schemaVersion": 2, "fields": ["versionId", "lastModified", "size", "ETag"], ')
+    parts.append('"entries": {')
+    async for page in reader.iter_live_versions(prefix):
+        pages += 1
+        for obj in page:
+            writer.add(obj.key[len(prefix) :], _entry(obj))
+            keys += 1
+            total += obj.size
+        now = time.monotonic()
+        if now - last_report >= config.LISTING_PROGRESS_INTERVAL:
+            last_report = now
+            log.info(
+                "listing %s (zarr %s): %d keys so far, %.0f keys/s",
+                what or prefix,
+                zarr_id,
+                keys,
+                keys / (now - started),
+            )
+    writer.close_all()
+    statistics = {"entries": keys, "totalSize": total}
+    parts.append('}, "statistics": ' + json.dumps(statistics) + "}")
+    document = "".join(parts).encode("utf-8")
+    del parts
     seconds = time.monotonic() - started
     log.info(
         "listed %s (zarr %s): %d keys, %d bytes, %d requests in %.1f s (%.0f keys/s)",
@@ -88,7 +88,7 @@ async def write_manifest_from_listing(
         seconds,
         keys / seconds if seconds else 0.0,
     )
-    return ListingStats(keys=keys, total_size=total, requests=pages, seconds=seconds)
+    return document, ListingStats(keys=keys, total_size=total, requests=pages, seconds=seconds)
 
 
 def _entry(obj: LiveObject) -> list[object]:
@@ -99,8 +99,8 @@ def _entry(obj: LiveObject) -> list[object]:
 class _NestedWriter:
     """Writes `path -> value` pairs, given in S3 key order, as nested JSON objects (internal)."""
 
-    def __init__(self, out: object) -> None:
-        self._write = out.write  # type: ignore[attr-defined]
+    def __init__(self, write: Callable[[str], object]) -> None:
+        self._write = write
         self._open: list[str] = []  # directories currently open, outermost first
         self._first: list[bool] = [True]  # per open level: nothing written in it yet
 
