@@ -222,11 +222,17 @@ def mount_config(path: Path) -> tuple[Config, str]:
     if found is None:
         raise UserError(f"{path} is not inside a zarrfs mount")
     mountpoint, relative = found
-    state = runtime.read_state(mountpoint)
+    try:
+        state = runtime.read_state(mountpoint)
+    except runtime.UnsafeRuntimeDir as e:
+        raise UserError(
+            f"the state of the zarrfs mount at {mountpoint} is unavailable: {e}"
+        ) from None
     if state is None:
         raise UserError(
             f"no state for the zarrfs mount at {mountpoint} in {runtime.runtime_dir()} "
-            "(mounted by another user, or by a zarrfs too old to write it)"
+            "(mounted by another user, by a zarrfs too old to write it, or it could not publish "
+            "it: see its log)"
         )
     return runtime.config_from_state(state), relative
 
@@ -443,7 +449,12 @@ def stats_lines(mountpoint: Path) -> list[str]:
     found = runtime.zarrfs_mount_of(mountpoint)
     if found is None or found[1]:
         raise UserError(f"{mountpoint} is not a zarrfs mountpoint")
-    snap = runtime.read_stats(found[0])
+    try:
+        snap = runtime.read_stats(found[0])
+    except runtime.UnsafeRuntimeDir as e:
+        raise UserError(
+            f"the statistics of the zarrfs mount at {found[0]} are unavailable: {e}"
+        ) from None
     if snap is None:
         raise UserError(f"no statistics for {found[0]} in {runtime.runtime_dir()} yet")
     return list(_flatten("", {k: v for k, v in snap.items() if k not in ("pid",)}))
