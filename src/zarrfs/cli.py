@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from hashlib import sha1
 from pathlib import Path
 
-from . import __version__, systemd
+from . import __version__, runtime, systemd
 from . import config as cfg
 from .cache_dir import make_private_dir
 from .errors import DataError, MountError, UserError
@@ -400,7 +400,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
     uid, gid, umask = _ownership(args)
     return replace(
         connection,
-        mountpoint=mountpoint.absolute() if mountpoint is not None else Path("/"),
+        mountpoint=runtime.real_path(mountpoint) if mountpoint is not None else Path("/"),
         foreground=getattr(args, "foreground", False),
         debug=args.debug,
         allow_other=getattr(args, "allow_other", False),
@@ -684,18 +684,14 @@ def _fusermount(mountpoint: Path, *, lazy: bool) -> subprocess.CompletedProcess[
 
 
 def is_mounted(path: Path) -> bool:
-    """True for a live mount and for a dead one (daemon gone: stat fails with ENOTCONN)."""
+    """True for a live mount and for a dead one (daemon gone: stat fails with ENOTCONN); give the
+    real path (`runtime.real_path`), as /proc/self/mounts has it."""
     try:
         if os.path.ismount(path):
             return True
     except OSError:
         pass
-    target = str(path).replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
-    try:
-        with open("/proc/self/mounts") as mounts:
-            return any(line.split(" ")[1] == target for line in mounts)
-    except OSError:
-        return False
+    return str(path) in runtime.mounted_paths()
 
 
 def _quiet_logging(debug: bool) -> None:
@@ -783,7 +779,7 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def run_unmount(args: argparse.Namespace) -> int:
-    mountpoint = args.mountpoint.absolute()
+    mountpoint = runtime.real_path(args.mountpoint)  # as /proc/self/mounts has it, also when dead
     if not is_mounted(mountpoint):
         raise MountError(f"{mountpoint} is not mounted")
     result = _fusermount(mountpoint, lazy=args.lazy)
