@@ -31,6 +31,8 @@ Rules, in short (every exception is listed in the root `.zattrs` under `zarrfs_s
   ranges of the blob (chunked: HDF5's chunks; contiguous: whole-row virtual chunks of ~4 MiB).
 - compact, scalar, variable-length string, and small datasets whose stored type needs a conversion ->
   array with one inline chunk holding h5py's values.
+- `fill_value` is HDF5's (exactly, or the dataset is skipped) where some chunk was never written,
+  null elsewhere (no reader uses it; xarray would mask HDF5's default 0 as missing).
 - attributes -> `.zattrs` (object references as LINDI's `_REFERENCE`); arrays get `_ARRAY_DIMENSIONS`
   (phony names, unique per group and length) so xarray can open the groups.
 """
@@ -299,7 +301,10 @@ class _Translator:
         else:
             raise Skip(f"unknown layout {layout}")
         full = plan.keys is not None and len(plan.keys) == math.prod(plan.grid)
-        fill = self._fill_value(ds, dcpl, dtype, needed=not full and math.prod(shape) > 0)
+        needed = not full and math.prod(shape) > 0
+        # Only where a chunk was never written does a reader ever use the fill value; elsewhere it
+        # is left null, since xarray would take HDF5's default (0) as a missing-value marker.
+        fill = self._fill_value(dcpl, dtype) if needed else None
         plan.zarray = _zarray(shape, plan.zarray["chunks"], zdtype, fill, filters, compressor)
         return plan
 
@@ -430,14 +435,11 @@ class _Translator:
             "contiguous dataset ends the file and its rows cannot be split into whole chunks"
         )
 
-    def _fill_value(
-        self, ds: h5py.Dataset, dcpl: Any, dtype: np.dtype[Any], *, needed: bool
-    ) -> Any:
-        """The `.zarray` fill_value: HDF5's own, exactly, when some chunk was never written."""
-        defined = dcpl.fill_value_defined()
-        if needed and (
+    def _fill_value(self, dcpl: Any, dtype: np.dtype[Any]) -> Any:
+        """HDF5's fill value in Zarr's JSON, exactly, or Skip: the value of never-written chunks."""
+        if (
             dcpl.get_fill_time() == h5py.h5d.FILL_TIME_NEVER
-            or defined == h5py.h5d.FILL_VALUE_UNDEFINED
+            or dcpl.fill_value_defined() == h5py.h5d.FILL_VALUE_UNDEFINED
         ):
             raise Skip(
                 "never-written chunks have no defined value (no fill value, or fill time never)"
@@ -446,15 +448,8 @@ class _Translator:
         try:
             dcpl.get_fill_value(fill)
         except Exception as e:
-            if needed:
-                raise Skip(f"unreadable fill value: {_describe(e)}") from e
-            return None
-        try:
-            return _encode_fill(fill)
-        except Skip:
-            if needed:
-                raise
-            return None
+            raise Skip(f"unreadable fill value: {_describe(e)}") from e
+        return _encode_fill(fill)
 
     # -- inline datasets --------------------------------------------------------------------------
 
@@ -470,14 +465,7 @@ class _Translator:
         self._reserve_inline(math.prod(shape) * dtype.itemsize)
         chunks = [max(1, n) for n in shape]
         plan = _ArrayPlan(shape=shape, zarray={})
-        fill = None
-        try:
-            fill_arr = np.zeros((), dtype=dtype)
-            ds.id.get_create_plist().get_fill_value(fill_arr)
-            fill = _encode_fill(fill_arr)
-        except Exception:
-            fill = None
-        plan.zarray = _zarray(shape, chunks, zdtype, fill, [], None)
+        plan.zarray = _zarray(shape, chunks, zdtype, None, [], None)  # its one chunk is inline
         if math.prod(shape) > 0:
             values = np.array(ds[()], dtype=dtype, order="C")
             if values.shape != shape:
