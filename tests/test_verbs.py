@@ -204,6 +204,41 @@ def test_verify_goes_on_past_what_it_cannot_read_and_names_it(
         proxy.close()
 
 
+VANISH = """
+import zarrfs.filesystem as f
+from zarrfs.errors import NotFound
+_lookup = f.Filesystem.lookup
+async def lookup(self, parent, name):
+    if name == b".zattrs":
+        raise NotFound("gone")
+    return await _lookup(self, parent, name)
+f.Filesystem.lookup = lookup
+"""
+
+
+def test_verify_names_files_that_vanished_from_the_mount(
+    mount: Callable[..., Mounted], sample: SampleDandiset, tmp_path: Path
+) -> None:
+    """Files the mount lists but no longer finds (ENOENT on open): each named with its error, the
+    rest verified, exit 6."""
+    mounted = mount(
+        f"{sample.dandiset_id}@{V1}", "--manifest-root", ROOT, env=inject(tmp_path / "i", VANISH)
+    )
+    state = sample.versions[V1]
+    in_zarr = [rel for rel in state.files if rel.startswith(OME_PATH + "/")]
+    gone = [rel for rel in in_zarr if rel.endswith("/.zattrs")]
+    assert gone
+    result = zarrfs("verify", str(mounted.path / OME_PATH), check=False)
+    assert result.returncode == 6, result.stdout + result.stderr
+    for rel in gone:
+        line = f"UNREADABLE {mounted.path / rel}: No such file or directory (ENOENT)"
+        assert line in result.stdout, result.stdout
+    assert (
+        f"summary: {len(in_zarr) - len(gone)} files verified, 0 mismatched, "
+        f"{len(gone)} unreadable, 0 unexpected"
+    ) in result.stdout
+
+
 def test_stats_and_metrics_of_a_running_mount(
     mount: Callable[..., Mounted], sample: SampleDandiset
 ) -> None:
