@@ -167,3 +167,30 @@ def test_many_chunks_are_compact_and_fast() -> None:
     assert w.get("big/399.399") == ChunkRef((n - 1) * 4096, 4096)
     names = w.listdir("big")
     assert names is not None and len(names) == n + 2
+
+
+def resign(body: bytes) -> bytes:
+    """`body` with a valid checksum: what a bug (not a disk error) could write."""
+    import xxhash
+
+    return body + xxhash.xxh3_128_digest(body)
+
+
+def test_range_checks_behind_a_valid_checksum() -> None:
+    v = small_view()
+    data = v.to_bytes()[:-16]
+    offsets_at = len(data) - 2 * 8 * v.chunk_count  # keys, then offsets, then lengths
+    bad = bytearray(data)
+    bad[offsets_at : offsets_at + 8] = (BLOB - 5).to_bytes(8, "little")
+    with pytest.raises(IndexFormatError, match="outside the blob"):
+        VirtualZarr.from_bytes(resign(bytes(bad)), blob_size=BLOB)
+    keys_at = offsets_at - 8 * v.chunk_count
+    bad = bytearray(data)
+    bad[keys_at : keys_at + 8] = (12).to_bytes(8, "little")  # grid (3, 4) has 12 chunks
+    with pytest.raises(IndexFormatError, match="grid"):
+        VirtualZarr.from_bytes(resign(bytes(bad)), blob_size=BLOB)
+    with pytest.raises(IndexFormatError):
+        VirtualZarr.from_bytes(resign(data + b"\x00"), blob_size=BLOB)
+    for cut in range(8, len(data), 7):
+        with pytest.raises(IndexFormatError):
+            VirtualZarr.from_bytes(resign(data[:cut]), blob_size=BLOB)

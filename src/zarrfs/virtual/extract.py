@@ -40,6 +40,13 @@ ReadFn = Callable[[int, int], Awaitable[bytes]]
 HDF5_SIGNATURE: Final = b"\x89HDF\r\n\x1a\n"
 STDERR_TAIL: Final = 8 << 10
 DEFAULT_MAX_RESULT_BYTES: Final = 1 << 30
+# The worker needs no thread pools; each would reserve address space under its memory limit.
+WORKER_ENV: Final = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "MALLOC_ARENA_MAX": "2",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +194,7 @@ async def _run_worker(read: ReadFn, size: int, python: str, budget: Budget) -> V
     try:
         process = await trio.lowlevel.open_process(
             command,
+            env={**os.environ, **WORKER_ENV},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

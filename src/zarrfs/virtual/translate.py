@@ -62,6 +62,8 @@ SKIPPED_KEY: Final = "zarrfs_skipped"
 DIMENSIONS_KEY: Final = "_ARRAY_DIMENSIONS"
 # Attribute names that LINDI's readers interpret: an HDF5 attribute of that name would be misread.
 LINDI_RESERVED: Final = frozenset({"_SOFT_LINK", "_REFERENCE", "_EXTERNAL_ARRAY_LINK", "_SCALAR"})
+# Member names that would read as Zarr metadata (v2, consolidated, or v3, which readers probe first).
+RESERVED_NAMES: Final = ZARR_METADATA_NAMES | {".zmetadata", "zarr.json"}
 MAX_SKIPPED_LISTED: Final = 10_000
 MAX_DEPTH: Final = 100
 
@@ -128,7 +130,7 @@ class _Translator:
         self.skipped_count = 0
         self.objects = 0
         self.inline_bytes = 0
-        self.group_paths: dict[Any, str] = {}
+        self.group_paths: dict[int, str] = {}  # object header address -> first path shown
         self.root_object_id: str | None = None
 
     # -- the walk ---------------------------------------------------------------------------------
@@ -169,7 +171,7 @@ class _Translator:
     def _group(self, path: str, group: h5py.Group, depth: int) -> dict[str, Any]:
         """Add group `path` and everything below it; return its attributes (written by the caller
         for the root, here otherwise)."""
-        self.group_paths[group.id] = path
+        self.group_paths[h5py.h5o.get_info(group.id).addr] = path
         self.builder.add_file(_join(path, ".zgroup"), _json({"zarr_format": 2}))
         attrs = self._attrs(path, group)
         if path:
@@ -224,7 +226,7 @@ class _Translator:
         except Exception as e:
             raise Skip(f"cannot open the object: {_describe(e)}") from e
         if isinstance(obj, h5py.Group):
-            seen = self.group_paths.get(obj.id)
+            seen = self.group_paths.get(h5py.h5o.get_info(obj.id).addr)
             if seen is not None:
                 raise Skip(f"another hard link to the group shown at {seen!r}")
             if depth + 1 > MAX_DEPTH:
@@ -607,7 +609,7 @@ def _check_name(name: str) -> None:
         name.encode("utf-8")
     except UnicodeEncodeError as e:
         raise Skip("name is not valid UTF-8") from e
-    if name in ZARR_METADATA_NAMES:
+    if name in RESERVED_NAMES:
         raise Skip("name collides with a Zarr metadata file")
     if name in ("", ".", "..") or "/" in name or "\x00" in name or not name.isprintable():
         raise Skip("name cannot be a Zarr path component")
