@@ -62,13 +62,17 @@ class Budget:
     max_requests: int
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     max_memory: int = 4 << 30
-    block_size: int = 16 << 10
-    cache_blocks: int = 256
+    block_size: int = 4 << 10
+    cache_blocks: int = 1024
 
 
 def default_budget(size: int) -> Budget:
-    """A tenth of the blob, but at least 64 MiB, in at most one request per 1 KiB of that."""
-    max_bytes = max(64 << 20, size // 10)
+    """A quarter of the blob, but at least 64 MiB, in at most one request per 1 KiB of that.
+
+    A safety net against a worker that reads data, not a target: metadata is typically well under
+    1% of an NWB file, about 5% for a file of 100,000 uncompressible 2 KB chunks (4 KiB blocks).
+    """
+    max_bytes = max(64 << 20, size // 4)
     return Budget(max_bytes=max_bytes, max_requests=max(4096, max_bytes // 1024))
 
 

@@ -23,9 +23,9 @@ from typing import BinaryIO, Final
 
 from zarrfs.virtual import protocol
 
-DEFAULT_BLOCK_SIZE: Final = 16 << 10
-DEFAULT_CACHE_BLOCKS: Final = 256
-MAX_BLOCKS_PER_REQUEST: Final = 16
+DEFAULT_BLOCK_SIZE: Final = 4 << 10
+DEFAULT_CACHE_BLOCKS: Final = 1024
+MAX_BLOCKS_PER_REQUEST: Final = 64
 
 
 class ParentGone(OSError):
@@ -198,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     channel = Channel(rx, tx)
-    if args.size < 0 or not 512 <= args.block_size <= protocol.MAX_READ_REQUEST // 16:
+    if (
+        args.size < 0
+        or not 512 <= args.block_size * MAX_BLOCKS_PER_REQUEST <= protocol.MAX_READ_REQUEST
+    ):
         _report(channel, protocol.ERROR_INTERNAL, "bad worker arguments")
         return 2
     _limit_memory(args.max_memory)
