@@ -178,18 +178,18 @@ def test_large_nwb_extraction_reads_little(tmp_path: Path) -> None:
         f"64 MiB NWB: {len(requested)} reads, {moved} bytes ({moved / size:.2%}), {elapsed:.2f} s"
     )
     assert moved <= bound, (moved, bound)
-    # No read lies wholly inside a referenced chunk: chunk data was never read.
+    # Chunk data is never read: only where HDF5's speculative metadata reads (512 bytes from an
+    # object header) run past a header into the chunk after it, one aligned block may overlap it.
     chunks = sorted(
         (entry.offset, entry.offset + entry.length)
         for _, entry in view.iter_files()
         if isinstance(entry, ChunkRef) and entry.length >= 1 << 20
     )
     assert len(chunks) == 4 * 16
-    starts = [start for start, _ in chunks]
-    for offset, length in requested:
-        i = np.searchsorted(starts, offset, side="right") - 1
-        if i >= 0:
-            start, end = chunks[i]
-            assert not (start <= offset and offset + length <= end), (offset, length)
+    for start, end in chunks:
+        overlap = sum(
+            max(0, min(end, offset + length) - max(start, offset)) for offset, length in requested
+        )
+        assert overlap <= 8192, (start, end, overlap)
     compared, _ = check_view(path, view)
     assert {f"acquisition/ElectricalSeries{i}/data" for i in range(4)} <= compared
