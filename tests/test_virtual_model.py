@@ -194,3 +194,12 @@ def test_range_checks_behind_a_valid_checksum() -> None:
     for cut in range(8, len(data), 7):
         with pytest.raises(IndexFormatError):
             VirtualZarr.from_bytes(resign(data[:cut]), blob_size=BLOB)
+
+
+def test_the_package_does_not_import_h5py() -> None:
+    """Only the worker process touches HDF5; the caller (the mount's daemon) never loads it."""
+    import subprocess
+    import sys
+
+    code = "import sys, zarrfs.virtual; assert 'h5py' not in sys.modules, 'h5py imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -24,17 +24,26 @@ locations from `DatasetID.chunk_iter` (one O(n) pass; never `get_chunk_info(i)`,
 map HDF5 filter ids onto numcodecs codecs. Post-processing their output would have meant redoing
 every dataset, so the library would contribute nothing but risk.
 
-Rules, in short (every exception is listed in the root `.zattrs` under `zarrfs_skipped`):
-- group -> `.zgroup` + `.zattrs`; soft link -> `.zgroup` + `.zattrs` `{"_SOFT_LINK": {"path": ...}}`.
+Rules, in short. Everything not shown is listed in the root `.zattrs` under `zarrfs_skipped` (always
+present, possibly empty): `{"path": "a/b", "reason": ...}` for a link or dataset, `"a/b@name"` for an
+attribute (`"@name"` on the root), at most MAX_SKIPPED_LISTED entries plus one counting the rest.
+- group -> `.zgroup` + `.zattrs`; soft link -> `.zgroup` + `.zattrs` `{"_SOFT_LINK": {"path": ...}}`;
+  external links, object-reference and region-reference datasets, variable-length sequences,
+  opaque/unsupported types, virtual datasets, external storage, a second hard link to a group,
+  filters numcodecs cannot decode as HDF5 framed them (szip, lzf, lz4, bitshuffle, nbit,
+  scaleoffset, ...) and chunks stored with some filter skipped (filter_mask != 0) -> skipped.
 - dataset whose stored type is exactly what h5py returns (H5Tequal with h5py's own mapping of the
   dtype), with only deflate, shuffle, fletcher32, blosc or zstd filters -> array whose chunks are byte
   ranges of the blob (chunked: HDF5's chunks; contiguous: whole-row virtual chunks of ~4 MiB).
-- compact, scalar, variable-length string, and small datasets whose stored type needs a conversion ->
-  array with one inline chunk holding h5py's values.
+- compact, scalar, variable-length string (numcodecs `vlen-utf8`), and small datasets whose stored
+  type needs a conversion -> array with one inline chunk holding h5py's values; these are the only
+  values read, bounded by `Limits.inline_dataset_bytes` and `inline_total_bytes`.
 - `fill_value` is HDF5's (exactly, or the dataset is skipped) where some chunk was never written,
   null elsewhere (no reader uses it; xarray would mask HDF5's default 0 as missing).
-- attributes -> `.zattrs` (object references as LINDI's `_REFERENCE`); arrays get `_ARRAY_DIMENSIONS`
-  (phony names, unique per group and length) so xarray can open the groups.
+- attributes -> `.zattrs`: numbers as numbers (NaN/Infinity as Python's json writes them), strings
+  and UTF-8 bytes as strings, arrays as nested lists, object references as LINDI's `_REFERENCE`;
+  empty, complex, compound, region-reference and non-UTF-8 attributes are skipped. Arrays get
+  `_ARRAY_DIMENSIONS` (phony names, unique per group and length) so xarray can open the groups.
 """
 
 from __future__ import annotations
