@@ -293,3 +293,74 @@ def test_mount_helper_translates_mount8_calls() -> None:
     assert mount_helper_args(["000123@draft", "/mnt/d", "-sv", "-o", "ro"]) == [
         "mount", "000123@draft", "/mnt/d", "-o", "ro"
     ]  # fmt: skip
+
+
+# --- a symlinked directory on the way (a cluster's $HOME) -----------------------------------------
+
+
+@pytest.fixture
+def linked(tmp_path: Path) -> tuple[Path, Path]:
+    """`(link, real)`: `link` is a symbolic link to the directory `real`, as a $HOME often is."""
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    return link, real
+
+
+def test_a_mount_made_through_a_symlink_is_found_through_it(
+    sample: SampleDandiset, tmp_path: Path, linked: tuple[Path, Path]
+) -> None:
+    """/proc/self/mounts holds the real path: `stats`, `info`, `verify` and `unmount` find the mount
+    by the path it was made with (through the link) and by its real path."""
+    from conftest import require_fuse, start_mount, stop_mount
+    from zarrfs.demo.sample import OME_PATH, V1
+
+    require_fuse()
+    link, real = linked
+    mounted = start_mount(
+        link, f"{sample.dandiset_id}@{V1}", "--manifest-root", "s3://dandiarchive/zarr-manifest/",
+        endpoint=sample.endpoint_url, cache=tmp_path / "cache",
+    )  # fmt: skip
+    try:
+        assert mounted.path == link / "mnt" and os.path.ismount(real / "mnt")
+        for mnt in (link / "mnt", real / "mnt"):
+            result = run_cli("stats", str(mnt))
+            assert result.returncode == 0, result.stderr
+            assert "reads.count: " in result.stdout
+            info = run_cli("info", str(mnt / OME_PATH / ".zgroup"))
+            assert info.returncode == 0, info.stderr
+            assert "type: file" in info.stdout
+        verify = run_cli("verify", str(link / "mnt" / OME_PATH))
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        assert "verified:" in verify.stdout
+        result = run_cli("unmount", str(link / "mnt"))
+        assert result.returncode == 0, result.stderr
+        assert not os.path.ismount(real / "mnt")
+    finally:
+        stop_mount(mounted)
+
+
+def test_a_dead_mount_is_unmounted_through_a_symlink(linked: tuple[Path, Path]) -> None:
+    """`zarrfs unmount -z` of a dead mount (no daemon: stat answers ENOTCONN) named through a
+    symlinked directory: found in /proc/self/mounts by its real path, and unmounted."""
+    from conftest import require_fuse
+    from zarrfs.cli import is_mounted
+
+    require_fuse()
+    link, real = linked
+    (real / "dead").mkdir()
+    daemon = subprocess.Popen([sys.executable, "-c", DEAD_MOUNT_DAEMON, str(link / "dead")])
+    try:
+        wait_for(lambda: is_mounted(real / "dead"), "the stale daemon's mount")
+        daemon.kill()
+        daemon.wait()
+        result = run_cli("unmount", "-z", str(link / "dead"))
+        assert result.returncode == 0, result.stderr
+        assert not is_mounted(real / "dead")
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        subprocess.run(
+            ["fusermount3", "-u", "-z", str(real / "dead")], check=False, capture_output=True
+        )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, inject
+from conftest import ForwardingProxy, Mounted, inject
 from zarrfs.demo.sample import ARRAY_PATH, EPHYS_PATH, OME_PATH, V1, SampleDandiset
 
 pytestmark = pytest.mark.fuse
@@ -144,6 +144,99 @@ def test_verify_fails_when_the_bytes_differ(
     assert result.returncode == 6, result.stdout + result.stderr
     assert "MISMATCH" in result.stdout and "0/0/0/0/0" in result.stdout
     assert "FAILED" in result.stdout
+
+
+class DamagingProxy(ForwardingProxy):
+    """Damages the body of every GET whose path ends with one of `targets` (and drops the checksum
+    headers): the daemon can never read those objects, so reading them through the mount is EIO."""
+
+    def __init__(self, upstream: str, *targets: str) -> None:
+        super().__init__(upstream, drop_checksums=True)
+        self.targets = targets
+
+    def alter(self, path: str, body: bytes) -> bytes:
+        if body and path.endswith(self.targets):
+            return bytes([body[0] ^ 1]) + body[1:]
+        return body
+
+
+def test_verify_goes_on_past_what_it_cannot_read_and_names_it(
+    mount: Callable[..., Mounted], sample: SampleDandiset
+) -> None:
+    """One chunk the mount answers with EIO (damaged in transit every time) and one Zarr whose
+    manifest is damaged (it cannot be listed): verify names each, checks everything else, ends with
+    a summary and exits 6, without a traceback."""
+    state = sample.versions[V1]
+    chunk = f"{OME_PATH}/0/0/0/0/0"
+    proxy = DamagingProxy(
+        sample.endpoint_url,
+        f"zarr/{state.zarr_ids[OME_PATH]}/0/0/0/0/0",
+        state.manifest_keys[ARRAY_PATH],
+    )
+    try:
+        mounted = mount(f"{sample.dandiset_id}@{V1}", "--manifest-root", ROOT, endpoint=proxy.url)
+        result = zarrfs("verify", str(mounted.path / OME_PATH), check=False)
+        assert result.returncode == 6, result.stdout + result.stderr
+        out = result.stdout
+        assert f"UNREADABLE {mounted.path / chunk}: Input/output error (EIO)" in out, out
+        in_zarr = sum(1 for rel in state.files if rel.startswith(OME_PATH + "/"))
+        assert (
+            f"summary: {in_zarr - 1} files verified, 0 mismatched, 1 unreadable, 0 unexpected"
+            in out
+        )
+        assert "FAILED" in out and "MISMATCH" not in out
+
+        whole = zarrfs("verify", str(mounted.path), check=False)
+        assert whole.returncode == 6, whole.stdout + whole.stderr
+        out = whole.stdout
+        assert f"UNREADABLE {mounted.path / chunk}: Input/output error (EIO)" in out, out
+        unlisted = [line for line in out.splitlines() if str(mounted.path / ARRAY_PATH) in line]
+        assert len(unlisted) == 1 and unlisted[0].startswith("UNREADABLE "), out
+        assert "cannot list" in unlisted[0], out
+        checked = sum(
+            1
+            for rel in state.files
+            if not rel.startswith(ARRAY_PATH + "/") and rel.rsplit("/", 1)[-1] != "dandiset.yaml"
+        )
+        assert f"summary: {checked - 1} files verified, 0 mismatched, 2 unreadable" in out, out
+        assert mounted.process.poll() is None
+    finally:
+        proxy.close()
+
+
+VANISH = """
+import zarrfs.filesystem as f
+from zarrfs.errors import NotFound
+_lookup = f.Filesystem.lookup
+async def lookup(self, parent, name):
+    if name == b".zattrs":
+        raise NotFound("gone")
+    return await _lookup(self, parent, name)
+f.Filesystem.lookup = lookup
+"""
+
+
+def test_verify_names_files_that_vanished_from_the_mount(
+    mount: Callable[..., Mounted], sample: SampleDandiset, tmp_path: Path
+) -> None:
+    """Files the mount lists but no longer finds (ENOENT on open): each named with its error, the
+    rest verified, exit 6."""
+    mounted = mount(
+        f"{sample.dandiset_id}@{V1}", "--manifest-root", ROOT, env=inject(tmp_path / "i", VANISH)
+    )
+    state = sample.versions[V1]
+    in_zarr = [rel for rel in state.files if rel.startswith(OME_PATH + "/")]
+    gone = [rel for rel in in_zarr if rel.endswith("/.zattrs")]
+    assert gone
+    result = zarrfs("verify", str(mounted.path / OME_PATH), check=False)
+    assert result.returncode == 6, result.stdout + result.stderr
+    for rel in gone:
+        line = f"UNREADABLE {mounted.path / rel}: No such file or directory (ENOENT)"
+        assert line in result.stdout, result.stdout
+    assert (
+        f"summary: {len(in_zarr) - len(gone)} files verified, 0 mismatched, "
+        f"{len(gone)} unreadable, 0 unexpected"
+    ) in result.stdout
 
 
 def test_stats_and_metrics_of_a_running_mount(

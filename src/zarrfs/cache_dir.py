@@ -69,9 +69,11 @@ class CacheLayout:
 def make_private_dir(path: Path | str) -> None:
     """Create `path` and its missing parents as 0700 directories, whatever the umask.
 
-    Directories that already exist are left as they are (someone chose their mode). Tolerates
-    another process creating the same directories at the same time. Raises OSError (also when a
-    file stands where a directory should be).
+    Directories that already exist are left as they are, whoever owns them (someone chose their
+    mode: a group's cache on NFS is shared on purpose). Not for what must be private to this user
+    (the runtime dir: `runtime` checks its owner and mode itself). Tolerates another process
+    creating the same directories at the same time. Raises OSError (also when a file stands where a
+    directory should be).
     """
     current = os.fspath(path)
     missing: list[str] = []

@@ -6,7 +6,8 @@ prints the child's one-line error and exits non-zero; a `/dev/fd/N` mountpoint's
 inherited by the child) and exit codes. Never calls FUSE or S3 itself: `mount.serve` does.
 
 Exit codes: 0 success; 1 unexpected internal error; 2 bad usage or SOURCE; 3 dandiset or version not
-found; 4 mountpoint or FUSE problem; 5 remote data unavailable (S3/API unreachable, bad metadata).
+found; 4 mountpoint or FUSE problem; 5 remote data unavailable (S3/API unreachable, bad metadata);
+6 `verify` found a file that differs, could not be read, or was not published.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Callable, Sequence
 from hashlib import sha1
 from pathlib import Path
 
-from . import __version__, systemd
+from . import __version__, runtime, systemd
 from . import config as cfg
 from .cache_dir import make_private_dir
 from .errors import DataError, MountError, UserError
@@ -48,7 +49,8 @@ EXIT_CODES = """exit codes:
   3  dandiset, version or path not found
   4  mountpoint missing, not a directory, already mounted, or the FUSE mount failed
   5  remote data unavailable (S3 or API unreachable, unreadable metadata)
-  6  verification failed: bytes read through the mount differ from what was published"""
+  6  verification failed: bytes read through the mount differ from what was published,
+     or could not be read"""
 
 EXAMPLES = {
     "mount": """examples:
@@ -133,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         "read a mounted Zarr, directory or file and check every byte against the published digests",
         "Read every file at or below PATH through the mount, hash the bytes, and compare with what "
         "was published: each file's ETag (MD5, or DANDI's multipart etag), and for a Zarr its "
-        "checksum recomputed with zarr_checksum. Exits 0 only if everything matches (6 if not).",
+        "checksum recomputed with zarr_checksum. Goes on past what it cannot read, names every "
+        "file that differs, could not be read or was not published, and ends with a summary. "
+        "Exits 0 only if every file was read and matches (6 if not).",
     )
     v.add_argument("path", metavar="PATH", type=Path)
     v.add_argument("--debug", action="store_true")
@@ -396,7 +400,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
     uid, gid, umask = _ownership(args)
     return replace(
         connection,
-        mountpoint=mountpoint.absolute() if mountpoint is not None else Path("/"),
+        mountpoint=runtime.real_path(mountpoint) if mountpoint is not None else Path("/"),
         foreground=getattr(args, "foreground", False),
         debug=args.debug,
         allow_other=getattr(args, "allow_other", False),
@@ -680,18 +684,14 @@ def _fusermount(mountpoint: Path, *, lazy: bool) -> subprocess.CompletedProcess[
 
 
 def is_mounted(path: Path) -> bool:
-    """True for a live mount and for a dead one (daemon gone: stat fails with ENOTCONN)."""
+    """True for a live mount and for a dead one (daemon gone: stat fails with ENOTCONN); give the
+    real path (`runtime.real_path`), as /proc/self/mounts has it."""
     try:
         if os.path.ismount(path):
             return True
     except OSError:
         pass
-    target = str(path).replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
-    try:
-        with open("/proc/self/mounts") as mounts:
-            return any(line.split(" ")[1] == target for line in mounts)
-    except OSError:
-        return False
+    return str(path) in runtime.mounted_paths()
 
 
 def _quiet_logging(debug: bool) -> None:
@@ -730,14 +730,24 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    """`zarrfs verify PATH`: 0 only when every file below PATH was read and matched; 6 when
+    anything differs or could not be read (each named on stdout, with a summary), also when PATH
+    itself cannot be read."""
     import trio
 
-    from .verbs import verify
+    from .verbs import describe_os_error, verify
 
     _quiet_logging(args.debug)
-    if not args.path.exists():
-        raise MountError(f"{args.path} does not exist")
-    verdict = trio.run(verify, args.path)
+    try:
+        os.stat(args.path)
+    except FileNotFoundError:
+        raise MountError(f"{args.path} does not exist") from None
+    except OSError as e:  # EIO, a dead mount (ENOTCONN), ...
+        return _fail(f"cannot verify {args.path}: {describe_os_error(e)}", EXIT_VERIFY)
+    try:
+        verdict = trio.run(verify, args.path)
+    except OSError as e:  # verify reports what it cannot read; this is a last resort
+        return _fail(f"cannot verify {args.path}: {describe_os_error(e)}", EXIT_VERIFY)
     print("\n".join(verdict.lines))
     return EXIT_OK if verdict.ok else EXIT_VERIFY
 
@@ -769,7 +779,7 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def run_unmount(args: argparse.Namespace) -> int:
-    mountpoint = args.mountpoint.absolute()
+    mountpoint = runtime.real_path(args.mountpoint)  # as /proc/self/mounts has it, also when dead
     if not is_mounted(mountpoint):
         raise MountError(f"{mountpoint} is not mounted")
     result = _fusermount(mountpoint, lazy=args.lazy)

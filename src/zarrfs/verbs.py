@@ -9,14 +9,16 @@ does), never touches FUSE: `verify` reads files through the mount as any program
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import logging
 import os
 import shutil
+import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from .cache_dir import CacheLayout
 from .config import Config
 from .core import open_filesystem
 from .digests import EtagHasher
-from .errors import SourceError, UserError
+from .errors import DataError, NotFound, SourceError, UserError, ZarrfsError
 from .filesystem import Filesystem, OpenFile
 from .refs import ObjectRef
 from .tree import ROOT_INO, Entry
@@ -103,15 +105,30 @@ class Item:
     entry: Entry
 
 
-async def walk(fs: Filesystem, ino: int, prefix: str = "") -> AsyncIterator[Item]:
-    """Every entry below directory `ino`, depth-first in name order (links are not followed)."""
-    handle = await fs.opendir(ino)
-    children = [(name.decode("utf-8", "replace"), e) for name, e, _ in await fs.readdir(handle, 0)]
+async def walk(
+    fs: Filesystem,
+    ino: int,
+    prefix: str = "",
+    on_error: Callable[[str, ZarrfsError], None] | None = None,
+) -> AsyncIterator[Item]:
+    """Every entry below directory `ino`, depth-first in name order (links are not followed).
+
+    A directory that cannot be listed raises, or with `on_error` is passed to it (its path relative
+    to `ino`, with a trailing `/`, empty for `ino` itself) and skipped."""
+    try:
+        handle = await fs.opendir(ino)
+        listing = list(await fs.readdir(handle, 0))
+    except ZarrfsError as e:
+        if on_error is None:
+            raise
+        on_error(prefix, e)
+        return
+    children = [(name.decode("utf-8", "replace"), e) for name, e, _ in listing]
     for name, entry in children:
         path = f"{prefix}{name}"
         yield Item(path, entry)
         if entry.is_dir:
-            async for item in walk(fs, entry.ino, path + "/"):
+            async for item in walk(fs, entry.ino, path + "/", on_error):
                 yield item
 
 
@@ -205,11 +222,17 @@ def mount_config(path: Path) -> tuple[Config, str]:
     if found is None:
         raise UserError(f"{path} is not inside a zarrfs mount")
     mountpoint, relative = found
-    state = runtime.read_state(mountpoint)
+    try:
+        state = runtime.read_state(mountpoint)
+    except runtime.UnsafeRuntimeDir as e:
+        raise UserError(
+            f"the state of the zarrfs mount at {mountpoint} is unavailable: {e}"
+        ) from None
     if state is None:
         raise UserError(
             f"no state for the zarrfs mount at {mountpoint} in {runtime.runtime_dir()} "
-            "(mounted by another user, or by a zarrfs too old to write it)"
+            "(mounted by another user, by a zarrfs too old to write it, or it could not publish "
+            "it: see its log)"
         )
     return runtime.config_from_state(state), relative
 
@@ -237,68 +260,135 @@ class Verdict:
     lines: list[str]
 
 
+@dataclass
+class _Tally:
+    """What `verify` found, file by file; every problem also has a line naming it."""
+
+    verified: int = 0
+    mismatched: int = 0
+    unreadable: int = 0
+    unexpected: int = 0
+    lines: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"summary: {self.verified} files verified, {self.mismatched} mismatched, "
+            f"{self.unreadable} unreadable, {self.unexpected} unexpected"
+        )
+
+
+def describe_os_error(e: OSError) -> str:
+    """`Input/output error (EIO)`: the strerror and the errno's name."""
+    name = errno.errorcode.get(e.errno or 0, str(e.errno))
+    return f"{e.strerror or e} ({name})"
+
+
 async def verify(path: Path) -> Verdict:
     """Read every file at or below `path` through the mount and check the bytes against what was
     published: a Zarr's checksum recomputed with `zarr_checksum` from the files' own ETags (MD5s),
-    a blob's `dandi:dandi-etag`, a Zarr file's ETag."""
+    a blob's `dandi:dandi-etag`, a Zarr file's ETag.
+
+    Goes on past whatever it cannot read (a file the mount answers with an error, a directory
+    that cannot be listed, a path that vanished): each is named on a line of its own with the
+    reason, as is each file that differs or that the mount shows but was not published; the
+    lines end with a summary. `ok` only when every file was read and matched."""
     from zarr_checksum.tree import ZarrChecksumTree
 
     config, relative = mount_config(path)
+    tally = _Tally()
     async with open_filesystem(config) as fs:
-        ino = await fs.walk(relative)
-        entry = await fs.getattr(ino)
-        prov = await fs.provenance(ino)
+        try:
+            ino = await fs.walk(relative)
+            entry = await fs.getattr(ino)
+            prov = await fs.provenance(ino)
+        except NotFound:
+            tally.unexpected += 1
+            tally.lines += [f"UNEXPECTED {path}: not in the published version", tally.summary()]
+            return Verdict(False, [*tally.lines, f"FAILED (1 problems): {path}"])
+        except DataError as e:
+            tally.unreadable += 1
+            tally.lines += [f"UNREADABLE {path}: {e}", tally.summary()]
+            return Verdict(False, [*tally.lines, f"FAILED (1 problems): {path}"])
         files: list[tuple[Item, dict[str, str]]] = []
+        unlisted: set[str] = set()
         unverifiable = 0
+
+        def cannot_list(prefix: str, e: ZarrfsError) -> None:
+            unlisted.add(prefix.rstrip("/"))
+            tally.unreadable += 1
+            where = path / prefix if prefix else path
+            tally.lines.append(f"UNREADABLE {where}{os.sep}: cannot list: {e}")
+
         if not entry.is_dir:
             files.append((Item(Path(relative).name, entry), prov))
         else:
-            async for item in walk(fs, ino):
+            async for item in walk(fs, ino, on_error=cannot_list):
                 if item.entry.is_dir or item.entry.link is not None:
                     continue
-                attrs = await fs.provenance(item.entry.ino)
+                try:
+                    attrs = await fs.provenance(item.entry.ino)
+                except ZarrfsError as e:
+                    tally.unreadable += 1
+                    tally.lines.append(f"UNREADABLE {path / item.path}: {e}")
+                    continue
                 if "etag" in attrs:
                     files.append((item, attrs))
                 elif item.path.rsplit("/", 1)[-1] != "dandiset.yaml":
                     unverifiable += 1
         total = sum(item.entry.size for item, _ in files)
         progress = Progress(f"verify {path}", total, len(files))
-        lines: list[str] = []
-        bad = 0
         recomputed, published = ZarrChecksumTree(), ZarrChecksumTree()
         base = path if entry.is_dir else path.parent
+        unread_in_zarr = 0
         for item, attrs in files:
             expected = attrs["etag"]
             local = base / item.path if entry.is_dir else path
-            got = await trio.to_thread.run_sync(_etag_of_file, local, item.entry.size, expected)
+            try:
+                got = await trio.to_thread.run_sync(_etag_of_file, local, item.entry.size, expected)
+            except OSError as e:
+                got = None
+                tally.unreadable += 1
+                tally.lines.append(f"UNREADABLE {local}: {describe_os_error(e)}")
             progress.add(1, item.entry.size)
-            if got != expected:
-                bad += 1
-                lines.append(f"MISMATCH {local}: read {got}, published {expected}")
-            if "version_id" in attrs:  # inside a Zarr: part of its checksum
+            if got is None:
+                unread_in_zarr += "version_id" in attrs
+            elif got != expected:
+                tally.mismatched += 1
+                tally.lines.append(f"MISMATCH {local}: read {got}, published {expected}")
+            else:
+                tally.verified += 1
+            if "version_id" in attrs and got is not None:  # inside a Zarr: part of its checksum
                 recomputed.add_leaf(Path(item.path), item.entry.size, got)
                 published.add_leaf(Path(item.path), item.entry.size, expected)
         progress.close()
-        extra = _files_the_mount_shows_beyond(base if entry.is_dir else None, files, config)
+        extra = _files_the_mount_shows_beyond(
+            base if entry.is_dir else None, files, config, unlisted, tally
+        )
         for name in extra:
-            bad += 1
-            lines.append(f"UNEXPECTED {base / name}: not in the published version")
+            tally.unexpected += 1
+            tally.lines.append(f"UNEXPECTED {base / name}: not in the published version")
+        problems = tally.mismatched + tally.unreadable + tally.unexpected
         if entry.is_dir and files and all("version_id" in a for _, a in files):
-            checksum = recomputed.process().digest
-            expected_sum = prov.get("zarr_checksum") or published.process().digest
-            if checksum != expected_sum:
-                bad += 1
-                lines.append(
-                    f"MISMATCH Zarr checksum of {path}: {checksum}, published {expected_sum}"
-                )
+            if unread_in_zarr or unlisted:
+                tally.lines.append("zarr checksum: not recomputed (not every file could be read)")
             else:
-                lines.append(f"zarr checksum: {checksum} (recomputed from the bytes read; matches)")
+                checksum = recomputed.process().digest
+                expected_sum = prov.get("zarr_checksum") or published.process().digest
+                if checksum != expected_sum:
+                    problems += 1
+                    tally.lines.append(
+                        f"MISMATCH Zarr checksum of {path}: {checksum}, published {expected_sum}"
+                    )
+                else:
+                    tally.lines.append(
+                        f"zarr checksum: {checksum} (recomputed from the bytes read; matches)"
+                    )
         if unverifiable:
-            lines.append(f"{unverifiable} files have no published digest to compare with")
-        size = sum(item.entry.size for item, _ in files)
-        verdict = "verified" if bad == 0 else f"FAILED ({bad} problems)"
-        lines.append(f"{verdict}: {path}: {len(files)} files, {size} bytes")
-        return Verdict(bad == 0, lines)
+            tally.lines.append(f"{unverifiable} files have no published digest to compare with")
+        tally.lines.append(tally.summary())
+        verdict = "verified" if problems == 0 else f"FAILED ({problems} problems)"
+        tally.lines.append(f"{verdict}: {path}: {len(files)} files, {total} bytes")
+        return Verdict(problems == 0, tally.lines)
 
 
 def _etag_of_file(path: Path, size: int, published: str) -> str:
@@ -310,23 +400,46 @@ def _etag_of_file(path: Path, size: int, published: str) -> str:
 
 
 def _files_the_mount_shows_beyond(
-    directory: Path | None, files: list[tuple[Item, dict[str, str]]], config: Config
+    directory: Path | None,
+    files: list[tuple[Item, dict[str, str]]],
+    config: Config,
+    unlisted: set[str],
+    tally: _Tally,
 ) -> list[str]:
     """Files under `directory` (as the mount lists them) that are not published files
-    (`.zmetadata` that `--consolidate` adds is expected and left out)."""
+    (`.zmetadata` that `--consolidate` adds is expected and left out). Directories the core could
+    not list (`unlisted`, relative) are not entered; one the mount cannot list is counted
+    unreadable in `tally` (unless the core could not list it either: already counted)."""
     if directory is None:
         return []
     known = {item.path for item, _ in files}
     extra = []
-    for root, _dirs, names in os.walk(directory):
+
+    def cannot_list(e: OSError) -> None:
+        rel = Path(e.filename or directory).relative_to(directory).as_posix()
+        if (rel if rel != "." else "") in unlisted:
+            return
+        tally.unreadable += 1
+        tally.lines.append(f"UNREADABLE {e.filename}{os.sep}: cannot list: {describe_os_error(e)}")
+
+    for root, dirs, names in os.walk(directory, onerror=cannot_list):
+        here = Path(root).relative_to(directory)
+        dirs[:] = [d for d in dirs if (here / d).as_posix() not in unlisted]
         for name in names:
-            rel = (Path(root) / name).relative_to(directory).as_posix()
+            rel = (here / name).as_posix()
             if rel in known or (config.consolidate and name == ".zmetadata"):
                 continue
-            if (Path(root) / name).is_symlink() or name == "dandiset.yaml":
+            if name == "dandiset.yaml" or _is_link(Path(root) / name):
                 continue
             extra.append(rel)
     return extra
+
+
+def _is_link(path: Path) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 # --- stats ------------------------------------------------------------------------------------
@@ -336,7 +449,12 @@ def stats_lines(mountpoint: Path) -> list[str]:
     found = runtime.zarrfs_mount_of(mountpoint)
     if found is None or found[1]:
         raise UserError(f"{mountpoint} is not a zarrfs mountpoint")
-    snap = runtime.read_stats(found[0])
+    try:
+        snap = runtime.read_stats(found[0])
+    except runtime.UnsafeRuntimeDir as e:
+        raise UserError(
+            f"the statistics of the zarrfs mount at {found[0]} are unavailable: {e}"
+        ) from None
     if snap is None:
         raise UserError(f"no statistics for {found[0]} in {runtime.runtime_dir()} yet")
     return list(_flatten("", {k: v for k, v in snap.items() if k not in ("pid",)}))
