@@ -73,9 +73,9 @@ from harness import (
 )
 
 from zarrfs import config as zarrfs_config
-from zarrfs import runtime as zarrfs_runtime
 from zarrfs.demo.locals3 import LocalS3, RequestStats
 from zarrfs.demo.sample import manifest_key
+from zarrfs.faces import runtime as zarrfs_runtime
 
 DANDISET = "000961"
 VERSION = "0.251130.1200"

@@ -136,7 +136,7 @@ def _preimport(kind: str) -> None:
     import zarr  # noqa: F401
 
     if kind == "fsspec":
-        import zarrfs.fsspec_face  # noqa: F401
+        import zarrfs.faces.fsspec  # noqa: F401
     elif kind == "s3fs":
         import s3fs  # noqa: F401
 
@@ -221,7 +221,7 @@ from concurrent.futures import ThreadPoolExecutor
 kind, endpoint, cache, zarr_id, side, threads = sys.argv[1:7]
 side, threads = int(side), int(threads)
 if kind.startswith("fsspec"):
-    from zarrfs.fsspec_face import ZarrfsFileSystem
+    from zarrfs.faces.fsspec import ZarrfsFileSystem
     fs = ZarrfsFileSystem(endpoint_url=endpoint, manifest_root="s3://dandiarchive/zarr-manifest/",
                           api_url="http://127.0.0.1:9/api", cache_dir=cache,
                           cache_size=0 if kind == "fsspec-no-disk-cache" else None)
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k for k in args.kinds.split(",") if k]
     import fsspec
 
-    from zarrfs.fsspec_face import ZarrfsFileSystem
+    from zarrfs.faces.fsspec import ZarrfsFileSystem
 
     fsspec.register_implementation("zarrfs", ZarrfsFileSystem, clobber=True)
     load = os.getloadavg()

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import xxhash
 
-from zarrfs.disk_cache import DiskBlockCache, identity_digest
-from zarrfs.refs import ObjectRef
+from zarrfs.base.refs import ObjectRef
+from zarrfs.io.disk_store import DiskBlockCache, identity_digest
 
 BUCKET = "dandiarchive"
 KiB, MiB = 1 << 10, 1 << 20

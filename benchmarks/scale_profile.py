@@ -52,7 +52,7 @@ VARIANTS = {
 
 
 class VariantDaemon(scale.Daemon):
-    """A `Daemon` started through a wrapper script that applies a variant before `zarrfs.cli.main`."""
+    """A `Daemon` started through a wrapper script that applies a variant before `zarrfs.faces.cli.main`."""
 
     wrapper: Path | None = None
 
@@ -97,7 +97,7 @@ def run_fuse(args: argparse.Namespace, scratch: Path) -> None:
         )
     wrapper = scratch / "wrapper.py"
     wrapper.write_text(
-        VARIANTS[args.variant] + "import sys\nfrom zarrfs.cli import main\nsys.exit(main())\n"
+        VARIANTS[args.variant] + "import sys\nfrom zarrfs.faces.cli import main\nsys.exit(main())\n"
     )
     with LocalS3() as s3:
         big = sd.put_big_zarr(s3, scratch, args.work_dir / "gen", args.entries, 1, print)
@@ -184,7 +184,7 @@ def run_parse(args: argparse.Namespace, scratch: Path) -> None:
     import pstats
     import threading
 
-    from zarrfs.manifest import parse_manifest
+    from zarrfs.manifests.index import parse_manifest
 
     if args.variant == "fastdigest":
         # parse_manifest still checks the result against the reference checksum of the generator

@@ -26,9 +26,8 @@ import trio
 
 from conftest import Mounted
 from zarrfs import config
+from zarrfs.archive.resolver import parse_source
 from zarrfs.config import Config, S3Settings
-from zarrfs.core import open_filesystem
-from zarrfs.dandi import parse_source
 from zarrfs.demo.fake_api import FakeDandiAPI
 from zarrfs.demo.locals3 import LocalS3
 from zarrfs.demo.sample import (
@@ -43,6 +42,7 @@ from zarrfs.demo.sample import (
     zarr_checksum_of,
 )
 from zarrfs.errors import DataError, NotFound
+from zarrfs.fs.core import open_filesystem
 
 OTHER = "000778"
 EXTRA = b"a chunk written while the draft was being listed\n"

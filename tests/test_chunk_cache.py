@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import trio
 
-from zarrfs.chunk_cache import BlockCache
+from zarrfs.base.refs import ObjectRef
 from zarrfs.errors import IntegrityError, RemoteError
-from zarrfs.refs import ObjectRef
-from zarrfs.scheduler import Priority, Ticket
+from zarrfs.io.blocks import BlockCache
+from zarrfs.io.scheduler import Priority, Ticket
 
 pytestmark = pytest.mark.trio
 
@@ -53,6 +54,40 @@ class FakeFetch:
         return data[:-1] if self.short else data
 
 
+class FetchLower:
+    """The backing of these tests: no disk; the remote is whichever fetch the test reads with."""
+
+    def __init__(self) -> None:
+        self.remote: FakeFetch | None = None
+
+    async def from_disk(self, ref: ObjectRef, indexes: list[int], unit: int) -> dict[int, bytes]:
+        return {}
+
+    async def fetch(self, ref: ObjectRef, start: int, end: int, ticket: Ticket) -> bytes:
+        assert self.remote is not None
+        return await self.remote(ref, start, end, ticket)
+
+    async def stream(self, *args: Any) -> None:
+        raise AssertionError("the block cache never streams")
+
+    def keep(self, ref: ObjectRef, index: int, unit: int, data: bytes) -> None:
+        return None
+
+
+async def read(
+    cache: BlockCache,
+    ref: ObjectRef,
+    offset: int,
+    size: int,
+    fetch: FakeFetch,
+    priority: Priority = Priority.DEMAND,
+) -> bytes:
+    """`cache.read` with `fetch` as the remote end of its backing."""
+    assert isinstance(cache.lower, FetchLower)
+    cache.lower.remote = fetch
+    return await cache.read(ref, offset, size, priority)
+
+
 REF = Ref("zarr/abc/0/0", "v1", 10_000)
 
 
@@ -70,9 +105,9 @@ REF = Ref("zarr/abc/0/0", "v1", 10_000)
     ],
 )
 async def test_read_returns_exact_slice(offset: int, size: int) -> None:
-    cache = BlockCache(max_bytes=1 << 20, block_size=1000)
+    cache = BlockCache(max_bytes=1 << 20, block_size=1000, lower=FetchLower())
     fetch = FakeFetch()
-    assert await cache.read(REF, offset, size, fetch) == content(REF)[offset : offset + size]
+    assert await read(cache, REF, offset, size, fetch) == content(REF)[offset : offset + size]
     # one fetch of whole aligned blocks: the contiguous missing ones in one request
     assert len(fetch.calls) <= 1
     for _, _, start, end in fetch.calls:
@@ -81,34 +116,34 @@ async def test_read_returns_exact_slice(offset: int, size: int) -> None:
 
 
 async def test_past_end_and_empty_object_fetch_nothing() -> None:
-    cache = BlockCache(max_bytes=1 << 20, block_size=1000)
+    cache = BlockCache(max_bytes=1 << 20, block_size=1000, lower=FetchLower())
     fetch = FakeFetch()
-    assert await cache.read(REF, REF.size, 10, fetch) == b""
-    assert await cache.read(REF, REF.size + 5000, 10, fetch) == b""
-    assert await cache.read(Ref("empty", "v", 0), 0, 4096, fetch) == b""
+    assert await read(cache, REF, REF.size, 10, fetch) == b""
+    assert await read(cache, REF, REF.size + 5000, 10, fetch) == b""
+    assert await read(cache, Ref("empty", "v", 0), 0, 4096, fetch) == b""
     assert fetch.calls == []
 
 
 async def test_versions_are_separate_cache_entries() -> None:
-    cache = BlockCache(max_bytes=1 << 20, block_size=1000)
+    cache = BlockCache(max_bytes=1 << 20, block_size=1000, lower=FetchLower())
     fetch = FakeFetch()
     old, new = Ref("k", "v1", 3000), Ref("k", "v2", 3000)
-    assert await cache.read(old, 0, 3000, fetch) == content(old)
-    assert await cache.read(new, 0, 3000, fetch) == content(new)
+    assert await read(cache, old, 0, 3000, fetch) == content(old)
+    assert await read(cache, new, 0, 3000, fetch) == content(new)
     assert content(old) != content(new)
     assert len(fetch.calls) == 2
-    assert await cache.read(old, 0, 3000, fetch) == content(old)
+    assert await read(cache, old, 0, 3000, fetch) == content(old)
     assert len(fetch.calls) == 2
 
 
 async def test_second_read_is_a_hit() -> None:
-    cache = BlockCache(max_bytes=1 << 20, block_size=1000)
+    cache = BlockCache(max_bytes=1 << 20, block_size=1000, lower=FetchLower())
     fetch = FakeFetch()
-    await cache.read(REF, 0, 2500, fetch)
+    await read(cache, REF, 0, 2500, fetch)
     assert cache.stats() == {
         "hits": 0, "misses": 3, "disk_hits": 0, "fetches": 1, "bytes": 3000, "items": 3
     }  # fmt: skip
-    assert await cache.read(REF, 500, 1000, fetch) == content(REF)[500:1500]
+    assert await read(cache, REF, 500, 1000, fetch) == content(REF)[500:1500]
     assert len(fetch.calls) == 1
     assert cache.stats()["hits"] == 2
 
@@ -116,29 +151,29 @@ async def test_second_read_is_a_hit() -> None:
 async def test_a_block_changed_in_memory_is_dropped_and_fetched_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    cache = BlockCache(max_bytes=1 << 20, block_size=1000)
+    cache = BlockCache(max_bytes=1 << 20, block_size=1000, lower=FetchLower())
     fetch = FakeFetch()
-    await cache.read(REF, 0, 2500, fetch)
+    await read(cache, REF, 0, 2500, fetch)
     cache.recheck_age = 0.0  # every hit is checked again
-    assert await cache.read(REF, 0, 2500, fetch) == content(REF)[:2500]
+    assert await read(cache, REF, 0, 2500, fetch) == content(REF)[:2500]
     assert cache.recheck_stats() == {"rechecked": 3, "failed": 0} and len(fetch.calls) == 1
     block = cache._lru[(REF.key, REF.version_id, 1)]
     flipped = bytearray(block.data)
     flipped[7] ^= 0x10  # a bit flipped in RAM
     block.data = bytes(flipped)
-    assert await cache.read(REF, 0, 2500, fetch) == content(REF)[:2500]  # never the flipped bytes
+    assert await read(cache, REF, 0, 2500, fetch) == content(REF)[:2500]  # never the flipped bytes
     assert cache.recheck_stats()["failed"] == 1
     assert fetch.calls[-1] == (REF.key, REF.version_id, 1000, 2000)  # that block fetched again
     assert "changed in memory" in caplog.text and REF.key in caplog.text
 
 
 async def test_single_flight_concurrent_readers(autojump_clock: trio.abc.Clock) -> None:
-    cache = BlockCache(max_bytes=1 << 20, block_size=1000)
+    cache = BlockCache(max_bytes=1 << 20, block_size=1000, lower=FetchLower())
     fetch = FakeFetch(delay=1.0)
     results: list[bytes] = []
 
     async def reader(offset: int) -> None:
-        results.append(await cache.read(REF, offset, 10, fetch))
+        results.append(await read(cache, REF, offset, 10, fetch))
 
     async with trio.open_nursery() as nursery:
         for i in range(25):
@@ -151,28 +186,28 @@ async def test_single_flight_concurrent_readers(autojump_clock: trio.abc.Clock) 
 
 
 async def test_lru_respects_byte_bound_and_evicts_oldest() -> None:
-    cache = BlockCache(max_bytes=3000, block_size=1000)
+    cache = BlockCache(max_bytes=3000, block_size=1000, lower=FetchLower())
     fetch = FakeFetch()
     for block in range(10):
-        await cache.read(REF, block * 1000, 1000, fetch)
+        await read(cache, REF, block * 1000, 1000, fetch)
         assert cache.stats()["bytes"] <= 3000
     assert cache.stats()["items"] == 3
     assert len(fetch.calls) == 10
-    await cache.read(REF, 9000, 1000, fetch)  # most recent: still cached
+    await read(cache, REF, 9000, 1000, fetch)  # most recent: still cached
     assert len(fetch.calls) == 10
-    await cache.read(REF, 0, 1000, fetch)  # oldest: evicted, fetched again
+    await read(cache, REF, 0, 1000, fetch)  # oldest: evicted, fetched again
     assert len(fetch.calls) == 11
 
 
 async def test_block_larger_than_cache_is_returned_not_kept() -> None:
-    cache = BlockCache(max_bytes=500, block_size=1000)
+    cache = BlockCache(max_bytes=500, block_size=1000, lower=FetchLower())
     fetch = FakeFetch()
-    assert await cache.read(REF, 100, 800, fetch) == content(REF)[100:900]
+    assert await read(cache, REF, 100, 800, fetch) == content(REF)[100:900]
     assert cache.stats()["bytes"] == 0
     assert cache.stats()["items"] == 0
     # a short tail block (400 bytes) fits
     ref = Ref("k", "v", 9_400)
-    assert await cache.read(ref, 9_100, 1000, fetch) == content(ref)[9_100:]
+    assert await read(cache, ref, 9_100, 1000, fetch) == content(ref)[9_100:]
     assert cache.stats()["items"] == 1
     assert cache.stats()["bytes"] == 400
 
@@ -180,14 +215,14 @@ async def test_block_larger_than_cache_is_returned_not_kept() -> None:
 async def test_error_reaches_every_waiter_and_is_not_cached(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    cache = BlockCache(max_bytes=1 << 20, block_size=1000)
+    cache = BlockCache(max_bytes=1 << 20, block_size=1000, lower=FetchLower())
     boom = RemoteError("S3 down")
     fetch = FakeFetch(delay=1.0, fail_with=[boom])
     errors: list[BaseException] = []
 
     async def reader() -> None:
         try:
-            await cache.read(REF, 0, 100, fetch)
+            await read(cache, REF, 0, 100, fetch)
         except RemoteError as exc:
             errors.append(exc)
 
@@ -199,30 +234,30 @@ async def test_error_reaches_every_waiter_and_is_not_cached(
     assert all(e is boom for e in errors)
     assert cache.stats()["items"] == 0
     # not cached: the next read fetches again and succeeds
-    assert await cache.read(REF, 0, 100, fetch) == content(REF)[:100]
+    assert await read(cache, REF, 0, 100, fetch) == content(REF)[:100]
     assert len(fetch.calls) == 2
 
 
 async def test_multi_block_error_is_the_domain_error_not_a_group() -> None:
-    cache = BlockCache(max_bytes=1 << 20, block_size=1000)
+    cache = BlockCache(max_bytes=1 << 20, block_size=1000, lower=FetchLower())
     fetch = FakeFetch(fail_with=[RemoteError("one block failed")])
     with pytest.raises(RemoteError, match="one block failed"):
-        await cache.read(REF, 0, 5000, fetch)
-    assert await cache.read(REF, 0, 5000, fetch) == content(REF)[:5000]
+        await read(cache, REF, 0, 5000, fetch)
+    assert await read(cache, REF, 0, 5000, fetch) == content(REF)[:5000]
 
 
 async def test_cancelled_fetcher_does_not_strand_waiters(autojump_clock: trio.abc.Clock) -> None:
-    cache = BlockCache(max_bytes=1 << 20, block_size=1000)
+    cache = BlockCache(max_bytes=1 << 20, block_size=1000, lower=FetchLower())
     fetch = FakeFetch(delay=10.0)
     got: list[bytes] = []
 
     async def waiter() -> None:
-        got.append(await cache.read(REF, 0, 10, fetch))
+        got.append(await read(cache, REF, 0, 10, fetch))
 
     async with trio.open_nursery() as nursery:
         with trio.move_on_after(1) as fetcher_scope:
             nursery.start_soon(waiter)  # starts after the fetcher below, so it waits
-            await cache.read(REF, 0, 10, fetch)  # the fetcher, cancelled after 1 s
+            await read(cache, REF, 0, 10, fetch)  # the fetcher, cancelled after 1 s
         assert fetcher_scope.cancelled_caught
     assert got == [content(REF)[:10]]
     assert len(fetch.calls) == 2  # the waiter took over the fetch
@@ -230,9 +265,9 @@ async def test_cancelled_fetcher_does_not_strand_waiters(autojump_clock: trio.ab
 
 
 async def test_short_fetch_is_an_integrity_error() -> None:
-    cache = BlockCache(max_bytes=1 << 20, block_size=1000)
+    cache = BlockCache(max_bytes=1 << 20, block_size=1000, lower=FetchLower())
     with pytest.raises(IntegrityError):
-        await cache.read(REF, 0, 10, FakeFetch(short=True))
+        await read(cache, REF, 0, 10, FakeFetch(short=True))
     assert cache.stats()["items"] == 0
 
 
@@ -241,14 +276,14 @@ async def test_a_blocked_reader_promotes_the_claim_it_waits_for(
 ) -> None:
     """A block claimed by a background producer (prefetch) is waited for, not fetched twice, and
     the waiting reader raises its request to demand."""
-    cache = BlockCache(max_bytes=1 << 20, block_size=1000)
+    cache = BlockCache(max_bytes=1 << 20, block_size=1000, lower=FetchLower())
     fetch = FakeFetch()
     background = Ticket(Priority.PREFETCH, flow=REF.key)
     assert cache.claim(REF, 3, 4, background) == [3, 4]
     got: list[bytes] = []
 
     async def reader() -> None:
-        got.append(await cache.read(REF, 3500, 1000, fetch))
+        got.append(await read(cache, REF, 3500, 1000, fetch))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reader)
@@ -262,7 +297,7 @@ async def test_a_blocked_reader_promotes_the_claim_it_waits_for(
 
 
 async def test_abandon_with_a_ticket_leaves_later_claims_alone() -> None:
-    cache = BlockCache(max_bytes=1 << 20, block_size=1000)
+    cache = BlockCache(max_bytes=1 << 20, block_size=1000, lower=FetchLower())
     first, second = Ticket(Priority.PREFETCH), Ticket(Priority.DEMAND)
     assert cache.claim(REF, 0, 0, first) == [0]
     cache.abandon(REF, [0], None, first)
@@ -274,15 +309,15 @@ async def test_abandon_with_a_ticket_leaves_later_claims_alone() -> None:
 async def test_verifiable_objects_are_one_unit_within_an_eighth_of_the_budget() -> None:
     md5 = "0" * 32
     small = Ref("zarr/z/c", "v", 3000, md5)
-    cache = BlockCache(max_bytes=8 * 3000, block_size=1000)
+    cache = BlockCache(max_bytes=8 * 3000, block_size=1000, lower=FetchLower())
     fetch = FakeFetch()
-    await cache.read(small, 1500, 10, fetch)
+    await read(cache, small, 1500, 10, fetch)
     assert [c[2:] for c in fetch.calls] == [(0, 3000)]  # the whole object: its MD5 is checkable
-    tight = BlockCache(max_bytes=8 * 3000 - 1, block_size=1000)
+    tight = BlockCache(max_bytes=8 * 3000 - 1, block_size=1000, lower=FetchLower())
     fetch = FakeFetch()
-    await tight.read(small, 1500, 10, fetch)
+    await read(tight, small, 1500, 10, fetch)
     assert [c[2:] for c in fetch.calls] == [(1000, 2000)]  # too big to keep whole: by blocks
     multipart = Ref("zarr/z/d", "v", 3000, md5 + "-2")
     fetch = FakeFetch()
-    await cache.read(multipart, 1500, 10, fetch)
+    await read(cache, multipart, 1500, 10, fetch)
     assert [c[2:] for c in fetch.calls] == [(1000, 2000)]  # not verifiable: by blocks

@@ -146,7 +146,7 @@ def test_no_background_mount_from_a_process_with_threads(
 ) -> None:
     """The daemon is a fork: forking a process with other threads could copy a lock one of them
     holds. Called in-process (a notebook, a program) with a thread running: a clear error."""
-    from zarrfs import cli
+    from zarrfs.faces import cli
 
     stop = threading.Event()
     thread = threading.Thread(target=stop.wait, daemon=True)
@@ -224,7 +224,7 @@ def test_kill_9_of_the_daemon_leaves_no_dead_mount(sample: SampleDandiset, tmp_p
     """auto_unmount: fusermount3's watchdog unmounts when the daemon dies, even by SIGKILL; the
     mountpoint is then an empty directory again and a new mount works at once."""
     from conftest import require_fuse
-    from zarrfs.cli import is_mounted
+    from zarrfs.faces.cli import is_mounted
 
     require_fuse()
     mnt = tmp_path / "mnt"
@@ -257,7 +257,7 @@ def test_stale_mountpoint_gets_a_hint(tmp_path: Path) -> None:
     """A dead mount (a daemon killed without auto_unmount) answers ENOTCONN; `zarrfs mount` says how
     to clear it, and `zarrfs unmount -z` does."""
     from conftest import require_fuse
-    from zarrfs.cli import is_mounted
+    from zarrfs.faces.cli import is_mounted
 
     require_fuse()
     mnt = tmp_path / "mnt"
@@ -281,7 +281,7 @@ def test_stale_mountpoint_gets_a_hint(tmp_path: Path) -> None:
 
 
 def test_mount_helper_translates_mount8_calls() -> None:
-    from zarrfs.cli import mount_helper_args
+    from zarrfs.faces.cli import mount_helper_args
 
     assert mount_helper_args(["000123@draft", "/mnt/d", "-o", "allow_other,cache_dir=/c"]) == [
         "mount", "000123@draft", "/mnt/d", "-o", "allow_other,cache_dir=/c"
@@ -345,7 +345,7 @@ def test_a_dead_mount_is_unmounted_through_a_symlink(linked: tuple[Path, Path]) 
     """`zarrfs unmount -z` of a dead mount (no daemon: stat answers ENOTCONN) named through a
     symlinked directory: found in /proc/self/mounts by its real path, and unmounted."""
     from conftest import require_fuse
-    from zarrfs.cli import is_mounted
+    from zarrfs.faces.cli import is_mounted
 
     require_fuse()
     link, real = linked

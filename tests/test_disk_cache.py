@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from conftest import require
-from zarrfs import config, disk_cache
-from zarrfs.disk_cache import HEADER_SIZE, DiskBlockCache
-from zarrfs.refs import ObjectRef
+from zarrfs import config
+from zarrfs.base.refs import ObjectRef
+from zarrfs.io import disk_store as disk_cache
+from zarrfs.io.disk_store import HEADER_SIZE, DiskBlockCache
 
 BUCKET = "dandiarchive"
 BS = 64 << 10
@@ -206,7 +207,7 @@ def test_a_bad_block_warning_is_rate_limited(
 ) -> None:
     cache = make_cache(cache_dir)
     ref = make_ref()
-    with caplog.at_level(logging.WARNING, logger="zarrfs.disk_cache"):
+    with caplog.at_level(logging.WARNING, logger="zarrfs.io.disk_store"):
         for _ in range(3):
             assert cache.put(BUCKET, ref, 0, block(ref, 0))
             os.truncate(path_of(cache, ref, 0), 10)
@@ -431,7 +432,7 @@ def test_a_full_disk_skips_writes_keeps_serving_and_evicts(
     assert cache.evict() is not None and not cache.needs_eviction
     fill_filesystem(tiny_fs / "filler")
     more = [make_ref(key=f"more{i}", size=BS) for i in range(5)]
-    with caplog.at_level(logging.WARNING, logger="zarrfs.disk_cache"):
+    with caplog.at_level(logging.WARNING, logger="zarrfs.io.disk_store"):
         assert [cache.put(BUCKET, ref, 0, block(ref, 0)) for ref in more] == [False] * 5
     assert cache.stats()["puts_skipped"] == 5
     assert len([r for r in caplog.records if "out of space" in r.getMessage()]) == 1
@@ -479,7 +480,7 @@ def test_a_read_only_cache_dir_still_serves_what_it_holds(
     ref = make_ref()
     assert cache.put(BUCKET, ref, 0, block(ref, 0))
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
-    with caplog.at_level(logging.WARNING, logger="zarrfs.disk_cache"):
+    with caplog.at_level(logging.WARNING, logger="zarrfs.io.disk_store"):
         assert not cache.put(BUCKET, ref, 1, block(ref, 1))
         assert cache.get(BUCKET, ref, 0) == block(ref, 0)  # the mtime refresh fails: still a hit
         assert cache.evict() is not None
@@ -500,7 +501,7 @@ def test_a_file_where_a_directory_should_be(
         (cache_dir / broken).write_bytes(b"not a directory")
     cache = make_cache(cache_dir)
     ref = make_ref()
-    with caplog.at_level(logging.WARNING, logger="zarrfs.disk_cache"):
+    with caplog.at_level(logging.WARNING, logger="zarrfs.io.disk_store"):
         assert [cache.put(BUCKET, ref, 0, block(ref, 0)) for _ in range(5)] == [False] * 5
         assert cache.get(BUCKET, ref, 0) is None
         assert cache.usage() == disk_cache.DiskUsage(0, 0, 0)

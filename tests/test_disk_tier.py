@@ -12,9 +12,9 @@ import pytest
 import trio
 
 from zarrfs import config
-from zarrfs.disk_cache import DiskBlockCache
-from zarrfs.disk_tier import DiskTier
-from zarrfs.refs import ObjectRef
+from zarrfs.base.refs import ObjectRef
+from zarrfs.io.disk_store import DiskBlockCache
+from zarrfs.io.disk_tier import DiskTier
 
 BUCKET = "dandiarchive"
 BS = 64 << 10

@@ -140,9 +140,9 @@ def test_filesystem_imports_nothing_of_the_demo_extra() -> None:
     the manifest machinery (numpy, pyarrow, zarr_checksum) waits until a Zarr is entered."""
     heavy = ("moto", "boto3", "zarr", "h5py", "pynwb", "numpy", "pyarrow", "zarr_checksum")
     code = (
-        "import sys, zarrfs.cli, zarrfs.mount, zarrfs.filesystem, zarrfs.manifest_cache;"
+        "import sys, zarrfs.faces.cli, zarrfs.faces.mount, zarrfs.fs.filesystem, zarrfs.manifest_cache;"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}"
-        " or m.startswith('zarrfs.demo') or m == 'zarrfs.manifest'))"
+        " or m.startswith('zarrfs.demo') or m == 'zarrfs.manifests.index'))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
@@ -152,7 +152,7 @@ def test_filesystem_imports_nothing_of_the_demo_extra() -> None:
 
 def test_demo_without_the_extra_says_how_to_get_it() -> None:
     # a module set to None in sys.modules is one that cannot be imported
-    code = "import sys; sys.modules['moto'] = None; from zarrfs.cli import main; sys.exit(main(['demo']))"
+    code = "import sys; sys.modules['moto'] = None; from zarrfs.faces.cli import main; sys.exit(main(['demo']))"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
@@ -179,7 +179,7 @@ def test_building_and_loading_an_index_does_not_import_pandas(tmp_path: Path) ->
     code = f"""
 import sys
 from pathlib import Path
-from zarrfs.manifest import ManifestIndex, parse_manifest_file
+from zarrfs.manifests.index import ManifestIndex, parse_manifest_file
 built = parse_manifest_file(Path({str(tmp_path / "m.json")!r}), zarr_id={zarr_id!r},
                             expected_checksum={zarr_checksum_of(leaves)!r})
 built.write(Path({str(tmp_path / "i.arrow")!r}))

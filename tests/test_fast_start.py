@@ -44,7 +44,7 @@ BLOBS_ONLY = "000444"
 SLOW_START = 3.0
 
 SLOW_RESOLVE = f"""
-import trio, zarrfs.dandi as d
+import trio, zarrfs.archive.resolver as d
 _resolve = d.resolve
 async def resolve(*args, **kwargs):
     await trio.sleep({SLOW_START})

@@ -31,12 +31,12 @@ from conftest import (
     wait_until_no_process_mentions,
     zarrfs_command,
 )
-from zarrfs.cli import is_mounted
+from zarrfs.archive.resolver import parse_source
 from zarrfs.config import Config
-from zarrfs.dandi import parse_source
 from zarrfs.demo.sample import EPHYS_PATH, OME_PATH, V1, SampleDandiset
+from zarrfs.faces.cli import is_mounted
+from zarrfs.faces.mount import fuse_fd, fuse_options
 from zarrfs.fuse_ops import INTERNAL_ERROR
-from zarrfs.mount import fuse_fd, fuse_options
 
 pytestmark = pytest.mark.fuse
 

@@ -15,14 +15,14 @@ import pyfuse3
 import pytest
 import trio
 
+from zarrfs.archive.resolver import parse_source
 from zarrfs.config import Config, S3Settings, default_manifest_roots
-from zarrfs.core import open_filesystem
-from zarrfs.dandi import parse_source
 from zarrfs.demo.sample import ARRAY_PATH, OME_PATH, OME_V2_DELETED, V1, V2, SampleDandiset
 from zarrfs.errors import DataError, NotFound
-from zarrfs.filesystem import Filesystem
+from zarrfs.fs.core import open_filesystem
+from zarrfs.fs.filesystem import Filesystem
+from zarrfs.fs.namespace import ROOT_INO
 from zarrfs.fuse_ops import XATTR_URL, ZarrfsOperations
-from zarrfs.tree import ROOT_INO
 
 pytestmark = pytest.mark.trio
 

@@ -34,7 +34,6 @@ import pytest
 
 from conftest import ForwardingProxy
 from zarrfs import config as cfg
-from zarrfs.cli import build_parser, config_from_args
 from zarrfs.demo.locals3 import LocalS3
 from zarrfs.demo.publish import PublishedZarr, publish_zarrs
 from zarrfs.demo.sample import (
@@ -50,7 +49,8 @@ from zarrfs.demo.sample import (
     read_tree,
 )
 from zarrfs.errors import SourceError
-from zarrfs.fsspec_face import ZarrfsFile, ZarrfsFileSystem, split_path
+from zarrfs.faces.cli import build_parser, config_from_args
+from zarrfs.faces.fsspec import ZarrfsFile, ZarrfsFileSystem, split_path
 
 REPO = Path(__file__).resolve().parents[1]
 #: An API nobody answers: published versions need none.
@@ -388,7 +388,7 @@ def test_many_threads_at_once(fs: ZarrfsFileSystem, sample: SampleDandiset) -> N
 def test_sources_beyond_the_limit_are_closed_when_idle(
     fs: ZarrfsFileSystem, sample: SampleDandiset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from zarrfs import fsspec_face
+    from zarrfs.faces import fsspec as fsspec_face
 
     monkeypatch.setattr(fsspec_face, "MAX_SOURCES", 2)
     rel = f"{OME_PATH}/.zattrs"
@@ -413,7 +413,7 @@ def test_a_file_closed_on_the_loop_thread_lets_its_source_go(
     runtime's own thread, where a blocking call into the loop is refused."""
     import trio
 
-    from zarrfs import fsspec_face
+    from zarrfs.faces import fsspec as fsspec_face
 
     opened = fs.open(v(sample, V1, EPHYS_PATH))
     assert opened.read(10) == sample.versions[V1].files[EPHYS_PATH][:10]
@@ -572,7 +572,7 @@ def test_it_pickles_as_its_arguments(
     code = (
         "import pickle, sys\n"
         "fs, f = pickle.load(sys.stdin.buffer)\n"
-        "import zarrfs.fsspec_face as face\n"
+        "import zarrfs.faces.fsspec as face\n"
         "assert face._runtime is None\n"
         f"data = fs.cat_file({path!r}, 0, 100)\n"
         "f = pickle.loads(f)\n"  # reopened where it was
@@ -613,7 +613,7 @@ def _read_in_child(fs: ZarrfsFileSystem, path: str, opened: ZarrfsFile) -> bytes
 
 def test_the_face_needs_no_pyfuse3(options: dict[str, Any], sample: SampleDandiset) -> None:
     imported = subprocess.run(
-        [sys.executable, "-c", "import sys, zarrfs.fsspec_face; print('pyfuse3' in sys.modules)"],
+        [sys.executable, "-c", "import sys, zarrfs.faces.fsspec; print('pyfuse3' in sys.modules)"],
         capture_output=True,
         text=True,
         check=True,
@@ -624,7 +624,7 @@ def test_the_face_needs_no_pyfuse3(options: dict[str, Any], sample: SampleDandis
     code = (
         "import sys; sys.modules['pyfuse3'] = None\n"
         "import fsspec\n"
-        "from zarrfs.fsspec_face import ZarrfsFileSystem\n"
+        "from zarrfs.faces.fsspec import ZarrfsFileSystem\n"
         f"fs = ZarrfsFileSystem(**{options!r})\n"
         f"sys.stdout.buffer.write(fs.cat_file({path!r}))\n"
     )
@@ -646,7 +646,7 @@ def test_the_entry_point_registers_the_protocol(
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     specs = project["entry-points"]["fsspec.specs"]
-    assert specs == {"zarrfs": "zarrfs.fsspec_face:ZarrfsFileSystem"}
+    assert specs == {"zarrfs": "zarrfs.faces.fsspec:ZarrfsFileSystem"}
     dist = tmp_path / "site" / "zarrfs_entry_point_probe-0.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text(
@@ -658,7 +658,7 @@ def test_the_entry_point_registers_the_protocol(
     code = (
         "import sys, fsspec\n"
         "cls = fsspec.get_filesystem_class('zarrfs')\n"
-        "assert cls.__module__ == 'zarrfs.fsspec_face', cls\n"
+        "assert cls.__module__ == 'zarrfs.faces.fsspec', cls\n"
         f"with fsspec.open('zarrfs://{path}', 'rb') as f:\n"
         "    sys.stdout.buffer.write(f.read())\n"
     )
@@ -689,7 +689,7 @@ def _cold_read(options: dict[str, Any], path: str) -> tuple[int, bytes]:
     """On a worker: wait until every worker is ready, then read `path` with nothing started."""
     from distributed import Event, Queue
 
-    from zarrfs.fsspec_face import ZarrfsFileSystem
+    from zarrfs.faces.fsspec import ZarrfsFileSystem
 
     fs = ZarrfsFileSystem(**options)  # nothing runs until the first operation
     Queue("zarrfs-arrived").put(os.getpid())

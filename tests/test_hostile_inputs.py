@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from zarrfs.dandi import parse_asset_record, parse_asset_records, parse_source
+from zarrfs.archive.resolver import parse_asset_record, parse_asset_records, parse_source
+from zarrfs.base.names import NAME_MAX, name_problem, path_problem
 from zarrfs.demo.sample import ManifestLeaf, build_manifest, format_manifest, zarr_checksum_of
 from zarrfs.errors import IntegrityError, ManifestError, SourceError
-from zarrfs.manifest import EMPTY_CHECKSUM, ManifestIndex, parse_manifest
-from zarrfs.names import NAME_MAX, name_problem, path_problem
+from zarrfs.manifests.index import EMPTY_CHECKSUM, ManifestIndex, parse_manifest
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 ERRORS = {"ManifestError": ManifestError, "IntegrityError": IntegrityError}

@@ -18,12 +18,12 @@ import pytest
 import trio
 import trio.testing
 
+from zarrfs.archive.resolver import AssetRecord
 from zarrfs.config import S3Settings
-from zarrfs.dandi import AssetRecord
 from zarrfs.demo.sample import ManifestLeaf, build_manifest, format_manifest, zarr_checksum_of
 from zarrfs.errors import ManifestError
+from zarrfs.io.remote import Remote
 from zarrfs.manifest_cache import ManifestCache, manifest_url, max_manifest_bytes
-from zarrfs.remote import Remote
 
 WHEN = "2025-11-01T12:00:00+00:00"
 NOWHERE = S3Settings(endpoint_url="http://127.0.0.1:9")

@@ -40,7 +40,6 @@ from conftest import (
     wait_until_no_process_mentions,
 )
 from conftest import zarrfs_command as zarrfs
-from zarrfs import runtime
 from zarrfs.demo.locals3 import LocalS3
 from zarrfs.demo.sample import (
     ARRAY_PATH,
@@ -59,6 +58,7 @@ from zarrfs.demo.sample import (
     SampleDandiset,
     build_sample,
 )
+from zarrfs.faces import runtime
 
 pytestmark = pytest.mark.fuse
 

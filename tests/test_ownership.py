@@ -22,11 +22,11 @@ import pytest
 
 from conftest import require, require_fuse, start_mount, stop_mount
 from zarrfs import config as cfg
-from zarrfs.cli import build_parser, config_from_args
 from zarrfs.demo.sample import EPHYS_PATH, OME_PATH, V1, SampleDandiset
 from zarrfs.errors import UserError
+from zarrfs.faces.cli import build_parser, config_from_args
+from zarrfs.fs.namespace import Entry
 from zarrfs.fuse_ops import ZarrfsOperations
-from zarrfs.tree import Entry
 
 DIR = Entry(ino=1, is_dir=True, size=0, mtime_ns=0)
 FILE = Entry(ino=2, is_dir=False, size=10, mtime_ns=0)

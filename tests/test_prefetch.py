@@ -16,12 +16,13 @@ import pytest
 import trio
 
 from zarrfs import config
-from zarrfs.chunk_cache import BlockCache
+from zarrfs.base.refs import ObjectRef
 from zarrfs.config import S3Settings
-from zarrfs.disk_cache import DiskBlockCache
-from zarrfs.disk_tier import DiskTier
-from zarrfs.prefetch import PrefetchBudget, Prefetcher
-from zarrfs.refs import ObjectRef
+from zarrfs.io.blocks import BlockCache
+from zarrfs.io.disk_store import DiskBlockCache
+from zarrfs.io.disk_tier import DiskTier
+from zarrfs.io.prefetch import PrefetchBudget, Prefetcher
+from zarrfs.io.stack import Lower
 from zarrfs.s3_reader import S3Reader
 
 pytestmark = pytest.mark.trio
@@ -80,19 +81,17 @@ class FakeS3:
 
 def make(
     fake: FakeS3, budget: int = 256 << 20, disk: DiskTier | None = None
-) -> tuple[BlockCache, S3Reader, PrefetchBudget]:
+) -> tuple[BlockCache, PrefetchBudget]:
     reader = S3Reader(fake, S3Settings(max_concurrency=32))
-    return BlockCache(512 << 20, BLOCK, disk=disk), reader, PrefetchBudget(budget)
+    return BlockCache(512 << 20, BLOCK, Lower(reader, disk)), PrefetchBudget(budget)
 
 
-async def read_all(
-    cache: BlockCache, reader: S3Reader, prefetcher: Prefetcher | None, size: int = 1 << 20
-) -> bytes:
+async def read_all(cache: BlockCache, prefetcher: Prefetcher | None, size: int = 1 << 20) -> bytes:
     out = bytearray()
     while len(out) < SIZE:
         if prefetcher is not None:
             prefetcher.observe(len(out), size)
-        out += await cache.read(REF, len(out), size, reader.read_range)
+        out += await cache.read(REF, len(out), size)
     return bytes(out)
 
 
@@ -100,10 +99,10 @@ async def test_a_sequential_reader_gets_a_few_long_streamed_gets_in_parallel(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     fake = FakeS3()
-    cache, reader, budget = make(fake)
+    cache, budget = make(fake)
     async with trio.open_nursery() as nursery:
-        prefetcher = Prefetcher(REF, cache, reader, budget, nursery)
-        assert await read_all(cache, reader, prefetcher) == DATA
+        prefetcher = Prefetcher(REF, cache, budget, nursery)
+        assert await read_all(cache, prefetcher) == DATA
         prefetcher.close()
     # 1 MiB, 2, 4, 8, 16 MiB windows (and the reader's own first reads): not 32 separate GETs
     assert len(fake.ranges) <= 8, fake.ranges
@@ -117,18 +116,15 @@ async def test_a_sequential_reader_gets_a_few_long_streamed_gets_in_parallel(
 
 async def test_random_preads_fetch_exactly_their_blocks(autojump_clock: trio.abc.Clock) -> None:
     fake = FakeS3()
-    cache, reader, budget = make(fake)
+    cache, budget = make(fake)
     rng = random.Random(3)
     asked = 0
     async with trio.open_nursery() as nursery:
-        prefetcher = Prefetcher(REF, cache, reader, budget, nursery)
+        prefetcher = Prefetcher(REF, cache, budget, nursery)
         for _ in range(50):
             offset = rng.randrange(0, SIZE - (256 << 10))
             prefetcher.observe(offset, 256 << 10)
-            assert (
-                await cache.read(REF, offset, 256 << 10, reader.read_range)
-                == DATA[offset : offset + (256 << 10)]
-            )
+            assert await cache.read(REF, offset, 256 << 10) == DATA[offset : offset + (256 << 10)]
             asked += 256 << 10
         prefetcher.close()
     assert prefetcher.segments == 0  # no prefetch for random access
@@ -143,18 +139,18 @@ async def test_random_preads_split_by_the_kernel_start_no_prefetch(
     continue each other, but are one random read, not a sequential reader (they used to start a
     1 MiB segment each: 50 preads moved 85 MB to serve 12.5)."""
     fake = FakeS3()
-    cache, reader, budget = make(fake)
+    cache, budget = make(fake)
     rng = random.Random(5)
     half = 128 << 10
     asked = 0
     async with trio.open_nursery() as nursery:
-        prefetcher = Prefetcher(REF, cache, reader, budget, nursery)
+        prefetcher = Prefetcher(REF, cache, budget, nursery)
         for i in range(50):
             offset = rng.randrange(0, SIZE - 2 * half)
             halves = [offset, offset + half][:: -1 if i % 3 == 0 else 1]
             for start in halves:
                 prefetcher.observe(start, half)
-            got = await cache.read(REF, offset, 2 * half, reader.read_range)
+            got = await cache.read(REF, offset, 2 * half)
             assert got == DATA[offset : offset + 2 * half]
             asked += 2 * half
         prefetcher.close()
@@ -166,10 +162,10 @@ async def test_prefetch_starts_once_a_run_covers_the_trigger(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     fake = FakeS3()
-    cache, reader, budget = make(fake)
+    cache, budget = make(fake)
     piece = 128 << 10
     async with trio.open_nursery() as nursery:
-        prefetcher = Prefetcher(REF, cache, reader, budget, nursery)
+        prefetcher = Prefetcher(REF, cache, budget, nursery)
         offset = 3 << 20
         while offset + piece - (3 << 20) < config.PREFETCH_TRIGGER:
             prefetcher.observe(offset, piece)
@@ -182,12 +178,12 @@ async def test_prefetch_starts_once_a_run_covers_the_trigger(
 
 async def test_closing_the_file_stops_its_prefetch(autojump_clock: trio.abc.Clock) -> None:
     fake = FakeS3(per_chunk=0.5)  # a slow stream: 0.5 s per 256 KiB
-    cache, reader, budget = make(fake)
+    cache, budget = make(fake)
     async with trio.open_nursery() as nursery:
-        prefetcher = Prefetcher(REF, cache, reader, budget, nursery)
+        prefetcher = Prefetcher(REF, cache, budget, nursery)
         for offset in (0, 1 << 20):
             prefetcher.observe(offset, 1 << 20)
-            await cache.read(REF, offset, 1 << 20, reader.read_range)
+            await cache.read(REF, offset, 1 << 20)
         assert prefetcher.segments >= 1 and budget.used > 0
         await trio.sleep(0.1)
         prefetcher.close()
@@ -201,16 +197,16 @@ async def test_closing_the_file_stops_its_prefetch(autojump_clock: trio.abc.Cloc
 
 async def test_every_open_file_shares_one_budget(autojump_clock: trio.abc.Clock) -> None:
     fake = FakeS3()
-    cache, reader, budget = make(fake, budget=3 << 20)
+    cache, budget = make(fake, budget=3 << 20)
     peak = 0
 
     async def sequential(nursery: trio.Nursery) -> None:
         nonlocal peak
-        prefetcher = Prefetcher(REF, cache, reader, budget, nursery)
+        prefetcher = Prefetcher(REF, cache, budget, nursery)
         out = bytearray()
         while len(out) < 8 << 20:
             prefetcher.observe(len(out), 1 << 20)
-            out += await cache.read(REF, len(out), 1 << 20, reader.read_range)
+            out += await cache.read(REF, len(out), 1 << 20)
             peak = max(peak, budget.used)
         prefetcher.close()
         assert bytes(out) == DATA[: 8 << 20]
@@ -226,19 +222,19 @@ async def test_prefetch_reads_blocks_the_disk_has(tmp_path: Path) -> None:
     # real time: the disk works in threads, and virtual time would jump past its stall timeout
     disk = DiskTier(DiskBlockCache(tmp_path, max_bytes=1 << 30, block_size=BLOCK), "bucket")
     first = FakeS3(latency=0.002, per_chunk=0.0)
-    cache, reader, budget = make(first, disk=disk)
+    cache, budget = make(first, disk=disk)
     async with trio.open_nursery() as nursery:
         disk.nursery = nursery
-        prefetcher = Prefetcher(REF, cache, reader, budget, nursery)
-        assert await read_all(cache, reader, prefetcher) == DATA
+        prefetcher = Prefetcher(REF, cache, budget, nursery)
+        assert await read_all(cache, prefetcher) == DATA
         prefetcher.close()
     assert first.sent >= SIZE
     second = FakeS3(latency=0.002, per_chunk=0.0)  # a new mount: empty memory, the same disk
-    cache, reader, budget = make(second, disk=disk)
+    cache, budget = make(second, disk=disk)
     async with trio.open_nursery() as nursery:
         disk.nursery = nursery
-        prefetcher = Prefetcher(REF, cache, reader, budget, nursery)
-        assert await read_all(cache, reader, prefetcher) == DATA
+        prefetcher = Prefetcher(REF, cache, budget, nursery)
+        assert await read_all(cache, prefetcher) == DATA
         prefetcher.close()
     assert second.ranges == []  # every block from disk, none from S3
     assert config.PREFETCH_MAX_WINDOW >= config.PREFETCH_FIRST_WINDOW

@@ -24,10 +24,10 @@ import pytest
 
 from conftest import Mounted, require
 from zarrfs import fuse_ops
-from zarrfs.cli import build_parser, config_from_args
 from zarrfs.config import KERNEL_READDIR_CACHE_ENV
 from zarrfs.demo.sample import OME_PATH, V1, SampleDandiset
-from zarrfs.filesystem import OpenDir
+from zarrfs.faces.cli import build_parser, config_from_args
+from zarrfs.fs.filesystem import OpenDir
 from zarrfs.fuse_ops import ZarrfsOperations, kernel_readdir_cache_supported
 
 CACHING = "the kernel caches directory listings"

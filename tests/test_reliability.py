@@ -74,7 +74,7 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) ->
 # --- 1. a bug in one request ------------------------------------------------------------------------
 
 BUG = """
-import zarrfs.filesystem as f
+import zarrfs.fs.filesystem as f
 _lookup = f.Filesystem.lookup
 async def lookup(self, parent, name):
     if name == b"boom":
@@ -106,7 +106,7 @@ def test_a_bug_in_one_request_is_eio_and_the_mount_keeps_serving(
 
 HANG = """
 import time, trio
-import zarrfs.manifest as mc, zarrfs.s3_reader as s3
+import zarrfs.manifests.index as mc, zarrfs.s3_reader as s3
 _parse = mc.parse_manifest_file  # looked up there when a conversion starts
 def parse(*args, **kwargs):
     time.sleep(600)  # a conversion that outlives any grace period (an uncancellable thread)

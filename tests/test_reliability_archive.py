@@ -26,10 +26,10 @@ import pytest
 import trio
 import trio.testing
 
-from zarrfs import archive, config, errors, manifest_cache
+from zarrfs import config, errors, manifest_cache
+from zarrfs.archive import levels
+from zarrfs.archive.resolver import parse_source
 from zarrfs.config import Config, S3Settings
-from zarrfs.core import open_filesystem
-from zarrfs.dandi import parse_source
 from zarrfs.demo.fake_api import FakeDandiAPI
 from zarrfs.demo.locals3 import LocalS3
 from zarrfs.demo.sample import (
@@ -44,7 +44,8 @@ from zarrfs.demo.sample import (
     manifest_key,
 )
 from zarrfs.errors import DataError, NotFound, RemoteError
-from zarrfs.scheduler import Priority, Ticket
+from zarrfs.fs.core import open_filesystem
+from zarrfs.io.scheduler import Priority, Ticket
 
 ROOT = "s3://dandiarchive/zarr-manifest/"
 
@@ -113,7 +114,7 @@ async def test_a_bug_in_a_resolution_fails_that_version_only(
 async def test_a_bug_in_a_manifest_load_fails_that_zarr_only(
     sample: SampleDandiset, api: FakeDandiAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from zarrfs import manifest
+    from zarrfs.manifests import index as manifest
 
     bad = sample.versions[V2].zarr_checksums[OME_PATH]
     parse = manifest.parse_manifest
@@ -291,7 +292,7 @@ async def test_consolidated_metadata_survives_eviction_and_outages(
     v1 = f"dandisets/000123/releases/{V1}/{OME_PATH}"
     v2 = f"dandisets/000123/releases/{V2}/{OME_PATH}"
     async with open_filesystem(config_) as fs:
-        read = fs.blocks.read
+        read = fs.stack.blocks.read
         failing = {"on": True}
 
         async def outage(ref: Any, *args: Any, **kw: Any) -> bytes:
@@ -299,7 +300,7 @@ async def test_consolidated_metadata_survives_eviction_and_outages(
                 raise RemoteError(f"{ref.key}: S3 unreachable")
             return await read(ref, *args, **kw)
 
-        monkeypatch.setattr(fs.blocks, "read", outage)
+        monkeypatch.setattr(fs.stack.blocks, "read", outage)
         with pytest.raises(RemoteError):
             await fs.walk(f"{v1}/.zmetadata")  # an outage: EIO now, not "no .zmetadata" for good
         failing["on"] = False
@@ -424,7 +425,7 @@ def write_manifest(root: Path, n: int) -> tuple[str, str]:
 async def test_mapped_indexes_are_leased_and_never_swept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from zarrfs.remote import Remote
+    from zarrfs.io.remote import Remote
 
     monkeypatch.setattr(config, "INDEX_MAP_MIN", 20_000)  # indexes of 1,000 files are mapped
     roots = tmp_path / "roots"
@@ -460,8 +461,8 @@ async def test_mapped_indexes_are_leased_and_never_swept(
 
 
 def test_loaded_indexes_hold_no_descriptor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from zarrfs.manifest import ManifestIndex, parse_manifest
-    from zarrfs.resources import open_descriptors
+    from zarrfs.base.resources import open_descriptors
+    from zarrfs.manifests.index import ManifestIndex, parse_manifest
 
     monkeypatch.setattr(config, "INDEX_MAP_MIN", 20_000)
     loaded = []
@@ -488,8 +489,8 @@ def test_loaded_indexes_hold_no_descriptor(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_publication_time_of_an_impossible_version_is_zero() -> None:
-    assert archive.publication_time_ns("0.231399.9999") == 0
-    assert archive.publication_time_ns("0.231101.1200") > 0
+    assert levels.publication_time_ns("0.231399.9999") == 0
+    assert levels.publication_time_ns("0.231101.1200") > 0
 
 
 @pytest.mark.trio

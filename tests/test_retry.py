@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from zarrfs.errors import ObjectMissing, RemoteError
-from zarrfs.retry import backoff_delay, retry
+from zarrfs.io.retry import backoff_delay, retry
 
 pytestmark = pytest.mark.trio
 
@@ -48,7 +48,7 @@ async def test_retries_then_succeeds_and_warns(
     autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     op = Op(Flaky("boom 1"), Flaky("boom 2"))
-    with caplog.at_level(logging.WARNING, logger="zarrfs.retry"):
+    with caplog.at_level(logging.WARNING, logger="zarrfs.io.retry"):
         result = await retry(
             op, what="GET s3://b/k", max_attempts=5, timeout=1, is_retryable=flaky_only
         )

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from conftest import require, require_fuse, start_mount, stop_mount
-from zarrfs import runtime
-from zarrfs.cli import build_parser, config_from_args
 from zarrfs.config import Config
 from zarrfs.demo.sample import OME_PATH, V1, SampleDandiset
+from zarrfs.faces import runtime
+from zarrfs.faces.cli import build_parser, config_from_args
 
 #: A uid that is not the test's.
 OTHER_UID = 12345

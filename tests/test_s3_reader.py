@@ -30,8 +30,8 @@ from werkzeug.serving import make_server
 from zarrfs.config import S3Settings
 from zarrfs.demo.locals3 import LocalS3
 from zarrfs.errors import DocumentTooLarge, IntegrityError, ObjectMissing, RemoteError
-from zarrfs.http_client import HttpClient
-from zarrfs.remote import Remote
+from zarrfs.io.http import HttpClient
+from zarrfs.io.remote import Remote
 from zarrfs.s3_reader import ObjectRef, S3Reader
 
 pytestmark = [pytest.mark.trio, pytest.mark.s3]

@@ -10,13 +10,14 @@ import random
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from conftest import Mounted
+from zarrfs.archive.resolver import AssetRecord
 from zarrfs.config import S3Settings
-from zarrfs.dandi import AssetRecord
 from zarrfs.demo.locals3 import LocalS3
 from zarrfs.demo.sample import (
     ManifestLeaf,
@@ -25,8 +26,8 @@ from zarrfs.demo.sample import (
     manifest_key,
     zarr_checksum_of,
 )
+from zarrfs.io.remote import Remote
 from zarrfs.manifest_cache import ManifestCache, manifest_url
-from zarrfs.remote import Remote
 
 DANDISET = "000901"
 VERSION = "0.251105.0900"
@@ -264,8 +265,22 @@ async def test_a_cancelled_loader_hands_over_to_its_waiters(tmp_path: Path) -> N
         )
         results = []
         first = trio.CancelScope()
+        fetch = remote.get_bytes
+        fetched: list[str] = []
+        reached = trio.Event()
+        loader_task: list[trio.lowlevel.Task] = []
+
+        async def loader_fetch_hangs(url: str, **kw: Any) -> bytes:
+            fetched.append(url)
+            if trio.lowlevel.current_task() in loader_task:
+                reached.set()
+                await trio.sleep_forever()  # the loader is stuck here when it is cancelled
+            return await fetch(url, **kw)
+
+        remote.get_bytes = loader_fetch_hangs  # type: ignore[method-assign]
 
         async def loader() -> None:
+            loader_task.append(trio.lowlevel.current_task())
             with first:
                 await cache.get(asset)
 
@@ -274,9 +289,9 @@ async def test_a_cancelled_loader_hands_over_to_its_waiters(tmp_path: Path) -> N
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(loader)
-            await trio.testing.wait_all_tasks_blocked()
+            await reached.wait()
             nursery.start_soon(waiter)
             await trio.testing.wait_all_tasks_blocked()
             first.cancel()
-        assert first.cancelled_caught
+        assert first.cancelled_caught and len(fetched) == 2  # the waiter took over the load
         assert len(results) == 1 and results[0].recompute_checksum() == asset.zarr_checksum

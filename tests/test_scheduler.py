@@ -15,13 +15,14 @@ import pytest
 import trio
 import trio.testing
 
-from zarrfs.chunk_cache import BlockCache
+from zarrfs.base.refs import ObjectRef
 from zarrfs.config import S3Settings
 from zarrfs.errors import RemoteError
-from zarrfs.prefetch import PrefetchBudget, Prefetcher
-from zarrfs.refs import ObjectRef
+from zarrfs.io.blocks import BlockCache
+from zarrfs.io.prefetch import PrefetchBudget, Prefetcher
+from zarrfs.io.scheduler import Priority, RequestSlots, Ticket
+from zarrfs.io.stack import Lower
 from zarrfs.s3_reader import S3Reader
-from zarrfs.scheduler import Priority, RequestSlots, Ticket
 
 pytestmark = pytest.mark.trio
 
@@ -161,18 +162,18 @@ async def test_a_demand_read_returns_within_2s_while_64_prefetching_readers_keep
     objects = {**blobs, "zarr/z/0/0": ("v1", lambda a, b: CHUNK[a:b], len(CHUNK), chunk_md5)}
     client = SlowS3(objects)
     reader = S3Reader(client, S3Settings(max_concurrency=32, max_attempts=5, request_timeout=30))
-    cache = BlockCache(256 << 20, 256 << 10)
+    cache = BlockCache(256 << 20, 256 << 10, Lower(reader))
     budget = PrefetchBudget(128 << 20)
     refs = [ObjectRef(key, "b", BLOB_SIZE, None) for key in blobs]
     chunk = ObjectRef("zarr/z/0/0", "v1", len(CHUNK), chunk_md5)
     elapsed: list[float] = []
 
     async def sequential(ref: ObjectRef, nursery: trio.Nursery) -> None:
-        prefetcher = Prefetcher(ref, cache, reader, budget, nursery)
+        prefetcher = Prefetcher(ref, cache, budget, nursery)
         offset = 0
         while offset < ref.size:
             prefetcher.observe(offset, 1 << 20)
-            offset += len(await cache.read(ref, offset, 1 << 20, reader.read_range))
+            offset += len(await cache.read(ref, offset, 1 << 20))
 
     async with trio.open_nursery() as prefetch, trio.open_nursery() as readers:
         for ref in refs:
@@ -180,7 +181,7 @@ async def test_a_demand_read_returns_within_2s_while_64_prefetching_readers_keep
         await trio.sleep(5.5 * RESPONSE_DELAY)  # every reader streaming, prefetch queued behind
         assert reader.slots.in_use == 32 and client.in_flight == 32
         started = trio.current_time()
-        data = await cache.read(chunk, 0, 64 << 10, reader.read_range)
+        data = await cache.read(chunk, 0, 64 << 10)
         elapsed.append(trio.current_time() - started)
         assert data == CHUNK
         readers.cancel_scope.cancel()

@@ -37,9 +37,9 @@ from conftest import (
     zarrfs_command,
 )
 from conftest import Mounted as MountedProcess
-from zarrfs import systemd
-from zarrfs.cli import build_parser, config_from_args
 from zarrfs.demo.sample import V1, SampleDandiset
+from zarrfs.faces import systemd
+from zarrfs.faces.cli import build_parser, config_from_args
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "contrib" / "systemd" / "zarrfs@.service"
@@ -137,7 +137,7 @@ def test_a_foreground_mount_notifies_ready_once_live_and_stopping(
 
 def record(level: int, message: str, exc: BaseException | None = None) -> logging.LogRecord:
     exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
-    return logging.LogRecord("zarrfs.mount", level, __file__, 1, message, (), exc_info)
+    return logging.LogRecord("zarrfs.faces.mount", level, __file__, 1, message, (), exc_info)
 
 
 @pytest.mark.parametrize(
@@ -147,7 +147,8 @@ def record(level: int, message: str, exc: BaseException | None = None) -> loggin
 )  # fmt: skip
 def test_journal_lines_carry_their_syslog_priority(level: int, prefix: str) -> None:
     assert (
-        systemd.JournalFormatter().format(record(level, "hello")) == f"{prefix}zarrfs.mount: hello"
+        systemd.JournalFormatter().format(record(level, "hello"))
+        == f"{prefix}zarrfs.faces.mount: hello"
     )
 
 
@@ -157,7 +158,7 @@ def test_every_line_of_a_traceback_keeps_the_priority() -> None:
     except ValueError as e:
         text = systemd.JournalFormatter().format(record(logging.ERROR, "two\nlines", e))
     lines = text.splitlines()
-    assert lines[:2] == ["<3>zarrfs.mount: two", "<3>lines"]
+    assert lines[:2] == ["<3>zarrfs.faces.mount: two", "<3>lines"]
     assert "<3>Traceback (most recent call last):" in lines
     assert lines[-2:] == ["<3>ValueError: bad", "<3>value"]
     assert all(line.startswith("<3>") for line in lines)
@@ -175,7 +176,7 @@ def test_stderr_is_journal_only_for_the_stream_named(tmp_path: Path) -> None:
 
 
 LOG_SOME = (
-    "import logging; from zarrfs.cli import setup_logging; setup_logging(False); "
+    "import logging; from zarrfs.faces.cli import setup_logging; setup_logging(False); "
     "log = logging.getLogger('zarrfs.t'); log.error('boom'); log.info('fine'); log.debug('no')"
 )
 

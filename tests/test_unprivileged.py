@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from conftest import require, require_fuse
-from zarrfs.cli import is_mounted  # also sees mounts that root cannot stat
 from zarrfs.demo.sample import EPHYS_PATH, OME_PATH, V1, SampleDandiset
+from zarrfs.faces.cli import is_mounted  # also sees mounts that root cannot stat
 
 USER = "zarrfs-test"
 pytestmark = pytest.mark.fuse

@@ -122,7 +122,7 @@ def test_verify_recomputes_the_published_digests(
 
 
 FLIP = """
-import zarrfs.filesystem as f
+import zarrfs.fs.filesystem as f
 _read = f.Filesystem.read
 async def read(self, handle, offset, size):
     data = await _read(self, handle, offset, size)
@@ -205,7 +205,7 @@ def test_verify_goes_on_past_what_it_cannot_read_and_names_it(
 
 
 VANISH = """
-import zarrfs.filesystem as f
+import zarrfs.fs.filesystem as f
 from zarrfs.errors import NotFound
 _lookup = f.Filesystem.lookup
 async def lookup(self, parent, name):

@@ -129,6 +129,9 @@ SLOW_CONVERSION = 2.0
 #: the longest wait for it (then the load goes on anyway: a hung holder must not hold everyone).
 LOCK_POLL = 0.1
 MANIFEST_LOCK_WAIT = 120.0
+#: Seconds between two sweeps of the manifest index store caused by this process's writes, at least
+#: (a sweep lists the whole store).
+MANIFEST_SWEEP_MIN_GAP = 60.0
 #: The longest a sweep of the cache dir (stale temporary files, the index store's cap) may take
 #: before the cache dir counts as stalled.
 SWEEP_TIMEOUT = 300.0

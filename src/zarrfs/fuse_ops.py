@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import trio
 
-from . import config
-from .errors import (
+from zarrfs import config
+from zarrfs.base.names import NAME_MAX
+from zarrfs.errors import (
     INTERNAL_ERROR,
     NoAttribute,
     NotFound,
@@ -41,11 +42,10 @@ from .errors import (
     internal_errors,
     report_bug,
 )
-from .names import NAME_MAX
-from .tree import Entry
+from zarrfs.fs.namespace import Entry
 
 if TYPE_CHECKING:  # the core (and its S3 client) is imported after the mount is made
-    from .filesystem import Filesystem, OpenDir, OpenFile
+    from zarrfs.fs.filesystem import Filesystem, OpenDir, OpenFile
 
 log = logging.getLogger(__name__)
 

@@ -52,11 +52,10 @@ from typing import TYPE_CHECKING
 import cachetools
 import trio
 
-from . import config
-from .cache_dir import CacheLayout, create_private_file, make_private_dir
-from .dandi import AssetRecord
-from .disk_gate import CacheDirStalled, DiskGate
-from .errors import (
+from zarrfs import config
+from zarrfs.archive.resolver import AssetRecord
+from zarrfs.base.flight import BoundedLRU, SingleFlight
+from zarrfs.errors import (
     DataError,
     DocumentTooLarge,
     IntegrityError,
@@ -68,13 +67,14 @@ from .errors import (
     copy_error,
     is_transient,
 )
-from .flight import BoundedLRU, SingleFlight
-from .remote import Remote
-from .zarr_checksums import parse_checksum
-from .zarr_listing import manifest_from_listing, zarr_prefix
+from zarrfs.io.cache_dir import CacheLayout, create_private_file, make_private_dir
+from zarrfs.io.disk_gate import CacheDirStalled, DiskGate
+from zarrfs.io.remote import Remote
+from zarrfs.manifests.checksums import parse_checksum
+from zarrfs.manifests.listing import manifest_from_listing, zarr_prefix
 
 if TYPE_CHECKING:  # imported when a Zarr is first entered: numpy, pyarrow, zarr_checksum are heavy
-    from .manifest import ManifestIndex
+    from zarrfs.manifests.index import ManifestIndex
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ class ManifestCache:
         )
         self._limiter = cpu_limiter or trio.CapacityLimiter(config.CPU_THREADS)
         self._sweep_pending = False
+        self._last_sweep = -float("inf")
         self._warned_oversized: _Key | None = None
         self.stats = {
             "memory_hits": 0,
@@ -419,8 +420,8 @@ class ManifestCache:
                 await trio.sleep(config.LOCK_POLL)
             yield
         finally:
-            with trio.CancelScope(shield=True), suppress(OSError):
-                await self.gate.run(os.close, fd)  # releases the flock
+            with trio.CancelScope(shield=True):
+                await self.gate.release(os.close, fd)  # releases the flock, stalled dir or not
 
     async def _try_lock(self, fd: int, path: Path) -> bool:
         """True once the flock is held, or when it cannot be had at all (then the load goes on
@@ -581,7 +582,7 @@ class ManifestCache:
         def convert() -> ManifestIndex:
             # imported here, in the worker thread: the first import (numpy, pyarrow) takes
             # ~0.2 s, which the event loop spends serving other requests
-            from .manifest import parse_manifest
+            from zarrfs.manifests.index import parse_manifest
 
             document = holder.pop()
             return parse_manifest(
@@ -630,7 +631,9 @@ class ManifestCache:
         return index
 
     def _schedule_sweep(self) -> None:
-        """Keep the disk store within its budget after it grew (in the background, once at a time)."""
+        """Keep the disk store within its budget after it grew: in the background, one sweep at a
+        time, at most one every `config.MANIFEST_SWEEP_MIN_GAP` seconds (a sweep lists the whole
+        store: on NFS, many round trips)."""
         nursery = self.service_nursery
         if self._sweep_pending or nursery is None:
             return
@@ -638,6 +641,8 @@ class ManifestCache:
 
         async def run() -> None:
             try:
+                await trio.sleep_until(self._last_sweep + config.MANIFEST_SWEEP_MIN_GAP)
+                self._last_sweep = trio.current_time()
                 await self.sweep_in_background()
             finally:
                 self._sweep_pending = False
@@ -660,7 +665,7 @@ def _load_index(path: Path, zarr_id: str, checksum: str) -> ManifestIndex | None
     lease (mapped) or LRU clock (in memory) is renewed."""
     if not path.exists():
         return None
-    from .manifest import ManifestIndex  # in the worker thread, as in `_parse`
+    from zarrfs.manifests.index import ManifestIndex  # in the worker thread, as in `_parse`
 
     try:
         index = ManifestIndex.load(path, zarr_id=zarr_id, checksum=checksum)
@@ -675,7 +680,7 @@ def _load_index(path: Path, zarr_id: str, checksum: str) -> ManifestIndex | None
 def _write_index(index: ManifestIndex, path: Path) -> ManifestIndex | None:
     """Write `index` to `path`; a big one is reloaded memory-mapped (served from the page cache)
     and leased; None when the one in memory should be served."""
-    from .manifest import ManifestIndex
+    from zarrfs.manifests.index import ManifestIndex
 
     make_private_dir(path.parent)
     size = index.write(path)

@@ -42,7 +42,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.httpxsession import HttpxSession
 from aiobotocore.session import get_session
 
-from zarrfs.cache_dir import create_private_file
+from zarrfs.base.refs import ObjectRef
 from zarrfs.config import S3Settings
 from zarrfs.errors import (
     DataError,
@@ -52,9 +52,9 @@ from zarrfs.errors import (
     RemoteError,
     ZarrfsError,
 )
-from zarrfs.refs import ObjectRef
-from zarrfs.retry import retry
-from zarrfs.scheduler import Priority, RequestSlots, Ticket
+from zarrfs.io.cache_dir import create_private_file
+from zarrfs.io.retry import retry
+from zarrfs.io.scheduler import Priority, RequestSlots, Ticket
 
 log = logging.getLogger(__name__)
 

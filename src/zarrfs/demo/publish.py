@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from .sample import (
+from zarrfs.demo.sample import (
     PUBLIC_S3_URL,
     ManifestLeaf,
     blob_key,
@@ -32,7 +32,7 @@ from .sample import (
 )
 
 if TYPE_CHECKING:
-    from .locals3 import LocalS3
+    from zarrfs.demo.locals3 import LocalS3
 
 #: Concurrent uploads.
 UPLOAD_THREADS = 16

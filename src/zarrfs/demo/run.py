@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import MountError
+from zarrfs.errors import MountError
 
 DEMO_DIR = "zarrfs-demo"
 READY_TIMEOUT = 60.0
@@ -89,7 +89,7 @@ def _show_differences(mnt: Path, zarr_path: Path) -> bool:
     import zarr
     from pynwb import NWBHDF5IO
 
-    from .sample import ARRAY_PATH, EPHYS_PATH, OME_PATH, V1, V2
+    from zarrfs.demo.sample import ARRAY_PATH, EPHYS_PATH, OME_PATH, V1, V2
 
     releases = mnt / "dandisets" / "000123" / "releases"
     p1, p2 = releases / V1, releases / V2
@@ -132,9 +132,9 @@ def _show_differences(mnt: Path, zarr_path: Path) -> bool:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .fake_api import FakeDandiAPI
-    from .locals3 import LocalS3
-    from .sample import OME_PATH, V1, build_sample
+    from zarrfs.demo.fake_api import FakeDandiAPI
+    from zarrfs.demo.locals3 import LocalS3
+    from zarrfs.demo.sample import OME_PATH, V1, build_sample
 
     mnt = (args.mountpoint or Path(DEMO_DIR)).absolute()
     mnt.mkdir(parents=True, exist_ok=True)

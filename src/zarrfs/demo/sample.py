@@ -34,7 +34,7 @@ from unittest import mock
 import numpy as np
 from zarr_checksum.tree import ZarrChecksumTree
 
-from zarrfs.digests import EtagHasher, dandi_part_sizes
+from zarrfs.archive.digests import EtagHasher, dandi_part_sizes
 
 if TYPE_CHECKING:
     from zarrfs.demo.locals3 import LocalS3

@@ -1,0 +1,156 @@
+"""The core every face of zarrfs sits on: one `Config` wired into a running `Filesystem`.
+
+Owns: building, in one place, what the mount, the command-line verbs (`zarrfs ls`, ...) and the
+fsspec filesystem share: the remote clients, the one gate to the cache dir (`disk_gate`), the catalog,
+the manifest cache, the block cache with its disk tier (and the disk's eviction), and the service
+nursery where loads, resolutions, prefetch and disk writes run; sweeping the cache dir in the
+background once serving; renewing the leases a running mount holds in the cache dir; removing the
+mount's temporary files at the end. Never imports pyfuse3: a face that has no FUSE uses this module
+as it is. Nothing here waits on the cache dir without a deadline: a hung cache dir delays no start.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from zarrfs import config as cfg
+from zarrfs.archive.catalog import Catalog
+from zarrfs.base.resources import raise_descriptor_limit
+from zarrfs.config import Config
+from zarrfs.errors import report_bug, unwrap_single_exception
+from zarrfs.fs.filesystem import Filesystem
+from zarrfs.io.disk_gate import DiskGate
+from zarrfs.io.disk_store import DiskBlockCache, default_size
+from zarrfs.io.disk_tier import DiskTier
+from zarrfs.io.remote import Remote
+from zarrfs.io.stack import ReadStack
+from zarrfs.manifest_cache import ManifestCache
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
+    """A started `Filesystem` for `config.source` (VersionNotFound, NotFound... when the source
+    does not exist), with its service nursery running; everything is closed on exit. Exceptions
+    leave as themselves, not wrapped in an exception group."""
+    raise_descriptor_limit()
+    async with Remote.open(config.s3) as remote:
+        roots = config.manifest_roots or cfg.default_manifest_roots(config.s3.bucket)
+        gate = DiskGate(config.cache_dir)
+        catalog = Catalog(
+            remote,
+            bucket=config.s3.bucket,
+            api_url=config.api_url,
+            manifest_roots=roots,
+            cache_dir=config.cache_dir,
+            gate=gate,
+        )
+        manifests = ManifestCache(
+            remote,
+            roots=roots,
+            cache_dir=config.cache_dir,
+            memory_budget=config.manifest_memory,
+            disk_budget=config.manifest_disk_size,
+            cpu_limiter=trio.CapacityLimiter(cfg.CPU_THREADS),
+            gate=gate,
+        )
+        disk, disk_note = await _disk_tier(config, gate)
+        stack = ReadStack(
+            remote.s3,
+            memory_bytes=config.memory_cache_size,
+            block_size=config.block_size,
+            disk=disk,
+        )
+        fs = Filesystem(
+            config.source,
+            catalog,
+            manifests,
+            stack,
+            remote.s3,
+            cache_dir=config.cache_dir,
+            version_memory=config.version_memory,
+            consolidate=config.consolidate,
+            gate=gate,
+        )
+        try:
+            description = await fs.start()  # before the nursery: its errors stay plain
+            log.info("serving %s; %s", description, disk_note)
+            with unwrap_single_exception():
+                async with trio.open_nursery() as service:
+                    manifests.service_nursery = fs.service_nursery = stack.nursery = service
+                    service.start_soon(
+                        guarded, "sweep of the cache dir", manifests.sweep_in_background
+                    )
+                    service.start_soon(guarded, "renewal of leases", _renew_leases, fs)
+                    service.start_soon(guarded, "descriptor count", _count_descriptors, fs)
+                    if disk is not None:
+                        disk.nursery = service
+                        service.start_soon(guarded, "disk cache eviction", disk.keep_within_bounds)
+                    if fs.holds_zarrs:
+                        service.start_soon(guarded, "import", _import_manifest_machinery)
+                    try:
+                        yield fs
+                    finally:
+                        service.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(cfg.DISK_CACHE_STALL_TIMEOUT, shield=True):
+                await fs.remove_pins()
+
+
+async def guarded(what: str, task: Callable[..., Awaitable[object]], *args: object) -> None:
+    """Run a background task of the service nursery; a bug in it is reported by the last resort
+    (`errors.report_bug`) and ends that task only, never the nursery (which would unmount)."""
+    try:
+        await task(*args)
+    except Exception as e:
+        report_bug(what, e)
+
+
+async def _count_descriptors(fs: Filesystem) -> None:
+    """Forever: count the open descriptors every `config.FD_SAMPLE_INTERVAL` (the peak is shown
+    by `zarrfs stats`)."""
+    while True:
+        fs.descriptors.sample()
+        await trio.sleep(cfg.FD_SAMPLE_INTERVAL)
+
+
+async def _renew_leases(fs: Filesystem) -> None:
+    """Forever: renew the leases this process holds in the cache dir (mapped manifest indexes,
+    the pins directory) every `config.INDEX_LEASE_RENEW` seconds."""
+    while True:
+        await trio.sleep(cfg.INDEX_LEASE_RENEW)
+        await fs.manifests.renew_leases()
+        await fs.renew_pins()
+
+
+async def _import_manifest_machinery() -> None:
+    """Import numpy, pyarrow and zarr_checksum (~0.2 s) in a thread now that the mount serves, so
+    that entering a Zarr does not wait for them. Only for versions that hold Zarrs: they cost ~40 MB
+    of memory, which a mount of NWB files alone never needs."""
+    await trio.to_thread.run_sync(
+        importlib.import_module, "zarrfs.manifests.index", abandon_on_cancel=True
+    )
+
+
+async def _disk_tier(config: Config, gate: DiskGate) -> tuple[DiskTier | None, str]:
+    """The disk block cache of `config` (None when its size is 0, or when the cache dir does not
+    answer at start), and a line for the log."""
+    size = config.disk_cache_size
+    how = "--cache-size"
+    if size is None:
+        try:
+            size = await gate.run(default_size, config.cache_dir)
+        except OSError as e:
+            return None, f"no disk block cache (the cache dir {config.cache_dir}: {e})"
+        how = "default: a tenth of the free space"
+    if size <= 0:
+        return None, f"no disk block cache ({how} is 0)"
+    disk = DiskBlockCache(config.cache_dir, max_bytes=size, block_size=config.block_size)
+    note = f"disk block cache in {disk.cache_dir}, up to {size >> 20} MiB ({how})"
+    return DiskTier(disk, config.s3.bucket, gate), note

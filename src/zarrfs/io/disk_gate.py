@@ -1,0 +1,106 @@
+"""The one way the core touches the cache dir: off the event loop, bounded in time, bypassed while
+the cache dir stalls.
+
+Owns: running every piece of cache-dir I/O (index and block reads and writes, lock files, resolved
+versions, pins, sweeps) in worker threads with a deadline, and the cache dir's health: an operation
+that takes longer than its deadline (`config.DISK_CACHE_STALL_TIMEOUT` unless the caller gives a
+longer one for a big write) means the cache dir stalls (a hung NFS server); it raises
+`CacheDirStalled`, and every operation through the gate raises it at once for
+`config.DISK_CACHE_STALL_PAUSE` seconds (logged once per stall). Callers treat that as a miss or a
+skipped write and serve from S3 and memory instead, so a dead cache dir never hangs a request.
+
+Never does: decide what to read or write (callers pass the function), or retry. A thread stuck in a
+hung filesystem is abandoned, never waited for (it holds one of the gate's threads until the kernel
+gives up; a stall therefore also stops further operations from queueing behind it).
+
+Concurrency: one trio run; `threads` worker threads at most (the wait for one counts against the
+deadline).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from zarrfs import config
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class CacheDirStalled(OSError):
+    """The cache dir did not answer in time (now, or recently): a miss, or a skipped write."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(errno.ETIMEDOUT, message, str(path))
+
+
+class DiskGate:
+    """Bounded, bypassable cache-dir I/O for one cache dir."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        threads: int | None = None,
+        timeout: float | None = None,
+        pause: float | None = None,
+    ) -> None:
+        self.path = path
+        self.timeout = config.DISK_CACHE_STALL_TIMEOUT if timeout is None else timeout
+        self.pause = config.DISK_CACHE_STALL_PAUSE if pause is None else pause
+        self._threads = trio.CapacityLimiter(threads or config.DISK_CACHE_THREADS)
+        self._bypass_until = 0.0
+        self.stats = {"operations": 0, "stalls": 0, "bypassed": 0}
+
+    @property
+    def stalled(self) -> bool:
+        """Whether the cache dir is being bypassed now."""
+        return time.monotonic() < self._bypass_until
+
+    async def run(self, fn: Callable[..., T], *args: object, timeout: float | None = None) -> T:
+        """`fn(*args)` in a worker thread; CacheDirStalled if the cache dir is bypassed, or if it
+        does not return within `timeout` (default: the gate's), which starts a bypass."""
+        if self.stalled:
+            self.stats["bypassed"] += 1
+            raise CacheDirStalled(self.path, f"the cache dir {self.path} is being bypassed")
+        limit = self.timeout if timeout is None else timeout
+        self.stats["operations"] += 1
+        with trio.move_on_after(limit):
+            return await trio.to_thread.run_sync(
+                fn, *args, limiter=self._threads, abandon_on_cancel=True
+            )
+        self.stats["stalls"] += 1
+        if not self.stalled:
+            log.warning(
+                "the cache dir %s did not answer within %g s: bypassing it for %g s "
+                "(serving from S3 and memory meanwhile)",
+                self.path,
+                limit,
+                self.pause,
+            )
+        self._bypass_until = time.monotonic() + self.pause
+        raise CacheDirStalled(self.path, f"the cache dir {self.path} did not answer in {limit:g} s")
+
+    async def release(self, fn: Callable[..., object], *args: object) -> None:
+        """Run `fn(*args)` (closing a descriptor, releasing a lock) in a worker thread even while
+        the cache dir is bypassed: what was taken must be given back. Waits at most the gate's
+        timeout, then leaves the thread to finish when the filesystem answers; never raises (a
+        failure is logged)."""
+        with trio.move_on_after(self.timeout):
+            try:
+                await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+            except OSError as e:
+                log.warning("while releasing a cache-dir resource under %s: %s", self.path, e)
+
+    def write_timeout(self, nbytes: int) -> float:
+        """A deadline for writing `nbytes` at once: the gate's, plus a second per
+        `config.DISK_WRITE_MIN_RATE` bytes (a big index on a slow disk is not a stall)."""
+        return self.timeout + nbytes / config.DISK_WRITE_MIN_RATE

@@ -1,0 +1,149 @@
+"""The disk tier under the in-memory block cache: the async face of `disk_cache.DiskBlockCache`.
+
+Owns: when the block cache's memory misses go to disk and how long they may wait for it, writing
+fetched blocks to disk in the background, and keeping the disk cache within its bounds (eviction on a
+schedule and whenever this process's writes call for it). The files, their format and their
+verification are `disk_cache`'s; which blocks exist is `chunk_cache`'s.
+
+Never does: make a read wait for a write, or for eviction (both run in the service nursery), or let
+a slow or broken disk slow reads down: every trip to the disk goes through the cache dir's
+`disk_gate.DiskGate`, so a read that waits more than `config.DISK_CACHE_STALL_TIMEOUT` for the disk (a
+hung NFS server) is a miss, and the whole cache dir (blocks, indexes, locks) is bypassed for
+`config.DISK_CACHE_STALL_PAUSE` seconds (logged once). Writes queued beyond
+`config.DISK_CACHE_PENDING_MAX` bytes are dropped (counted), never buffered without bound.
+
+Concurrency: one trio run. Reads and writes use the gate's worker threads; eviction runs one scan at a
+time. Blocks go to and from the threads in batches of up to `config.DISK_CACHE_BATCH` (a trip to a
+thread costs the event loop more than reading or writing a 256 KiB block on a local disk). Worker
+threads are abandoned on cancellation (a hung disk must not hold up shutdown).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import trio
+
+from zarrfs import config
+from zarrfs.base.refs import ObjectRef
+from zarrfs.errors import report_bug
+from zarrfs.io.disk_gate import CacheDirStalled, DiskGate
+from zarrfs.io.disk_store import DiskBlockCache
+
+log = logging.getLogger(__name__)
+
+
+class DiskTier:
+    """Blocks on disk below the memory cache, read with a bounded wait and written in the background."""
+
+    def __init__(self, disk: DiskBlockCache, bucket: str, gate: DiskGate | None = None) -> None:
+        self.disk = disk
+        self.bucket = bucket
+        self.gate = gate or DiskGate(disk.cache_dir)
+        #: Where writes and eviction run; set by whoever runs the core (writes are skipped without).
+        self.nursery: trio.Nursery | None = None
+        self._pending = 0
+        self._queue: deque[tuple[ObjectRef, int, int, bytes]] = deque()  # to be written
+        self._writers = 0  # tasks writing the queue
+        self._evict_wanted = trio.Event()
+        self._stats = {"writes_dropped": 0, "write_errors": 0}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """writes_dropped (over the pending bound), write_errors (bugs), and the cache dir's stalls."""
+        return {**self._stats, "stalls": self.gate.stats["stalls"]}
+
+    @property
+    def pending(self) -> int:
+        """Bytes waiting to be written to disk."""
+        return self._pending
+
+    async def get_many(
+        self, ref: ObjectRef, indexes: list[int], block_size: int
+    ) -> dict[int, bytes]:
+        """The blocks of `indexes` the disk has (each verified there), read in trips to a worker
+        thread of up to `config.DISK_CACHE_BATCH` blocks each; a miss, a bad block or a slow disk
+        (a trip longer than the stall timeout) leaves a block out."""
+        found: dict[int, bytes] = {}
+        for start in range(0, len(indexes), config.DISK_CACHE_BATCH):
+            batch = indexes[start : start + config.DISK_CACHE_BATCH]
+            try:
+                found.update(await self.gate.run(self._get_all, ref, batch, block_size))
+            except CacheDirStalled:
+                break
+        return found
+
+    def _get_all(self, ref: ObjectRef, indexes: list[int], block_size: int) -> dict[int, bytes]:
+        found = {}
+        for index in indexes:
+            data = self.disk.get(self.bucket, ref, index, block_size)
+            if data is not None:
+                found[index] = data
+        return found
+
+    def put_later(self, ref: ObjectRef, index: int, block_size: int, data: bytes) -> None:
+        """Write the block to disk in the background (dropped if too much is pending already).
+        Blocks queue up and are written in batches by at most `config.DISK_CACHE_WRITERS` tasks."""
+        if self.nursery is None or self.gate.stalled:
+            return
+        if self._pending + len(data) > config.DISK_CACHE_PENDING_MAX:
+            self._stats["writes_dropped"] += 1
+            return
+        self._pending += len(data)
+        self._queue.append((ref, index, block_size, data))
+        if self._writers < config.DISK_CACHE_WRITERS:
+            self.nursery.start_soon(self._write_queued)  # raises on a closed nursery: count after
+            self._writers += 1
+
+    async def _write_queued(self) -> None:
+        try:
+            while self._queue:
+                batch = [
+                    self._queue.popleft()
+                    for _ in range(min(len(self._queue), config.DISK_CACHE_BATCH))
+                ]
+                size = sum(len(item[3]) for item in batch)
+                try:
+                    await self.gate.run(self._put_all, batch, timeout=self.gate.write_timeout(size))
+                except CacheDirStalled:  # the blocks are not written: a later read fetches them
+                    self._drop_queue()
+                finally:
+                    self._pending -= size
+                if self.disk.needs_eviction:
+                    self._evict_wanted.set()
+        finally:
+            self._writers -= 1
+
+    def _drop_queue(self) -> None:
+        while self._queue:
+            self._pending -= len(self._queue.popleft()[3])
+
+    def _put_all(self, batch: list[tuple[ObjectRef, int, int, bytes]]) -> None:
+        for ref, index, block_size, data in batch:
+            try:
+                self.disk.put(self.bucket, ref, index, data, block_size)
+            except Exception as e:  # a bug (disk problems never raise): that block is not written
+                self._stats["write_errors"] += 1
+                report_bug(f"disk cache write of block {index} of {ref.key}", e)
+
+    async def keep_within_bounds(self) -> None:
+        """Run forever (in the service nursery): evict at start, then whenever this process's writes
+        call for it and at least every `DISK_CACHE_EVICT_INTERVAL` (other processes write too), at
+        most once every `DISK_CACHE_EVICT_MIN_GAP` seconds."""
+        while True:
+            started = time.monotonic()
+            try:
+                report = await self.gate.run(self.disk.evict, timeout=config.SWEEP_TIMEOUT)
+            except CacheDirStalled:
+                report = None
+            if report is not None:
+                level = logging.INFO if report.removed_blocks else logging.DEBUG
+                log.log(level, "disk block cache: %s", report)
+            took = time.monotonic() - started
+            interval = max(config.DISK_CACHE_EVICT_INTERVAL, 100 * took)
+            await trio.sleep(config.DISK_CACHE_EVICT_MIN_GAP)
+            self._evict_wanted = trio.Event()
+            with trio.move_on_after(max(0.0, interval - config.DISK_CACHE_EVICT_MIN_GAP)):
+                await self._evict_wanted.wait()

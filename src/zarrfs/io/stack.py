@@ -1,0 +1,157 @@
+"""The read stack: memory, then disk, then S3, with prefetch beside it; composed once per core.
+
+Owns: `Lower`, what lies below the memory cache (the disk tier, when there is one, then S3 at the
+pinned version, every block fetched from S3 written back to disk in the background), and `ReadStack`,
+the one composition every face reads through:
+
+    ReadStack --- BlockCache (memory, single flight) --- Lower --- DiskTier (disk)
+         \\                                                  \\--- S3Reader (ranged and streamed GETs)
+          \\--- Prefetcher per open object (streams ahead into the BlockCache through the same Lower)
+
+`open(ref)` gives an `ObjectReader` (with a sequential prefetcher when the object has more than one
+block and the stack has a nursery to run it in), `read(ref, offset, size)` reads without one, and
+`read_many(refs)` reads small objects whole and concurrently (a Zarr's metadata objects).
+
+Never does: FUSE, paths, manifests, or retries of its own (`S3Reader` retries). Concurrency: one trio
+run; prefetch segments run in `nursery` (the core's service nursery).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+from zarrfs import config
+from zarrfs.base.refs import ObjectRef
+from zarrfs.errors import DataError, is_transient
+from zarrfs.io.blocks import BlockCache
+from zarrfs.io.disk_tier import DiskTier
+from zarrfs.io.prefetch import PrefetchBudget, Prefetcher
+from zarrfs.io.scheduler import Priority, Ticket
+
+
+class RangeSource(Protocol):
+    """The remote end of the stack (`S3Reader` in production): ranges of exact object versions,
+    read whole or streamed."""
+
+    async def read_range(
+        self, ref: ObjectRef, start: int, end: int, ticket: Ticket | None = None
+    ) -> bytes: ...
+
+    async def stream_range(
+        self,
+        ref: ObjectRef,
+        start: int,
+        end: int,
+        ticket: Ticket,
+        sink: Callable[[bytes], None],
+    ) -> None: ...
+
+
+class Lower:
+    """The tiers below the memory cache: the disk tier (if any), then the remote source."""
+
+    def __init__(self, source: RangeSource, disk: DiskTier | None = None) -> None:
+        self.source = source
+        self.disk = disk
+
+    async def from_disk(self, ref: ObjectRef, indexes: list[int], unit: int) -> dict[int, bytes]:
+        """The blocks of `indexes` the disk has (each verified there); nothing without a disk."""
+        if self.disk is None or not indexes:
+            return {}
+        return await self.disk.get_many(ref, indexes, unit)
+
+    async def fetch(self, ref: ObjectRef, start: int, end: int, ticket: Ticket) -> bytes:
+        """Bytes [start, end) from the remote source (verified there)."""
+        return await self.source.read_range(ref, start, end, ticket)
+
+    async def stream(
+        self, ref: ObjectRef, start: int, end: int, ticket: Ticket, sink: Callable[[bytes], None]
+    ) -> None:
+        """Bytes [start, end) from the remote source, passed to `sink` as they arrive."""
+        await self.source.stream_range(ref, start, end, ticket, sink)
+
+    def keep(self, ref: ObjectRef, index: int, unit: int, data: bytes) -> None:
+        """A block fetched from the remote source: write it back to disk in the background."""
+        if self.disk is not None:
+            self.disk.put_later(ref, index, unit, data)
+
+
+class ObjectReader:
+    """Reads of one open object, with its sequential prefetch (if any)."""
+
+    def __init__(self, stack: ReadStack, ref: ObjectRef, prefetcher: Prefetcher | None) -> None:
+        self.stack = stack
+        self.ref = ref
+        self.prefetcher = prefetcher
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset + size) of the object (fewer at its end)."""
+        if self.prefetcher is not None:
+            self.prefetcher.observe(offset, size)
+        return await self.stack.blocks.read(self.ref, offset, size)
+
+    def close(self) -> None:
+        """The object was closed: its prefetch stops and gives its budget back."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+
+
+class ReadStack:
+    """Memory, disk and S3 composed once; see the module docstring."""
+
+    def __init__(
+        self,
+        source: RangeSource,
+        *,
+        memory_bytes: int,
+        block_size: int = config.BLOCK_SIZE,
+        disk: DiskTier | None = None,
+    ) -> None:
+        self.lower = Lower(source, disk)
+        self.blocks = BlockCache(memory_bytes, block_size, self.lower)
+        #: Bytes prefetched ahead of readers and not yet read, across every open object.
+        self.prefetch_budget = PrefetchBudget(int(memory_bytes * config.PREFETCH_MEMORY_SHARE))
+        #: Where prefetch segments run (the core's service nursery); None: no prefetch.
+        self.nursery: trio.Nursery | None = None
+
+    @property
+    def disk(self) -> DiskTier | None:
+        return self.lower.disk
+
+    def open(self, ref: ObjectRef) -> ObjectReader:
+        """A reader of `ref`, prefetching ahead of sequential reads when it has several blocks."""
+        prefetcher = None
+        if self.nursery is not None and self.blocks.blocks_of(ref) > 1:
+            prefetcher = Prefetcher(ref, self.blocks, self.prefetch_budget, self.nursery)
+        return ObjectReader(self, ref, prefetcher)
+
+    async def read(
+        self, ref: ObjectRef, offset: int, size: int, priority: Priority = Priority.DEMAND
+    ) -> bytes:
+        """Bytes [offset, offset + size) of `ref`, without prefetch."""
+        return await self.blocks.read(ref, offset, size, priority)
+
+    async def read_many(
+        self, refs: dict[str, ObjectRef], priority: Priority = Priority.DEMAND
+    ) -> dict[str, bytes]:
+        """Each object of `refs` whole, all at once. If some fail, raises one of their errors (a
+        transient one first: the caller may try again)."""
+        out: dict[str, bytes] = {}
+        errors: list[DataError] = []
+
+        async def one(name: str, ref: ObjectRef) -> None:
+            try:
+                out[name] = await self.blocks.read(ref, 0, ref.size, priority)
+            except DataError as e:
+                errors.append(e)
+
+        async with trio.open_nursery() as nursery:
+            for name, ref in refs.items():
+                nursery.start_soon(one, name, ref)
+        if errors:
+            transient = [e for e in errors if is_transient(e)]
+            raise (transient or errors)[0]
+        return out
