@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="generator cache and scratch space (default %(default)s)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the scratch dir (mount logs, caches)")
     p.add_argument("--profile-parse", action="store_true",
-                   help="also cProfile zarrfs.manifests.index.parse_manifest on the big manifest in-process")  # fmt: skip
+                   help="also cProfile zarrfs.manifests.parse.parse_manifest on the big manifest in-process")  # fmt: skip
     args = p.parse_args(argv)
     entries = args.entries or (QUICK_ENTRIES if args.quick else FULL_ENTRIES)
     n_zarrs = args.zarrs or (QUICK_ZARRS if args.quick else FULL_ZARRS)
@@ -521,7 +521,7 @@ def profile_parse(s3: LocalS3, big: sd.BigZarr, scratch: Path) -> None:
     import cProfile
     import pstats
 
-    from zarrfs.manifests.index import parse_manifest
+    from zarrfs.manifests.parse import parse_manifest
 
     body = s3.client.get_object(Bucket=s3.bucket, Key=big.manifest_key)["Body"].read()
     say(f"profile: parse_manifest on {len(body) / MB:.0f} MiB")

@@ -184,7 +184,7 @@ def run_parse(args: argparse.Namespace, scratch: Path) -> None:
     import pstats
     import threading
 
-    from zarrfs.manifests.index import parse_manifest
+    from zarrfs.manifests.parse import parse_manifest
 
     if args.variant == "fastdigest":
         # parse_manifest still checks the result against the reference checksum of the generator

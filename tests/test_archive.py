@@ -26,7 +26,7 @@ import trio
 
 from conftest import Mounted
 from zarrfs import config
-from zarrfs.archive.resolver import parse_source
+from zarrfs.archive.sources import parse_source
 from zarrfs.config import Config, S3Settings
 from zarrfs.demo.fake_api import FakeDandiAPI
 from zarrfs.demo.locals3 import LocalS3

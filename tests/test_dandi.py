@@ -7,12 +7,8 @@ import json
 import pytest
 
 from conftest import REFERENCE_SAMPLES
-from zarrfs.archive.resolver import (
-    parse_asset_record,
-    parse_asset_records,
-    parse_source,
-    s3_key_from_url,
-)
+from zarrfs.archive.assets import parse_asset_record, parse_asset_records, s3_key_from_url
+from zarrfs.archive.sources import parse_source
 from zarrfs.config import MountSource as Source
 from zarrfs.errors import SourceError
 
@@ -130,7 +126,7 @@ def test_records_with_unusable_paths_are_skipped() -> None:
 def test_streamed_json_array_equals_json_loads(chunk_size: int) -> None:
     import io
 
-    from zarrfs.archive.resolver import iter_json_array
+    from zarrfs.archive.assets import iter_json_array
 
     items = [{"path": f"a/{i}.nwb", "x": "é" * (i % 5), "n": [i, {"k": None}]} for i in range(50)]
     for doc in (

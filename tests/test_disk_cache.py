@@ -426,7 +426,7 @@ def test_a_full_disk_skips_writes_keeps_serving_and_evicts(
     tiny_fs: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # a stale free-space estimate, as when another process fills the disk between two statvfs
-    monkeypatch.setattr(disk_cache, "FREE_SPACE_CHECK_INTERVAL", float("inf"))
+    monkeypatch.setattr(config, "DISK_CACHE_FREE_SPACE_INTERVAL", float("inf"))
     cache = make_cache(tiny_fs / "cache", touch_interval=7200.0)  # hits keep fill()'s LRU order
     refs, _ = fill(cache, 5)
     assert cache.evict() is not None and not cache.needs_eviction

@@ -31,7 +31,7 @@ from conftest import (
     wait_until_no_process_mentions,
     zarrfs_command,
 )
-from zarrfs.archive.resolver import parse_source
+from zarrfs.archive.sources import parse_source
 from zarrfs.config import Config
 from zarrfs.demo.sample import EPHYS_PATH, OME_PATH, V1, SampleDandiset
 from zarrfs.faces.cli import is_mounted

@@ -15,7 +15,7 @@ import pyfuse3
 import pytest
 import trio
 
-from zarrfs.archive.resolver import parse_source
+from zarrfs.archive.sources import parse_source
 from zarrfs.config import Config, S3Settings, default_manifest_roots
 from zarrfs.demo.sample import ARRAY_PATH, OME_PATH, OME_V2_DELETED, V1, V2, SampleDandiset
 from zarrfs.errors import DataError, NotFound

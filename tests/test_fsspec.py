@@ -390,7 +390,7 @@ def test_sources_beyond_the_limit_are_closed_when_idle(
 ) -> None:
     from zarrfs.faces import fsspec as fsspec_face
 
-    monkeypatch.setattr(fsspec_face, "MAX_SOURCES", 2)
+    monkeypatch.setattr(cfg, "FSSPEC_MAX_SOURCES", 2)
     rel = f"{OME_PATH}/.zattrs"
     opened = fs.open(v(sample, V1, EPHYS_PATH))  # holds V1 open
     for version in (V2, "latest", V1, V2):

@@ -18,11 +18,14 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from zarrfs.archive.resolver import parse_asset_record, parse_asset_records, parse_source
+from zarrfs.archive.assets import parse_asset_record, parse_asset_records
+from zarrfs.archive.sources import parse_source
 from zarrfs.base.names import NAME_MAX, name_problem, path_problem
 from zarrfs.demo.sample import ManifestLeaf, build_manifest, format_manifest, zarr_checksum_of
 from zarrfs.errors import IntegrityError, ManifestError, SourceError
-from zarrfs.manifests.index import EMPTY_CHECKSUM, ManifestIndex, parse_manifest
+from zarrfs.manifests.checksums import EMPTY_CHECKSUM
+from zarrfs.manifests.index import ManifestIndex
+from zarrfs.manifests.parse import parse_manifest
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 ERRORS = {"ManifestError": ManifestError, "IntegrityError": IntegrityError}

@@ -11,7 +11,9 @@ import pytest
 from conftest import REFERENCE_SAMPLES
 from zarrfs.demo.sample import ManifestLeaf, build_manifest, format_manifest, zarr_checksum_of
 from zarrfs.errors import IntegrityError, ManifestError
-from zarrfs.manifests.index import EMPTY_CHECKSUM, ManifestIndex, parse_manifest
+from zarrfs.manifests.checksums import EMPTY_CHECKSUM
+from zarrfs.manifests.index import ManifestIndex
+from zarrfs.manifests.parse import parse_manifest
 
 SAMPLE = REFERENCE_SAMPLES
 REAL = SAMPLE / "zarr-manifest-v2-real-509.json"
@@ -240,7 +242,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from zarr_checksum.checksum import ZarrChecksum, ZarrChecksumManifest  # noqa: E402
 
-from zarrfs.manifests.index import directory_digest  # noqa: E402
+from zarrfs.manifests.checksums import directory_digest  # noqa: E402
 
 any_name = st.text(alphabet=st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=20)
 any_etag = st.one_of(

@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from zarrfs.archive.resolver import AssetRecord
+from zarrfs.archive.assets import AssetRecord
 from zarrfs.config import S3Settings
 from zarrfs.demo.sample import ManifestLeaf, build_manifest, format_manifest, zarr_checksum_of
 from zarrfs.errors import ManifestError

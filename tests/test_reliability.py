@@ -106,12 +106,12 @@ def test_a_bug_in_one_request_is_eio_and_the_mount_keeps_serving(
 
 HANG = """
 import time, trio
-import zarrfs.manifests.index as mc, zarrfs.s3_reader as s3
-_parse = mc.parse_manifest_file  # looked up there when a conversion starts
+import zarrfs.manifests.parse as mc, zarrfs.s3_reader as s3
+_parse = mc.parse_manifest  # looked up there when a conversion starts
 def parse(*args, **kwargs):
     time.sleep(600)  # a conversion that outlives any grace period (an uncancellable thread)
     return _parse(*args, **kwargs)
-mc.parse_manifest_file = parse
+mc.parse_manifest = parse
 _read = s3.S3Reader.read_range
 async def read_range(self, ref, start, end, ticket=None):
     if ref.key.startswith("blobs/"):

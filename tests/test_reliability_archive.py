@@ -28,7 +28,7 @@ import trio.testing
 
 from zarrfs import config, errors, manifest_cache
 from zarrfs.archive import levels
-from zarrfs.archive.resolver import parse_source
+from zarrfs.archive.sources import parse_source
 from zarrfs.config import Config, S3Settings
 from zarrfs.demo.fake_api import FakeDandiAPI
 from zarrfs.demo.locals3 import LocalS3
@@ -114,7 +114,7 @@ async def test_a_bug_in_a_resolution_fails_that_version_only(
 async def test_a_bug_in_a_manifest_load_fails_that_zarr_only(
     sample: SampleDandiset, api: FakeDandiAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from zarrfs.manifests import index as manifest
+    from zarrfs.manifests import parse as manifest
 
     bad = sample.versions[V2].zarr_checksums[OME_PATH]
     parse = manifest.parse_manifest
@@ -462,7 +462,8 @@ async def test_mapped_indexes_are_leased_and_never_swept(
 
 def test_loaded_indexes_hold_no_descriptor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from zarrfs.base.resources import open_descriptors
-    from zarrfs.manifests.index import ManifestIndex, parse_manifest
+    from zarrfs.manifests.index import ManifestIndex
+    from zarrfs.manifests.parse import parse_manifest
 
     monkeypatch.setattr(config, "INDEX_MAP_MIN", 20_000)
     loaded = []

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from conftest import Mounted
-from zarrfs.archive.resolver import AssetRecord
+from zarrfs.archive.assets import AssetRecord
 from zarrfs.config import S3Settings
 from zarrfs.demo.locals3 import LocalS3
 from zarrfs.demo.sample import (

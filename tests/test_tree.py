@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from zarrfs.archive.resolver import AssetRecord, ResolvedVersion
+from zarrfs.archive.assets import AssetRecord
+from zarrfs.archive.resolver import ResolvedVersion
 from zarrfs.base.refs import ObjectRef
 from zarrfs.config import Source
 from zarrfs.demo.sample import ManifestLeaf, build_manifest, format_manifest, zarr_checksum_of
 from zarrfs.errors import DataError, IsADirectory, NotADirectory, NotFound
 from zarrfs.fs.namespace import ROOT_INO, ZARR_SHIFT, InlineFile, Namespace
-from zarrfs.manifests.index import parse_manifest
+from zarrfs.manifests.parse import parse_manifest
 
 ZID = "9eea4d89-c304-4a94-9117-66334b704cbd"
 LEAVES = [

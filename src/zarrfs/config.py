@@ -73,6 +73,10 @@ RETRY_MAX_DELAY = 5.0
 #: Per-attempt deadline for one request (cancel scope around the whole request, body included; for
 #: a demand request the wait for a connection slot too). For downloads: the longest wait for bytes.
 REQUEST_TIMEOUT = 30.0
+#: Rows per page asked of the API's paginated lists (its maximum), and API calls at once while the
+#: Zarrs of a draft are pinned.
+API_PAGE_SIZE = 1000
+API_CONCURRENCY = 16
 #: Largest API response (one page of up to 1000 asset rows with metadata is a few MB).
 MAX_API_RESPONSE_BYTES = 64 << 20
 #: Largest `assets.jsonld` accepted (the biggest dandisets list ~100k assets in a few hundred MB).
@@ -209,6 +213,54 @@ DISK_CACHE_EVICT_MIN_GAP = 10.0
 #: fsync each block before publishing it. Off: a block torn by a crash fails its checksum and is
 #: fetched again, so durability buys nothing (see benchmarks/disk_cache.py for the cost).
 DISK_CACHE_FSYNC = False
+
+# --- moved beside the other tunables: transfer sizes, limits and intervals of each part ------------
+#: Bytes per read of a downloaded document's body (S3 and HTTP alike).
+DOWNLOAD_CHUNK = 1 << 20
+#: Bytes per read of a streamed (prefetch) body: what the HTTP stack reads from the socket at a time
+#: (httpcore: 64 KiB), so that a read returns the chunk as it came, without aiobotocore's joins.
+STREAM_CHUNK = 64 << 10
+#: Bodies at least this large are MD5-hashed in a worker thread (hashlib releases the GIL).
+HASH_IN_THREAD = 1 << 18
+#: API answers larger than this are JSON-decoded in a worker thread.
+JSON_IN_THREAD = 1 << 20
+#: A whole-object unit may take at most 1/WHOLE_OBJECT_SHARE of the memory cache.
+WHOLE_OBJECT_SHARE = 8
+#: How many objects' service counts the request scheduler remembers (least recently served forgotten).
+FLOWS_REMEMBERED = 1 << 16
+#: The disk block cache logs one warning per kind of problem at most this often (seconds), and asks
+#: statvfs for the free space at most this often.
+DISK_CACHE_LOG_INTERVAL = 60.0
+DISK_CACHE_FREE_SPACE_INTERVAL = 1.0
+#: A Zarr's metadata objects fetched when it is first entered: directories walked, objects found and
+#: the largest object, at most.
+METADATA_MAX_DIRECTORIES = 5000
+METADATA_MAX_OBJECTS = 2000
+METADATA_MAX_OBJECT_BYTES = 16 << 20
+#: Bytes of memory one node of a resolved version's tree costs (its weight in the LRU of versions):
+#: measured RSS per node is up to ~750 B (benchmarks/archive.py, 200 versions entered).
+NODE_BYTES = 768
+#: Seconds in-flight FUSE requests get after a stop signal before they are cancelled.
+SHUTDOWN_GRACE = 5.0
+#: Seconds between two stats files of a running mount (`zarrfs stats`).
+STATS_INTERVAL = 2.0
+#: Symbolic links followed in one path at most (the runtime dir's real path; the fsspec face).
+MAX_LINKS = 40
+FSSPEC_MAX_LINKS = 8
+#: The fsspec face: sources (versions, dandisets, the archive, per set of options) a process keeps
+#: open at most (the least recently used idle one closes beyond); the largest piece one read asks of
+#: the block cache (a big `cat_file` reads piece by piece, so prefetch streams ahead); ranges of one
+#: `cat_ranges` read at once; seconds to wait for its loop to start, and to close at exit.
+FSSPEC_MAX_SOURCES = 8
+FSSPEC_READ_PIECE = 8 << 20
+FSSPEC_RANGE_CONCURRENCY = 64
+FSSPEC_START_TIMEOUT = 60.0
+FSSPEC_CLOSE_TIMEOUT = 10.0
+#: `zarrfs verify` and `cache warm --data`: bytes read at a time, files read at once (warm), and
+#: seconds between plain progress lines when stderr is not a terminal.
+VERB_READ_CHUNK = 4 << 20
+WARM_CONCURRENCY = 8
+PROGRESS_INTERVAL = 5.0
 
 
 def default_cache_dir() -> Path:

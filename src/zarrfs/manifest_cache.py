@@ -47,13 +47,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import cachetools
 import trio
 
 from zarrfs import config
-from zarrfs.archive.resolver import AssetRecord
 from zarrfs.base.flight import BoundedLRU, SingleFlight
 from zarrfs.errors import (
     DataError,
@@ -79,6 +78,23 @@ if TYPE_CHECKING:  # imported when a Zarr is first entered: numpy, pyarrow, zarr
 log = logging.getLogger(__name__)
 
 _Key = tuple[str, str]
+
+
+class ZarrAsset(Protocol):
+    """What the cache needs of a Zarr asset (`archive.assets.AssetRecord` has it)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def zarr_id(self) -> str | None: ...
+    @property
+    def zarr_checksum(self) -> str | None: ...
+    @property
+    def problem(self) -> str | None: ...
+    @property
+    def live(self) -> bool: ...
+
+
 #: Whether a Zarr's checksum is its live one (a draft pinned through the API), or how to find out.
 Live = bool | Callable[[], Awaitable[bool]]
 #: Prefix of a mount's directory of draft pins under `<cache dir>/tmp/` (see `pins_dir_name`).
@@ -300,7 +316,7 @@ class ManifestCache:
 
     # --- loading ----------------------------------------------------------------------------------
 
-    async def get(self, asset: AssetRecord) -> ManifestIndex:
+    async def get(self, asset: ZarrAsset) -> ManifestIndex:
         """The verified index of `asset`'s pinned manifest. Raises DataError (EIO) when unavailable."""
         if not asset.zarr_id or not asset.zarr_checksum or asset.problem:
             raise DataError(f"Zarr asset {asset.path} cannot be served: {asset.problem}")
@@ -582,7 +598,7 @@ class ManifestCache:
         def convert() -> ManifestIndex:
             # imported here, in the worker thread: the first import (numpy, pyarrow) takes
             # ~0.2 s, which the event loop spends serving other requests
-            from zarrfs.manifests.index import parse_manifest
+            from zarrfs.manifests.parse import parse_manifest
 
             document = holder.pop()
             return parse_manifest(

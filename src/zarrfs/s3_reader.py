@@ -42,7 +42,8 @@ from aiobotocore.config import AioConfig
 from aiobotocore.httpxsession import HttpxSession
 from aiobotocore.session import get_session
 
-from zarrfs.base.refs import ObjectRef
+from zarrfs import config
+from zarrfs.base.refs import ObjectRef, etag_form, strip_etag
 from zarrfs.config import S3Settings
 from zarrfs.errors import (
     DataError,
@@ -60,14 +61,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Bytes per read of a streamed download body (and per file write).
-DOWNLOAD_CHUNK = 1 << 20
-#: Bytes per read of a streamed (prefetch) body: what the HTTP stack reads from the socket at a
-#: time (httpcore: 64 KiB), so that a read returns the chunk as it came, without the copies of
-#: aiobotocore's buffer joining several.
-STREAM_CHUNK = 64 << 10
-#: Bodies at least this large are hashed in a worker thread (hashlib releases the GIL).
-HASH_IN_THREAD = 1 << 18
 
 #: S3 error codes worth another attempt (besides any 5xx status and 429).
 RETRYABLE_CODES = frozenset(
@@ -88,8 +81,6 @@ RETRYABLE_CODES = frozenset(
 MISSING_CODES = frozenset({"NoSuchKey", "NoSuchVersion", "NotFound", "NoSuchBucket", "404"})
 
 _CONTENT_RANGE = re.compile(r"^bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)\Z")
-_MD5_ETAG = re.compile(r"^[0-9a-f]{32}\Z")
-_MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-[0-9]+\Z")
 
 
 class _HttpxSession(HttpxSession):  # type: ignore[misc]
@@ -105,22 +96,6 @@ class _HttpxSession(HttpxSession):  # type: ignore[misc]
                 "ignore", message=r".*prefers httpx2", category=DeprecationWarning
             )
             super().__init__(*args, **kwargs)
-
-
-def etag_form(etag: str) -> str:
-    """`md5` (single-part), `multipart` (`<md5>-<parts>`) or `other`."""
-    if _MD5_ETAG.match(etag):
-        return "md5"
-    if _MULTIPART_ETAG.match(etag):
-        return "multipart"
-    return "other"
-
-
-def _strip_etag(etag: str) -> str:
-    etag = etag.strip()
-    if etag.startswith("W/"):
-        etag = etag[2:]
-    return etag.strip('"').lower()
 
 
 def _describe(bucket: str, key: str, version_id: str | None) -> str:
@@ -348,7 +323,7 @@ class S3Reader:
                 async with body:
                     self._verify_headers(ref, position, end, resp, name)
                     while position < end:
-                        chunk = await body.read(STREAM_CHUNK)
+                        chunk = await body.read(config.STREAM_CHUNK)
                         if not chunk:
                             break
                         watchdog.deadline = trio.current_time() + stall
@@ -394,7 +369,7 @@ class S3Reader:
                 async with body:
                     self._verify_version(name, version_id, resp)
                     _check_size(what, resp.get("ContentLength"), max_bytes)
-                    while chunk := await body.read(DOWNLOAD_CHUNK):
+                    while chunk := await body.read(config.DOWNLOAD_CHUNK):
                         watchdog.deadline = trio.current_time() + stall
                         size += len(chunk)
                         self.stats["bytes"] += len(chunk)
@@ -419,7 +394,7 @@ class S3Reader:
         """Stream a whole object to `dest` (via `dest.part`, 0600, then atomic rename); return its
         size.
 
-        The body is read in `DOWNLOAD_CHUNK` pieces, never held whole in memory. An attempt fails
+        The body is read in `config.DOWNLOAD_CHUNK` pieces, never held whole in memory. An attempt fails
         (and is retried) when no bytes arrive for `request_timeout` seconds; there is no total
         deadline, so a big document on a slow link still arrives. A body larger than `max_bytes` is
         refused at once (DocumentTooLarge, not retried). Concurrent downloads to the same `dest` are
@@ -445,7 +420,7 @@ class S3Reader:
                         _check_size(what, resp.get("ContentLength"), max_bytes)
                         fd = create_private_file_replacing(part)
                         async with trio.wrap_file(os.fdopen(fd, "wb")) as f:
-                            while chunk := await body.read(DOWNLOAD_CHUNK):
+                            while chunk := await body.read(config.DOWNLOAD_CHUNK):
                                 watchdog.deadline = trio.current_time() + stall
                                 written += len(chunk)
                                 self.stats["bytes"] += len(chunk)
@@ -512,7 +487,7 @@ class S3Reader:
                     key=str(v["Key"]),
                     version_id=str(v["VersionId"]),
                     size=int(v["Size"]),
-                    etag=_strip_etag(str(v["ETag"])),
+                    etag=strip_etag(str(v["ETag"])),
                     last_modified=v["LastModified"],
                 )
                 for v in page.get("Versions") or []
@@ -579,7 +554,7 @@ class S3Reader:
         )
 
     async def _verify_md5(self, name: str, expected: str, data: bytes) -> None:
-        if len(data) >= HASH_IN_THREAD:
+        if len(data) >= config.HASH_IN_THREAD:
             got, spent = await trio.to_thread.run_sync(_md5_hex, data, abandon_on_cancel=True)
         else:
             got, spent = _md5_hex(data)
@@ -616,12 +591,12 @@ class S3Reader:
         got_etag = resp.get("ETag")
         if ref.etag is not None and ref.version_id is not None:
             # a pinned version's ETag was recorded from this very object: it must match exactly
-            got = None if got_etag is None else _strip_etag(str(got_etag))
-            if got != _strip_etag(ref.etag):
-                raise self._fail(name, "ETag", _strip_etag(ref.etag), got)
+            got = None if got_etag is None else strip_etag(str(got_etag))
+            if got != strip_etag(ref.etag):
+                raise self._fail(name, "ETag", strip_etag(ref.etag), got)
         elif ref.etag is not None and got_etag is not None:
             # blobs: the record's dandi-etag is comparable only to an ETag of the same form
-            expected, got = _strip_etag(ref.etag), _strip_etag(str(got_etag))
+            expected, got = strip_etag(ref.etag), strip_etag(str(got_etag))
             if etag_form(expected) == etag_form(got) and expected != got:
                 raise self._fail(name, "ETag", expected, got)
         content_range = resp.get("ContentRange")

@@ -32,7 +32,6 @@ import cachetools
 from zarrfs import config
 from zarrfs.archive.levels import ZARR_SUFFIX, Level, NodeKey
 from zarrfs.archive.resolver import (
-    PUBLISHED_VERSION_RE,
     ResolvedVersion,
     dandiset_exists,
     list_dandisets,
@@ -42,6 +41,7 @@ from zarrfs.archive.resolver import (
     resolved_to_json,
     zarr_current_checksum,
 )
+from zarrfs.archive.sources import PUBLISHED_VERSION_RE
 from zarrfs.base.flight import SingleFlight
 from zarrfs.config import Source
 from zarrfs.errors import DataError, ObjectMissing, RemoteError, VersionNotFound, copy_error

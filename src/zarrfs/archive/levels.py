@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 
-from zarrfs.archive.resolver import DANDISET_ID_RE, PUBLISHED_VERSION_RE
+from zarrfs.archive.sources import DANDISET_ID_RE, PUBLISHED_VERSION_RE
+from zarrfs.base.refs import UUID_RE
 from zarrfs.manifests.checksums import is_checksum
 
 _HEX3 = re.compile(r"^[0-9a-f]{3}\Z")
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 ZARR_SUFFIX = ".zarr"
 
 
@@ -94,7 +94,7 @@ def child_key(parent: NodeKey, name: str) -> NodeKey | None:
     if level == Level.ZARRS_PREFIX:
         return NodeKey(Level.ZARRS_IDS, zarr=parent.zarr + name) if _HEX3.match(name) else None
     if level == Level.ZARRS_IDS:
-        if _UUID.match(name) and name[:3] + name[3:6] == parent.zarr:
+        if UUID_RE.match(name) and name[:3] + name[3:6] == parent.zarr:
             return NodeKey(Level.ZARR_CHECKSUMS, zarr=name)
         return None
     if level == Level.ZARR_CHECKSUMS:

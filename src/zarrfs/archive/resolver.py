@@ -1,343 +1,40 @@
-"""The DANDI resolver: `SOURCE` strings -> `Source`, and a `Source` -> the pinned list of its assets.
+"""Resolving a dandiset version to the pinned list of its assets, and the archive's lists.
 
-Owns: parsing the user's SOURCE spellings, parsing asset records (`assets.jsonld` items or API rows),
-mapping their S3 URLs onto the configured bucket, resolving a version, and the archive's lists (the
-dandisets, a dandiset's published versions, a Zarr's current checksum). A published version comes only
-from `dandisets/<id>/<version>/assets.jsonld` in the bucket, and `latest` is the newest version the
-bucket holds; the REST API is used for `draft` (whose Zarrs are pinned to the checksum each has at
-resolution time), for the list of dandisets (with the bucket as fallback) and for a Zarr's current
-checksum. Never touches FUSE, and reads remote data only through `remote.Remote`.
+Owns: resolving a version (a published one only from `dandisets/<id>/<version>/assets.jsonld` in the
+bucket; `latest`, the newest version the bucket holds; `draft` through the REST API, each Zarr pinned
+to the checksum it has at resolution time), its JSON form (for stored versions and draft pins), and
+the archive's lists: the dandisets (API, with the bucket as fallback), a dandiset's published
+versions and existence (bucket), a Zarr's current checksum (API). Parsing SOURCE is `sources`',
+parsing asset records `assets`'. Never touches FUSE; reads remote data only through `io.remote.Remote`.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import re
 import tempfile
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
-from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import trio
 
-from zarrfs.base.names import path_problem
-from zarrfs.base.refs import INT64_MAX
-from zarrfs.config import MAX_API_RESPONSE_BYTES, MAX_ASSET_LIST_BYTES, MountSource, Source
-from zarrfs.errors import (
-    ObjectMissing,
-    RemoteError,
-    SourceError,
-    VersionNotFound,
-    unwrap_single_exception,
+from zarrfs import config
+from zarrfs.archive.assets import (
+    ZARR_MEDIA_TYPE,
+    AssetRecord,
+    parse_asset_records,
+    read_asset_records,
 )
+from zarrfs.archive.sources import DANDISET_ID_RE, PUBLISHED_VERSION_RE
+from zarrfs.config import MAX_API_RESPONSE_BYTES, MAX_ASSET_LIST_BYTES, Source
+from zarrfs.errors import ObjectMissing, RemoteError, VersionNotFound, unwrap_single_exception
 from zarrfs.manifests.checksums import is_checksum
 
 if TYPE_CHECKING:  # the resolver is handed a Remote; importing it would pull in aiobotocore
     from zarrfs.io.remote import Remote
 
 log = logging.getLogger(__name__)
-
-DANDISET_ID_RE = re.compile(r"^[0-9]{6}\Z")
-PUBLISHED_VERSION_RE = re.compile(r"^0\.[0-9]{6}\.[0-9]{4}\Z")
-ZARR_MEDIA_TYPE = "application/x-zarr"
-_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-_BLOB_KEY_RE = re.compile(rf"^blobs/[0-9a-f]{{3}}/[0-9a-f]{{3}}/{_UUID}\Z")
-_ZARR_KEY_RE = re.compile(rf"^zarr/(?P<zarr_id>{_UUID})/?\Z")
-_VIRTUAL_HOST_RE = re.compile(r"^(?P<bucket>.+)\.s3(?:[.-][a-z0-9-]+)?\.amazonaws\.com\Z")
-_PATH_STYLE_HOST_RE = re.compile(r"^s3(?:[.-][a-z0-9-]+)?\.amazonaws\.com\Z")
-#: Concurrent API calls while pinning the Zarrs of a draft.
-_API_CONCURRENCY = 16
-API_PAGE_SIZE = 1000
-
-
-# --- SOURCE parsing ---------------------------------------------------------------------------------
-
-
-#: The dandi CLI's instance name of the public archive (`dandi://dandi/...`).
-INSTANCE_NAMES = ("dandi",)
-_ACCEPTED = (
-    "expected dandi (the whole archive), DANDISET (every version: 000123), DANDISET@VERSION "
-    "(000123@0.251101.1200, 000123@draft, 000123@latest), DANDI:DANDISET[/VERSION], "
-    "https://dandiarchive.org/dandiset/DANDISET/VERSION, or the dandi CLI's "
-    "dandi://dandi[/DANDISET[@VERSION][/PATH]]"
-)
-
-
-def parse_source(text: str) -> MountSource:
-    """Parse what to mount: `dandi` or `dandi://dandi` (the whole archive), `000123` or
-    `DANDI:000123` (every version), `000123@0.251101.1200`, `DANDI:000123/0.251101.1200`, a
-    dandiarchive.org URL, or the dandi CLI's `dandi://dandi/000123@VERSION/PATH` (PATH: a directory
-    of the version, possibly inside a Zarr; it needs a version).
-
-    VERSION is a published version (`0.YYMMDD.HHMM`), `draft` or `latest`. Raises SourceError with a
-    message showing the accepted forms. Nothing is normalized: a PATH with `.`/`..` is refused.
-    """
-    t = text.strip()
-    dandiset: str | None = None
-    version: str | None = None
-    path = ""
-    if t.lower() in INSTANCE_NAMES:
-        return MountSource()
-    if t.lower().startswith("dandi://"):
-        instance, _, rest = t[len("dandi://") :].partition("/")
-        if instance.lower() not in INSTANCE_NAMES:
-            raise SourceError(
-                f"unknown DANDI instance {instance!r} in {text!r}: zarrfs knows "
-                f"{', '.join(INSTANCE_NAMES)} (point --bucket and --api-url at another instance)"
-            )
-        rest = rest.strip("/")
-        if not rest:
-            return MountSource()
-        head, _, path = rest.partition("/")
-        dandiset, _, version_text = head.partition("@")
-        version = version_text if "@" in head else None
-        if path and version is None:
-            raise SourceError(
-                f"{text!r} names a path but no version: use dandi://dandi/{dandiset}@VERSION/{path}"
-            )
-    elif (m := re.match(r"^(?:dandi:)?([0-9]+)(?:@([^/@\s]+)(/.*)?)?\Z", t, re.IGNORECASE)) or (
-        m := re.match(r"^DANDI:([0-9]+)(?:/([^/\s]+)(/.*)?)?\Z", t, re.IGNORECASE)
-    ):
-        dandiset, version, path = m.group(1), m.group(2), (m.group(3) or "")[1:].rstrip("/")
-    elif t.startswith(("https://", "http://")):
-        try:
-            url = urlsplit(t)
-            host = url.hostname or ""
-        except ValueError:  # e.g. a malformed IPv6 host
-            url, host = urlsplit(""), ""
-        parts = [p for p in url.path.split("/") if p]
-        if host.endswith("dandiarchive.org") and len(parts) >= 3 and parts[0] == "dandiset":
-            dandiset, version = parts[1], parts[2]
-        elif host.endswith("dandiarchive.org") and len(parts) == 2 and parts[0] == "dandiset":
-            raise SourceError(
-                f"{text!r} names no version: append /<version>, /draft or /latest (or mount "
-                f"{parts[1]} for every version)"
-            )
-    if dandiset is None:
-        raise SourceError(f"cannot parse SOURCE {text!r}: {_ACCEPTED}")
-    if not DANDISET_ID_RE.match(dandiset):
-        raise SourceError(
-            f"bad dandiset id {dandiset!r} in {text!r}: expected six digits, e.g. 000123"
-        )
-    if version is not None:
-        version = version.lower() if version.lower() in ("draft", "latest") else version
-        if version not in ("draft", "latest") and not PUBLISHED_VERSION_RE.match(version):
-            raise SourceError(
-                f"bad version {version!r} in {text!r}: expected 0.YYMMDD.HHMM, 'draft' or 'latest'"
-            )
-    if path and (why := path_problem(path)) is not None:
-        raise SourceError(f"bad path {path!r} in {text!r}: {why}")
-    return MountSource(dandiset, version, path)
-
-
-# --- asset records ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class AssetRecord:
-    """One asset of a resolved version: a blob (one file) or a Zarr (a directory tree).
-
-    `problem` is set when the asset is listed but cannot be served exactly (no S3 URL, no checksum
-    yet, ...); opening or listing it then fails with EIO and the problem is logged.
-    """
-
-    asset_id: str
-    path: str
-    size: int
-    mtime_ns: int
-    blob_key: str | None = None
-    blob_etag: str | None = None
-    zarr_id: str | None = None
-    zarr_checksum: str | None = None
-    problem: str | None = None
-    #: The checksum is the Zarr's live one (a draft pinned through the API): with no manifest
-    #: anywhere, the manifest may be built from the bucket's listing and verified against it.
-    live: bool = False
-
-    @property
-    def is_zarr(self) -> bool:
-        return self.zarr_id is not None
-
-
-def s3_key_from_url(url: str) -> str | None:
-    """The object key of an `https://<bucket>.s3[.<region>].amazonaws.com/<key>` URL, else None.
-
-    The bucket of the URL is deliberately dropped: keys are re-targeted at the configured bucket.
-    """
-    try:
-        parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
-    except ValueError:  # e.g. a malformed IPv6 host
-        return None
-    if parts.scheme not in ("https", "http") or parts.query:
-        return None
-    path = unquote(parts.path)
-    if _VIRTUAL_HOST_RE.match(host) and not _PATH_STYLE_HOST_RE.match(host):
-        key = path.lstrip("/")
-    elif _PATH_STYLE_HOST_RE.match(host):
-        _, _, key = path.lstrip("/").partition("/")
-    else:
-        return None
-    return key or None
-
-
-def check_asset_path(path: str) -> str | None:
-    """Why `path` cannot be an asset path (see `names.path_problem`: absolute, empty components,
-    `.`/`..`, NUL, not valid Unicode, a component over 255 bytes), or None. Never normalized."""
-    return path_problem(path)
-
-
-def _timestamp_ns(value: object) -> int:
-    """Nanoseconds since the epoch of an ISO 8601 time with offset; 0 when unusable or out of the
-    range a file time can have (int64 nanoseconds)."""
-    if not isinstance(value, str):
-        return 0
-    try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        if dt.tzinfo is None:
-            return 0
-        ns = int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
-    except (ValueError, OverflowError, OSError):
-        return 0
-    return ns if -INT64_MAX <= ns <= INT64_MAX else 0
-
-
-def parse_asset_record(record: dict[str, Any]) -> AssetRecord:
-    """Parse one `assets.jsonld` item (the `metadata` of an API asset row).
-
-    Raises ValueError when the record cannot name a path at all; problems that still allow showing the
-    asset (no usable S3 URL, missing checksum) are recorded in `problem`.
-    """
-    path = record.get("path")
-    why = check_asset_path(path) if isinstance(path, str) else "not a string"
-    if why or not isinstance(path, str):
-        raise ValueError(f"asset record with unusable path {path!r:.120} ({why})")
-    identifier = record.get("identifier") or str(record.get("id", "")).removeprefix("dandiasset:")
-    asset_id = str(identifier)[:200]
-    size = record.get("contentSize")
-    if type(size) is not int or not 0 <= size <= INT64_MAX:
-        raise ValueError(f"asset {path!r} has no valid contentSize ({size!r:.40})")
-    urls = record.get("contentUrl") or []
-    if isinstance(urls, str):
-        urls = [urls]
-    if not isinstance(urls, list):
-        urls = []
-    keys = [k for k in (s3_key_from_url(u) for u in urls if isinstance(u, str)) if k]
-    digest = record.get("digest")
-    if not isinstance(digest, dict):
-        digest = {}
-    is_zarr = record.get("encodingFormat") == ZARR_MEDIA_TYPE or any(
-        k.startswith("zarr/") for k in keys
-    )
-    if is_zarr:
-        zarr_id = next((m.group("zarr_id") for k in keys if (m := _ZARR_KEY_RE.match(k))), None)
-        checksum = digest.get("dandi:dandi-zarr-checksum")
-        problem = None
-        if zarr_id is None:
-            problem = f"no S3 URL of the form zarr/<zarr id>/ in contentUrl {urls!r}"
-        elif not isinstance(checksum, str) or not is_checksum(checksum):
-            problem = f"no valid dandi:dandi-zarr-checksum ({checksum!r})"
-            checksum = None
-        return AssetRecord(
-            asset_id=asset_id,
-            path=path,
-            size=size,
-            mtime_ns=_timestamp_ns(record.get("dateModified")),
-            zarr_id=zarr_id or "",
-            zarr_checksum=checksum,
-            problem=problem,
-        )
-    blob_key = next((k for k in keys if _BLOB_KEY_RE.match(k)), None)
-    etag = digest.get("dandi:dandi-etag")
-    return AssetRecord(
-        asset_id=asset_id,
-        path=path,
-        size=size,
-        mtime_ns=_timestamp_ns(record.get("blobDateModified") or record.get("dateModified")),
-        blob_key=blob_key,
-        blob_etag=etag if isinstance(etag, str) else None,
-        problem=None if blob_key else f"no S3 URL of the form blobs/... in contentUrl {urls!r}",
-    )
-
-
-def parse_asset_records(records: Iterable[object]) -> list[AssetRecord]:
-    """Parse many records, logging (one line each) and skipping those that cannot be shown."""
-    assets = []
-    for record in records:
-        if not isinstance(record, dict):
-            log.warning("skipping an asset record that is not an object: %.80r", record)
-            continue
-        try:
-            assets.append(parse_asset_record(record))
-        except ValueError as e:
-            log.warning("skipping asset: %s", e)
-    return assets
-
-
-def iter_json_array(stream: BinaryIO, chunk_size: int = 1 << 20) -> Iterator[Any]:
-    """Yield the items of a JSON array one at a time, reading `stream` incrementally.
-
-    Memory is bounded by the largest item plus one chunk, however long the array. Raises ValueError
-    on anything that is not a well-formed JSON array.
-    """
-    text = io.TextIOWrapper(stream, encoding="utf-8")
-    decoder = json.JSONDecoder()
-    buf, pos, eof = "", 0, False
-
-    def fill() -> bool:
-        nonlocal buf, pos, eof
-        more = text.read(max(chunk_size, len(buf) - pos))
-        eof = not more
-        buf, pos = buf[pos:] + more, 0
-        return not eof
-
-    def skip_ws() -> str:
-        nonlocal pos
-        while True:
-            while pos < len(buf) and buf[pos] in " \t\r\n":
-                pos += 1
-            if pos < len(buf):
-                return buf[pos]
-            if not fill():
-                return ""
-
-    if skip_ws() != "[":
-        raise ValueError("not a JSON array")
-    pos += 1
-    if skip_ws() == "]":
-        return
-    while True:
-        try:
-            item, end = decoder.raw_decode(buf, pos)
-            if end == len(buf) and not eof:
-                raise json.JSONDecodeError("item may continue", buf, end)
-        except json.JSONDecodeError:
-            if eof or not fill():
-                raise ValueError("truncated or malformed JSON array") from None
-            continue
-        pos = end
-        yield item
-        sep = skip_ws()
-        if sep == "]":
-            return
-        if sep != ",":
-            raise ValueError(f"expected ',' or ']' in JSON array, found {sep!r}")
-        pos += 1
-        skip_ws()
-
-
-def read_asset_records(path: Path) -> list[AssetRecord]:
-    """Parse an `assets.jsonld` file item by item (it can be large); CPU-bound, run in a thread."""
-    with open(path, "rb") as f:
-        return parse_asset_records(iter_json_array(f))
-
-
-# --- resolution -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,7 +175,7 @@ async def dandiset_exists(dandiset_id: str, remote: Remote) -> bool:
 async def list_dandisets(remote: Remote, api_url: str) -> list[str]:
     """Every dandiset id, paging through the API (`/dandisets/`, 1,000 a page); when the API cannot
     be reached, from the bucket's `dandisets/` prefixes instead (logged)."""
-    url: str | None = f"{api_url}/dandisets/?{urlencode({'page_size': API_PAGE_SIZE})}"
+    url: str | None = f"{api_url}/dandisets/?{urlencode({'page_size': config.API_PAGE_SIZE})}"
     ids: list[str] = []
     seen: set[str] = set()
     try:
@@ -531,7 +228,7 @@ async def zarr_current_checksum(zarr_id: str, remote: Remote, api_url: str) -> s
 
 
 async def _draft_assets(source: Source, remote: Remote, api_url: str) -> list[AssetRecord]:
-    query = urlencode({"metadata": "true", "page_size": API_PAGE_SIZE})
+    query = urlencode({"metadata": "true", "page_size": config.API_PAGE_SIZE})
     url: str | None = f"{api_url}/dandisets/{source.dandiset_id}/versions/draft/assets/?{query}"
     what = f"dandiset {source.dandiset_id} version draft"
     records: list[object] = []
@@ -550,7 +247,7 @@ async def _draft_assets(source: Source, remote: Remote, api_url: str) -> list[As
             url += ("&" if "?" in url else "?") + "metadata=true"
     assets = parse_asset_records(records)
     pinned: dict[int, AssetRecord] = {}
-    limiter = trio.CapacityLimiter(_API_CONCURRENCY)
+    limiter = trio.CapacityLimiter(config.API_CONCURRENCY)
 
     async def pin(i: int, asset: AssetRecord) -> None:
         async with limiter:

@@ -375,7 +375,7 @@ def apply_o_options(args: argparse.Namespace) -> None:
 def config_from_args(args: argparse.Namespace) -> cfg.Config:
     from dataclasses import replace
 
-    from zarrfs.archive.resolver import parse_source
+    from zarrfs.archive.sources import parse_source
 
     apply_o_options(args)
     source = parse_source(args.source)

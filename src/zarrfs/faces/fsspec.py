@@ -21,7 +21,7 @@ Concurrency: an instance holds only its options, so it pickles as its arguments 
 threads may use it. Each process has one runtime: a daemon thread running a trio loop, started on the
 first operation in that process (after a fork or an unpickling too) and closed at exit, in which
 `core.open_filesystem` runs once per source (a version, a dandiset, the archive) and set of options,
-the least recently used idle ones closed beyond `MAX_SOURCES`. Every operation is one call into that
+the least recently used idle ones closed beyond `config.FSSPEC_MAX_SOURCES`. Every operation is one call into that
 loop (`trio.from_thread.run`), where all core state lives; the calling threads block, so readers that
 parallelize (zarr-python, Dask) keep many operations in flight in the loop at once.
 """
@@ -45,7 +45,7 @@ import trio
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from zarrfs import config as cfg
-from zarrfs.archive.resolver import parse_source
+from zarrfs.archive.sources import parse_source
 from zarrfs.base.refs import ObjectRef
 from zarrfs.config import Config, MountSource
 from zarrfs.errors import (
@@ -55,6 +55,7 @@ from zarrfs.errors import (
     SourceError,
     VersionNotFound,
     ZarrfsError,
+    copy_error,
     errno_for,
 )
 from zarrfs.fs.core import open_filesystem
@@ -62,20 +63,6 @@ from zarrfs.fs.filesystem import Filesystem, OpenFile
 from zarrfs.fs.namespace import ROOT_INO, Entry
 
 PROTOCOL = "zarrfs"
-#: Sources (versions, dandisets, the archive, per set of options) a process keeps open at most;
-#: beyond that the least recently used one without open files or operations in flight is closed
-#: (each has its own block cache, so this bounds a process that visits many versions).
-MAX_SOURCES = 8
-#: Largest piece one read of the block cache asks for: a big `cat_file` is read piece by piece,
-#: sequentially, so that the prefetch streams ahead and no one read holds the whole object.
-READ_PIECE = 8 << 20
-#: Ranges of one `cat_ranges` call read at once at most.
-RANGE_CONCURRENCY = 64
-#: Symbolic links (an archive's `latest`) followed in one path at most.
-MAX_LINKS = 8
-#: Seconds to wait for the runtime's loop to start, and for it to close at exit.
-START_TIMEOUT = 60.0
-CLOSE_TIMEOUT = 10.0
 #: Options fsspec or its callers pass to every filesystem, meaningless here (zarr-python passes
 #: `asynchronous=True`, then wraps this synchronous filesystem itself).
 IGNORED_OPTIONS = frozenset(
@@ -194,8 +181,10 @@ class Runtime:
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="zarrfs-fsspec", daemon=True)
         self._thread.start()
-        if not self._started.wait(START_TIMEOUT):
-            raise RuntimeError(f"the zarrfs runtime did not start within {START_TIMEOUT:g} s")
+        if not self._started.wait(cfg.FSSPEC_START_TIMEOUT):
+            raise RuntimeError(
+                f"the zarrfs runtime did not start within {cfg.FSSPEC_START_TIMEOUT:g} s"
+            )
         if self._failure is not None:
             raise RuntimeError("the zarrfs runtime failed to start") from self._failure
 
@@ -218,14 +207,14 @@ class Runtime:
             token.run_sync_soon(nursery.start_soon, _release, handle)
 
     def close(self) -> None:
-        """Close every source and stop the loop (at exit); waits at most CLOSE_TIMEOUT."""
+        """Close every source and stop the loop (at exit); waits at most cfg.FSSPEC_CLOSE_TIMEOUT."""
         if not self.alive or self._token is None or self._closing is None:
             return
         try:
             trio.from_thread.run_sync(self._closing.set, trio_token=self._token)
         except trio.RunFinishedError:
             return
-        self._thread.join(CLOSE_TIMEOUT)
+        self._thread.join(cfg.FSSPEC_CLOSE_TIMEOUT)
 
     def _run(self) -> None:
         try:
@@ -244,7 +233,7 @@ class Runtime:
             for served in self._served.values():
                 served.stop.set()
             self._served.clear()
-            nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT / 2
+            nursery.cancel_scope.deadline = trio.current_time() + cfg.FSSPEC_CLOSE_TIMEOUT / 2
 
     async def sources(self) -> list[MountSource]:
         """The sources open now (or opening), least recently used first (`call` it)."""
@@ -277,7 +266,7 @@ class Runtime:
             raise
         if served.error is not None:
             self.let_go(served)
-            raise _copy(served.error) from served.error  # each waiter raises its own
+            raise copy_error(served.error) from served.error  # each waiter raises its own
         return served
 
     def let_go(self, served: _Served) -> None:
@@ -301,22 +290,15 @@ class Runtime:
             served.ready.set()
 
     def _trim(self) -> None:
-        """Close the least recently used idle sources beyond MAX_SOURCES."""
+        """Close the least recently used idle sources beyond cfg.FSSPEC_MAX_SOURCES."""
         idle = sorted(
             (s for s in self._served.values() if s.users == 0 and s.fs is not None),
             key=lambda s: s.last_used,
         )
-        excess = len(self._served) - MAX_SOURCES
+        excess = len(self._served) - cfg.FSSPEC_MAX_SOURCES
         for served in idle[: max(excess, 0)]:
             del self._served[served.config]
             served.stop.set()
-
-
-def _copy(error: Exception) -> Exception:
-    try:
-        return type(error)(*error.args)
-    except Exception:  # a constructor that wants more than its args
-        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 _lock = threading.Lock()
@@ -365,7 +347,7 @@ async def _resolve(fs: Filesystem, parts: Sequence[str], *, follow: bool = True)
         entry = await fs.lookup(ino, name.encode("utf-8", "surrogateescape"))
         if entry.link is not None and (todo or follow):
             links += 1
-            if links > MAX_LINKS:
+            if links > cfg.FSSPEC_MAX_LINKS:
                 raise NotFound(f"too many symbolic links in {'/'.join(parts)}")
             todo = [*_join(done, entry.link.decode("utf-8", "surrogateescape")), *todo]
             done = []
@@ -508,7 +490,7 @@ async def _read(handle: _Handle, start: int, end: int) -> bytes:
     pieces = []
     offset = start
     while offset < end:
-        piece = await fs.read(handle.file, offset, min(READ_PIECE, end - offset))
+        piece = await fs.read(handle.file, offset, min(cfg.FSSPEC_READ_PIECE, end - offset))
         if not piece:
             break
         pieces.append(piece)
@@ -538,7 +520,7 @@ async def _cat_ranges(
     rt: Runtime, requests: list[tuple[Config, FsspecPath, int | None, int | None]]
 ) -> list[bytes | Exception]:
     results: list[bytes | Exception] = [b""] * len(requests)
-    limiter = trio.CapacityLimiter(RANGE_CONCURRENCY)
+    limiter = trio.CapacityLimiter(cfg.FSSPEC_RANGE_CONCURRENCY)
 
     async def one(
         i: int, config: Config, where: FsspecPath, start: int | None, end: int | None

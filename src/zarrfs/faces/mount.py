@@ -57,7 +57,7 @@ if TYPE_CHECKING:  # the core is imported once the mount is made (fast start)
 log = logging.getLogger(__name__)
 
 #: Seconds in-flight requests get to finish after a stop signal before they are cancelled.
-SHUTDOWN_GRACE = 5.0
+cfg.SHUTDOWN_GRACE = 5.0
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: Device numbers of /dev/fuse (the kernel's MISC_MAJOR and FUSE_MINOR).
 _FUSE_DEVICE = (10, 229)
@@ -225,7 +225,7 @@ def _snapshot(fs: Filesystem) -> dict[str, object]:
 
 
 async def _publish_stats(fs: Filesystem, config: Config) -> None:
-    """Keep `zarrfs stats MOUNTPOINT` current (runtime.STATS_INTERVAL)."""
+    """Keep `zarrfs stats MOUNTPOINT` current (cfg.STATS_INTERVAL)."""
     while True:
         try:
             await trio.to_thread.run_sync(
@@ -233,7 +233,7 @@ async def _publish_stats(fs: Filesystem, config: Config) -> None:
             )
         except OSError as e:
             log.debug("cannot write the stats file: %s", e)
-        await trio.sleep(runtime.STATS_INTERVAL)
+        await trio.sleep(cfg.STATS_INTERVAL)
 
 
 async def _serve_metrics(
@@ -295,14 +295,14 @@ async def _handle_signals(scope: trio.CancelScope, reopen_log: Callable[[], None
                 if cancel_at == math.inf:
                     log.info("received %s, unmounting", name)
                     pyfuse3.terminate()
-                    cancel_at = trio.current_time() + SHUTDOWN_GRACE
+                    cancel_at = trio.current_time() + cfg.SHUTDOWN_GRACE
                     continue
                 log.warning("received %s again: cancelling in-flight requests now", name)
                 scope.cancel()
                 return
             log.warning(
                 "requests still running %.0f s after the stop signal: cancelling them",
-                SHUTDOWN_GRACE,
+                cfg.SHUTDOWN_GRACE,
             )
             scope.cancel()
             return

@@ -4,7 +4,7 @@
 Owns: one private directory per user (`$XDG_RUNTIME_DIR/zarrfs`, else `/tmp/zarrfs-<uid>`), and in
 it, per live mount, `<key>.json` (its pid, mountpoint and the configuration it runs with, enough to
 rebuild its `Config`) and `<key>.stats.json` (its latest `stats.snapshot`, rewritten every
-`STATS_INTERVAL` seconds), where `<key>` is a hash of the mountpoint's real path (`real_path`:
+`config.STATS_INTERVAL` seconds), where `<key>` is a hash of the mountpoint's real path (`real_path`:
 symbolic links resolved, as /proc/self/mounts shows mountpoints, so that a mount made or asked about
 through a symlinked `$HOME` is one key); finding the zarrfs mount a local path is under (from
 `/proc/self/mounts`) and the device number of a mount (from `/proc/self/mountinfo`).
@@ -36,25 +36,22 @@ from hashlib import sha1
 from pathlib import Path
 from typing import Any
 
+from zarrfs import config
 from zarrfs.config import Config, MountSource, S3Settings
 from zarrfs.errors import UserError
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two stats files of a running mount.
-STATS_INTERVAL = 2.0
 #: The runtime dir without a usable `$XDG_RUNTIME_DIR` is `<TMP_BASE>/zarrfs-<uid>` (not `$TMPDIR`:
 #: a batch job's differs from the login shell's). Tests point it elsewhere.
 TMP_BASE = Path("/tmp")
-#: Symbolic links `real_path` follows before it gives up (as the kernel's MAXSYMLINKS).
-MAX_LINKS = 40
 
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _NOT_TRUSTED = (
     "not trusted (have it removed, or set XDG_RUNTIME_DIR to a private directory of yours)"
 )
-#: Runtime dirs whose refusal was logged already (a mount tries every `STATS_INTERVAL`).
+#: Runtime dirs whose refusal was logged already (a mount tries every `config.STATS_INTERVAL`).
 _warned: set[str] = set()
 
 
@@ -120,7 +117,7 @@ def real_path(path: os.PathLike[str] | str) -> Path:
     if re.fullmatch(r"/dev/fd/\d+", text):
         return Path(text)
     text = os.path.join(os.getcwd(), text)
-    for _ in range(MAX_LINKS):
+    for _ in range(config.MAX_LINKS):
         text = text.rstrip("/") or "/"
         parent, name = os.path.split(text)
         if name in ("", ".", ".."):

@@ -1,16 +1,14 @@
 """What a running core has done, as one snapshot: requests, bytes, cache hit ratios, retries,
 errors, read latency percentiles; and the same as Prometheus text.
 
-Owns: the read-latency histogram (log-spaced buckets, constant memory), gathering every part's
-counters into one JSON-ready dict (`snapshot`), and rendering it in the Prometheus text format
-(`prometheus_text`, for `--metrics-port`; no client library needed). Never keeps counters of its own
-besides the histogram: each part owns its counters (`S3Reader.stats`, `BlockCache.stats()`, ...).
+Owns: gathering every part's counters into one JSON-ready dict (`snapshot`), and rendering it in the
+Prometheus text format (`prometheus_text`, for `--metrics-port`; no client library needed). Never keeps
+counters of its own: each part owns its counters (`S3Reader.stats`, `BlockCache.stats()`, the
+filesystem's read-latency histogram, ...).
 """
 
 from __future__ import annotations
 
-import bisect
-import math
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -19,36 +17,6 @@ from zarrfs.io import retry
 
 if TYPE_CHECKING:
     from zarrfs.fs.filesystem import Filesystem
-
-#: Upper bounds (seconds) of the latency buckets: 50 us to ~200 s, each twice the previous.
-BUCKETS = tuple(0.00005 * 2**i for i in range(23))
-
-
-class LatencyHistogram:
-    """Counts of observations by bucket; percentiles are bucket upper bounds (within 2x)."""
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
-        self.total = 0
-        self.sum = 0.0
-        self.max = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self.total += 1
-        self.sum += seconds
-        self.max = max(self.max, seconds)
-
-    def percentile(self, q: float) -> float | None:
-        if not self.total:
-            return None
-        rank = math.ceil(q * self.total)
-        seen = 0
-        for i, count in enumerate(self.counts):
-            seen += count
-            if seen >= rank:
-                return BUCKETS[i] if i < len(BUCKETS) else self.max
-        return self.max
 
 
 def snapshot(fs: Filesystem, extra: dict[str, Any] | None = None) -> dict[str, Any]:

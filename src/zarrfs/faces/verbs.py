@@ -3,7 +3,7 @@
 Owns: what each verb does and prints, on the same core as the mount (`core.open_filesystem`); for a
 path under a live zarrfs mount, the mount's own configuration (`runtime`), so that `info` and `verify`
 see exactly what it serves; progress bars for long work (`tqdm` on a terminal, plain lines every
-`PROGRESS_INTERVAL` seconds otherwise). Never parses arguments or maps errors to exit codes (`cli`
+`config.PROGRESS_INTERVAL` seconds otherwise). Never parses arguments or maps errors to exit codes (`cli`
 does), never touches FUSE: `verify` reads files through the mount as any program would.
 """
 
@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from zarrfs import config as cfg
 from zarrfs.archive.digests import EtagHasher
 from zarrfs.base.refs import ObjectRef
 from zarrfs.config import Config
@@ -33,17 +34,9 @@ from zarrfs.fs.core import open_filesystem
 from zarrfs.fs.filesystem import Filesystem, OpenFile
 from zarrfs.fs.namespace import ROOT_INO, Entry
 from zarrfs.io.cache_dir import CacheLayout
+from zarrfs.manifests.metadata import METADATA_NAMES
 
 log = logging.getLogger(__name__)
-
-#: Seconds between plain progress lines when stderr is not a terminal.
-PROGRESS_INTERVAL = 5.0
-#: Bytes read at a time by `verify` and `cache warm --data`.
-CHUNK = 4 << 20
-#: Files read at once by `cache warm --data`.
-WARM_CONCURRENCY = 8
-#: The Zarr metadata objects (the `metadata` alias of `cache warm` paths).
-METADATA_FILES = (".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json")
 
 
 class Progress:
@@ -72,7 +65,7 @@ class Progress:
             self._bar.update(nbytes)
             return
         now = time.monotonic()
-        if now - self.reported >= PROGRESS_INTERVAL:
+        if now - self.reported >= cfg.PROGRESS_INTERVAL:
             self.reported = now
             print(self.line(), file=sys.stderr, flush=True)
 
@@ -135,7 +128,7 @@ async def walk(
 async def read_whole(fs: Filesystem, handle: OpenFile, size: int) -> int:
     done = 0
     while done < size:
-        chunk = await fs.read(handle, done, min(CHUNK, size - done))
+        chunk = await fs.read(handle, done, min(cfg.VERB_READ_CHUNK, size - done))
         if not chunk:
             break
         done += len(chunk)
@@ -394,7 +387,7 @@ async def verify(path: Path) -> Verdict:
 def _etag_of_file(path: Path, size: int, published: str) -> str:
     hasher = EtagHasher(size)
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
+        while chunk := f.read(cfg.VERB_READ_CHUNK):
             hasher.update(chunk)
     return hasher.etag(multipart="-" in published)
 
@@ -545,7 +538,7 @@ def _matches(path: str, patterns: list[str]) -> bool:
         return True
     name = path.rsplit("/", 1)[-1]
     for pattern in patterns:
-        if pattern == "metadata" and name in METADATA_FILES:
+        if pattern == "metadata" and name in METADATA_NAMES:
             return True
         pattern = pattern.strip("/")
         if fnmatch.fnmatchcase(path, pattern) or path == pattern or path.startswith(pattern + "/"):
@@ -576,7 +569,7 @@ async def cache_warm(config: Config, patterns: list[str], data: bool) -> list[st
         if disk is None:
             raise UserError("--data needs the disk block cache (--cache-size is 0)")
         progress = Progress(f"warm {config.source}", sum(i.entry.size for i in files), len(files))
-        limiter = trio.CapacityLimiter(WARM_CONCURRENCY)
+        limiter = trio.CapacityLimiter(cfg.WARM_CONCURRENCY)
 
         async def one(item: Item) -> None:
             async with limiter:

@@ -134,7 +134,7 @@ async def _import_manifest_machinery() -> None:
     that entering a Zarr does not wait for them. Only for versions that hold Zarrs: they cost ~40 MB
     of memory, which a mount of NWB files alone never needs."""
     await trio.to_thread.run_sync(
-        importlib.import_module, "zarrfs.manifests.index", abandon_on_cancel=True
+        importlib.import_module, "zarrfs.manifests.parse", abandon_on_cancel=True
     )
 
 

@@ -41,15 +41,12 @@ import trio
 
 from zarrfs import config
 from zarrfs.archive import levels
+from zarrfs.archive.assets import AssetRecord
 from zarrfs.archive.catalog import Catalog
 from zarrfs.archive.levels import Level, NodeKey
-from zarrfs.archive.resolver import (
-    AssetRecord,
-    ResolvedVersion,
-    resolved_from_json,
-    resolved_to_json,
-)
+from zarrfs.archive.resolver import ResolvedVersion, resolved_from_json, resolved_to_json
 from zarrfs.base.flight import BoundedLRU, SingleFlight
+from zarrfs.base.histogram import LatencyHistogram
 from zarrfs.base.refs import ObjectRef
 from zarrfs.base.resources import Budget, DescriptorGauge
 from zarrfs.config import MountSource, Source
@@ -65,7 +62,6 @@ from zarrfs.errors import (
     is_transient,
     report_bug,
 )
-from zarrfs.faces.stats import LatencyHistogram
 from zarrfs.fs.inodes import InodeSpace, Volume
 from zarrfs.fs.namespace import ROOT_INO, Entry, FileSource, InlineFile, Namespace
 from zarrfs.io.cache_dir import CacheLayout, read_checked_json, write_checked_json

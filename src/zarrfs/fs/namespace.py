@@ -22,7 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from zarrfs.archive.resolver import AssetRecord, ResolvedVersion
+from zarrfs import config
+from zarrfs.archive.assets import AssetRecord
+from zarrfs.archive.resolver import ResolvedVersion
 from zarrfs.base.refs import ObjectRef
 from zarrfs.config import Source
 from zarrfs.errors import DataError, IsADirectory, NotADirectory, NotFound
@@ -39,9 +41,6 @@ NODE_MASK = (1 << ZARR_SHIFT) - 1
 DANDISET_YAML = "dandiset.yaml"
 #: The name of a synthesized consolidated metadata document (`--consolidate`).
 CONSOLIDATED = b".zmetadata"
-#: Bytes of memory one top-level node costs (for LRU weights of resolved versions): measured RSS
-#: per node is up to ~750 B (benchmarks/archive.py, 200 versions entered).
-NODE_BYTES = 768
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +154,7 @@ class Namespace:
     @property
     def approx_bytes(self) -> int:
         """Rough memory this namespace holds (its weight in an LRU of resolved versions)."""
-        return NODE_BYTES * len(self._nodes)
+        return config.NODE_BYTES * len(self._nodes)
 
     # --- construction ---------------------------------------------------------------------------
 

@@ -51,9 +51,6 @@ log = logging.getLogger(__name__)
 #: (object key, version id, block index)
 BlockKey = tuple[str, str | None, int]
 
-#: A whole-object unit may take at most 1/WHOLE_OBJECT_SHARE of the memory budget.
-WHOLE_OBJECT_SHARE = 8
-
 
 class Backing(Protocol):
     """What lies below the cache (`stack.Lower`: the disk tier, then S3), injected once."""
@@ -128,7 +125,7 @@ class BlockCache:
         """The block size used for `ref`: the whole object when it is verifiable as a whole and
         small enough to stay in memory while it is read (at most an eighth of the budget: a unit
         the LRU cannot keep would be fetched again for every read request of the object)."""
-        whole_max = min(self.whole_object_max, self.max_bytes // WHOLE_OBJECT_SHARE)
+        whole_max = min(self.whole_object_max, self.max_bytes // config.WHOLE_OBJECT_SHARE)
         if ref.md5() is not None and 0 < ref.size <= whole_max:
             return ref.size
         return self.block_size

@@ -104,10 +104,6 @@ _CHECK = struct.Struct("<Q")
 HEADER_SIZE = _FIELDS.size + _CHECK.size
 #: Hex digits of the identity digest naming the fan-out directory (4096 directories).
 FANOUT_DIGITS = 3
-#: Seconds between two warnings of one kind; those in between are counted and reported.
-LOG_INTERVAL = 60.0
-#: `put` asks statvfs for the free space at most this often (seconds); in between it subtracts.
-FREE_SPACE_CHECK_INTERVAL = 1.0
 
 _BLOCK_NAME = re.compile(r"[0-9a-f]{64}\.[0-9]+")
 _TEMP_SUFFIX = ".tmp"
@@ -284,7 +280,7 @@ class DiskBlockCache:
         touch_interval: float = config.DISK_CACHE_TOUCH_INTERVAL,
         stale_temp_age: float = config.STALE_TEMP_AGE,
         fsync: bool = config.DISK_CACHE_FSYNC,
-        log_interval: float = LOG_INTERVAL,
+        log_interval: float = config.DISK_CACHE_LOG_INTERVAL,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(
@@ -554,7 +550,7 @@ class DiskBlockCache:
         free space above the floor (refreshing the free space at most once a second)."""
         now = time.monotonic()
         with self._lock:
-            refresh = now - self._free_checked >= FREE_SPACE_CHECK_INTERVAL
+            refresh = now - self._free_checked >= config.DISK_CACHE_FREE_SPACE_INTERVAL
             if refresh:
                 self._free_checked = now  # one thread asks; the others use the last answer
         if refresh:

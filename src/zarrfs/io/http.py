@@ -33,11 +33,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Bytes per chunk of a streamed download.
-DOWNLOAD_CHUNK = 1 << 20
-#: Bodies larger than this are JSON-decoded in a worker thread.
-THREAD_DECODE_THRESHOLD = 1 << 20
-
 
 class HttpStatusError(Exception):
     """A retryable HTTP status (5xx, 429); never leaves this module (it becomes a `RemoteError`)."""
@@ -119,7 +114,7 @@ class HttpClient:
                 _check_size(url, _content_length(response), max_bytes)
                 chunks = []
                 size = 0
-                async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK):
+                async for chunk in response.aiter_bytes(config.DOWNLOAD_CHUNK):
                     size += len(chunk)
                     _check_size(url, size, max_bytes)
                     chunks.append(chunk)
@@ -132,7 +127,7 @@ class HttpClient:
         """`url` decoded as JSON; a body that is not JSON is a `RemoteError`."""
         data = await self.get_bytes(url)
         try:
-            if len(data) > THREAD_DECODE_THRESHOLD:
+            if len(data) > config.JSON_IN_THREAD:
                 return await trio.to_thread.run_sync(json.loads, data, abandon_on_cancel=True)
             return json.loads(data)
         except ValueError as exc:

@@ -12,7 +12,7 @@ Within a class, waiters are served least-attained-service first: each ticket nam
 object it reads), and the waiter whose flow has been granted the fewest slots goes next (oldest first
 among equals). So a reader opening a new chunk is not queued behind dozens of sequential readers that
 each keep requests in flight: it goes to the front, and those streams share what is left fairly.
-Service counts are kept for the most recent `FLOWS_REMEMBERED` flows.
+Service counts are kept for the most recent `config.FLOWS_REMEMBERED` flows.
 
 Never does: I/O, timeouts or retries (the caller's deadline covers the wait when it should: see
 `retry.retry`), or know what a request is for.
@@ -31,8 +31,7 @@ from itertools import count
 import trio
 from cachetools import LRUCache
 
-#: How many flows' service counts are remembered (least recently served ones are forgotten).
-FLOWS_REMEMBERED = 1 << 16
+from zarrfs import config
 
 
 class Priority(IntEnum):
@@ -75,7 +74,7 @@ class RequestSlots:
         self.background_max = background_max
         self._in_use = {p: 0 for p in Priority}
         self._waiting: dict[Priority, list[Ticket]] = {p: [] for p in Priority}
-        self._served: LRUCache[Hashable, int] = LRUCache(maxsize=FLOWS_REMEMBERED)
+        self._served: LRUCache[Hashable, int] = LRUCache(maxsize=config.FLOWS_REMEMBERED)
         self._arrivals = count()
         self.stats = {"granted": 0, "waited": 0, "promoted": 0}
 

@@ -15,18 +15,16 @@ import json
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from zarrfs import config
+
 if TYPE_CHECKING:
     from zarrfs.manifests.index import ManifestIndex
 
-#: The names of Zarr metadata objects (format 2 and 3).
-METADATA_NAMES = frozenset({b".zarray", b".zattrs", b".zgroup", b".zmetadata", b"zarr.json"})
+#: The names of Zarr metadata objects (format 2 and 3): the one list zarrfs has of them.
+METADATA_NAMES = (".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json")
+_METADATA_NAMES = frozenset(name.encode() for name in METADATA_NAMES)
 #: Format 2 metadata that a consolidated `.zmetadata` gathers.
 CONSOLIDATED_NAMES = (".zarray", ".zattrs", ".zgroup")
-#: Directories walked at most to find metadata (chunk directories are never entered).
-MAX_DIRECTORIES = 5000
-#: Metadata objects found at most (and the largest one fetched in advance).
-MAX_OBJECTS = 2000
-MAX_OBJECT_SIZE = 16 << 20
 
 
 def metadata_nodes(index: ManifestIndex) -> list[int]:
@@ -34,7 +32,11 @@ def metadata_nodes(index: ManifestIndex) -> list[int]:
     found: list[int] = []
     queue = deque([index.ROOT])
     walked = 0
-    while queue and walked < MAX_DIRECTORIES and len(found) < MAX_OBJECTS:
+    while (
+        queue
+        and walked < config.METADATA_MAX_DIRECTORIES
+        and len(found) < config.METADATA_MAX_OBJECTS
+    ):
         node = queue.popleft()
         walked += 1
         children = index.children(node, 0, 1 << 30)
@@ -44,7 +46,7 @@ def metadata_nodes(index: ManifestIndex) -> list[int]:
             if is_dir:
                 if not array:
                     queue.append(child)
-            elif name in METADATA_NAMES and size <= MAX_OBJECT_SIZE:
+            elif name in _METADATA_NAMES and size <= config.METADATA_MAX_OBJECT_BYTES:
                 found.append(child)
     return found
 
