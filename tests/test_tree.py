@@ -1,4 +1,4 @@
-"""Tier 1: the namespace (inodes, lookup, readdir offsets, attributes) without I/O."""
+"""Tier 1: the namespace and a Zarr's view (inodes, lookup, readdir offsets, attributes) without I/O."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from zarrfs.archive.resolver import ResolvedVersion
 from zarrfs.base.refs import ObjectRef
 from zarrfs.config import Source
 from zarrfs.demo.sample import ManifestLeaf, build_manifest, format_manifest, zarr_checksum_of
-from zarrfs.errors import DataError, IsADirectory, NotADirectory, NotFound
+from zarrfs.errors import IsADirectory, NotADirectory, NotFound
 from zarrfs.fs.namespace import ROOT_INO, ZARR_SHIFT, InlineFile, Namespace
+from zarrfs.fs.zarrs import ZarrView
+from zarrfs.manifests.index import ManifestIndex
 from zarrfs.manifests.parse import parse_manifest
 
 ZID = "9eea4d89-c304-4a94-9117-66334b704cbd"
@@ -21,7 +23,7 @@ LEAVES = [
 CHECKSUM = zarr_checksum_of(LEAVES)
 
 
-def make_namespace(extra: tuple[AssetRecord, ...] = ()) -> tuple[Namespace, object]:
+def make_namespace(extra: tuple[AssetRecord, ...] = ()) -> tuple[Namespace, ManifestIndex]:
     assets = (
         AssetRecord("a1", "sub-01/a.nwb", 100, 5, blob_key="blobs/x", blob_etag="e-1"),
         AssetRecord("a2", "sub-01/img.ome.zarr", 70, 6, zarr_id=ZID, zarr_checksum=CHECKSUM),
@@ -35,11 +37,11 @@ def make_namespace(extra: tuple[AssetRecord, ...] = ()) -> tuple[Namespace, obje
     index = parse_manifest(
         format_manifest(build_manifest(LEAVES)).encode(), zarr_id=ZID, expected_checksum=CHECKSUM
     )
-    return Namespace(resolved, bucket="dandiarchive"), index
+    return Namespace(resolved), index
 
 
-def names(ns: Namespace, ino: int, index: object = None, offset: int = 0) -> list[bytes]:
-    return [n for n, _, _ in ns.readdir(ino, offset, index)]  # type: ignore[arg-type]
+def names(ns: Namespace, ino: int, offset: int = 0) -> list[bytes]:
+    return [n for n, _, _ in ns.readdir(ino, offset)]
 
 
 def test_top_level_tree() -> None:
@@ -65,34 +67,74 @@ def test_top_level_tree() -> None:
 
 def test_zarr_entries_and_inodes() -> None:
     ns, index = make_namespace()
+    view = ZarrView(index)
     sub01 = ns.lookup(ROOT_INO, b"sub-01")
     zroot = ns.lookup(sub01.ino, b"img.ome.zarr")
     assert zroot.is_dir and zroot.ino < (1 << ZARR_SHIFT)
-    assert ns.zarr_of(zroot.ino, inside_only=True) is None
-    assert ns.zarr_of(zroot.ino).zarr_id == ZID  # type: ignore[union-attr]
-    assert names(ns, zroot.ino, index) == [b".zgroup", b"0", b"Z", "é".encode()]
-    zero = ns.lookup(zroot.ino, b"0", index)
+    assert ns.zarr_at(sub01.ino) is None
+    place = ns.zarr_at(zroot.ino)
+    assert place is not None and place.asset.zarr_id == ZID and place.node(zroot.ino) == 0
+    assert [n for n, _, _ in view.readdir(place, 0, 0)] == [b".zgroup", b"0", b"Z", "é".encode()]
+    zero = view.lookup(place, 0, b"0")
     assert zero.is_dir and zero.ino >> ZARR_SHIFT == 2  # bad.zarr sorts first: slot 1
-    chunk = ns.lookup(ns.lookup(zero.ino, b"0", index).ino, b"1", index)
-    assert ns.getattr(chunk.ino, index) == chunk and chunk.size == 13
-    ref = ns.file_source(chunk.ino, index)
+    assert ns.zarr_at(zero.ino) == place
+    chunk = view.lookup(place, place.node(view.lookup(place, place.node(zero.ino), b"0").ino), b"1")
+    assert view.getattr(place, place.node(chunk.ino)) == chunk and chunk.size == 13
+    ref = view.file_source(place, place.node(chunk.ino))
     assert ref == ObjectRef(f"zarr/{ZID}/0/0/1", "ver-0/0/1", 13, f"{3:032x}")
-    assert ns.describe(chunk.ino, index) == "sub-01/img.ome.zarr/0/0/1"
-    # inode numbers are derived: the same after the index is rebuilt
+    assert f"{place.path}/{view.path(place.node(chunk.ino))}" == "sub-01/img.ome.zarr/0/0/1"
+    # inode numbers are derived: the same after the namespace and the index are rebuilt
     ns2, index2 = make_namespace()
-    assert ns2.lookup(ns2.lookup(zero.ino, b"0", index2).ino, b"1", index2).ino == chunk.ino
+    view2, place2 = ZarrView(index2), ns2.zarr_at(zroot.ino)
+    assert place2 is not None
+    again = view2.lookup(place2, place2.node(view2.lookup(place2, 0, b"0").ino), b"0")
+    assert view2.lookup(place2, place2.node(again.ino), b"1").ino == chunk.ino
     with pytest.raises(NotFound):
-        ns.getattr((5 << ZARR_SHIFT) | 1)
-    with pytest.raises(DataError, match="no checksum"):
-        ns.zarr_of(ns.lookup(ROOT_INO, b"bad.zarr").ino)
+        ns.zarr_at((5 << ZARR_SHIFT) | 1)
+    bad = ns.zarr_at(ns.lookup(ROOT_INO, b"bad.zarr").ino)
+    assert bad is not None and bad.asset.problem == "no checksum"
+    with pytest.raises(NotADirectory):
+        view.lookup(place, place.node(chunk.ino), b"x")
+    with pytest.raises(IsADirectory):
+        view.file_source(place, 0)
+
+
+def test_a_namespace_placed_elsewhere_numbers_there() -> None:
+    ns, index = make_namespace()
+    before = ns.lookup(ROOT_INO, b"sub-01")
+    ns.place(root_ino=7, plain_base=1000, slot_base=40)
+    sub01 = ns.lookup(7, b"sub-01")
+    assert sub01.ino == before.ino - 2 + 1000
+    place = ns.zarr_at(ns.lookup(sub01.ino, b"img.ome.zarr").ino)
+    assert place is not None and place.base == 41 << ZARR_SHIFT
+    zero = ZarrView(index).lookup(place, 0, b"0")
+    assert zero.ino >> ZARR_SHIFT == 41 and ns.zarr_at(zero.ino) == place
+    with pytest.raises(NotFound):
+        ns.getattr(ROOT_INO)  # not this namespace's any more
 
 
 def test_readdir_offsets_resume_exactly() -> None:
     ns, index = make_namespace()
+    view = ZarrView(index)
     zroot = ns.lookup(ns.lookup(ROOT_INO, b"sub-01").ino, b"img.ome.zarr")
-    full = list(ns.readdir(zroot.ino, 0, index))
+    place = ns.zarr_at(zroot.ino)
+    assert place is not None
+    full = list(view.readdir(place, 0, 0))
     for i, (_, _, next_offset) in enumerate(full):
-        assert [n for n, _, _ in ns.readdir(zroot.ino, next_offset, index)] == [
+        assert [n for n, _, _ in view.readdir(place, 0, next_offset)] == [
             n for n, _, _ in full[i + 1 :]
         ]
     assert names(ns, ROOT_INO, offset=2) == [b"sub-01", b"sub-02"]
+
+
+def test_a_consolidated_document_shows_at_the_zarr_root_only() -> None:
+    ns, index = make_namespace()
+    view = ZarrView(index, b'{"metadata": {}}')
+    place = ns.zarr_at(ns.lookup(ns.lookup(ROOT_INO, b"sub-01").ino, b"img.ome.zarr").ino)
+    assert place is not None
+    listing = [n for n, _, _ in view.readdir(place, 0, 0)]
+    assert listing == [b".zgroup", b".zmetadata", b"0", b"Z", "é".encode()]
+    document = view.lookup(place, 0, b".zmetadata")
+    assert view.file_source(place, place.node(document.ino)) == InlineFile(b'{"metadata": {}}')
+    with pytest.raises(NotFound):
+        view.lookup(place, place.node(view.lookup(place, 0, b"0").ino), b".zmetadata")

@@ -59,7 +59,7 @@ from zarrfs.errors import (
     errno_for,
 )
 from zarrfs.fs.core import open_filesystem
-from zarrfs.fs.filesystem import Filesystem, OpenFile
+from zarrfs.fs.filesystem import Filesystem, OpenFile, describe_object
 from zarrfs.fs.namespace import ROOT_INO, Entry
 
 PROTOCOL = "zarrfs"
@@ -386,16 +386,11 @@ async def _entry_info(fs: Filesystem, where: FsspecPath) -> dict[str, Any]:
     entry = await _resolve(fs, where.parts)
     info = _info(where.name(where.parts), entry)
     if not entry.is_dir:
-        handle = await fs.open(entry.ino)
-        try:
-            source = handle.source
-            if isinstance(source, ObjectRef):
-                version = f"?versionId={source.version_id}" if source.version_id else ""
-                info["s3_url"] = f"s3://{fs.bucket}/{source.key}{version}"
-                info["version_id"] = source.version_id
-                info["etag"] = source.etag
-        finally:
-            await fs.release(handle)
+        source = await fs.source_of(entry.ino)
+        if isinstance(source, ObjectRef):
+            info["s3_url"] = describe_object(fs.bucket, source)
+            info["version_id"] = source.version_id
+            info["etag"] = source.etag
     return info
 
 

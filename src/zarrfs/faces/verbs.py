@@ -167,7 +167,7 @@ async def _format_listing(fs: Filesystem, only: bytes | None, long: bool) -> lis
         elif entry.is_dir:
             lines.append(f"{name}/\t{entry.size or '-'}")
         elif long:
-            source = (await fs.open(entry.ino)).source
+            source = await fs.source_of(entry.ino)
             version, etag = (
                 (source.version_id or "-", source.etag or "-")
                 if isinstance(source, ObjectRef)

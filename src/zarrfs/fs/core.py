@@ -100,7 +100,7 @@ async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
                         service.cancel_scope.cancel()
         finally:
             with trio.move_on_after(cfg.DISK_CACHE_STALL_TIMEOUT, shield=True):
-                await fs.remove_pins()
+                await fs.volumes.remove_pins()
 
 
 async def guarded(what: str, task: Callable[..., Awaitable[object]], *args: object) -> None:
@@ -126,7 +126,7 @@ async def _renew_leases(fs: Filesystem) -> None:
     while True:
         await trio.sleep(cfg.INDEX_LEASE_RENEW)
         await fs.manifests.renew_leases()
-        await fs.renew_pins()
+        await fs.volumes.renew_pins()
 
 
 async def _import_manifest_machinery() -> None:

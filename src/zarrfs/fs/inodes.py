@@ -1,17 +1,16 @@
-"""A mount's inode space: global inode numbers for synthetic directories and for the local inodes of
-every volume, reserved once and never reused.
+"""A mount's inode space: the one numbering of everything a mount shows, reserved once, never reused.
 
-Owns: the layout of the 63-bit inode numbers one mount hands the kernel, and the translation between
-them and the *local* inodes of a volume (`tree.Namespace` numbers its own: 1 is its root, 2..T its
-top-level tree, `(slot << 32) | node` its Zarr nodes). A volume is one resolved dandiset version, or
-one Zarr at one checksum (`zarrs/...` of an archive mount). Pure and synchronous; no I/O.
+Owns: the layout of the 63-bit inode numbers one mount hands the kernel: which ranges each volume's
+namespace is placed at (`namespace.Namespace.place`), and which volume an inode belongs to. A volume is
+one resolved dandiset version, or one Zarr at one checksum (`zarrs/...` of an archive mount). There is
+no other numbering: namespaces and Zarr views answer in these numbers. Pure and synchronous; no I/O.
 
 Layout (63 bits, so that tools treating inode numbers as signed see them positive):
 - below 2^32, *plain* inodes: 1 is the mount's root; every synthetic directory (the archive's levels,
-  and the root of each volume) gets one; a volume's top-level tree beyond its root (local 2..T) gets a
-  contiguous range of T-1, reserved the first time the volume is resolved;
-- from 2^32, Zarr nodes `(global slot << 32) | node`: a volume's Zarrs (local slots 1..Z) get a
-  contiguous range of Z global slots, reserved with its plain range.
+  and the root of each volume) gets one; a volume's top-level tree beyond its root gets a contiguous
+  range, reserved the first time the volume is resolved;
+- from 2^32, Zarr nodes `(slot << 32) | node`: a volume's Zarrs get a contiguous range of slots,
+  reserved with its plain range.
 Nothing is ever given back: an evicted volume resolves again into the same ranges (its tree must come
 out the same size, which immutability guarantees, and `reserve` checks), so inode numbers the kernel
 still holds keep meaning the same entry for the life of the mount.
@@ -23,7 +22,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 
 from zarrfs.errors import DataError, NotFound
-from zarrfs.fs.namespace import NODE_MASK, ROOT_INO, ZARR_SHIFT
+from zarrfs.fs.namespace import ROOT_INO, ZARR_SHIFT
 
 #: First inode number of the Zarr-node space (and the end of the plain space).
 PLAIN_LIMIT = 1 << ZARR_SHIFT
@@ -110,7 +109,7 @@ class InodeSpace:
         self._next_plain += count
         return start
 
-    # --- translation ------------------------------------------------------------------------------
+    # --- ownership -------------------------------------------------------------------------------
 
     def volume_of(self, ino: int) -> Volume | None:
         """The volume an inode belongs to (its root included), or None for a synthetic inode."""
@@ -131,23 +130,3 @@ class InodeSpace:
             if ino < volume.plain_base + volume.n_plain:
                 return volume
         return None
-
-    @staticmethod
-    def to_local(volume: Volume, ino: int) -> int:
-        """The namespace-local inode of global `ino` in `volume`."""
-        if ino == volume.root_ino:
-            return ROOT_INO
-        if ino >= PLAIN_LIMIT:
-            slot = (ino >> ZARR_SHIFT) - volume.slot_base + 1
-            return (slot << ZARR_SHIFT) | (ino & NODE_MASK)
-        return ino - volume.plain_base + 2
-
-    @staticmethod
-    def to_global(volume: Volume, local: int) -> int:
-        """The global inode of namespace-local inode `local` in `volume`."""
-        if local == ROOT_INO:
-            return volume.root_ino
-        if local >= PLAIN_LIMIT:
-            slot = (local >> ZARR_SHIFT) - 1 + volume.slot_base
-            return (slot << ZARR_SHIFT) | (local & NODE_MASK)
-        return volume.plain_base + local - 2

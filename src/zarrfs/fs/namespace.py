@@ -1,17 +1,19 @@
-"""The namespace: inode numbers, lookup, readdir iteration and attributes. Pure and synchronous.
+"""The namespace of one resolved version: its tree, inode numbers, lookup, readdir, attributes. Pure.
 
 Owns: the directory tree of one resolved dandiset version (`dandiset.yaml`, every asset at its path,
-parent directories implied by the paths) and the mapping between inode numbers and entries, including
-entries inside Zarrs. Never performs I/O: questions about entries inside a Zarr take that Zarr's loaded
-`ManifestIndex` as an argument, and `zarr_of` says which index a question needs.
+parent directories implied by the paths) in the mount's inode numbers, and where each Zarr's nodes are
+numbered (`ZarrPlace`). Never performs I/O and never sees a manifest: the inodes inside a Zarr are
+answered by that Zarr's view (`zarrs.ZarrView`); `zarr_at` says which Zarr an inode is in.
 
-Inode numbers here are *local* to the namespace, deterministic and never reused (`inodes` maps them
-into a mount's global inode space). The top-level tree gets 1..T in sorted path order (1 is the root).
-The Zarrs are numbered 1..Z in sorted path order ("slots"); node `n` (n >= 1) of the manifest index of
-slot `s` is inode `(s << ZARR_SHIFT) | n`, and node 0 (the Zarr root) is the Zarr asset's own top-level
-inode. So an inode survives the index being evicted and reloaded, and `forget` needs no bookkeeping.
-Readdir offsets are 1 + the position of the entry in its directory's sorted children, stable because
-the tree never changes. A namespace may also be rooted at one Zarr (`root_zarr`: the root is slot 1).
+Inode numbers are the mount's, deterministic and never reused. A namespace is built first (its shape:
+`n_plain` top-level entries besides the root, `n_slots` Zarrs) and then `place`d where the mount's
+inode space reserved room for it (`inodes`): its root is `root_ino`, the rest of its top-level tree
+`plain_base ..` in sorted path order, and its Zarrs `slot_base ..` in sorted path order, node `n >= 1`
+of the Zarr in slot `s` being inode `(s << ZARR_SHIFT) | n` (node 0, the Zarr root, is the Zarr
+asset's own top-level inode). An unplaced namespace numbers as if placed at `(1, 2, 1)`. So an inode
+survives the version being evicted and resolved again, and `forget` needs no bookkeeping. Readdir
+offsets are 1 + the position of the entry in its directory's sorted children, stable because the tree
+never changes. A namespace may also be rooted at one Zarr (`root_zarr`: the root is the Zarr).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import logging
 from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from zarrfs import config
 from zarrfs.archive.assets import AssetRecord
@@ -29,9 +30,6 @@ from zarrfs.base.refs import ObjectRef
 from zarrfs.config import Source
 from zarrfs.errors import DataError, IsADirectory, NotADirectory, NotFound
 
-if TYPE_CHECKING:  # the manifest machinery is imported when a Zarr is first entered
-    from zarrfs.manifests.index import ManifestIndex
-
 log = logging.getLogger(__name__)
 
 ROOT_INO = 1
@@ -39,8 +37,6 @@ ROOT_INO = 1
 ZARR_SHIFT = 32
 NODE_MASK = (1 << ZARR_SHIFT) - 1
 DANDISET_YAML = "dandiset.yaml"
-#: The name of a synthesized consolidated metadata document (`--consolidate`).
-CONSOLIDATED = b".zmetadata"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,41 +64,53 @@ class InlineFile:
 FileSource = ObjectRef | InlineFile
 
 
+@dataclass(frozen=True, slots=True)
+class ZarrPlace:
+    """Where a Zarr's nodes are in the inode space: its asset, its root's inode (node 0), and the
+    base its other nodes' inodes are `base | node` of."""
+
+    asset: AssetRecord
+    root_ino: int
+    base: int
+    #: The Zarr's place in its version's tree, for log lines.
+    path: str
+
+    def node(self, ino: int) -> int:
+        """The node id (0: the root) of inode `ino` of this Zarr."""
+        return 0 if ino == self.root_ino else ino & NODE_MASK
+
+    def ino(self, node: int) -> int:
+        """The inode of node `node` of this Zarr."""
+        return self.root_ino if node == 0 else self.base | node
+
+
 @dataclass(slots=True)
 class _Top:
-    """A node of the top-level tree (internal)."""
+    """A node of the top-level tree (internal; `index` is its position, not its inode)."""
 
-    ino: int
+    index: int
     name: bytes
-    parent: int
+    parent: int  # index
     is_dir: bool
     size: int = 0
     mtime_ns: int = 0
     asset: AssetRecord | None = None
     inline: bytes | None = None
-    slot: int = 0  # Zarr slot when this is a Zarr root, else 0
+    slot: int = 0  # the Zarr's position (1..) when this is a Zarr root, else 0
     child_names: list[bytes] = field(default_factory=list)  # sorted, for directories
-    child_inos: list[int] = field(default_factory=list)
-
-    def entry(self) -> Entry:
-        return Entry(self.ino, self.is_dir, self.size, self.mtime_ns)
+    child_indexes: list[int] = field(default_factory=list)
 
 
 class Namespace:
     """The immutable inode table of one mounted version."""
 
-    def __init__(
-        self, resolved: ResolvedVersion, *, bucket: str, root_zarr: AssetRecord | None = None
-    ) -> None:
+    def __init__(self, resolved: ResolvedVersion, *, root_zarr: AssetRecord | None = None) -> None:
         self.resolved = resolved
-        self.bucket = bucket
         newest = max((a.mtime_ns for a in resolved.assets), default=0)
-        self._nodes: list[_Top | None] = [None]  # index = inode
-        self._zarr_roots: list[_Top | None] = [None]  # index = slot
-        #: Synthesized `.zmetadata` documents by Zarr slot (`--consolidate`): node `n_nodes`.
-        self._consolidated: dict[int, bytes] = {}
-        root = self._add(b"", parent=ROOT_INO, is_dir=True, mtime_ns=newest)
-        assert root.ino == ROOT_INO
+        self._nodes: list[_Top | None] = [None]  # by index; 1 is the root
+        self._zarr_roots: list[_Top | None] = [None]  # by slot
+        self.root_ino, self._plain_base, self._slot_base = ROOT_INO, 2, 1
+        root = self._add(b"", parent=1, is_dir=True, mtime_ns=newest)
         if root_zarr is not None:  # the root is the Zarr itself: slot 1
             root.asset, root.slot, root.mtime_ns = root_zarr, 1, root_zarr.mtime_ns
             self._zarr_roots.append(root)
@@ -116,7 +124,7 @@ class Namespace:
                 root,
                 self._add(
                     DANDISET_YAML.encode(),
-                    parent=ROOT_INO,
+                    parent=1,
                     is_dir=False,
                     size=len(resolved.dandiset_yaml),
                     mtime_ns=newest,
@@ -127,28 +135,32 @@ class Namespace:
             self._add_asset(asset, dirs, pending)
         for node in self._nodes:
             if node is not None and node.is_dir:
-                kids = sorted(pending.pop(node.ino, {}).items())
+                kids = sorted(pending.pop(node.index, {}).items())
                 node.child_names = [name for name, _ in kids]
-                node.child_inos = [n.ino for _, n in kids]
+                node.child_indexes = [n.index for _, n in kids]
         self.n_assets = len(resolved.assets)
         self.total_size = sum(a.size for a in resolved.assets)
 
     @classmethod
-    def for_zarr(cls, asset: AssetRecord, *, bucket: str, source: Source) -> Namespace:
+    def for_zarr(cls, asset: AssetRecord, *, source: Source) -> Namespace:
         """A namespace that is one Zarr (`zarrs/.../<checksum>.zarr` of an archive mount)."""
         resolved = ResolvedVersion(
             source=source, assets=(asset,), dandiset_yaml=None, published=True
         )
-        return cls(resolved, bucket=bucket, root_zarr=asset)
+        return cls(resolved, root_zarr=asset)
+
+    def place(self, root_ino: int, plain_base: int, slot_base: int) -> None:
+        """Number this namespace where the mount reserved room for it (see the module docstring)."""
+        self.root_ino, self._plain_base, self._slot_base = root_ino, plain_base, slot_base
 
     @property
     def n_plain(self) -> int:
-        """Local inodes of the top-level tree besides the root (2..T)."""
+        """Top-level entries besides the root (inodes `plain_base ..`)."""
         return len(self._nodes) - 2
 
     @property
     def n_slots(self) -> int:
-        """Zarr slots (1..Z)."""
+        """Zarrs (slots `slot_base ..`)."""
         return len(self._zarr_roots) - 1
 
     @property
@@ -165,7 +177,7 @@ class Namespace:
 
     @staticmethod
     def _insert(pending: dict[int, dict[bytes, _Top]], parent: _Top, node: _Top) -> None:
-        pending.setdefault(parent.ino, {})[node.name] = node
+        pending.setdefault(parent.index, {})[node.name] = node
 
     def _add_asset(
         self,
@@ -185,7 +197,7 @@ class Namespace:
                 if self._file_exists(pending, parent, part.encode()):
                     log.warning("skipping asset %s: %s is a file", asset.path, prefix)
                     return
-                node = self._add(part.encode(), parent=parent.ino, is_dir=True)
+                node = self._add(part.encode(), parent=parent.index, is_dir=True)
                 self._insert(pending, parent, node)
                 dirs[prefix] = node
             elif node.slot:
@@ -201,7 +213,7 @@ class Namespace:
             slot = len(self._zarr_roots)
             node = self._add(
                 name,
-                parent=parent.ino,
+                parent=parent.index,
                 is_dir=True,
                 mtime_ns=asset.mtime_ns,
                 asset=asset,
@@ -212,7 +224,7 @@ class Namespace:
         else:
             node = self._add(
                 name,
-                parent=parent.ino,
+                parent=parent.index,
                 is_dir=False,
                 size=asset.size,
                 mtime_ns=asset.mtime_ns,
@@ -222,203 +234,104 @@ class Namespace:
 
     @staticmethod
     def _file_exists(pending: dict[int, dict[bytes, _Top]], parent: _Top, name: bytes) -> bool:
-        return name in pending.get(parent.ino, {})
+        return name in pending.get(parent.index, {})
 
     # --- inode arithmetic -----------------------------------------------------------------------
 
-    def _top(self, ino: int) -> _Top:
-        if 0 < ino < len(self._nodes):
-            node = self._nodes[ino]
-            if node is not None:
-                return node
-        raise NotFound(f"no inode {ino}")
+    def _ino(self, node: _Top) -> int:
+        return self.root_ino if node.index == 1 else self._plain_base + node.index - 2
 
-    def _split(self, ino: int) -> tuple[_Top, int] | None:
-        """(Zarr root node, manifest node) for an inode inside or at a Zarr, else None."""
-        slot = ino >> ZARR_SHIFT
-        if slot:
-            if slot >= len(self._zarr_roots):
+    def _top(self, ino: int) -> _Top:
+        index = 1 if ino == self.root_ino else ino - self._plain_base + 2
+        if (index == 1 and ino != self.root_ino) or not 0 < index < len(self._nodes):
+            raise NotFound(f"no inode {ino}")
+        node = self._nodes[index]
+        assert node is not None
+        return node
+
+    def _entry(self, node: _Top) -> Entry:
+        return Entry(self._ino(node), node.is_dir, node.size, node.mtime_ns)
+
+    def _place(self, root: _Top) -> ZarrPlace:
+        assert root.asset is not None
+        base = (self._slot_base + root.slot - 1) << ZARR_SHIFT
+        return ZarrPlace(root.asset, self._ino(root), base, self._path(root))
+
+    def zarr_at(self, ino: int) -> ZarrPlace | None:
+        """The Zarr `ino` is in or is the root of (None: a top-level inode that is not a Zarr).
+        NotFound for an inode that is not this namespace's."""
+        if ino >> ZARR_SHIFT:
+            slot = (ino >> ZARR_SHIFT) - self._slot_base + 1
+            if not 0 < slot < len(self._zarr_roots):
                 raise NotFound(f"no inode {ino}")
             root = self._zarr_roots[slot]
             assert root is not None
-            return root, ino & NODE_MASK
+            return self._place(root)
         node = self._top(ino)
-        return (node, 0) if node.slot else None
+        return self._place(node) if node.slot else None
 
-    def zarr_of(self, ino: int, *, inside_only: bool = False) -> AssetRecord | None:
-        """The Zarr asset whose index is needed to answer about `ino`.
-
-        With `inside_only`, a Zarr root itself does not count (its attributes need no index).
-        """
-        split = self._split(ino)
-        if split is None or (inside_only and split[1] == 0):
-            return None
-        root, _ = split
-        asset = root.asset
-        assert asset is not None
-        if asset.problem:
-            raise DataError(f"Zarr asset {asset.path} cannot be served: {asset.problem}")
-        return asset
+    # --- queries about top-level inodes (Zarr roots included, not what is inside a Zarr) -------
 
     def asset_of(self, ino: int) -> AssetRecord | None:
         """The asset `ino` belongs to (a blob, a Zarr or an entry inside one), if any."""
-        split = self._split(ino)
-        node = split[0] if split is not None else self._top(ino)
-        return node.asset
-
-    def is_zarr_root(self, ino: int) -> bool:
-        split = self._split(ino)
-        return split is not None and split[1] == 0
+        place = self.zarr_at(ino)
+        return place.asset if place is not None else self._top(ino).asset
 
     def zarr_assets(self) -> list[AssetRecord]:
         return [n.asset for n in self._zarr_roots if n is not None and n.asset is not None]
 
-    def _zarr_entry(self, root: _Top, index: ManifestIndex, node: int) -> Entry:
-        if node == 0:
-            return root.entry()
-        if node == index.n_nodes and root.slot in self._consolidated:
-            size = len(self._consolidated[root.slot])
-            return Entry((root.slot << ZARR_SHIFT) | node, False, size, root.mtime_ns)
-        stat = index.stat(node)
-        return Entry((root.slot << ZARR_SHIFT) | node, stat.is_dir, stat.size, stat.mtime_ns)
+    def getattr(self, ino: int) -> Entry:
+        return self._entry(self._top(ino))
 
-    def add_consolidated(self, ino: int, data: bytes) -> None:
-        """Show a synthesized `.zmetadata` (`data`) at the root of the Zarr that `ino` is in
-        (`--consolidate`; the Zarr has none of its own). Its node id is one past the index's last."""
-        split = self._split(ino)
-        if split is None:
-            raise ValueError(f"inode {ino} is not in a Zarr")
-        self._consolidated[split[0].slot] = data
+    def lookup(self, parent: int, name: bytes) -> Entry:
+        node = self._top(parent)
+        if not node.is_dir or node.slot:
+            raise NotADirectory(f"inode {parent} is not a directory of the version")
+        i = bisect_left(node.child_names, name)
+        if i < len(node.child_names) and node.child_names[i] == name:
+            child = self._nodes[node.child_indexes[i]]
+            assert child is not None
+            return self._entry(child)
+        raise NotFound(name.decode("utf-8", "replace"))
 
-    def has_consolidated(self, ino: int) -> bool:
-        """Whether the Zarr that `ino` is in shows a synthesized `.zmetadata` already."""
-        split = self._split(ino)
-        return split is not None and split[0].slot in self._consolidated
-
-    def _has_node(self, root: _Top, index: ManifestIndex, node: int) -> bool:
-        return node < index.n_nodes or (node == index.n_nodes and root.slot in self._consolidated)
-
-    @staticmethod
-    def _check_index(root: _Top, index: ManifestIndex | None) -> ManifestIndex:
-        asset = root.asset
-        if index is None or asset is None or index.zarr_id != asset.zarr_id:
-            raise AssertionError(f"caller passed the wrong manifest index for {root.name!r}")
-        return index
-
-    # --- queries ----------------------------------------------------------------------------------
-
-    def getattr(self, ino: int, index: ManifestIndex | None = None) -> Entry:
-        split = self._split(ino)
-        if split is None or split[1] == 0:
-            return self._top(ino if split is None else split[0].ino).entry()
-        root, node = split
-        idx = self._check_index(root, index)
-        if not self._has_node(root, idx, node):
-            raise NotFound(f"no inode {ino}")
-        return self._zarr_entry(root, idx, node)
-
-    def lookup(self, parent: int, name: bytes, index: ManifestIndex | None = None) -> Entry:
-        split = self._split(parent)
-        if split is None:
-            node = self._top(parent)
-            if not node.is_dir:
-                raise NotADirectory(f"inode {parent} is not a directory")
-            i = bisect_left(node.child_names, name)
-            if i < len(node.child_names) and node.child_names[i] == name:
-                return self._top(node.child_inos[i]).entry()
-            raise NotFound(name.decode("utf-8", "replace"))
-        root, mnode = split
-        idx = self._check_index(root, index)
-        if mnode >= idx.n_nodes:
-            raise NotFound(f"no inode {parent}")
-        if not idx.is_dir(mnode):
-            raise NotADirectory(f"inode {parent} is not a directory")
-        child = idx.lookup(mnode, name)
-        if (
-            child is None
-            and mnode == 0
-            and name == CONSOLIDATED
-            and root.slot in self._consolidated
-        ):
-            child = idx.n_nodes
-        if child is None:
-            raise NotFound(name.decode("utf-8", "replace"))
-        return self._zarr_entry(root, idx, child)
-
-    def check_dir(self, ino: int, index: ManifestIndex | None = None) -> None:
-        if not self.getattr(ino, index).is_dir:
+    def check_dir(self, ino: int) -> None:
+        if not self._top(ino).is_dir:
             raise NotADirectory(f"inode {ino} is not a directory")
 
-    def readdir(
-        self, ino: int, offset: int, index: ManifestIndex | None = None
-    ) -> Iterator[tuple[bytes, Entry, int]]:
+    def readdir(self, ino: int, offset: int) -> Iterator[tuple[bytes, Entry, int]]:
         """(name, entry, next offset) for the children of `ino` from `offset` on (0 = start)."""
-        split = self._split(ino)
-        if split is None:
-            node = self._top(ino)
-            if not node.is_dir:
-                raise NotADirectory(f"inode {ino} is not a directory")
-            for i in range(offset, len(node.child_inos)):
-                yield node.child_names[i], self._top(node.child_inos[i]).entry(), i + 1
-            return
-        root, mnode = split
-        idx = self._check_index(root, index)
-        if mnode >= idx.n_nodes or not idx.is_dir(mnode):
-            raise NotADirectory(f"inode {ino} is not a directory")
-        base = root.slot << ZARR_SHIFT
-        if mnode == 0 and root.slot in self._consolidated:
-            listing = [
-                (name, Entry(base | child, is_dir, size, mtime))
-                for child, name, is_dir, size, mtime in idx.children(0, 0, 1 << 30)
-            ]
-            listing.append((CONSOLIDATED, self._zarr_entry(root, idx, idx.n_nodes)))
-            listing.sort(key=lambda row: row[0])
-            for i in range(offset, len(listing)):
-                yield listing[i][0], listing[i][1], i + 1
-            return
-        batch = 64  # the kernel takes a few dozen entries per request; grow for big listings
-        while rows := idx.children(mnode, offset, batch):
-            for child, name, is_dir, size, mtime_ns in rows:
-                offset += 1
-                yield name, Entry(base | child, is_dir, size, mtime_ns), offset
-            batch = min(batch * 4, 4096)
+        node = self._top(ino)
+        if not node.is_dir or node.slot:
+            raise NotADirectory(f"inode {ino} is not a directory of the version")
+        for i in range(offset, len(node.child_indexes)):
+            child = self._nodes[node.child_indexes[i]]
+            assert child is not None
+            yield node.child_names[i], self._entry(child), i + 1
 
-    def file_source(self, ino: int, index: ManifestIndex | None = None) -> FileSource:
-        """Where the bytes of file `ino` come from."""
-        split = self._split(ino)
-        if split is None:
-            node = self._top(ino)
-            if node.is_dir:
-                raise IsADirectory(f"inode {ino} is a directory")
-            if node.inline is not None:
-                return InlineFile(node.inline)
-            asset = node.asset
-            assert asset is not None
-            if asset.problem or asset.blob_key is None:
-                raise DataError(f"asset {asset.path} cannot be served: {asset.problem}")
-            return ObjectRef(
-                key=asset.blob_key, version_id=None, size=asset.size, etag=asset.blob_etag
-            )
-        root, mnode = split
-        idx = self._check_index(root, index)
-        if not self._has_node(root, idx, mnode):
-            raise NotFound(f"no inode {ino}")
-        if mnode == idx.n_nodes:
-            return InlineFile(self._consolidated[root.slot])
-        if mnode == 0 or idx.is_dir(mnode):
+    def file_source(self, ino: int) -> FileSource:
+        """Where the bytes of top-level file `ino` come from."""
+        node = self._top(ino)
+        if node.is_dir:
             raise IsADirectory(f"inode {ino} is a directory")
-        return idx.object_ref(mnode)
+        if node.inline is not None:
+            return InlineFile(node.inline)
+        asset = node.asset
+        assert asset is not None
+        if asset.problem or asset.blob_key is None:
+            raise DataError(f"asset {asset.path} cannot be served: {asset.problem}")
+        return ObjectRef(key=asset.blob_key, version_id=None, size=asset.size, etag=asset.blob_etag)
 
-    def describe(self, ino: int, index: ManifestIndex | None = None) -> str:
-        """A human-readable path for log lines."""
-        split = self._split(ino)
-        node = split[0] if split else self._top(ino)
+    def describe(self, ino: int) -> str:
+        """A human-readable path of top-level inode `ino` (a Zarr's root for one inside it), for log
+        lines."""
+        place = self.zarr_at(ino) if ino >> ZARR_SHIFT else None
+        return place.path if place is not None else self._path(self._top(ino))
+
+    def _path(self, node: _Top) -> str:
         parts = []
-        while node.ino != ROOT_INO:
+        while node.index != 1:
             parts.append(node.name.decode("utf-8", "replace"))
-            node = self._top(node.parent)
-        path = "/".join(reversed(parts))
-        if split and split[1] and index is not None:
-            inner = CONSOLIDATED.decode() if split[1] == index.n_nodes else index.path(split[1])
-            path += "/" + inner
-        return path or "/"
+            parent = self._nodes[node.parent]
+            assert parent is not None
+            node = parent
+        return "/".join(reversed(parts)) or "/"
