@@ -55,7 +55,6 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 #: `user.zarrfs.zarr_checksum` (a Zarr's root), `user.zarrfs.version` (a version's root).
 XATTR_PREFIX = b"user.zarrfs."
 XATTR_URL = XATTR_PREFIX + b"s3_url"
-XATTR_ETAG = XATTR_PREFIX + b"etag"
 
 
 def kernel_readdir_cache_supported() -> bool:

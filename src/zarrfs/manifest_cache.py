@@ -54,6 +54,7 @@ import trio
 
 from zarrfs import config
 from zarrfs.base.flight import BoundedLRU, SingleFlight
+from zarrfs.base.resources import pid_running
 from zarrfs.errors import (
     DataError,
     DocumentTooLarge,
@@ -124,16 +125,6 @@ def pins_dir_name(pid: int, tag: str) -> str:
 
 def _host() -> str:
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in socket.gethostname())[:64]
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ManifestCache:
@@ -263,7 +254,7 @@ class ManifestCache:
         parts = name[len(PINS_PREFIX) :].rsplit("-", 2)
         if len(parts) != 3 or parts[0] != _host() or not parts[1].isdigit():
             return False  # another node's: only its lease tells
-        return not _pid_running(int(parts[1]))
+        return not pid_running(int(parts[1]))
 
     def sweep_stale_temp_files(self) -> int:
         """`sweep`, returning only the number of temporary files removed."""

@@ -28,9 +28,10 @@ import re
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -350,37 +351,22 @@ class S3Reader:
         priority: Priority = Priority.DEMAND,
     ) -> bytes:
         """A whole document (a manifest, `dandiset.yaml`): the current version of `key` unless
-        `version_id` is given, read into memory as it streams in. Like `download`, no total deadline
-        but an attempt fails when no byte arrives for `request_timeout`; more than `max_bytes` is
-        refused at once (DocumentTooLarge, not retried). Demand priority by default: whoever asks
-        for a document is waiting for it."""
+        `version_id` is given, read into memory as it streams in (see `_whole_object`). Demand
+        priority by default: whoever asks for a document is waiting for it."""
+        chunks: list[bytes] = []
+
+        @asynccontextmanager
+        async def into_memory() -> AsyncIterator[Callable[[bytes], Awaitable[None]]]:
+            chunks.clear()  # a new attempt starts over
+
+            async def put(chunk: bytes) -> None:
+                chunks.append(chunk)
+
+            yield put
+
         name = _describe(self.bucket, key, version_id)
-        what = f"GET {name}"
-        params = self._params(key, version_id)
-        stall = self.settings.request_timeout
-
-        async def attempt() -> bytes:
-            chunks: list[bytes] = []
-            size = 0
-            with trio.CancelScope(deadline=trio.current_time() + stall) as watchdog:
-                self.stats["requests"] += 1
-                resp = await self._client.get_object(**params)
-                body = resp["Body"]
-                async with body:
-                    self._verify_version(name, version_id, resp)
-                    _check_size(what, resp.get("ContentLength"), max_bytes)
-                    while chunk := await body.read(config.DOWNLOAD_CHUNK):
-                        watchdog.deadline = trio.current_time() + stall
-                        size += len(chunk)
-                        self.stats["bytes"] += len(chunk)
-                        _check_size(what, size, max_bytes)
-                        chunks.append(chunk)
-            if watchdog.cancelled_caught:
-                raise Stalled(f"no data for {stall:g} s")
-            self._check(name, "body length", resp.get("ContentLength", size), size)
-            return b"".join(chunks)
-
-        return await self._retry(attempt, what, version_id, None, Ticket(priority, flow=key))
+        await self._whole_object(key, version_id, f"GET {name}", max_bytes, priority, into_memory)
+        return b"".join(chunks)
 
     async def download(
         self,
@@ -391,54 +377,72 @@ class S3Reader:
         max_bytes: int | None = None,
         priority: Priority = Priority.DEMAND,
     ) -> int:
-        """Stream a whole object to `dest` (via `dest.part`, 0600, then atomic rename); return its
-        size.
-
-        The body is read in `config.DOWNLOAD_CHUNK` pieces, never held whole in memory. An attempt fails
-        (and is retried) when no bytes arrive for `request_timeout` seconds; there is no total
-        deadline, so a big document on a slow link still arrives. A body larger than `max_bytes` is
-        refused at once (DocumentTooLarge, not retried). Concurrent downloads to the same `dest` are
-        the caller's to prevent.
-        """
+        """Stream a whole object to `dest` (via `dest.part`, 0600, then atomic rename: only a
+        complete, checked body is ever at `dest`); return its size. For documents too big for
+        memory (an asset list). Concurrent downloads to the same `dest` are the caller's to
+        prevent."""
         dest = Path(dest)
         part = dest.with_name(dest.name + ".part")
+        what = f"GET {_describe(self.bucket, key, version_id)} -> {dest}"
+
+        @asynccontextmanager
+        async def into_file() -> AsyncIterator[Callable[[bytes], Awaitable[None]]]:
+            try:
+                fd = await trio.to_thread.run_sync(create_private_file_replacing, part)
+                async with trio.wrap_file(os.fdopen(fd, "wb")) as f:
+
+                    async def put(chunk: bytes) -> None:
+                        await f.write(chunk)
+
+                    yield put
+                await trio.to_thread.run_sync(os.replace, part, dest)
+            except OSError as e:  # the local disk, not S3: not retried, but never a raw OSError
+                raise DataError(f"{what}: cannot write {part}: {e}") from e
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(partial(part.unlink, missing_ok=True))
+
+        return await self._whole_object(key, version_id, what, max_bytes, priority, into_file)
+
+    async def _whole_object(
+        self,
+        key: str,
+        version_id: str | None,
+        what: str,
+        max_bytes: int | None,
+        priority: Priority,
+        sink: Callable[[], AbstractAsyncContextManager[Callable[[bytes], Awaitable[None]]]],
+    ) -> int:
+        """Stream a whole object into a fresh `sink()` per attempt, in `config.DOWNLOAD_CHUNK`
+        pieces; its size. The sink is left by an exception unless the body arrived whole and
+        checked. No total deadline (a big document on a slow link still arrives), but an attempt
+        fails (and is retried) when no byte arrives for `request_timeout`; a body larger than
+        `max_bytes` is refused at once (DocumentTooLarge, not retried)."""
         name = _describe(self.bucket, key, version_id)
-        what = f"GET {name} -> {dest}"
         params = self._params(key, version_id)
         stall = self.settings.request_timeout
 
         async def attempt() -> int:
-            done = False
-            written = 0
+            size = 0
             with trio.CancelScope(deadline=trio.current_time() + stall) as watchdog:
-                try:
-                    self.stats["requests"] += 1
-                    resp = await self._client.get_object(**params)
-                    body = resp["Body"]
-                    async with body:
-                        self._verify_version(name, version_id, resp)
-                        _check_size(what, resp.get("ContentLength"), max_bytes)
-                        fd = create_private_file_replacing(part)
-                        async with trio.wrap_file(os.fdopen(fd, "wb")) as f:
-                            while chunk := await body.read(config.DOWNLOAD_CHUNK):
-                                watchdog.deadline = trio.current_time() + stall
-                                written += len(chunk)
-                                self.stats["bytes"] += len(chunk)
-                                _check_size(what, written, max_bytes)
-                                await f.write(chunk)
-                    self._check(name, "size", resp.get("ContentLength", written), written)
-                    os.replace(part, dest)
-                    done = True
-                except OSError as e:  # the local disk, not S3: not retried, but never a raw OSError
-                    raise DataError(f"{what}: cannot write {part}: {e}") from e
-                finally:
-                    if not done:
-                        part.unlink(missing_ok=True)
+                self.stats["requests"] += 1
+                resp = await self._client.get_object(**params)
+                body = resp["Body"]
+                async with body, sink() as put:
+                    self._verify_version(name, version_id, resp)
+                    _check_size(what, resp.get("ContentLength"), max_bytes)
+                    while chunk := await body.read(config.DOWNLOAD_CHUNK):
+                        watchdog.deadline = trio.current_time() + stall
+                        size += len(chunk)
+                        self.stats["bytes"] += len(chunk)
+                        _check_size(what, size, max_bytes)
+                        await put(chunk)
+                    self._check(name, "body length", resp.get("ContentLength", size), size)
             if watchdog.cancelled_caught:
                 raise Stalled(f"no data for {stall:g} s")
-            return written
+            return size
 
-        return await self._retry(attempt, what, version_id, None, Ticket(priority))
+        return await self._retry(attempt, what, version_id, None, Ticket(priority, flow=key))
 
     async def list_prefixes(self, prefix: str, *, max_keys: int | None = None) -> ListResult:
         """The keys and common prefixes (one level, delimiter `/`) directly under `prefix`, over every

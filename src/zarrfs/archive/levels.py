@@ -59,11 +59,6 @@ class NodeKey:
     def is_volume(self) -> bool:
         return self.level in (Level.VERSION, Level.ZARR)
 
-    @property
-    def is_mutable(self) -> bool:
-        """Its listing (or, for `latest`, its target) can change while mounted."""
-        return self.level not in (Level.VERSION, Level.ZARR)
-
 
 ARCHIVE = NodeKey(Level.ARCHIVE)
 

@@ -1,6 +1,6 @@
 """What one process of zarrfs holds: file descriptors and memory, against documented budgets.
 
-Owns: raising the descriptor soft limit to the hard limit at start (as most daemons do), counting the
+Owns: whether a process runs, raising the descriptor soft limit to the hard limit at start (as most daemons do), counting the
 descriptors in use (`/proc/self/fd`) and remembering the peak, and `Budget`, the one place that says
 how much memory each part of the core may hold (`zarrfs stats` shows it beside what each part holds).
 
@@ -54,6 +54,19 @@ def raise_descriptor_limit() -> int:
             config.FD_BUDGET,
         )
     return soft
+
+
+def pid_running(pid: object) -> bool:
+    """Whether a process with this pid runs on this host (another user's included)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def open_descriptors() -> int:

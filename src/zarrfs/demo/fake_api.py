@@ -122,10 +122,6 @@ class FakeDandiAPI:
         self._thread: threading.Thread | None = None
         self.url = ""
 
-    @classmethod
-    def from_sample(cls, sample: SampleDandiset) -> FakeDandiAPI:
-        return cls(sample)
-
     # lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> FakeDandiAPI:

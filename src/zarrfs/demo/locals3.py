@@ -48,6 +48,7 @@ import functools
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -530,7 +531,8 @@ class LocalS3:
             )
             self.pid = self._process.pid
             assert self._process.stdout is not None
-            line = self._process.stdout.readline().strip()
+            ready, _, _ = select.select([self._process.stdout], [], [], START_TIMEOUT)
+            line = self._process.stdout.readline().strip() if ready else "nothing in time"
             if not line.startswith("PORT "):
                 self.stop()
                 raise RuntimeError(f"local S3 server did not start (said {line!r})")

@@ -145,8 +145,6 @@ class SampleDandiset:
     most_recent_published_version: str = V2
     blob_paths: tuple[str, ...] = BLOB_PATHS
     zarr_paths: tuple[str, ...] = ZARR_PATHS
-    #: Version -> every manifest key written for it (shared keys appear under each version).
-    all_manifest_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: Blob path -> what pynwb wrote into it (blobs are the same in every version).
     nwb: dict[str, NWBContents] = field(default_factory=dict)
 
@@ -987,12 +985,10 @@ def build_sample(s3: LocalS3, dandiset_id: str = "000123") -> SampleDandiset:
         sync()
         builder.publish(DRAFT, also_draft=False)
 
-    all_keys = {v: tuple(sorted(sv.manifest_keys.values())) for v, sv in builder.versions.items()}
     return SampleDandiset(
         dandiset_id=dandiset_id,
         bucket=s3.bucket,
         endpoint_url=s3.endpoint_url,
         versions={v: builder.versions[v] for v in VERSIONS},
-        all_manifest_keys=all_keys,
         nwb=nwb,
     )

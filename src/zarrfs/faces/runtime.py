@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from zarrfs import config
+from zarrfs.base.resources import pid_running
 from zarrfs.config import Config, MountSource, S3Settings
 from zarrfs.errors import UserError
 
@@ -223,18 +224,6 @@ def remove(mountpoint: Path) -> None:
                 os.unlink(name, dir_fd=fd)
 
 
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_state(mountpoint: Path) -> dict[str, Any] | None:
     """The state a live mount at `mountpoint` wrote, or None. Raises UnsafeRuntimeDir."""
     return _read_live(state_path(mountpoint))
@@ -261,7 +250,7 @@ def _read_live(path: Path) -> dict[str, Any] | None:
                 doc = json.loads(f.read())
     except (OSError, ValueError):
         return None
-    return doc if isinstance(doc, dict) and _alive(doc.get("pid")) else None
+    return doc if isinstance(doc, dict) and pid_running(doc.get("pid")) else None
 
 
 def config_from_state(state: dict[str, Any]) -> Config:

@@ -442,12 +442,6 @@ class DiskBlockCache:
             written = self._written - self._written_at_scan
             return self._scanned_usage + written > self.high_water * self.max_bytes
 
-    @property
-    def bytes_written(self) -> int:
-        """Estimated disk bytes this process published, for pacing periodic eviction."""
-        with self._lock:
-            return self._written
-
     def stats(self) -> dict[str, int]:
         """Counters of this process: hits, misses, bad_blocks (discarded), puts, put_bytes,
         puts_skipped, errors (disk problems), touches (mtime refreshes)."""

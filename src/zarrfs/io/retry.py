@@ -4,7 +4,7 @@ Owns: the retry policy: a per-attempt deadline (`trio.fail_after`), exponential 
 jitter (from `config.RETRY_BASE_DELAY`, capped by `config.RETRY_MAX_DELAY`), one warning per retry,
 the final `RemoteError` once the attempts are used up, and how an attempt's deadline meets the wait for
 a connection slot (`scheduler.RequestSlots`): for a demand request the deadline covers the wait, so
-`max_attempts * timeout` plus the back-off sleeps (`max_total_delay`) bounds the whole request; a
+`max_attempts * timeout` plus the back-off sleeps (`config.READ_DEADLINE`) bounds the whole request; a
 background request waits for its slot without a deadline (it is cancelled by its owner instead) and
 its deadline starts once it holds the slot.
 
@@ -42,15 +42,6 @@ def backoff_delay(attempt: int, base_delay: float, max_delay: float) -> float:
     """Full-jitter delay before retry `attempt` (1-based): uniform [0, min(max, base*2^(n-1))]."""
     ceiling = min(max_delay, base_delay * (2 ** (attempt - 1)))
     return random.uniform(0.0, ceiling)
-
-
-def max_total_delay(
-    max_attempts: int,
-    base_delay: float = config.RETRY_BASE_DELAY,
-    max_delay: float = config.RETRY_MAX_DELAY,
-) -> float:
-    """The most time `retry` can spend sleeping between `max_attempts` attempts."""
-    return float(sum(min(max_delay, base_delay * 2.0 ** (a - 1)) for a in range(1, max_attempts)))
 
 
 async def retry(
