@@ -427,8 +427,7 @@ class ManifestCache:
                 await trio.sleep(config.LOCK_POLL)
             yield
         finally:
-            with trio.CancelScope(shield=True):
-                await self.gate.release(os.close, fd)  # releases the flock, stalled dir or not
+            self.gate.release(os.close, fd)  # releases the flock, stalled dir or not
 
     async def _try_lock(self, fd: int, path: Path) -> bool:
         """True once the flock is held, or when it cannot be had at all (then the load goes on

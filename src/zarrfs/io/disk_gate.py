@@ -23,9 +23,11 @@ import errno
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+import outcome
 import trio
 
 from zarrfs import config
@@ -89,16 +91,18 @@ class DiskGate:
         self._bypass_until = time.monotonic() + self.pause
         raise CacheDirStalled(self.path, f"the cache dir {self.path} did not answer in {limit:g} s")
 
-    async def release(self, fn: Callable[..., object], *args: object) -> None:
-        """Run `fn(*args)` (closing a descriptor, releasing a lock) in a worker thread even while
-        the cache dir is bypassed: what was taken must be given back. Waits at most the gate's
-        timeout, then leaves the thread to finish when the filesystem answers; never raises (a
-        failure is logged)."""
-        with trio.move_on_after(self.timeout):
-            try:
-                await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
-            except OSError as e:
-                log.warning("while releasing a cache-dir resource under %s: %s", self.path, e)
+    def release(self, fn: Callable[..., object], *args: object) -> None:
+        """Run `fn(*args)` (closing a descriptor, releasing a lock) in a thread of its own even while
+        the cache dir is bypassed: what was taken must be given back. Never waits for it (a close
+        on a hung NFS server returns when the server does) and never raises: a failure is logged
+        from that thread."""
+        path = self.path
+
+        def deliver(result: outcome.Outcome[object]) -> None:
+            if isinstance(result, outcome.Error):
+                log.warning("while releasing a cache-dir resource under %s: %s", path, result.error)
+
+        trio.lowlevel.start_thread_soon(partial(fn, *args), deliver)
 
     def write_timeout(self, nbytes: int) -> float:
         """A deadline for writing `nbytes` at once: the gate's, plus a second per
