@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,8 @@ def memory_store(view: VirtualZarr, blob: bytes) -> MemoryStore:
     return MemoryStore(files, read_only=True)
 
 
-def skipped_of(view: VirtualZarr) -> dict[str, str]:
-    root = view.get(".zattrs")
+def skipped_of(view: VirtualZarr | Callable[[str], bytes | Any]) -> dict[str, str]:
+    root = view.get(".zattrs") if isinstance(view, VirtualZarr) else view(".zattrs")
     assert isinstance(root, bytes)
     entries = json.loads(root)["zarrfs_skipped"]
     for entry in entries:
@@ -118,8 +119,16 @@ def check_view(h5path: Path, view: VirtualZarr) -> tuple[set[str], dict[str, str
     """Assert the view equals the file; return the arrays compared and the skipped items."""
     blob = h5path.read_bytes()
     assert view.blob_size == len(blob)
-    skipped = skipped_of(view)
-    root = zarr.open_group(memory_store(view, blob), mode="r", zarr_format=2)
+    return check_store(h5path, memory_store(view, blob), view.get)
+
+
+def check_store(
+    h5path: Path, store: Any, meta: Callable[[str], bytes | Any]
+) -> tuple[set[str], dict[str, str]]:
+    """Assert the Zarr hierarchy in `store` (whose metadata files `meta(path)` reads) equals the
+    HDF5 file at `h5path`; return the arrays compared and the skipped items."""
+    skipped = skipped_of(meta)
+    root = zarr.open_group(store, mode="r", zarr_format=2)
     compared: set[str] = set()
     with h5py.File(h5path, "r") as f:
         items: list[tuple[str, Any]] = [("", f), *walk(f)]
@@ -128,7 +137,7 @@ def check_view(h5path: Path, view: VirtualZarr) -> tuple[set[str], dict[str, str
             if any("/".join(parts[:i]) in skipped for i in range(1, len(parts) + 1)):
                 continue
             if isinstance(obj, h5py.SoftLink):
-                assert json.loads(view.get(f"{path}/.zattrs")) == {"_SOFT_LINK": {"path": obj.path}}
+                assert json.loads(meta(f"{path}/.zattrs")) == {"_SOFT_LINK": {"path": obj.path}}
                 continue
             assert not isinstance(obj, h5py.ExternalLink), (
                 f"{path}: external link neither shown nor skipped"

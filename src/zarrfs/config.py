@@ -262,6 +262,34 @@ VERB_READ_CHUNK = 4 << 20
 WARM_CONCURRENCY = 8
 PROGRESS_INTERVAL = 5.0
 
+# --- virtual Zarr views of HDF5 blobs (`--virtual-zarr`, `fs.virtual_zarrs`, `virtual_cache`) -------
+#: Blobs that get a `<name>.zarr` sibling: names ending in one of these (case-insensitive), or whose
+#: asset record's `encodingFormat` is one of these media types. Whether the blob is HDF5 is checked
+#: (its signature) when the sibling is first entered; listing a directory opens nothing.
+VIRTUAL_ZARR_SUFFIXES = (".nwb", ".h5", ".hdf5", ".hdf", ".he5")
+VIRTUAL_ZARR_MEDIA_TYPES = ("application/x-nwb", "application/x-hdf5", "application/x-hdf")
+#: The HDF5 metadata an extraction reads goes through a block cache of its own with blocks this
+#: small (a 256 KiB block per scattered B-tree node would move a tenth of a 64 MiB file), sharing
+#: the disk tier with the main one; its memory budget; a blob with a plain-MD5 ETag up to
+#: VIRTUAL_METADATA_WHOLE_MAX bytes is read whole instead, checked against its MD5.
+VIRTUAL_METADATA_BLOCK = 64 << 10
+VIRTUAL_METADATA_MEMORY = 64 << 20
+VIRTUAL_METADATA_WHOLE_MAX = 4 << 20
+#: Seconds one extraction may take (then its worker is killed and the entry fails with EIO; the
+#: next entry tries again), extractions running at once (each is a worker process), and the
+#: address space a worker may use.
+VIRTUAL_EXTRACT_DEADLINE = 600.0
+VIRTUAL_EXTRACTIONS = 2
+VIRTUAL_WORKER_MEMORY = 4 << 30
+#: Bytes of loaded views kept in memory at most (about 24 bytes per chunk plus the inline files);
+#: one dropped is loaded again from the cache dir.
+VIRTUAL_MEMORY = 256 << 20
+#: Cap of the views stored in the cache dir (`virtual/`, least recently loaded removed first).
+VIRTUAL_DISK_BUDGET = 2 << 30
+#: A chunk file of a virtual array up to this size is fetched whole, in the background, when it is
+#: opened (readers read chunk files whole); a larger one is read as asked.
+VIRTUAL_CHUNK_FETCH_MAX = 16 << 20
+
 
 def default_cache_dir() -> Path:
     """The per-user cache dir (XDG on Linux), e.g. ~/.cache/zarrfs."""
@@ -371,6 +399,9 @@ class Config:
     #: Serve a synthesized consolidated `.zmetadata` in Zarr format 2 hierarchies that have none
     #: (it changes what the mount shows, so it is off by default).
     consolidate: bool = False
+    #: Show each HDF5 blob (an NWB file) also as a virtual Zarr store, `<name>.zarr` beside it, whose
+    #: chunks are byte ranges of the pinned blob (it changes what the mount shows: off by default).
+    virtual_zarr: bool = False
     #: Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (a mount only).
     metrics_port: int | None = None
     block_size: int = BLOCK_SIZE

@@ -91,6 +91,11 @@ class DocumentTooLarge(RemoteError):
     transient = False
 
 
+class NotVirtualizable(DataError):
+    """A blob cannot be shown as a virtual Zarr (`--virtual-zarr`): it is not HDF5, the HDF5
+    library refused it, or its extraction failed for good (an answer about the data, remembered)."""
+
+
 # --- user errors (the CLI prints one line and exits non-zero) ------------------------------------
 
 

@@ -67,7 +67,12 @@ from zarrfs.errors import (
     copy_error,
     is_transient,
 )
-from zarrfs.io.cache_dir import CacheLayout, create_private_file, make_private_dir
+from zarrfs.io.cache_dir import (
+    CacheLayout,
+    make_private_dir,
+    read_if_exists,
+    write_new_file,
+)
 from zarrfs.io.disk_gate import CacheDirStalled, DiskGate
 from zarrfs.io.remote import Remote
 from zarrfs.manifests.checksums import parse_checksum
@@ -506,7 +511,7 @@ class ManifestCache:
     async def _read_built(self, key: _Key) -> bytes | None:
         path = self.built_path(*key)
         try:
-            return await self.gate.run(_read_if_exists, path)
+            return await self.gate.run(read_if_exists, path)
         except OSError:
             return None  # stalled or unreadable: fetched or listed again
 
@@ -559,7 +564,7 @@ class ManifestCache:
         try:
             if built is not None:
                 await self.gate.run(
-                    _write_new_file,
+                    write_new_file,
                     self.built_path(zarr_id, checksum),
                     built,
                     timeout=self.gate.write_timeout(len(built)),
@@ -708,25 +713,6 @@ def _lease_all(paths: list[Path]) -> int:
     for path in paths:
         _renew(path, leased=True)
     return len(paths)
-
-
-def _read_if_exists(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-
-
-def _write_new_file(path: Path, data: bytes) -> None:
-    """`data` at `path`, atomically (0600 temp file, rename); an existing file is left as it is."""
-    make_private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    try:
-        with os.fdopen(create_private_file(tmp), "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _open_lock(path: Path) -> int:

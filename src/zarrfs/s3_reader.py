@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import time
+import urllib.parse
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -281,6 +282,39 @@ class S3Reader:
         ticket = ticket or Ticket(Priority.DEMAND, flow=ref.key)
         return await self._retry(
             attempt, what, ref.version_id, self.settings.request_timeout, ticket
+        )
+
+    def https_url(self, key: str, version_id: str | None) -> str:
+        """The HTTPS URL anyone can GET the object version at (the configured endpoint's,
+        path-style, or the bucket's public AWS address), pinned by `?versionId=` when given."""
+        quoted = urllib.parse.quote(key)
+        if self.settings.endpoint_url:
+            url = f"{self.settings.endpoint_url.rstrip('/')}/{self.bucket}/{quoted}"
+        else:
+            url = f"https://{self.bucket}.s3.amazonaws.com/{quoted}"
+        if version_id is not None:
+            url += "?versionId=" + urllib.parse.quote(version_id, safe="")
+        return url
+
+    async def head(self, ref: ObjectRef) -> tuple[str | None, str | None]:
+        """The S3 VersionId (None in an unversioned bucket) and ETag of the object version `ref`
+        names (for a blob, the current version of its immutable key), checked against `ref`'s
+        size, VersionId and ETag as a GET's headers are."""
+        name = _describe(self.bucket, ref.key, ref.version_id)
+        params = self._params(ref.key, ref.version_id)
+
+        async def attempt() -> tuple[str | None, str | None]:
+            self.stats["requests"] += 1
+            resp = await self._client.head_object(**params)
+            self._verify_version(name, ref.version_id, resp)
+            self._verify_etag(name, ref, resp)
+            self._check(name, "object size (Content-Length)", ref.size, resp.get("ContentLength"))
+            etag = resp.get("ETag")
+            return resp.get("VersionId"), None if etag is None else strip_etag(str(etag))
+
+        ticket = Ticket(Priority.DEMAND, flow=ref.key)
+        return await self._retry(
+            attempt, f"HEAD {name}", ref.version_id, self.settings.request_timeout, ticket
         )
 
     def _range_params(self, ref: ObjectRef, start: int, end: int) -> dict[str, Any]:
@@ -587,11 +621,7 @@ class S3Reader:
             # absent counts as a mismatch: an endpoint that ignored ?versionId= served the live object
             raise self._fail(name, "VersionId", version_id, got)
 
-    def _verify_headers(
-        self, ref: ObjectRef, start: int, end: int, resp: Mapping[str, Any], name: str
-    ) -> None:
-        """Check a ranged GET's headers against `ref` before any body byte is read."""
-        self._verify_version(name, ref.version_id, resp)
+    def _verify_etag(self, name: str, ref: ObjectRef, resp: Mapping[str, Any]) -> None:
         got_etag = resp.get("ETag")
         if ref.etag is not None and ref.version_id is not None:
             # a pinned version's ETag was recorded from this very object: it must match exactly
@@ -603,6 +633,13 @@ class S3Reader:
             expected, got = strip_etag(ref.etag), strip_etag(str(got_etag))
             if etag_form(expected) == etag_form(got) and expected != got:
                 raise self._fail(name, "ETag", expected, got)
+
+    def _verify_headers(
+        self, ref: ObjectRef, start: int, end: int, resp: Mapping[str, Any], name: str
+    ) -> None:
+        """Check a ranged GET's headers against `ref` before any body byte is read."""
+        self._verify_version(name, ref.version_id, resp)
+        self._verify_etag(name, ref, resp)
         content_range = resp.get("ContentRange")
         if content_range is None:
             # A 200 with the whole object: only acceptable when the whole object was asked for.

@@ -52,6 +52,9 @@ class AssetRecord:
     #: The checksum is the Zarr's live one (a draft pinned through the API): with no manifest
     #: anywhere, the manifest may be built from the bucket's listing and verified against it.
     live: bool = False
+    #: The record's `encodingFormat` (a blob's media type, e.g. `application/x-nwb`), if it is a
+    #: short string.
+    media_type: str | None = None
 
     @property
     def is_zarr(self) -> bool:
@@ -148,6 +151,7 @@ def parse_asset_record(record: dict[str, Any]) -> AssetRecord:
         )
     blob_key = next((k for k in keys if _BLOB_KEY_RE.match(k)), None)
     etag = digest.get("dandi:dandi-etag")
+    media_type = record.get("encodingFormat")
     return AssetRecord(
         asset_id=asset_id,
         path=path,
@@ -156,6 +160,7 @@ def parse_asset_record(record: dict[str, Any]) -> AssetRecord:
         blob_key=blob_key,
         blob_etag=etag if isinstance(etag, str) else None,
         problem=None if blob_key else f"no S3 URL of the form blobs/... in contentUrl {urls!r}",
+        media_type=media_type if isinstance(media_type, str) and len(media_type) <= 200 else None,
     )
 
 

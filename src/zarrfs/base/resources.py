@@ -107,6 +107,10 @@ class Budget:
     versions: int
     disk_pending: int = config.DISK_CACHE_PENDING_MAX
     consolidated: int = config.CONSOLIDATED_MEMORY
+    #: `--virtual-zarr`: the views kept, and the cache of small blocks their extraction reads
+    #: (0 without the option).
+    virtual_zarr: int = 0
+    virtual_metadata: int = 0
 
     @property
     def total(self) -> int:
@@ -116,4 +120,6 @@ class Budget:
             + self.versions
             + self.disk_pending
             + self.consolidated
+            + self.virtual_zarr
+            + self.virtual_metadata
         )

@@ -69,6 +69,10 @@ EXAMPLES = {
     "verify": """examples:
   zarrfs verify /mnt/dandi/sub-1/x.ome.zarr        recompute the Zarr checksum from the bytes
   zarrfs verify /mnt/dandi/sub-1/x.nwb             recompute the blob's dandi-etag""",
+    "virtual-zarr": """examples:
+  zarrfs virtual-zarr 000108@0.230623.1735/sub-1/sub-1_ecephys.nwb -o refs.json
+then, without zarrfs:
+  fsspec.get_mapper("reference://", fo="refs.json", remote_protocol="https")""",
     "stats": """examples:
   zarrfs stats /mnt/dandi""",
     "cache": """examples:
@@ -142,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("path", metavar="PATH", type=Path)
     v.add_argument("--debug", action="store_true")
+
+    vz = verb(
+        "virtual-zarr",
+        "write the virtual Zarr view of an HDF5 (NWB) file as kerchunk references",
+        "Build the virtual Zarr view of the HDF5 file at SOURCE/PATH (what --virtual-zarr shows "
+        "as PATH.zarr) and write it as kerchunk references (format 1) whose chunks point at the "
+        "blob's HTTPS URL pinned by its S3 VersionId, for fsspec users without zarrfs.",
+    )
+    vz.add_argument("source", metavar="SOURCE/PATH", help=SOURCE_HELP)
+    vz.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="where to write them (default: stdout)"
+    )
+    add_connection_options(vz, dash_o=False)
 
     st = verb(
         "stats", "requests, bytes, cache hits, retries, errors and latency of a running mount"
@@ -225,6 +242,12 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
         "their metadata when first entered; not part of the published data)",
     )
     p.add_argument(
+        "--virtual-zarr",
+        action="store_true",
+        help="show each HDF5 blob (NWB file) also as a Zarr store, <name>.zarr beside it, whose "
+        "chunks are byte ranges of the pinned blob (built when first entered)",
+    )
+    p.add_argument(
         "--read-ahead",
         default="1M",
         metavar="SIZE",
@@ -241,8 +264,9 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-file", type=Path, help="log file of a background mount")
 
 
-def add_connection_options(p: argparse.ArgumentParser) -> None:
-    """What every verb that reads the archive takes, with the same names and defaults."""
+def add_connection_options(p: argparse.ArgumentParser, *, dash_o: bool = True) -> None:
+    """What every verb that reads the archive takes, with the same names and defaults (`dash_o`
+    False: but `-o OPTIONS`, for a verb whose `-o` is its output file)."""
     p.add_argument(
         "--endpoint-url",
         metavar="URL",
@@ -300,15 +324,17 @@ def add_connection_options(p: argparse.ArgumentParser) -> None:
         help="budget for resolved versions an archive or dandiset mount keeps (default: "
         "%(default)s)",
     )
-    p.add_argument(
-        "-o",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="OPTIONS",
-        help="comma-separated mount options (allow_other, endpoint_url=..., bucket=..., "
-        "cache_dir=..., ...)",
-    )
+    p.set_defaults(options=[])
+    if dash_o:
+        p.add_argument(
+            "-o",
+            dest="options",
+            action="append",
+            default=[],
+            metavar="OPTIONS",
+            help="comma-separated mount options (allow_other, endpoint_url=..., bucket=..., "
+            "cache_dir=..., ...)",
+        )
     p.add_argument("--debug", action="store_true", help="debug logging (implies nothing else)")
 
 
@@ -360,7 +386,7 @@ def apply_o_options(args: argparse.Namespace) -> None:
                 args.allow_other = True
             elif key in ("xattr", "xattrs"):
                 args.xattrs = True
-            elif key in ("foreground", "debug", "signed", "consolidate"):
+            elif key in ("foreground", "debug", "signed", "consolidate", "virtual_zarr"):
                 setattr(args, key, True)
             elif key == "manifest_root":
                 args.manifest_roots = [*(args.manifest_roots or []), value]
@@ -410,6 +436,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         umask=umask,
         xattrs=getattr(args, "xattrs", False),
         consolidate=getattr(args, "consolidate", False),
+        virtual_zarr=getattr(args, "virtual_zarr", False),
         metrics_port=_port(getattr(args, "metrics_port", None)),
         kernel_readdir_cache=cfg.env_kernel_readdir_cache(),
         read_ahead=_size("read ahead", getattr(args, "read_ahead", None), cfg.DEFAULT_READ_AHEAD),
@@ -779,6 +806,34 @@ def run_cache(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_virtual_zarr(args: argparse.Namespace) -> int:
+    """`zarrfs virtual-zarr SOURCE/PATH [-o FILE]`: the references on stdout or in FILE (written
+    whole or not at all), a summary line on stderr."""
+    import json
+
+    import trio
+
+    from zarrfs.faces.verbs import virtual_zarr_refs
+
+    config = config_from_args(args)
+    _quiet_logging(config.debug)
+    refs, summary = trio.run(virtual_zarr_refs, config)
+    text = json.dumps(refs, separators=(",", ":"))
+    if args.output is None:
+        print(text)
+    else:
+        tmp = args.output.with_name(f".{args.output.name}.tmp")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, args.output)
+        except OSError as e:
+            raise UserError(f"cannot write {args.output}: {e.strerror or e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    print(summary, file=sys.stderr)
+    return EXIT_OK
+
+
 def run_unmount(args: argparse.Namespace) -> int:
     mountpoint = runtime.real_path(args.mountpoint)  # as /proc/self/mounts has it, also when dead
     if not is_mounted(mountpoint):
@@ -806,6 +861,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_verify(args)
         if args.command == "stats":
             return run_stats(args)
+        if args.command == "virtual-zarr":
+            return run_virtual_zarr(args)
         if args.command == "cache":
             return run_cache(args)
         if args.command == "demo":

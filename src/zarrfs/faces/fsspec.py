@@ -541,8 +541,8 @@ class ZarrfsFileSystem(AbstractFileSystem):  # type: ignore[misc]
     Options (the command line's connection options, same names and defaults): `endpoint_url`,
     `bucket`, `region`, `manifest_root` (a URL or a list of URLs, tried in order), `api_url`,
     `cache_dir`, `memory_cache_size`, `cache_size`, `manifest_memory`, `manifest_cache_size`,
-    `version_memory` (sizes: bytes, or strings such as "512M"), `signed`; and `consolidate`, as
-    the mount's `--consolidate`. Read-only: every write raises OSError(EROFS).
+    `version_memory` (sizes: bytes, or strings such as "512M"), `signed`; and `consolidate` and
+    `virtual_zarr`, as the mount's `--consolidate` and `--virtual-zarr`. Read-only: every write raises OSError(EROFS).
     """
 
     protocol = PROTOCOL
@@ -564,6 +564,7 @@ class ZarrfsFileSystem(AbstractFileSystem):  # type: ignore[misc]
         version_memory: int | str = cfg.DEFAULT_VERSION_MEMORY,
         signed: bool | str = False,
         consolidate: bool | str = False,
+        virtual_zarr: bool | str = False,
         **fsspec_options: Any,
     ) -> None:
         unknown = sorted(set(fsspec_options) - IGNORED_OPTIONS)
@@ -588,7 +589,9 @@ class ZarrfsFileSystem(AbstractFileSystem):  # type: ignore[misc]
         #: What every source is opened with, but for the source itself (built now: a bad option
         #: fails here, with ValueError, rather than at the first read on a worker).
         self.config: Config = replace(
-            connection, consolidate=flag_option("consolidate", consolidate)
+            connection,
+            consolidate=flag_option("consolidate", consolidate),
+            virtual_zarr=flag_option("virtual_zarr", virtual_zarr),
         )
 
     @classmethod

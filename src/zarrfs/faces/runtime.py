@@ -206,6 +206,7 @@ def write_state(config: Config) -> bool:
         "manifest_disk_size": config.manifest_disk_size,
         "disk_cache_size": config.disk_cache_size,
         "consolidate": config.consolidate,
+        "virtual_zarr": config.virtual_zarr,
     }
     return _write(state_path(config.mountpoint).name, doc)
 
@@ -267,6 +268,7 @@ def config_from_state(state: dict[str, Any]) -> Config:
         manifest_disk_size=state["manifest_disk_size"],
         disk_cache_size=state["disk_cache_size"],
         consolidate=state["consolidate"],
+        virtual_zarr=bool(state.get("virtual_zarr", False)),
     )
 
 

@@ -54,6 +54,12 @@ def snapshot(fs: Filesystem, extra: dict[str, Any] | None = None) -> dict[str, A
         out["disk_cache"] = disk_stats
         misses = blocks["misses"]
         out["disk_hit_ratio"] = blocks["disk_hits"] / misses if misses else None
+    if fs.virtual is not None:
+        out["virtual_zarr"] = {
+            **fs.virtual.cache.stats,
+            "loaded_bytes": fs.virtual.loaded_bytes,
+            "metadata_cache": fs.stack.sparse.stats(),
+        }
     if fs.gate is not None:
         out["cache_dir"] = {**fs.gate.stats, "stalled": int(fs.gate.stalled)}
     if extra:
@@ -72,6 +78,8 @@ def _memory(fs: Filesystem) -> dict[str, Any]:
         "versions": fs.versions_bytes,
         "disk_pending": disk.pending if disk is not None else 0,
         "consolidated": fs.consolidated_bytes,
+        "virtual_zarr": fs.virtual.loaded_bytes if fs.virtual is not None else 0,
+        "virtual_metadata": fs.stack.sparse.stats()["bytes"],
     }
     return {
         "held": held,
@@ -82,6 +90,8 @@ def _memory(fs: Filesystem) -> dict[str, Any]:
             "versions": budget.versions,
             "disk_pending": budget.disk_pending,
             "consolidated": budget.consolidated,
+            "virtual_zarr": budget.virtual_zarr,
+            "virtual_metadata": budget.virtual_metadata,
         },
         "held_total": sum(held.values()) - held["prefetched_ahead"],  # inside the block cache
         "budget_total": budget.total,

@@ -1,4 +1,5 @@
-"""The verbs that read the archive without mounting it: `ls`, `info`, `verify`, `stats`, `cache`.
+"""The verbs that read the archive without mounting it: `ls`, `info`, `verify`, `stats`, `cache`,
+`virtual-zarr`.
 
 Owns: what each verb does and prints, on the same core as the mount (`core.open_filesystem`); for a
 path under a live zarrfs mount, the mount's own configuration (`runtime`), so that `info` and `verify`
@@ -177,6 +178,38 @@ async def _format_listing(fs: Filesystem, only: bytes | None, long: bool) -> lis
         else:
             lines.append(f"{name}\t{entry.size}")
     return lines
+
+
+# --- virtual-zarr ---------------------------------------------------------------------------
+
+
+async def virtual_zarr_refs(config: Config) -> tuple[dict[str, Any], str]:
+    """`zarrfs virtual-zarr SOURCE/PATH`: the virtual Zarr view of the HDF5 file at PATH (what
+    `--virtual-zarr` shows as PATH.zarr) as kerchunk references (format 1) whose chunks point at
+    the blob's HTTPS URL pinned by its S3 VersionId (asked of S3 now, and checked against the
+    published size and ETag), and a one-line summary."""
+    source = config.source
+    if not source.path:
+        raise UserError(f"name an HDF5 file of {source}: SOURCE/PATH.nwb")
+    parent, _, name = source.path.rpartition("/")
+    served = replace(config, source=replace(source, path=parent), virtual_zarr=True)
+    async with open_filesystem(served) as fs:
+        entry = await fs.lookup(ROOT_INO, name.encode())
+        if entry.is_dir:
+            raise UserError(f"{source.path} is a directory: name an HDF5 file")
+        blob = await fs.source_of(entry.ino)
+        if not isinstance(blob, ObjectRef):
+            raise UserError(f"{source.path} is not a file of the bucket")
+        assert fs.virtual is not None
+        model = await fs.virtual.cache.get(blob, source.path)
+        version_id, _etag = await fs.reader.head(blob)
+        url = fs.reader.https_url(blob.key, version_id)
+    pinned = "" if version_id is not None else " (the bucket keeps no versions: not pinned)"
+    summary = (
+        f"{source.path}: {model.chunk_count} chunks, {len(model.inline)} inline files, "
+        f"referencing {url}{pinned}"
+    )
+    return model.to_kerchunk(url), summary
 
 
 # --- info -------------------------------------------------------------------------------------
@@ -474,6 +507,7 @@ def cache_info(cache_dir: Path) -> list[str]:
         ("manifests built from listings", layout.built_manifests),
         ("resolved versions", layout.versions),
         ("disk blocks", layout.blocks),
+        ("virtual Zarr views", layout.virtual),
         ("logs", layout.logs),
         ("temporary files", layout.tmp),
     ):
@@ -501,7 +535,7 @@ def cache_clear(config: Config | None, cache_dir: Path) -> list[str]:
     if config is None:
         removed = []
         for directory in (layout.manifests, layout.built_manifests, layout.versions,
-                          layout.blocks, layout.tmp, layout.locks):  # fmt: skip
+                          layout.blocks, layout.virtual, layout.tmp, layout.locks):  # fmt: skip
             if directory.exists():
                 count, size = _usage(directory)
                 shutil.rmtree(directory, ignore_errors=True)

@@ -12,9 +12,11 @@ as it is. Nothing here waits on the cache dir without a deadline: a hung cache d
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -22,7 +24,7 @@ from zarrfs import config as cfg
 from zarrfs.archive.catalog import Catalog
 from zarrfs.base.resources import raise_descriptor_limit
 from zarrfs.config import Config
-from zarrfs.errors import report_bug, unwrap_single_exception
+from zarrfs.errors import UserError, report_bug, unwrap_single_exception
 from zarrfs.fs.filesystem import Filesystem
 from zarrfs.io.disk_gate import DiskGate
 from zarrfs.io.disk_store import DiskBlockCache, default_size
@@ -30,6 +32,9 @@ from zarrfs.io.disk_tier import DiskTier
 from zarrfs.io.remote import Remote
 from zarrfs.io.stack import ReadStack
 from zarrfs.manifest_cache import ManifestCache
+
+if TYPE_CHECKING:
+    from zarrfs.fs.virtual_zarrs import VirtualZarrs
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,7 @@ async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
             version_memory=config.version_memory,
             consolidate=config.consolidate,
             gate=gate,
+            virtual=_virtual_zarrs(config, stack, gate),
         )
         try:
             description = await fs.start()  # before the nursery: its errors stay plain
@@ -94,6 +100,12 @@ async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
                         service.start_soon(guarded, "disk cache eviction", disk.keep_within_bounds)
                     if fs.holds_zarrs:
                         service.start_soon(guarded, "import", _import_manifest_machinery)
+                    if fs.virtual is not None:
+                        service.start_soon(
+                            guarded,
+                            "sweep of the virtual Zarr store",
+                            fs.virtual.cache.sweep_in_background,
+                        )
                     try:
                         yield fs
                     finally:
@@ -101,6 +113,23 @@ async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
         finally:
             with trio.move_on_after(cfg.DISK_CACHE_STALL_TIMEOUT, shield=True):
                 await fs.volumes.remove_pins()
+
+
+def _virtual_zarrs(config: Config, stack: ReadStack, gate: DiskGate) -> VirtualZarrs | None:
+    """With `--virtual-zarr`, what shows HDF5 blobs as virtual Zarrs (imported only then: numpy
+    and the extractor's parent side); UserError when the extractor cannot run here (no h5py)."""
+    if not config.virtual_zarr:
+        return None
+    if importlib.util.find_spec("h5py") is None:
+        raise UserError(
+            "--virtual-zarr needs h5py and numcodecs in zarrfs's environment: "
+            "pip install 'zarrfs[virtual]'"
+        )
+    from zarrfs.fs.virtual_zarrs import VirtualZarrs
+    from zarrfs.virtual_cache import VirtualCache
+
+    cache = VirtualCache(stack, bucket=config.s3.bucket, cache_dir=config.cache_dir, gate=gate)
+    return VirtualZarrs(cache)
 
 
 async def guarded(what: str, task: Callable[..., Awaitable[object]], *args: object) -> None:

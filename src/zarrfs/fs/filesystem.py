@@ -4,7 +4,8 @@ Owns: what one mount shows (`MountSource`: the whole archive, one dandiset's ver
 or one directory of a version: its root is then an alias of that directory), and the routing of every
 operation, downwards only: an inode is a synthetic level of the archive (`synthetic`), or belongs to a
 volume (`volumes`), whose namespace answers for its top-level tree and says which Zarr an inode inside
-one is in; that Zarr's view (`zarrs`) answers for it. Also: a deadline on every operation, read
+one is in; that Zarr's view (`zarrs`, or `virtual_zarrs` for the virtual Zarr view of an HDF5 blob)
+answers for it. Also: a deadline on every operation, read
 statistics, and the log line naming the object whenever a read fails. Works in domain types and
 raises typed `ZarrfsError`s; knows nothing of pyfuse3, so it is tested by awaiting it directly.
 Never parses, never retries, never decides cache policy.
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -45,7 +47,15 @@ from zarrfs.errors import (
     VersionNotFound,
 )
 from zarrfs.fs.inodes import InodeSpace, Volume
-from zarrfs.fs.namespace import ROOT_INO, Entry, FileSource, InlineFile, Namespace, ZarrPlace
+from zarrfs.fs.namespace import (
+    ROOT_INO,
+    BlobRange,
+    Entry,
+    FileSource,
+    InlineFile,
+    Namespace,
+    ZarrPlace,
+)
 from zarrfs.fs.synthetic import SyntheticLevels
 from zarrfs.fs.volumes import Volumes, report_unservable
 from zarrfs.fs.zarrs import Zarrs, ZarrView
@@ -53,6 +63,9 @@ from zarrfs.io.disk_gate import DiskGate
 from zarrfs.io.stack import ObjectReader, ReadStack
 from zarrfs.manifest_cache import ManifestCache
 from zarrfs.s3_reader import S3Reader
+
+if TYPE_CHECKING:  # imported by the core only with --virtual-zarr (numpy, the extractor)
+    from zarrfs.fs.virtual_zarrs import VirtualView, VirtualZarrs
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +124,7 @@ class Filesystem:
         version_memory: int = config.DEFAULT_VERSION_MEMORY,
         consolidate: bool = False,
         gate: DiskGate | None = None,
+        virtual: VirtualZarrs | None = None,
     ) -> None:
         self.source = source
         self.catalog = catalog
@@ -126,9 +140,12 @@ class Filesystem:
             version_memory=version_memory,
             cache_dir=cache_dir,
             gate=self.gate,
+            virtual_zarr=virtual is not None,
         )
         self.levels = SyntheticLevels(catalog, manifests, self.inodes, self.volumes)
         self.zarrs = Zarrs(manifests, catalog, stack, consolidate=consolidate)
+        #: The virtual Zarr views of HDF5 blobs (`--virtual-zarr`; None: not shown).
+        self.virtual = virtual
         #: An operation fails with EIO rather than take longer than this.
         self.read_deadline = config.READ_DEADLINE
         #: The mounted version holds Zarrs (known after `start`; False for the archive levels).
@@ -143,6 +160,8 @@ class Filesystem:
             block_cache=stack.blocks.max_bytes,
             manifests=manifests.memory_budget,
             versions=version_memory,
+            virtual_zarr=config.VIRTUAL_MEMORY if virtual is not None else 0,
+            virtual_metadata=stack.sparse.max_bytes if virtual is not None else 0,
         )
 
     @property
@@ -153,6 +172,8 @@ class Filesystem:
     @service_nursery.setter
     def service_nursery(self, nursery: trio.Nursery | None) -> None:
         self.volumes.nursery = self.zarrs.nursery = nursery
+        if self.virtual is not None:
+            self.virtual.cache.nursery = nursery
 
     @property
     def consolidate(self) -> bool:
@@ -178,7 +199,7 @@ class Filesystem:
         key = NodeKey(Level.VERSION, source.dandiset_id, resolved.source.version)
         root = ROOT_INO if not source.path else self.inodes.new_synthetic()
         volume = self.volumes.add(root, key, "")
-        namespace = Namespace(resolved)
+        namespace = self.volumes.version_namespace(resolved)
         self.volumes.settle(volume, namespace, keep=True)
         report_unservable(resolved)
         self.holds_zarrs = bool(namespace.zarr_assets())
@@ -283,7 +304,12 @@ class Filesystem:
             if self.levels.node(ino) is not None:
                 raise IsADirectory(f"inode {ino} is a directory")
             source, where = await self._source(ino)
-        reader = self.stack.open(source) if isinstance(source, ObjectRef) else None
+        if isinstance(source, ObjectRef):
+            reader = self.stack.open(source)
+        elif isinstance(source, BlobRange):
+            reader = self.stack.open_range(source.ref, source.offset, source.length)
+        else:
+            reader = None
         return OpenFile(ino, source, where, reader)
 
     async def release(self, handle: OpenFile) -> None:
@@ -314,7 +340,7 @@ class Filesystem:
             log.error(
                 "read of %s failed (%s, %d bytes at %d): %s",
                 handle.path,
-                describe_object(self.bucket, source),
+                describe_source(self.bucket, source),
                 size,
                 offset,
                 error,
@@ -354,12 +380,15 @@ class Filesystem:
         asset = namespace.asset_of(ino)
         if asset is not None and asset.asset_id:
             out["asset_id"] = asset.asset_id
-        if inside.zarr is not None and ino == inside.zarr.root_ino:
+        if inside.zarr is not None and ino == inside.zarr.root_ino and not inside.zarr.virtual:
             out["zarr_id"] = inside.zarr.asset.zarr_id or ""
             out["zarr_checksum"] = inside.zarr.asset.zarr_checksum or ""
         if (await self.getattr(ino)).is_dir:
             return out
         source, _ = await self._source(ino)
+        if isinstance(source, BlobRange):  # a chunk of a virtual Zarr: a range of its blob
+            out["byte_range"] = f"{source.offset}-{source.offset + source.length - 1}"
+            source = source.ref
         if isinstance(source, ObjectRef):
             out["s3_url"] = describe_object(self.bucket, source)
             if source.version_id is not None:
@@ -409,8 +438,12 @@ class Filesystem:
         namespace = await self.volumes.namespace(volume)
         return _Inside(volume, namespace, namespace.zarr_at(ino))
 
-    async def _view(self, inside: _Inside) -> ZarrView:
+    async def _view(self, inside: _Inside) -> ZarrView | VirtualView:
         assert inside.zarr is not None
+        if inside.zarr.virtual:
+            if self.virtual is None:  # (a namespace shows virtual Zarrs only when it is set)
+                raise NotFound(f"no virtual Zarr views in this mount: {inside.zarr.path}")
+            return await self.virtual.view(inside.zarr)
         ask_api = self.volumes.key(inside.volume).level == Level.ZARR  # zarrs/...: live unknown
         return await self.zarrs.view(inside.zarr, ask_api=ask_api)
 
@@ -443,3 +476,11 @@ def describe_object(bucket: str, ref: ObjectRef) -> str:
     """`s3://bucket/key?versionId=...` for log lines."""
     version = f"?versionId={ref.version_id}" if ref.version_id else ""
     return f"s3://{bucket}/{ref.key}{version}"
+
+
+def describe_source(bucket: str, source: ObjectRef | BlobRange) -> str:
+    """The object (and for a range, which bytes of it) a file's bytes come from, for log lines."""
+    if isinstance(source, BlobRange):
+        end = source.offset + source.length - 1
+        return f"{describe_object(bucket, source.ref)} bytes {source.offset}-{end}"
+    return describe_object(bucket, source)

@@ -14,6 +14,12 @@ asset's own top-level inode). An unplaced namespace numbers as if placed at `(1,
 survives the version being evicted and resolved again, and `forget` needs no bookkeeping. Readdir
 offsets are 1 + the position of the entry in its directory's sorted children, stable because the tree
 never changes. A namespace may also be rooted at one Zarr (`root_zarr`: the root is the Zarr).
+
+With `virtual_zarr`, every blob that may be HDF5 (`config.VIRTUAL_ZARR_SUFFIXES`, or a media type of
+`config.VIRTUAL_ZARR_MEDIA_TYPES`) also gets a sibling directory `<name>.zarr`, its virtual Zarr view
+(`virtual_zarrs`), unless that name is taken. It is numbered like a Zarr (its place says `virtual`),
+in slots after every real Zarr's, so a real Zarr's inodes do not depend on the option. Whether the
+blob is HDF5 at all is learned when the view is entered: listing a directory opens nothing.
 """
 
 from __future__ import annotations
@@ -61,7 +67,17 @@ class InlineFile:
     data: bytes
 
 
-FileSource = ObjectRef | InlineFile
+@dataclass(frozen=True, slots=True)
+class BlobRange:
+    """A file whose bytes are `length` bytes of object `ref` from `offset` on (a chunk of a virtual
+    Zarr: a range of its HDF5 blob)."""
+
+    ref: ObjectRef
+    offset: int
+    length: int
+
+
+FileSource = ObjectRef | InlineFile | BlobRange
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +90,8 @@ class ZarrPlace:
     base: int
     #: The Zarr's place in its version's tree, for log lines.
     path: str
+    #: A virtual Zarr view of the blob `asset` (`--virtual-zarr`), not a Zarr asset.
+    virtual: bool = False
 
     def node(self, ino: int) -> int:
         """The node id (0: the root) of inode `ino` of this Zarr."""
@@ -97,6 +115,7 @@ class _Top:
     asset: AssetRecord | None = None
     inline: bytes | None = None
     slot: int = 0  # the Zarr's position (1..) when this is a Zarr root, else 0
+    virtual: bool = False  # a Zarr root that is the virtual Zarr view of the blob `asset`
     child_names: list[bytes] = field(default_factory=list)  # sorted, for directories
     child_indexes: list[int] = field(default_factory=list)
 
@@ -104,7 +123,13 @@ class _Top:
 class Namespace:
     """The immutable inode table of one mounted version."""
 
-    def __init__(self, resolved: ResolvedVersion, *, root_zarr: AssetRecord | None = None) -> None:
+    def __init__(
+        self,
+        resolved: ResolvedVersion,
+        *,
+        root_zarr: AssetRecord | None = None,
+        virtual_zarr: bool = False,
+    ) -> None:
         self.resolved = resolved
         newest = max((a.mtime_ns for a in resolved.assets), default=0)
         self._nodes: list[_Top | None] = [None]  # by index; 1 is the root
@@ -133,6 +158,8 @@ class Namespace:
             )
         for asset in sorted(resolved.assets, key=lambda a: a.path.encode("utf-8")):
             self._add_asset(asset, dirs, pending)
+        if virtual_zarr:
+            self._add_virtual_zarrs(pending)
         for node in self._nodes:
             if node is not None and node.is_dir:
                 kids = sorted(pending.pop(node.index, {}).items())
@@ -232,6 +259,33 @@ class Namespace:
             )
         self._insert(pending, parent, node)
 
+    def _add_virtual_zarrs(self, pending: dict[int, dict[bytes, _Top]]) -> None:
+        """A `<name>.zarr` directory beside each blob that may be HDF5, in path order, after every
+        Zarr (so their slots follow the real Zarrs'); skipped when the name is taken."""
+        blobs = [
+            node
+            for node in self._nodes
+            if node is not None and not node.is_dir and node.asset is not None
+            and might_be_hdf5(node.asset)
+        ]  # fmt: skip
+        for blob in blobs:
+            assert blob.asset is not None
+            name = blob.name + b".zarr"
+            if name in pending.get(blob.parent, {}):
+                log.info("no virtual Zarr view of %s: %s exists", blob.asset.path, name.decode())
+                continue
+            node = self._add(
+                name,
+                parent=blob.parent,
+                is_dir=True,
+                mtime_ns=blob.mtime_ns,
+                asset=blob.asset,
+                slot=len(self._zarr_roots),
+                virtual=True,
+            )
+            self._zarr_roots.append(node)
+            pending.setdefault(blob.parent, {})[name] = node
+
     @staticmethod
     def _file_exists(pending: dict[int, dict[bytes, _Top]], parent: _Top, name: bytes) -> bool:
         return name in pending.get(parent.index, {})
@@ -255,7 +309,7 @@ class Namespace:
     def _place(self, root: _Top) -> ZarrPlace:
         assert root.asset is not None
         base = (self._slot_base + root.slot - 1) << ZARR_SHIFT
-        return ZarrPlace(root.asset, self._ino(root), base, self._path(root))
+        return ZarrPlace(root.asset, self._ino(root), base, self._path(root), root.virtual)
 
     def zarr_at(self, ino: int) -> ZarrPlace | None:
         """The Zarr `ino` is in or is the root of (None: a top-level inode that is not a Zarr).
@@ -278,7 +332,12 @@ class Namespace:
         return place.asset if place is not None else self._top(ino).asset
 
     def zarr_assets(self) -> list[AssetRecord]:
-        return [n.asset for n in self._zarr_roots if n is not None and n.asset is not None]
+        """The Zarr assets (not the virtual Zarr views of blobs)."""
+        return [
+            n.asset
+            for n in self._zarr_roots
+            if n is not None and n.asset is not None and not n.virtual
+        ]
 
     def getattr(self, ino: int) -> Entry:
         return self._entry(self._top(ino))
@@ -335,3 +394,14 @@ class Namespace:
             assert parent is not None
             node = parent
         return "/".join(reversed(parts)) or "/"
+
+
+def might_be_hdf5(asset: AssetRecord) -> bool:
+    """Whether blob `asset` gets a virtual Zarr view (`config.VIRTUAL_ZARR_SUFFIXES`,
+    `config.VIRTUAL_ZARR_MEDIA_TYPES`); whether it is HDF5 is checked when the view is entered."""
+    if asset.is_zarr or asset.problem is not None:
+        return False
+    name = asset.path.rpartition("/")[2].lower()
+    return name.endswith(config.VIRTUAL_ZARR_SUFFIXES) or (
+        asset.media_type is not None and asset.media_type.lower() in config.VIRTUAL_ZARR_MEDIA_TYPES
+    )

@@ -52,10 +52,13 @@ class Volumes:
         version_memory: int,
         cache_dir: Path | None = None,
         gate: DiskGate | None = None,
+        virtual_zarr: bool = False,
     ) -> None:
         self.catalog = catalog
         self.inodes = inodes
         self.gate = gate
+        #: Versions show a virtual Zarr view beside each HDF5 blob (`--virtual-zarr`).
+        self.virtual_zarr = virtual_zarr
         self._keys: dict[int, NodeKey] = {}  # by volume id
         self._paths: dict[int, str] = {}
         self._loaded: BoundedLRU[int, Namespace] = BoundedLRU(
@@ -90,6 +93,10 @@ class Volumes:
     def path(self, volume: Volume) -> str:
         """Where the volume is shown, from the mount's root ("" for the mount's own version)."""
         return self._paths[volume.id]
+
+    def version_namespace(self, resolved: ResolvedVersion) -> Namespace:
+        """The namespace of a resolved version, as this mount shows versions."""
+        return Namespace(resolved, virtual_zarr=self.virtual_zarr)
 
     def settle(self, volume: Volume, namespace: Namespace, *, keep: bool = False) -> None:
         """Place `namespace` where `volume`'s inodes are (reserved the first time) and keep it."""
@@ -145,26 +152,26 @@ class Volumes:
     async def _resolve_version(self, key: NodeKey, path: str, volume: Volume) -> Namespace:
         pinned = await self._load_pin(volume)
         if pinned is not None:
-            return Namespace(pinned)
+            return self.version_namespace(pinned)
         resolved = await self.catalog.resolve(Source(key.dandiset_id, key.version))
         report_unservable(resolved)
         if key.version == "draft":
             await self._save_pin(volume, resolved)
         log.info("entered %s: %d assets", path or resolved.source, len(resolved.assets))
-        return Namespace(resolved)
+        return self.version_namespace(resolved)
 
     # --- draft pins -------------------------------------------------------------------------------
 
     async def _save_pin(self, volume: Volume, resolved: ResolvedVersion) -> None:
         if self._pins is None or self.gate is None:
-            self._kept[volume.id] = Namespace(resolved)  # no cache dir: keep it in memory
+            self._kept[volume.id] = self.version_namespace(resolved)  # no cache dir: in memory
             return
         path = self._pins / f"{volume.id}.json"
         try:
             await self.gate.run(write_checked_json, path, resolved_to_json(resolved))
         except OSError as e:
             log.warning("cannot keep the pin of %s on disk (%s): keeping it in memory", path, e)
-            self._kept[volume.id] = Namespace(resolved)
+            self._kept[volume.id] = self.version_namespace(resolved)
 
     async def _load_pin(self, volume: Volume) -> ResolvedVersion | None:
         if self._pins is None or self.gate is None:

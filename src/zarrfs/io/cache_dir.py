@@ -46,6 +46,11 @@ class CacheLayout:
         return self.root / "versions"
 
     @property
+    def virtual(self) -> Path:
+        """Virtual Zarr views of HDF5 blobs (immutable): `virtual/<h[:3]>/<h>.vzarr`."""
+        return self.root / "virtual"
+
+    @property
     def blocks(self) -> Path:
         """The disk block cache."""
         return self.root / "blocks"
@@ -100,17 +105,31 @@ def create_private_file(path: Path) -> int:
     return fd
 
 
-def write_checked_json(path: Path, doc: Any) -> None:
-    """Write `doc` to `path` atomically (0600 temp file, rename), its xxh3-128 on the first line."""
+def write_new_file(path: Path, data: bytes) -> None:
+    """`data` at `path`, atomically (a 0600 temp file beside it, renamed onto it): readers on any
+    node see the whole file or none."""
     make_private_dir(path.parent)
-    body = json.dumps(doc, separators=(",", ":")).encode()
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with os.fdopen(create_private_file(tmp), "wb") as f:
-            f.write(xxhash.xxh3_128_hexdigest(body).encode() + b"\n" + body)
+            f.write(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_if_exists(path: Path) -> bytes | None:
+    """The bytes of `path`, or None when it does not exist."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def write_checked_json(path: Path, doc: Any) -> None:
+    """Write `doc` to `path` atomically (0600 temp file, rename), its xxh3-128 on the first line."""
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    write_new_file(path, xxhash.xxh3_128_hexdigest(body).encode() + b"\n" + body)
 
 
 def read_checked_json(path: Path) -> Any | None:

@@ -11,6 +11,12 @@ the one composition every face reads through:
 `open(ref)` gives an `ObjectReader` (with a sequential prefetcher when the object has more than one
 block and the stack has a nursery to run it in), `read(ref, offset, size)` reads without one, and
 `read_many(refs)` reads small objects whole and concurrently (a Zarr's metadata objects).
+`open_range(ref, start, length)` gives a reader of one byte range of an object (a chunk of a virtual
+Zarr: a range of an HDF5 blob), through the object's own blocks, the range fetched whole in the
+background when it is opened and no prefetch past its end. `read_sparse(ref, offset, size)` reads
+small scattered pieces (the HDF5 metadata an extraction asks for) through a second block cache of
+small blocks (`config.VIRTUAL_METADATA_BLOCK`) over the same lower tiers, so that a B-tree node of a
+few KiB does not cost a 256 KiB block.
 
 Never does: FUSE, paths, manifests, or retries of its own (`S3Reader` retries). Concurrency: one trio
 run; prefetch segments run in `nursery` (the core's service nursery).
@@ -25,7 +31,7 @@ import trio
 
 from zarrfs import config
 from zarrfs.base.refs import ObjectRef
-from zarrfs.errors import DataError, is_transient
+from zarrfs.errors import DataError, is_transient, report_bug
 from zarrfs.io.blocks import BlockCache
 from zarrfs.io.disk_tier import DiskTier
 from zarrfs.io.prefetch import PrefetchBudget, Prefetcher
@@ -80,18 +86,29 @@ class Lower:
 
 
 class ObjectReader:
-    """Reads of one open object, with its sequential prefetch (if any)."""
+    """Reads of one open object, or of the range [start, start + length) of it, with its
+    sequential prefetch (if any)."""
 
-    def __init__(self, stack: ReadStack, ref: ObjectRef, prefetcher: Prefetcher | None) -> None:
+    def __init__(
+        self,
+        stack: ReadStack,
+        ref: ObjectRef,
+        prefetcher: Prefetcher | None,
+        start: int = 0,
+        length: int | None = None,
+    ) -> None:
         self.stack = stack
         self.ref = ref
         self.prefetcher = prefetcher
+        self.start = start
+        self.length = ref.size - start if length is None else length
 
     async def read(self, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset + size) of the object (fewer at its end)."""
+        """Bytes [offset, offset + size) of the object or range (fewer at its end)."""
         if self.prefetcher is not None:
             self.prefetcher.observe(offset, size)
-        return await self.stack.blocks.read(self.ref, offset, size)
+        size = max(0, min(size, self.length - offset))
+        return await self.stack.blocks.read(self.ref, self.start + offset, size)
 
     def close(self) -> None:
         """The object was closed: its prefetch stops and gives its budget back."""
@@ -112,6 +129,13 @@ class ReadStack:
     ) -> None:
         self.lower = Lower(source, disk)
         self.blocks = BlockCache(memory_bytes, block_size, self.lower)
+        #: Small scattered reads (`read_sparse`): small blocks, their own memory, the same tiers.
+        self.sparse = BlockCache(
+            config.VIRTUAL_METADATA_MEMORY,
+            config.VIRTUAL_METADATA_BLOCK,
+            self.lower,
+            whole_object_max=config.VIRTUAL_METADATA_WHOLE_MAX,
+        )
         #: Bytes prefetched ahead of readers and not yet read, across every open object.
         self.prefetch_budget = PrefetchBudget(int(memory_bytes * config.PREFETCH_MEMORY_SHARE))
         #: Where prefetch segments run (the core's service nursery); None: no prefetch.
@@ -127,6 +151,32 @@ class ReadStack:
         if self.nursery is not None and self.blocks.blocks_of(ref) > 1:
             prefetcher = Prefetcher(ref, self.blocks, self.prefetch_budget, self.nursery)
         return ObjectReader(self, ref, prefetcher)
+
+    def open_range(self, ref: ObjectRef, start: int, length: int) -> ObjectReader:
+        """A reader of bytes [start, start + length) of `ref` (offsets relative to `start`). The
+        range, when it spans more than one block and is at most `config.VIRTUAL_CHUNK_FETCH_MAX`,
+        is fetched whole in the background now (its reader reads it whole: a chunk file), nothing
+        past it."""
+        if not 0 <= start <= start + length <= ref.size:
+            raise ValueError(f"range {start}+{length} outside {ref.key} ({ref.size} bytes)")
+        unit = self.blocks.unit(ref)
+        spans = (start + length - 1) // unit - start // unit + 1 if length else 0
+        if self.nursery is not None and spans > 1 and length <= config.VIRTUAL_CHUNK_FETCH_MAX:
+            self.nursery.start_soon(self._fetch_ahead, ref, start, length)
+        return ObjectReader(self, ref, None, start, length)
+
+    async def _fetch_ahead(self, ref: ObjectRef, start: int, length: int) -> None:
+        try:
+            await self.blocks.read(ref, start, length, Priority.PREFETCH)
+        except DataError:  # not cached: the reader's own read fetches it and sees the error
+            pass
+        except Exception as e:  # a bug: logged loudly, never taking the service nursery down
+            report_bug(f"fetch ahead of a range of {ref.key}", e)
+
+    async def read_sparse(self, ref: ObjectRef, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset + size) of `ref` through the cache of small blocks (for small
+        scattered reads of metadata)."""
+        return await self.sparse.read(ref, offset, size)
 
     async def read(
         self, ref: ObjectRef, offset: int, size: int, priority: Priority = Priority.DEMAND

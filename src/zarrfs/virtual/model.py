@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import math
 import struct
+from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -143,9 +144,14 @@ class VirtualZarr:
     lengths: Int64Array
     extractor_version: str = EXTRACTOR_VERSION
     _children: dict[str, tuple[str, ...]] = field(init=False, repr=False)
+    _by_start: tuple[ChunkTable, ...] = field(init=False, repr=False)
+    _starts: tuple[int, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_children", self._validate())
+        by_start = sorted((t for t in self.tables.values() if t.count), key=lambda t: t.start)
+        object.__setattr__(self, "_by_start", tuple(by_start))
+        object.__setattr__(self, "_starts", tuple(t.start for t in by_start))
 
     # -- validation -------------------------------------------------------------------------------
 
@@ -224,11 +230,25 @@ class VirtualZarr:
         """The number of referenced chunks."""
         return int(self.keys.shape[0])
 
+    @property
+    def approx_bytes(self) -> int:
+        """Rough memory this view holds: its inline files, 24 bytes per chunk, and some per path."""
+        inline = sum(len(data) + 128 for data in self.inline.values())
+        return inline + 24 * self.chunk_count + 256 * len(self.tables) + 128 * len(self._children)
+
     def get(self, path: str) -> bytes | ChunkRef | None:
         """The file at `path`: its bytes, a `ChunkRef` into the blob, or None if there is none."""
         data = self.inline.get(path)
         if data is not None:
             return data
+        row = self.chunk_row(path)
+        if row is None:
+            return None
+        return ChunkRef(int(self.offsets[row]), int(self.lengths[row]))
+
+    def chunk_row(self, path: str) -> int | None:
+        """The row of the chunk reference at `path` (an index into `keys`/`offsets`/`lengths`), or
+        None if `path` is not a referenced chunk."""
         parent, _, name = path.rpartition("/")
         table = self.tables.get(parent)
         if table is None:
@@ -241,8 +261,41 @@ class VirtualZarr:
         i = int(np.searchsorted(keys, flat))
         if i == keys.shape[0] or int(keys[i]) != flat:
             return None
-        row = table.start + i
-        return ChunkRef(int(self.offsets[row]), int(self.lengths[row]))
+        return table.start + i
+
+    def chunk_at(self, row: int) -> tuple[str, ChunkRef]:
+        """The path and reference of chunk row `row` (IndexError outside 0..chunk_count-1)."""
+        if not 0 <= row < self.chunk_count:
+            raise IndexError(f"no chunk row {row}")
+        table = self._by_start[bisect_right(self._starts, row) - 1]
+        coords = np.unravel_index(int(self.keys[row]), table.grid)
+        name = ".".join(str(int(c)) for c in coords)
+        return f"{table.path}/{name}", ChunkRef(int(self.offsets[row]), int(self.lengths[row]))
+
+    def chunk_rows(self, path: str) -> range:
+        """The rows of the chunks of array `path` (empty when it has none referenced)."""
+        table = self.tables.get(path)
+        return range(table.start, table.stop) if table is not None else range(0)
+
+    def chunk_names(self, path: str, start: int, stop: int) -> list[str]:
+        """The chunk keys of rows `[start, stop)` of array `path`'s run (positions within the run,
+        clipped to it), in row-major order: a listing of a huge array a page at a time."""
+        table = self.tables.get(path)
+        if table is None:
+            return []
+        start, stop = max(0, start), min(stop, table.count)
+        if start >= stop:
+            return []
+        return _chunk_names(self.keys[table.start + start : table.start + stop], table.grid)
+
+    def directories(self) -> Iterator[str]:
+        """Every directory of the store (`""`, the root, included), in no particular order."""
+        return iter(self._children)
+
+    def entries(self, path: str) -> tuple[str, ...] | None:
+        """The metadata files and subdirectories of directory `path` (sorted; chunk keys not
+        included), or None if it is not a directory."""
+        return self._children.get(path)
 
     def is_dir(self, path: str) -> bool:
         """Whether `path` is a directory of the store (`""` is the root)."""
