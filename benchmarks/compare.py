@@ -1,12 +1,15 @@
 """Side by side: every workload of the speed issue against zarrfs, its peers and two floors, with ratios.
 
-One local S3 (`LocalS3`, moto in its own process) with latency added to every response holds one
-published dandiset version: a Zarr (a uint8 array `0` of 256 KiB chunks, plus tiny chunks in `1` up
-to the entry count) and one blob. The clients:
+One local S3 (`LocalS3`, moto in its own process) with latency added to every response, and every
+response body paced to 100 MB/s as one S3 connection is (`--stream-bandwidth`; 0 leaves it unpaced),
+holds one published dandiset version: a Zarr (a uint8 array `0` of 256 KiB chunks, plus tiny chunks
+in `1` up to the entry count), a blob, and a 2 GiB blob for random preads (made of random blocks,
+never held whole in memory). The clients:
 
 - zarrfs, mounted as a user would (`python -m zarrfs mount -f ... --cache-dir <fresh>`);
 - raw: aiobotocore on trio (httpx, as zarrfs), at most 32 requests in flight (zarrfs's limit),
-  reading exactly what each workload asks for: the floor for a remote reader;
+  reading exactly what each workload asks for: the floor for a remote reader (for the sequential
+  blob read, the faster of one streamed GET and 8 MiB ranged GETs 16 at a time);
 - rclone mount with its defaults, and with `--vfs-cache-mode full`; s3fs (peers read the live
   keys; every key is written once, so they are the versions zarrfs pins);
 - tmpfs: a copy of the files on /dev/shm: the floor for local reads.
@@ -15,7 +18,12 @@ Workload by workload, each client runs it on a fresh mount (fresh caches) after 
 then again on the same mount (warm); zarrfs with a disk cache option and rclone's full cache mode are also remounted over
 their disk cache after another `drop_caches` (remount). Every byte read is compared with what was
 written, for every client. For each cell: seconds, the S3 requests the server answered and the body
-bytes it sent (counted by the local S3 itself).
+bytes it sent (counted by the local S3 itself; for data reads also over the bytes asked), and CPU
+seconds (user + system): the daemon's for a mount, the benchmark process's own for raw and tmpfs,
+the reader's (this process) and the local S3 server's beside them.
+
+The first entry into the Zarr (`first`: listing its root on a fresh mount, against raw's GET and
+JSON parse of the manifest) is its own row; the walk row includes it, then stats every entry.
 
 Never does: write into the repository (it prints the table; `--json OUT` writes where asked), or end
 a process it did not start (mounts are ended by `harness.Mount.stop`, also on SIGTERM and Ctrl-C).
@@ -23,9 +31,10 @@ One client runs at a time, workload by workload (a row's cells are measured clos
 which keeps its ratios meaningful on a shared machine); the raw client is the only concurrent reader
 (trio, 32 requests at most).
 
-    python benchmarks/compare.py --quick           # the issue's sizes
+    python benchmarks/compare.py --quick           # the issue's sizes, paced at 100 MB/s
+    python benchmarks/compare.py --quick --stream-bandwidth 0   # unpaced
     python benchmarks/compare.py --full --json full.json
-    python benchmarks/compare.py --only zarrfs,raw,tmpfs --workloads seq,preads
+    python benchmarks/compare.py --only zarrfs,raw,tmpfs --workloads seq,preads,preads-big
 
 See benchmarks/README.md ("Side by side: compare.py").
 """
@@ -59,8 +68,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (
     PEERS,
     ZARRFS,
+    BlobAsset,
     Mount,
     Target,
+    cpu_seconds,
     drop_caches,
     machine_info,
     missing_tools,
@@ -69,11 +80,12 @@ from harness import (
     say,
     start_mount,
     upload_blob,
+    upload_blob_parts,
     zarrfs_help,
 )
 
 from zarrfs import config as zarrfs_config
-from zarrfs.demo.locals3 import LocalS3, RequestStats
+from zarrfs.demo.locals3 import FAST_PATH_MEMORY, LocalS3, RequestStats
 from zarrfs.demo.sample import manifest_key
 from zarrfs.faces import runtime as zarrfs_runtime
 
@@ -82,11 +94,13 @@ VERSION = "0.251130.1200"
 ZARR_PATH = "sub-01/bench.zarr"
 BLOB_PATH = "sub-01/bench.nwb"
 
+BIG_PATH = "sub-01/big.nwb"
+
 CLIENTS = ("zarrfs", "raw", "rclone", "rclone-full", "s3fs", "tmpfs")
 #: Column headings, as in the issue.
 HEADING = {"raw": "raw aiobotocore", "rclone-full": "rclone vfs full"}
 MOUNT_CLIENTS = (ZARRFS, *PEERS)
-WORKLOADS = ("walk", "array", "chunks", "seq", "preads", "mount", "serve")
+WORKLOADS = ("first", "walk", "array", "chunks", "seq", "preads", "preads-big", "mount", "serve")
 #: Workloads measured by mounting alone (both in one run: `run_mount_ready`).
 MOUNTING = ("mount", "serve")
 DATA_WORKLOADS = WORKLOADS[:-1]
@@ -103,15 +117,38 @@ READ_SIZE = MiB
 PREAD_SIZE = 256 * KiB
 #: The raw client's concurrency: zarrfs's limit.
 RAW_CONCURRENCY = zarrfs_config.MAX_CONCURRENT_REQUESTS
+#: The raw client's other sequential read: ranged GETs of this size, this many at a time.
+RAW_PART = 8 * MiB
+RAW_PARTS_IN_FLIGHT = 16
+#: MB/s each response body is paced to by default: about what one S3 connection carries.
+STREAM_BANDWIDTH = 100.0
 #: The local S3 serves GETs of objects this big from memory (see `zarrfs.demo.locals3`).
 FAST_RANGE_MIN_SIZE = 8 * MiB
+#: The big blob: as big as the local S3's in-memory copies may be (a bigger one would be copied
+#: whole by moto for every GET), 1 MiB blocks drawn from a pool of this many random ones.
+BIG_BLOB = FAST_PATH_MEMORY
+BIG_BLOCK = MiB
+BIG_POOL = 64
+PAGE = 4 * KiB
 #: Seconds the request counters must stay still before a workload's requests are read.
 SETTLE = 0.2
 SETTLE_LIMIT = 5.0
 MOUNT_REPEATS = 3
 
 #: Targets, each a ratio from one run (see the README).
-RAW_LIMIT = {"walk": 1.5, "array": 1.2, "chunks": 1.1, "seq": 1.3, "preads": 1.2}
+RAW_LIMIT = {
+    "first": 1.5,
+    "walk": 1.5,
+    "array": 1.2,
+    "chunks": 1.1,
+    "seq": 1.3,
+    "preads": 1.2,
+    "preads-big": 1.2,
+}
+#: Random preads may move at most this many times the bytes they ask for.
+PREAD_BYTES_LIMIT = 2.0
+#: Workloads that read data: bytes moved are held against bytes asked.
+DATA_READS = ("array", "chunks", "seq", "preads", "preads-big")
 WARM_TMPFS_LIMIT = 1.5
 REMOUNT_TMPFS_LIMIT = 2.0
 MOUNT_READY_LIMIT = 0.5
@@ -126,6 +163,7 @@ class Sizes:
     random_chunks: int
     blob: int
     preads: int
+    big_blob: int = BIG_BLOB
 
     @property
     def array_bytes(self) -> int:
@@ -138,17 +176,47 @@ FULL = Sizes("full", 20_000, (12800, 20480), 200, 512 * MiB, 200)
 
 def label(workload: str, sizes: Sizes) -> str:
     return {
+        "first": f"first entry into a {sizes.files:,}-entry Zarr (list its root)",
         "walk": f"walk + stat a {sizes.files:,}-entry Zarr",
         "array": f"zarr-python reads a {sizes.array_bytes // MiB} MiB array",
         "chunks": f"{sizes.random_chunks} random chunks",
         "seq": f"sequential read of a {sizes.blob // MiB} MiB blob, 1 MiB reads",
-        "preads": f"{sizes.preads} random 256 KiB preads of the blob",
+        "preads": f"{sizes.preads} random 256 KiB preads of the {sizes.blob // MiB} MiB blob",
+        "preads-big": f"{sizes.preads} random 256 KiB preads of a {sizes.big_blob // MiB:,} MiB blob",
         "mount": "mount until the mountpoint is live",
         "serve": "mount until a listing of its root is answered",
     }[workload]
 
 
 # --- the data -----------------------------------------------------------------------------------
+
+
+class PatternBlob:
+    """A blob too big to hold, made cheaply: 1 MiB blocks, each a copy of one of `BIG_POOL` random
+    blocks with the first 8 bytes of every 4 KiB page replaced by the page's number, so that no two
+    pages are alike and a read at a wrong offset differs. Any range is made again on demand."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        if size % BIG_BLOCK:
+            raise ValueError(f"{size} is not a whole number of {BIG_BLOCK}-byte blocks")
+        rng = np.random.default_rng(seed)
+        self.size = size
+        self.pool = rng.integers(0, 256, size=(BIG_POOL, BIG_BLOCK), dtype=np.uint8)
+        self.picks = rng.integers(0, BIG_POOL, size=size // BIG_BLOCK)
+
+    def block(self, i: int) -> np.ndarray:
+        out: np.ndarray = self.pool[int(self.picks[i])].copy()
+        pages = BIG_BLOCK // PAGE
+        out.view("<u8")[:: PAGE // 8] = np.arange(i * pages, (i + 1) * pages, dtype="<u8")
+        return out
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = min(self.size, offset + length)
+        if end <= offset:
+            return b""
+        first, last = offset // BIG_BLOCK, (end - 1) // BIG_BLOCK
+        data = np.concatenate([self.block(i) for i in range(first, last + 1)])
+        return data[offset - first * BIG_BLOCK : end - first * BIG_BLOCK].tobytes()
 
 
 @dataclass
@@ -160,9 +228,30 @@ class Bench:
     chunk_keys: list[str]  # the random chunks, in reading order
     blob: bytes
     offsets: list[int]  # of the random preads
+    big: PatternBlob | None = None  # when preads-big runs
+    big_offsets: list[int] = field(default_factory=list)
     target: Target | None = None
     versions: dict[str, str] = field(default_factory=dict)  # Zarr path -> VersionId
     manifest: str = ""  # its key
+
+    @property
+    def root_names(self) -> list[str]:
+        """What a listing of the Zarr's root shows."""
+        return sorted({path.split("/")[0] for path in self.files})
+
+    def asked(self, workload: str) -> int:
+        """Bytes a data workload asks for."""
+        if workload == "array":
+            return self.sizes.array_bytes
+        if workload == "chunks":
+            return sum(len(self.files[k]) for k in self.chunk_keys)
+        if workload == "seq":
+            return len(self.blob)
+        if workload == "preads":
+            return len(self.offsets) * PREAD_SIZE
+        if workload == "preads-big":
+            return len(self.big_offsets) * PREAD_SIZE
+        raise ValueError(workload)
 
 
 def zarray_document(shape: tuple[int, int], chunk: int) -> bytes:
@@ -181,7 +270,7 @@ def zarray_document(shape: tuple[int, int], chunk: int) -> bytes:
     return json.dumps(meta, indent=2).encode()
 
 
-def make_bench(sizes: Sizes, seed: int) -> Bench:
+def make_bench(sizes: Sizes, seed: int, big: bool) -> Bench:
     rows, cols = sizes.shape[0] // CHUNK, sizes.shape[1] // CHUNK
     array = np.frombuffer(os.urandom(sizes.array_bytes), dtype=np.uint8).reshape(sizes.shape)
     small = sizes.files - METADATA_FILES - rows * cols
@@ -213,20 +302,36 @@ def make_bench(sizes: Sizes, seed: int) -> Bench:
     chunk_keys = rng.sample(sorted(k for k in files if k.startswith("0/") and "." not in k),
                             sizes.random_chunks)  # fmt: skip
     offsets = [rng.randrange(0, sizes.blob - PREAD_SIZE + 1) for _ in range(sizes.preads)]
-    return Bench(sizes, files, tree, array, chunk_keys, os.urandom(sizes.blob), offsets)
+    bench = Bench(sizes, files, tree, array, chunk_keys, os.urandom(sizes.blob), offsets)
+    if big:
+        bench.big = PatternBlob(sizes.big_blob, seed)
+        bench.big_offsets = [
+            rng.randrange(0, sizes.big_blob - PREAD_SIZE + 1) for _ in range(sizes.preads)
+        ]
+    return bench
 
 
 def write_bench(s3: LocalS3, bench: Bench) -> None:
-    """Put the Zarr (once) and the blob, publish the version, and prime the local S3's fast path."""
+    """Put the Zarr (once) and the blobs, publish the version, and prime the local S3's fast path
+    with the (small) blob."""
     zarr = put_zarr(s3, ZARR_PATH, bench.files, threads=32)
     blob = upload_blob(s3, BLOB_PATH, bench.blob)
-    publish(s3, DANDISET, VERSION, [zarr], [blob])
-    bench.target = Target(DANDISET, VERSION, zarr, blob)
+    big = None
+    if bench.big is not None:
+        big = upload_blob_parts(s3, BIG_PATH, bench.big.size, bench.big.read)
+    publish(s3, DANDISET, VERSION, [zarr], [blob] + ([big] if big else []))
+    bench.target = Target(DANDISET, VERSION, zarr, blob, big)
     bench.versions = {leaf.path: leaf.version_id for leaf in zarr.leaves}
     bench.manifest = manifest_key(zarr.zarr_id, zarr.checksum)
-    # one GET of each large object, so that the first client does not pay for the fast path's copy
-    s3.client.head_object(Bucket=s3.bucket, Key=blob.key)
-    s3.client.get_object(Bucket=s3.bucket, Key=blob.key, Range="bytes=0-0")["Body"].read()
+    prime(s3, blob.key)
+
+
+def prime(s3: LocalS3, key: str) -> None:
+    """One GET of a large object, so that no client pays for the fast path's copy of it. The copies
+    share 2 GiB: the big blob's displaces the small one's, so it is primed once the small blob's
+    workloads are done (the workloads run in the order of WORKLOADS)."""
+    s3.client.head_object(Bucket=s3.bucket, Key=key)
+    s3.client.get_object(Bucket=s3.bucket, Key=key, Range="bytes=0-0")["Body"].read()
 
 
 def warm_up(work: Path, s3: LocalS3, bench: Bench) -> None:
@@ -249,14 +354,18 @@ def warm_up(work: Path, s3: LocalS3, bench: Bench) -> None:
         raise SystemExit("FAIL: the raw client read a wrong .zgroup")
 
 
-def copy_to_tmpfs(bench: Bench, root: Path) -> tuple[Path, Path]:
-    zarr_root, blob = root / "bench.zarr", root / "bench.nwb"
+def copy_to_tmpfs(bench: Bench, root: Path) -> tuple[Path, Path, Path]:
+    zarr_root, blob, big = root / "bench.zarr", root / "bench.nwb", root / "big.nwb"
     for path, body in bench.files.items():
         dest = zarr_root / path
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(body)
     blob.write_bytes(bench.blob)
-    return zarr_root, blob
+    if bench.big is not None:
+        with big.open("wb") as f:
+            for offset in range(0, bench.big.size, 64 * MiB):
+                f.write(bench.big.read(offset, 64 * MiB))
+    return zarr_root, blob, big
 
 
 # --- workloads on a file system -----------------------------------------------------------------
@@ -321,20 +430,27 @@ def read_preads(path: Path, offsets: Sequence[int]) -> list[bytes]:
     return out
 
 
-def fs_workload(workload: str, bench: Bench, zarr_root: Path, blob: Path) -> Callable[[], Any]:
+def fs_workload(
+    workload: str, bench: Bench, zarr_root: Path, blob: Path, big: Path
+) -> Callable[[], Any]:
     return {
+        "first": lambda: sorted(os.listdir(zarr_root)),
         "walk": lambda: walk_tree(zarr_root),
         "array": lambda: read_array(zarr_root),
         "chunks": lambda: read_files(zarr_root, bench.chunk_keys),
         "seq": lambda: read_sequential(blob),
         "preads": lambda: read_preads(blob, bench.offsets),
+        "preads-big": lambda: read_preads(big, bench.big_offsets),
     }[workload]
 
 
 def verify(client: str, workload: str, bench: Bench, value: Any) -> None:
     """Stop the run unless `value` is exactly what `workload` should have read."""
     what = f"{client} {workload}"
-    if workload == "walk":
+    if workload == "first":
+        if value != bench.root_names:
+            raise SystemExit(f"FAIL: {what}: listed {value}, not {bench.root_names}")
+    elif workload == "walk":
         ok = value == bench.expected_tree
         if not ok:
             missing = sorted(set(bench.expected_tree) - set(value))[:5]
@@ -359,6 +475,11 @@ def verify(client: str, workload: str, bench: Bench, value: Any) -> None:
         for offset, body in zip(bench.offsets, value, strict=True):
             if body != bench.blob[offset : offset + PREAD_SIZE]:
                 raise SystemExit(f"FAIL: {what}: pread at {offset} differs from the blob")
+    elif workload == "preads-big":
+        assert bench.big is not None
+        for offset, body in zip(bench.big_offsets, value, strict=True):
+            if body != bench.big.read(offset, PREAD_SIZE):
+                raise SystemExit(f"FAIL: {what}: pread at {offset} differs from the big blob")
 
 
 # --- the raw client -----------------------------------------------------------------------------
@@ -389,7 +510,8 @@ async def raw_client(endpoint_url: str) -> AsyncIterator[Any]:
 
 
 class RawReader:
-    """The workloads done directly against S3, each reading exactly what it asks for."""
+    """The workloads done directly against S3, each reading exactly what it asks for. The sequential
+    blob read has two ways (`seq_stream`, `seq_ranged`); its figure is the faster."""
 
     def __init__(self, client: Any, bucket: str, bench: Bench) -> None:
         self.client = client
@@ -417,8 +539,14 @@ class RawReader:
     def zarr_key(self, path: str) -> tuple[str, str]:
         return self.zarr_key_of(self.bench, path)
 
+    async def first(self) -> list[str]:
+        """The first entry into the Zarr: its manifest, one GET, parsed (the root's names are then a
+        dict's keys; nothing is checked against the Zarr's checksum)."""
+        manifest = json.loads(await self.get(self.bench.manifest, None))
+        return sorted(manifest["entries"])
+
     async def walk(self) -> dict[str, int | None]:
-        """The pinned listing is the manifest: one GET, parsed."""
+        """The pinned listing is the manifest: one GET, parsed, and every entry enumerated."""
         manifest = json.loads(await self.get(self.bench.manifest, None))
         found: dict[str, int | None] = {}
         stack: list[tuple[dict[str, Any], str]] = [(manifest["entries"], "")]
@@ -452,7 +580,8 @@ class RawReader:
     async def chunks(self) -> list[bytes]:
         return [await self.get(*self.zarr_key(k)) for k in self.bench.chunk_keys]
 
-    async def seq(self) -> list[bytes]:
+    async def seq_stream(self) -> list[bytes]:
+        """The blob in one streamed GET, read 1 MiB at a time."""
         assert self.bench.target is not None
         blob = self.bench.target.blob
         pieces = []
@@ -465,16 +594,64 @@ class RawReader:
                     pieces.append(piece)
         return pieces
 
-    async def preads(self) -> list[bytes]:
+    async def seq_ranged(self) -> list[bytes]:
+        """The blob in ranged GETs of `RAW_PART` bytes, `RAW_PARTS_IN_FLIGHT` at a time (the size
+        is the asset record's, as a mount knows it)."""
         assert self.bench.target is not None
         blob = self.bench.target.blob
+        starts = list(range(0, blob.size, RAW_PART))
+        pieces: list[bytes] = [b""] * len(starts)
+        limiter = trio.CapacityLimiter(RAW_PARTS_IN_FLIGHT)
+
+        async def one(n: int, start: int) -> None:
+            end = min(blob.size, start + RAW_PART) - 1
+            async with limiter:
+                pieces[n] = await self.get(blob.key, blob.version_id, f"bytes={start}-{end}")
+
+        async with trio.open_nursery() as nursery:
+            for n, start in enumerate(starts):
+                nursery.start_soon(one, n, start)
+        return pieces
+
+    async def preads(self) -> list[bytes]:
+        assert self.bench.target is not None
+        return await self._preads(self.bench.target.blob, self.bench.offsets)
+
+    async def preads_big(self) -> list[bytes]:
+        assert self.bench.target is not None and self.bench.target.big is not None
+        return await self._preads(self.bench.target.big, self.bench.big_offsets)
+
+    async def _preads(self, blob: BlobAsset, offsets: Sequence[int]) -> list[bytes]:
         return [
             await self.get(blob.key, blob.version_id, f"bytes={o}-{o + PREAD_SIZE - 1}")
-            for o in self.bench.offsets
+            for o in offsets
         ]
 
 
 # --- measuring ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Cpu:
+    """CPU seconds (user + system) spent during one cell, None where unreadable."""
+
+    #: The client's own: a mount's daemon (all its threads), or this process for raw and tmpfs.
+    client: float | None
+    #: This process, which makes the reads through a mount (the kernel's side of each FUSE read is
+    #: charged to it); the same as `client` for raw and tmpfs.
+    reader: float | None
+    #: The local S3 server (moto, in its own process).
+    s3: float | None
+
+    def to_json(self) -> dict[str, float | None]:
+        return {"client": self.client, "reader": self.reader, "s3": self.s3}
+
+
+NO_CPU = Cpu(None, None, None)
+
+
+def _minus(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,6 +661,9 @@ class Cell:
     phase: str
     seconds: float
     requests: RequestStats | None  # None for tmpfs
+    cpu: Cpu = NO_CPU
+    #: How raw read the blob in the sequential row ("one streamed GET", "8 MiB ranged GETs ...").
+    variant: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -492,6 +672,8 @@ class Cell:
             "phase": self.phase,
             "seconds": self.seconds,
             "s3": None if self.requests is None else self.requests.to_json(),
+            "cpu_s": self.cpu.to_json(),
+            "variant": self.variant,
         }
 
 
@@ -524,7 +706,9 @@ class Runner:
         self.dropped = True
         self.zarrfs_options: list[str] = []
         self.zarrfs_disk_cache = False
-        self.tmpfs: tuple[Path, Path] | None = None  # the copy's Zarr root and blob
+        self.tmpfs: tuple[Path, Path, Path] | None = None  # the copy's Zarr root and blobs
+        #: The raw client's two sequential reads (the faster is its `seq` cell).
+        self.raw_seq: list[Cell] = []
 
     # bookkeeping -------------------------------------------------------------------------------
 
@@ -535,23 +719,62 @@ class Runner:
             self.dropped = False
 
     def record(
-        self, client: str, workload: str, phase: str, seconds: float, stats: RequestStats | None
-    ) -> None:
-        cell = Cell(client, workload, phase, seconds, stats)
-        self.cells.append(cell)
+        self,
+        client: str,
+        workload: str,
+        phase: str,
+        seconds: float,
+        stats: RequestStats | None,
+        cpu: Cpu = NO_CPU,
+        variant: str | None = None,
+        *,
+        keep: bool = True,
+    ) -> Cell:
+        cell = Cell(client, workload, phase, seconds, stats, cpu, variant)
+        if keep:
+            self.cells.append(cell)
         extra = ""
         if stats is not None:
             extra = f"  {stats.requests:6} req  {stats.bytes_sent / 1e6:9.1f} MB"
-        say(f"  {client:11} {workload:6} {phase:7} {seconds:9.3f} s{extra}")
+        extra += "  CPU " + ", ".join(
+            f"{name} {value:.2f} s"
+            for name, value in (("client", cpu.client), ("reader", cpu.reader), ("S3", cpu.s3))
+            if value is not None and (name != "reader" or cpu.reader != cpu.client)
+        )
+        if variant:
+            extra += f"  ({variant})"
+        say(f"  {client:11} {workload:10} {phase:7} {seconds:9.3f} s{extra}")
+        return cell
 
-    def measure(self, client: str, workload: str, phase: str, fn: Callable[[], Any]) -> float:
+    def s3_cpu(self) -> float | None:
+        return None if self.s3.pid is None else cpu_seconds(self.s3.pid)
+
+    def measure(
+        self,
+        client: str,
+        workload: str,
+        phase: str,
+        fn: Callable[[], Any],
+        mount: Mount | None = None,
+    ) -> float:
+        """Time `fn` (reading through `mount`, or tmpfs); CPU and requests are read once the
+        requests have settled, so late readahead counts for the workload that caused it."""
         before = self.s3.stats()
+        s3_before = self.s3_cpu()
+        daemon_before = mount.cpu_seconds() if mount is not None else None
+        reader_before = time.process_time()
         start = time.perf_counter()
         value = fn()
         seconds = time.perf_counter() - start
+        reader = time.process_time() - reader_before
         stats = settled(self.s3) - before if client != "tmpfs" else None
+        if mount is not None:
+            cpu = Cpu(_minus(mount.cpu_seconds(), daemon_before), reader, None)
+        else:
+            cpu = Cpu(reader, reader, None)
+        cpu = Cpu(cpu.client, cpu.reader, _minus(self.s3_cpu(), s3_before))
         verify(client, workload, self.bench, value)
-        self.record(client, workload, phase, seconds, stats)
+        self.record(client, workload, phase, seconds, stats, cpu)
         return seconds
 
     def note_md5(self, workload: str, mnt: Path, seconds: float) -> None:
@@ -636,66 +859,99 @@ class Runner:
             self.run_mounted(client, workload)
 
     def run_raw(self, workload: str) -> None:
+        """The raw client, cold; the sequential read both ways, the faster being raw's figure."""
+        if workload != "seq":
+            self.raw_once(workload, workload.replace("-", "_"))
+            return
+        ways = [
+            self.raw_once("seq", "seq_stream", "one streamed GET", keep=False),
+            self.raw_once(
+                "seq",
+                "seq_ranged",
+                f"{RAW_PART // MiB} MiB ranged GETs, {RAW_PARTS_IN_FLIGHT} at a time",
+                keep=False,
+            ),
+        ]
+        self.raw_seq = ways
+        faster = min(ways, key=lambda cell: cell.seconds)
+        self.cells.append(faster)
+        say(f"  raw seq: the faster is {faster.variant}")
+
+    def raw_once(
+        self, workload: str, method: str, variant: str | None = None, *, keep: bool = True
+    ) -> Cell:
         self.cold()
 
-        async def run() -> tuple[float, RequestStats, Any]:
+        async def run() -> tuple[float, float, float | None, RequestStats, Any]:
             async with raw_client(self.s3.endpoint_url) as client:
                 reader = RawReader(client, self.s3.bucket, self.bench)
                 before = self.s3.stats()
+                s3_before = self.s3_cpu()
+                cpu_before = time.process_time()
                 start = time.perf_counter()
-                value = await getattr(reader, workload)()
+                value = await getattr(reader, method)()
                 seconds = time.perf_counter() - start
-            return seconds, settled(self.s3) - before, value
+                cpu = time.process_time() - cpu_before
+            stats = settled(self.s3) - before
+            return seconds, cpu, _minus(self.s3_cpu(), s3_before), stats, value
 
-        seconds, stats, value = trio.run(run)
+        seconds, cpu, s3_cpu, stats, value = trio.run(run)
         verify("raw", workload, self.bench, value)
-        self.record("raw", workload, "cold", seconds, stats)
+        return self.record(
+            "raw", workload, "cold", seconds, stats, Cpu(cpu, cpu, s3_cpu), variant, keep=keep
+        )
 
     def has_disk_cache(self, tool: str) -> bool:
         return tool == "rclone-full" or (tool == ZARRFS and self.zarrfs_disk_cache)
 
+    def mounted_workload(self, tool: str, workload: str, mnt: Path) -> Callable[[], Any]:
+        target = self.target
+        big = target.blob_path(tool, mnt, target.big) if target.big else mnt / "no-big-blob"
+        return fs_workload(
+            workload, self.bench, target.zarr_root(tool, mnt), target.blob_path(tool, mnt), big
+        )
+
     def run_mounted(self, tool: str, workload: str) -> None:
         scratch = self.scratch(f"{tool}-{workload}")
         with self.mounted(tool, scratch) as mount:
-            root = self.target.zarr_root(tool, mount.mnt)
-            fn = fs_workload(workload, self.bench, root, self.target.blob_path(tool, mount.mnt))
+            fn = self.mounted_workload(tool, workload, mount.mnt)
             self.cold()
-            cold = self.measure(tool, workload, "cold", fn)
+            cold = self.measure(tool, workload, "cold", fn, mount)
             if tool == ZARRFS:
                 self.note_md5(workload, mount.mnt, cold)
-            self.measure(tool, workload, "warm", fn)
+            self.measure(tool, workload, "warm", fn, mount)
         if self.has_disk_cache(tool):
             self.cold()
             with self.mounted(tool, scratch) as mount:
-                root = self.target.zarr_root(tool, mount.mnt)
-                blob = self.target.blob_path(tool, mount.mnt)
-                self.measure(
-                    tool, workload, "remount", fs_workload(workload, self.bench, root, blob)
-                )
+                fn = self.mounted_workload(tool, workload, mount.mnt)
+                self.measure(tool, workload, "remount", fn, mount)
         self.done_with(scratch)
 
     def run_mount_ready(self, tool: str) -> None:
         """Spawn the mount command in the background (as a user would) until the mount is live."""
         for phase in ("cold", "warm"):
-            runs: list[tuple[float, float, RequestStats]] = []
+            runs: list[tuple[float, float, RequestStats, Cpu]] = []
             for _ in range(MOUNT_REPEATS if phase == "warm" else 1):
                 scratch = self.scratch(f"{tool}-mount")
                 if phase == "cold":
                     self.cold()
                 before = self.s3.stats()
+                s3_before = self.s3_cpu()
                 with self.mounted(tool, scratch, foreground=False) as mount:
-                    runs.append((mount.ready_after, mount.serving_after, settled(self.s3) - before))
+                    stats = settled(self.s3) - before
+                    cpu = Cpu(mount.cpu_to_serve, None, _minus(self.s3_cpu(), s3_before))
+                    runs.append((mount.ready_after, mount.serving_after, stats, cpu))
                 self.done_with(scratch)
             for workload, pick in (("mount", _ready_after), ("serve", _serving_after)):
                 median = sorted(runs, key=pick)[len(runs) // 2]
-                self.record(tool, workload, phase, pick(median), median[2])
+                self.record(tool, workload, phase, pick(median), median[2], median[3])
 
 
-def _ready_after(run: tuple[float, float, RequestStats]) -> float:
+def _ready_after(run: tuple[float, float, RequestStats, Cpu]) -> float:
     return run[0]
 
 
-def _serving_after(run: tuple[float, float, RequestStats]) -> float:
+def _serving_after(run: tuple[float, float, RequestStats, Cpu]) -> float:
     return run[1]
 
 
@@ -713,12 +969,24 @@ def fmt_seconds(s: float) -> str:
 
 
 def fmt_cell(cell: Cell | None) -> str:
+    """`time (requests, MB sent; CPU s)`: the CPU is the client's own (see `Cpu.client`)."""
     if cell is None:
         return "–"
     text = fmt_seconds(cell.seconds)
+    details = []
     if cell.requests is not None:
-        text += f" ({cell.requests.requests} req, {fmt_mb(cell.requests.bytes_sent)})"
+        details.append(f"{cell.requests.requests} req, {fmt_mb(cell.requests.bytes_sent)}")
+    if cell.cpu.client is not None:
+        details.append(f"CPU {cell.cpu.client:.2f} s")
+    if details:
+        text += f" ({'; '.join(details)})"
+    if cell.variant:
+        text += f" [{cell.variant}]"
     return text
+
+
+def fmt_cpu(value: float | None) -> str:
+    return "?" if value is None else f"{value:.2f}"
 
 
 def fmt_mb(n: int) -> str:
@@ -749,9 +1017,14 @@ class Verdict:
 
 
 def judge(
-    workload: str, phase: str, cells: Mapping[str, Cell], tmpfs_cold: Cell | None = None
+    workload: str,
+    phase: str,
+    cells: Mapping[str, Cell],
+    tmpfs_cold: Cell | None = None,
+    asked: int | None = None,
 ) -> Verdict:
-    """Ratios and targets of one row; a remount is held against tmpfs's cold cell."""
+    """Ratios and targets of one row; a remount is held against tmpfs's cold cell, the random
+    preads' bytes moved against the bytes `asked`."""
     z = cells.get(ZARRFS)
     peers = [cells[p].seconds for p in PEERS if p in cells]
     best_peer = min(peers) if peers else None
@@ -766,12 +1039,20 @@ def judge(
         if phase == "cold" and workload in RAW_LIMIT and raw is not None:
             limit = RAW_LIMIT[workload]
             checks.append((f"≤ {limit:g}× raw", z.seconds <= limit * raw.seconds))
-        if phase == "warm" and workload not in MOUNTING and tmpfs is not None:
+        if (
+            phase == "cold"
+            and workload in ("preads", "preads-big")
+            and asked
+            and z.requests is not None
+        ):
+            moved = z.requests.bytes_sent / asked
+            checks.append((f"≤ {PREAD_BYTES_LIMIT:g}× bytes asked", moved <= PREAD_BYTES_LIMIT))
+        if phase == "warm" and workload not in (*MOUNTING, "first") and tmpfs is not None:
             checks.append(
                 (f"≤ {WARM_TMPFS_LIMIT:g}× tmpfs", z.seconds <= WARM_TMPFS_LIMIT * tmpfs.seconds)
             )
         if phase == "remount":
-            if tmpfs is not None:
+            if tmpfs is not None and workload != "first":  # tmpfs lists a directory in µs
                 limit = REMOUNT_TMPFS_LIMIT * tmpfs.seconds
                 checks.append((f"≤ {REMOUNT_TMPFS_LIMIT:g}× tmpfs", z.seconds <= limit))
             if z.requests is not None:
@@ -826,7 +1107,8 @@ def report(
             elif phase == "remount":
                 name = f"same, remount over a warm disk cache ({name})"
             tmpfs_cold = by_key.get((workload, "cold"), {}).get("tmpfs")
-            verdict = judge(workload, phase, cells, tmpfs_cold)
+            asked = runner.bench.asked(workload) if workload in DATA_READS else None
+            verdict = judge(workload, phase, cells, tmpfs_cold, asked)
             if phase == "remount" and ZARRFS not in cells and ZARRFS in clients:
                 verdict = Verdict(
                     workload, phase, None, None, "–", "n/a: zarrfs has no disk cache option"
@@ -872,9 +1154,101 @@ def report(
             f"| {hashing / seconds:.1%} |"
         )
     extra = ["", "MD5 verification of whole-object GETs (zarrfs, cold; hashing time summed):", ""]
-    return [*lines, "", "S3 requests by kind:", "", *kinds, *(extra + md5 if runner.md5 else [])], (
-        verdicts
-    )
+    return [
+        *lines,
+        "",
+        "S3 requests by kind:",
+        "",
+        *kinds,
+        "",
+        *cpu_table(runner, clients, workloads, sizes),
+        "",
+        *bytes_table(runner, clients, workloads, sizes),
+        *(extra + md5 if runner.md5 else []),
+    ], verdicts
+
+
+def cpu_table(
+    runner: Runner, clients: Sequence[str], workloads: Sequence[str], sizes: Sizes
+) -> list[str]:
+    """CPU seconds of every cold cell (the client's, the reader's, the local S3's), then the
+    sequential read's per GiB, with raw's two ways."""
+    cold = {(c.workload, c.client): c for c in runner.cells if c.phase == "cold"}
+    lines = [
+        "CPU seconds, cold (client: the daemon of a mount, this process for raw and tmpfs; "
+        "reader: this process reading through a mount; S3: the local S3 server):",
+        "",
+        "| workload | " + " | ".join(HEADING.get(c, c) for c in clients) + " |",
+        "|" + "---|" * (len(clients) + 1),
+    ]
+    for workload in workloads:
+        if workload == "serve":
+            continue
+        row = [label(workload, sizes)]
+        for client in clients:
+            cell = cold.get((workload, client))
+            if cell is None:
+                row.append("–")
+                continue
+            parts = [f"client {fmt_cpu(cell.cpu.client)}"]
+            if cell.cpu.reader is not None and cell.cpu.reader != cell.cpu.client:
+                parts.append(f"reader {fmt_cpu(cell.cpu.reader)}")
+            parts.append(f"S3 {fmt_cpu(cell.cpu.s3)}")
+            row.append(", ".join(parts))
+        lines.append("| " + " | ".join(row) + " |")
+    seq = [cold[("seq", c)] for c in clients if ("seq", c) in cold]
+    if not seq:
+        return lines
+    gib = sizes.blob / (1 << 30)
+    lines += [
+        "",
+        f"Sequential read of the {sizes.blob // MiB} MiB blob, cold, CPU seconds per GiB read:",
+        "",
+        "| client | seconds | MB/s | client CPU s/GiB | reader CPU s/GiB | S3 CPU s/GiB | requests |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = [(c.client, c) for c in seq]
+    rows += [(f"raw, {c.variant}", c) for c in runner.raw_seq]
+    for name, cell in rows:
+        per = [
+            None if v is None else v / gib for v in (cell.cpu.client, cell.cpu.reader, cell.cpu.s3)
+        ]
+        reader = "–" if cell.cpu.reader == cell.cpu.client else fmt_cpu(per[1])
+        requests = "–" if cell.requests is None else str(cell.requests.requests)
+        lines.append(
+            f"| {HEADING.get(name, name)} | {fmt_seconds(cell.seconds)} "
+            f"| {sizes.blob / 1e6 / cell.seconds:.0f} | {fmt_cpu(per[0])} | {reader} "
+            f"| {fmt_cpu(per[2])} | {requests} |"
+        )
+    return lines
+
+
+def bytes_table(
+    runner: Runner, clients: Sequence[str], workloads: Sequence[str], sizes: Sizes
+) -> list[str]:
+    """Bytes the S3 server sent over bytes the workload asked for, cold."""
+    cold = {(c.workload, c.client): c for c in runner.cells if c.phase == "cold"}
+    remote = [c for c in clients if c != "tmpfs"]
+    lines = [
+        "Bytes moved (body bytes the S3 server sent) over bytes asked, cold:",
+        "",
+        "| workload | bytes asked | " + " | ".join(HEADING.get(c, c) for c in remote) + " |",
+        "|" + "---|" * (len(remote) + 2),
+    ]
+    for workload in workloads:
+        if workload not in DATA_READS:
+            continue
+        asked = runner.bench.asked(workload)
+        row = [label(workload, sizes), fmt_mb(asked)]
+        for client in remote:
+            cell = cold.get((workload, client))
+            if cell is None or cell.requests is None:
+                row.append("–")
+            else:
+                sent = cell.requests.bytes_sent
+                row.append(f"{sent / asked:.2f}× ({fmt_mb(sent)})")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -891,9 +1265,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--stream-bandwidth",
         type=float,
-        default=0.0,
+        default=STREAM_BANDWIDTH,
         metavar="MB_PER_S",
-        help="pace every S3 response body to this many MB/s, as one S3 connection is (0: unpaced)",
+        help=f"pace every S3 response body to this many MB/s, as one S3 connection is "
+        f"(default {STREAM_BANDWIDTH:g}; 0: unpaced)",
     )
     parser.add_argument("--only", default=",".join(CLIENTS), help="comma-separated clients")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
@@ -937,14 +1312,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{sizes.name}-", dir=args.work_dir))
     shm = Path(tempfile.mkdtemp(prefix="zarrfs-bench-compare-", dir="/dev/shm"))
-    # keep every object in moto's memory (it spills big ones to temp files otherwise)
+    # keep every object but the big blob in moto's memory (it spills bigger ones to temp files)
     os.environ["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = str(sizes.blob + MiB)
-    info = machine_info(args.latency * 1000)
+    info = machine_info(args.latency * 1000, args.stream_bandwidth)
     say("\n".join(info))
     if args.zarrfs_option:
         say(f"zarrfs mount options: {' '.join(args.zarrfs_option)}")
-    if args.stream_bandwidth:
-        say(f"every response body paced to {args.stream_bandwidth:g} MB/s")
     runner: Runner | None = None
     try:
         with LocalS3(
@@ -953,10 +1326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream_bandwidth=args.stream_bandwidth * 1e6,
         ) as s3:
             start = time.perf_counter()
-            bench = make_bench(sizes, args.seed)
+            bench = make_bench(sizes, args.seed, big="preads-big" in args.workloads)
             write_bench(s3, bench)
+            big = f" and a {sizes.big_blob // MiB:,} MiB one" if bench.big is not None else ""
             say(f"wrote a {sizes.files:,}-file Zarr ({sum(map(len, bench.files.values())) / MiB:.0f} "
-                f"MiB) and a {sizes.blob // MiB} MiB blob in {time.perf_counter() - start:.0f} s")  # fmt: skip
+                f"MiB) and a {sizes.blob // MiB} MiB blob{big} in {time.perf_counter() - start:.0f} s")  # fmt: skip
             warm_up(work, s3, bench)
             runner = Runner(args, s3, bench, work)
             runner.zarrfs_options = list(args.zarrfs_option)
@@ -972,6 +1346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # workload by workload, so that the clients of one row run close together in time
             for workload in args.workloads:
                 say(f"{workload}:")
+                if workload == "preads-big":
+                    assert bench.target is not None and bench.target.big is not None
+                    prime(s3, bench.target.big.key)  # displaces the small blob's copy
                 for client in clients:
                     runner.run(client, workload)
     finally:
@@ -984,8 +1361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     table, verdicts = report(runner, clients, args.workloads, sizes)
     say()
     say("\n".join(info))
-    say(f"sizes: {sizes.name}; cells: time (S3 requests, MB the S3 server sent); every byte read "
-        "by every client matched what was written")  # fmt: skip
+    say(f"sizes: {sizes.name}; cells: time (S3 requests, MB the S3 server sent; CPU seconds of "
+        "the client: a mount's daemon, or this process for raw and tmpfs); every byte read by every "
+        "client matched what was written")  # fmt: skip
     say()
     say("\n".join(table))
     if args.json is not None:
@@ -997,9 +1375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "array_bytes": sizes.array_bytes,
                 "random_chunks": sizes.random_chunks,
                 "blob_bytes": sizes.blob,
+                "big_blob_bytes": sizes.big_blob if runner.bench.big is not None else None,
                 "preads": sizes.preads,
             },
             "latency_s": args.latency,
+            "stream_bandwidth_mb_s": args.stream_bandwidth,
+            "bytes_asked": {w: runner.bench.asked(w) for w in args.workloads if w in DATA_READS},
+            "raw_seq_ways": [c.to_json() for c in runner.raw_seq],
             "clients": clients,
             "zarrfs_disk_cache": runner.zarrfs_disk_cache,
             "cells": [c.to_json() for c in runner.cells],

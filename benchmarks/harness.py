@@ -4,7 +4,8 @@ Owns: writing a dandiset version into a `LocalS3` the way the archive holds one 
 once, a blob uploaded as a DANDI-sized multipart upload, the schema-2 manifest, `assets.jsonld`,
 `dandiset.yaml`); starting and stopping a mount of it with zarrfs or a peer (`rclone mount`, with
 and without `--vfs-cache-mode full`, and `s3fs`), in the foreground or in the background as a user
-would; the page-cache drop; a daemon's peak RSS; the machine description printed with figures.
+would; the page-cache drop; a process's peak RSS and CPU seconds; the machine description printed
+with figures.
 
 Never does: time a workload or judge a figure (the scripts do). It ends only the processes it
 started, by PID, after `fusermount3 -u -z` on their own mountpoint.
@@ -19,17 +20,19 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from zarrfs.archive.digests import EtagHasher, dandi_part_sizes
 from zarrfs.demo.locals3 import LocalS3
 from zarrfs.demo.sample import (
     ManifestLeaf,
@@ -119,6 +122,37 @@ def upload_blob(s3: LocalS3, path: str, data: bytes) -> BlobAsset:
     return BlobAsset(path, blob_id, key, len(data), etag, version_id)
 
 
+def upload_blob_parts(
+    s3: LocalS3, path: str, size: int, read: Callable[[int, int], bytes]
+) -> BlobAsset:
+    """`upload_blob` for a blob too big to hold: `read(offset, length)` makes each 64 MiB part when
+    it is sent, and the dandi-etag is computed from the parts as they go."""
+    client, bucket = s3.client, s3.bucket
+    blob_id = str(uuid.uuid4())
+    key = blob_key(blob_id)
+    hasher = EtagHasher(size)
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key)
+    parts, offset = [], 0
+    for number, part_size in enumerate(dandi_part_sizes(size), start=1):
+        body = read(offset, part_size)
+        hasher.update(body)
+        part = client.upload_part(
+            Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=number, Body=body
+        )
+        parts.append({"PartNumber": number, "ETag": part["ETag"]})
+        offset += part_size
+    done = client.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
+    )
+    etag = hasher.etag(multipart=True)
+    if done["ETag"].strip('"') != etag:
+        raise RuntimeError(f"S3 ETag {done['ETag']} of {key} is not the dandi-etag {etag}")
+    version_id = done.get("VersionId")
+    if version_id is None:
+        raise RuntimeError(f"the bucket gave {key} no VersionId: is it versioned?")
+    return BlobAsset(path, blob_id, key, size, etag, version_id)
+
+
 def publish(
     s3: LocalS3,
     dandiset: str,
@@ -188,18 +222,21 @@ def zarrfs_help() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """What a mount serves: the Zarr and the blob of one published version."""
+    """What a mount serves: the Zarr and the blob of one published version (and a big blob, when
+    the benchmark has one)."""
 
     dandiset: str
     version: str
     zarr: ZarrAsset
     blob: BlobAsset
+    big: BlobAsset | None = None
 
     def zarr_root(self, tool: str, mnt: Path) -> Path:
         return mnt / self.zarr.path if tool == ZARRFS else mnt / "zarr" / self.zarr.zarr_id
 
-    def blob_path(self, tool: str, mnt: Path) -> Path:
-        return mnt / self.blob.path if tool == ZARRFS else mnt / self.blob.key
+    def blob_path(self, tool: str, mnt: Path, blob: BlobAsset | None = None) -> Path:
+        blob = blob or self.blob
+        return mnt / blob.path if tool == ZARRFS else mnt / blob.key
 
 
 def mount_command(
@@ -290,6 +327,13 @@ class Mount:
     #: Seconds from spawning the command to a listing of the root answered (a mount may be live
     #: before it serves: zarrfs starts its core behind a live mountpoint).
     serving_after: float
+    #: CPU seconds (user + system) the mount took until it served: the daemon's so far, plus the
+    #: launcher's when the command put the daemon in the background (None if unreadable).
+    cpu_to_serve: float | None = None
+
+    def cpu_seconds(self) -> float | None:
+        """The daemon's CPU seconds so far."""
+        return cpu_seconds(self.daemon_pid)
 
     def peak_rss(self) -> int | None:
         return peak_rss(self.daemon_pid)
@@ -332,6 +376,7 @@ def start_mount(
     command, env = mount_command(
         tool, s3, target, mnt, cache, foreground=foreground, zarrfs_options=zarrfs_options
     )
+    children_before = _children_cpu()
     with log.open("ab") as out:
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -348,7 +393,8 @@ def start_mount(
     os.listdir(mnt)
     serving_after = time.perf_counter() - start
     if foreground:
-        return Mount(tool, mnt, log, process, process.pid, ready_after, serving_after)
+        cpu = cpu_seconds(process.pid)
+        return Mount(tool, mnt, log, process, process.pid, ready_after, serving_after, cpu)
     # a background mount: the launcher exits once the mount is live; the daemon remains
     if process.wait(timeout=MOUNT_DEADLINE) != 0:
         raise RuntimeError(f"{command} exited {process.returncode}:\n{log.read_text()}")
@@ -357,7 +403,10 @@ def start_mount(
     if len(pids) != 1:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
         raise RuntimeError(f"{tool}: expected one daemon with {mnt} in its arguments, got {pids}")
-    return Mount(tool, mnt, log, process, pids[0], ready_after, serving_after)
+    daemon_cpu = cpu_seconds(pids[0])
+    launcher_cpu = _children_cpu() - children_before  # the launcher, reaped by the wait above
+    cpu = None if daemon_cpu is None else daemon_cpu + launcher_cpu
+    return Mount(tool, mnt, log, process, pids[0], ready_after, serving_after, cpu)
 
 
 # --- the host -----------------------------------------------------------------------------------
@@ -384,7 +433,27 @@ def peak_rss(pid: int) -> int | None:
     return None
 
 
-def machine_info(latency_ms: float) -> list[str]:
+#: Clock ticks per second of /proc/<pid>/stat's CPU times.
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far, all its threads (utime + stime of
+    /proc/<pid>/stat, in clock ticks: 10 ms steps), or None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # after the command name: state is field 3 of stat(5), utime 14 and stime 15
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_info(latency_ms: float, stream_bandwidth_mb: float = 0.0) -> list[str]:
     repo = Path(__file__).resolve().parent.parent
     commit = subprocess.run(
         ["git", "-C", str(repo), "describe", "--always", "--dirty", "--exclude", "*"],
@@ -404,7 +473,12 @@ def machine_info(latency_ms: float) -> list[str]:
         f"{platform.node()}: {platform.system()} {platform.release()}, "
         f"{len(os.sched_getaffinity(0))} CPUs ({cpu}), {memory:.1f} GiB RAM, load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at start, Python {platform.python_version()}",
-        f"local S3: moto, {latency_ms:g} ms added per response",
+        f"local S3: moto, {latency_ms:g} ms added per response"
+        + (
+            f", every response body paced to {stream_bandwidth_mb:g} MB/s"
+            if stream_bandwidth_mb > 0
+            else ", response bodies unpaced"
+        ),
     ]
     for tool, arg in (("rclone", "version"), ("s3fs", "--version")):
         if shutil.which(tool):
