@@ -3,8 +3,8 @@ resolution take most of the start-up), so the mountpoint is live at once; reques
 wait for the core, and a core that cannot start still ends in a clear error exit with nothing left
 mounted.
 
-The core is slowed (or made to fail) in a controlled way by `conftest.inject`: `dandi.resolve`
-sleeps first, so the order of events does not depend on the machine's speed.
+The core is slowed (or made to fail) in a controlled way by `conftest.inject`:
+`archive.resolver.resolve` sleeps first, so the order of events does not depend on the machine's speed.
 """
 
 from __future__ import annotations

@@ -218,6 +218,8 @@ async def test_consolidate_shows_a_zmetadata_built_from_the_metadata(
         names = [n for n, _, _ in await fs.readdir(await fs.opendir(zarr), 0)]
         assert b".zmetadata" in names and names == sorted(names)
         assert (await fs.getattr(entry.ino)).size == entry.size
+        # made by zarrfs: it names no object of the bucket (not the version's dandiset.yaml)
+        assert set(await fs.provenance(entry.ino)) == {"asset_id"}
         # a Zarr format 3 array has nothing to consolidate in format 2 terms: left as it is
         array = await resolve_path(fs, ARRAY_PATH)
         with pytest.raises(NotFound):

@@ -2,7 +2,7 @@
 
 Owns: defaults, the `Config` value object, and the one mapping from the connection options (the
 command line's `--endpoint-url`, ... and the fsspec face's storage options, under the same names) to a
-`Config` (`config_from_options`). `cli` and `fsspec_face` build a `Config` with it; everything else
+`Config` (`config_from_options`). `faces.cli` and `faces.fsspec` build a `Config` with it; everything else
 only reads one. No I/O here (the environment and the user's cache dir are read for defaults).
 """
 
@@ -19,7 +19,8 @@ import platformdirs
 DEFAULT_BUCKET = "dandiarchive"
 #: Region of the public bucket; irrelevant for custom endpoints but botocore wants one.
 DEFAULT_REGION = "us-east-2"
-#: DANDI REST API, used only to resolve `draft` and `latest`.
+#: DANDI REST API: for `draft` versions, the list of dandisets (an archive mount), and a draft Zarr's
+#: current checksum; published versions and `latest` come from the bucket alone.
 DEFAULT_API_URL = "https://api.dandiarchive.org/api"
 #: Manifest roots tried after `s3://<bucket>/zarr-manifest/` (see DANDI-FORMATS: Zarr manifests).
 DATALAD_MANIFEST_ROOT = (
@@ -173,7 +174,7 @@ MOUNT_READY_TIMEOUT = 120.0
 #: interrupted) to exit, before unmounting what may be left itself.
 CHILD_STOP_WAIT = 10.0
 
-# --- the disk block cache (`disk_cache`) --------------------------------------------------------
+# --- the disk block cache (`io.disk_store`) -----------------------------------------------------
 #: Default `--cache-size` when none is given: this fraction of the free space of the cache dir's
 #: filesystem at start, at most DISK_CACHE_DEFAULT_MAX (see `default_disk_cache_size`).
 #: `--cache-size 0` disables the disk block cache.
@@ -302,7 +303,7 @@ def default_disk_cache_size(free_bytes: int) -> int:
 
     The cache's own blocks are not free space, so a remount over a full cache of size s computes
     f x (F - s) for the free space F without it; that settles at s = F x f / (1 + f) (F/11 for 10%)
-    rather than shrinking remount after remount. `disk_cache.default_size` measures `free_bytes`.
+    rather than shrinking remount after remount. `io.disk_store.default_size` measures `free_bytes`.
     """
     size = min(int(max(free_bytes, 0) * DISK_CACHE_DEFAULT_FRACTION), DISK_CACHE_DEFAULT_MAX)
     return size - size % (1 << 20)

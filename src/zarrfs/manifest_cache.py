@@ -6,7 +6,7 @@ configured root in order; a manifest built from the bucket's listing is kept und
 (`<cache dir>/manifests/...arrow`, immutable, keyed by Zarr id and checksum, files 0600 in 0700 dirs,
 capped at `disk_budget` bytes with least-recently-loaded files removed first, never one that another
 process may have mapped), and a bounded LRU of loaded indexes (by bytes and by count). Never knows about
-paths inside the dandiset or FUSE; parsing and verification live in `manifest`.
+paths inside the dandiset or FUSE; parsing and verification live in `manifests.parse` and `manifests.index`.
 
 A download is refused as soon as it grows past what its checksum allows: `<md5>-<count>--<size>` names
 the number of files, which bounds the size of an honest manifest (`max_manifest_bytes`). Downloads go to

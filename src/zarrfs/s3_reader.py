@@ -8,7 +8,7 @@ the body whenever a GET covers a whole object whose ETag is a plain MD5), and th
 transport failures into `ObjectMissing`, `IntegrityError` and `RemoteError`.
 
 Never does: let botocore types or errors escape (callers see bytes and zarrfs errors), inode or path
-logic, caching (see `chunk_cache`), or return bytes that failed a check. It never reads the newest
+logic, caching (see `io.blocks`), or return bytes that failed a check. It never reads the newest
 version of a key when a VersionId was given. A body whose MD5 does not match is retried (it was
 damaged in transit) and never returned.
 

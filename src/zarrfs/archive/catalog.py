@@ -3,7 +3,7 @@
 Owns: the questions the archive's levels ask (which dandisets exist, which versions a dandiset has
 published, which Zarr ids and checksums the manifest roots hold, a Zarr's current checksum), each
 answered once however many requests ask at the same time (single flight) and remembered for a
-documented lifetime, and the resolution of one dandiset version (`dandi.resolve`).
+documented lifetime, and the resolution of one dandiset version (`archive.resolver.resolve`).
 
 Lifetimes (`config`): the list of dandisets `DANDISET_LIST_TTL`; a dandiset's published versions
 (hence `latest`) and its existence `VERSION_LIST_TTL`; listings of the manifest roots `ZARR_LIST_TTL`;
@@ -11,7 +11,7 @@ a Zarr's current checksum `ZARR_CHECKSUM_TTL`. A failed query is remembered for 
 so that a dead API is not asked again by every lookup. A resolved published version never changes,
 so it is cached (by the caller's LRU) without a lifetime.
 
-Never does: FUSE, inode numbers, or decide what a name means (see `archive`). Which source answers
+Never does: FUSE, inode numbers, or decide what a name means (see `archive.levels`). Which source answers
 what: the dandiset list pages through the API (falling back to the bucket's `dandisets/` prefixes),
 existence and published versions come from the bucket (an unreachable API only breaks `draft`), the
 zarrs/ levels are best-effort listings of the manifest roots. A resolved published version is kept

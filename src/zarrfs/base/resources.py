@@ -5,7 +5,7 @@ descriptors in use (`/proc/self/fd`) and remembering the peak, and `Budget`, the
 how much memory each part of the core may hold (`zarrfs stats` shows it beside what each part holds).
 
 Descriptors. zarrfs's use is bounded whatever the archive's size: loaded manifest indexes hold none
-(`manifest.ManifestIndex.load`), disk cache reads and writes close what they open, so what is open at
+(`manifests.index.ManifestIndex.load`), disk cache reads and writes close what they open, so what is open at
 once is at most: S3 connections (`config.MAX_CONCURRENT_REQUESTS`), HTTP connections
 (`config.MAX_CONCURRENT_HTTP`), one per cache-dir worker thread (`config.DISK_CACHE_THREADS`) and per
 CPU thread (`config.CPU_THREADS`), one lock file per manifest load in flight (at most one per FUSE

@@ -56,8 +56,6 @@ if TYPE_CHECKING:  # the core is imported once the mount is made (fast start)
 
 log = logging.getLogger(__name__)
 
-#: Seconds in-flight requests get to finish after a stop signal before they are cancelled.
-cfg.SHUTDOWN_GRACE = 5.0
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: Device numbers of /dev/fuse (the kernel's MISC_MAJOR and FUSE_MINOR).
 _FUSE_DEVICE = (10, 229)

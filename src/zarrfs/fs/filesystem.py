@@ -367,7 +367,13 @@ class Filesystem:
     async def provenance(self, ino: int) -> dict[str, str]:
         """What `ino` is a copy of, as `user.zarrfs.<name>` attributes show it (without the
         prefix): `version` (a version's root), `zarr_id` and `zarr_checksum` (a Zarr's root),
-        `asset_id`, and for files `s3_url`, `version_id` and `etag`."""
+        `asset_id`, and for files of the bucket `s3_url`, `version_id` and `etag` (a chunk of a
+        virtual Zarr: its blob's, and `byte_range`). A file zarrfs makes (`.zmetadata`, a virtual
+        Zarr's metadata) has none of the last."""
+        with self._bounded(f"provenance of inode {ino}"):
+            return await self._provenance(ino)
+
+    async def _provenance(self, ino: int) -> dict[str, str]:
         ino = self._in(ino)
         out: dict[str, str] = {}
         if self.levels.node(ino) is not None:
@@ -395,7 +401,7 @@ class Filesystem:
                 out["version_id"] = source.version_id
             if source.etag is not None:
                 out["etag"] = source.etag
-        elif key.level == Level.VERSION:  # dandiset.yaml: the current object of its key
+        elif inside.zarr is None and key.level == Level.VERSION:  # dandiset.yaml: its key
             resolved = namespace.resolved.source
             out["s3_url"] = (
                 f"s3://{self.bucket}/dandisets/{resolved.dandiset_id}/{resolved.version}/"

@@ -9,6 +9,8 @@ where the inode space reserved room for it, and keeping resolved volumes in a by
 into the same inodes. A draft stays pinned to what it first resolved to: its asset list is kept under
 the cache dir's `tmp/` in a directory named for this host and process (`manifest_cache.pins_dir_name`)
 whose lease (mtime) `renew_pins` renews, so that sweeps remove only those of mounts that are gone.
+(A pin file that is damaged or removed meanwhile, by `zarrfs cache clear`, is not a pin: that draft
+is resolved again through the API, and may show its newer state.)
 Never does: FUSE, reading files, deciding what names exist (`levels`).
 """
 

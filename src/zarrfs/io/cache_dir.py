@@ -57,7 +57,8 @@ class CacheLayout:
 
     @property
     def tmp(self) -> Path:
-        """Downloads in progress (manifests before conversion)."""
+        """The pins of running mounts' drafts (`pins-<host>-<pid>-<tag>/`, leased) and what killed
+        processes left behind; swept."""
         return self.root / "tmp"
 
     @property

@@ -3,7 +3,7 @@
 Owns: the files under `<cache dir>/blocks/` (their layout, format, verification, publication and
 eviction), the free-space floor of that filesystem, and the default size of the cache
 (`default_size`). Never does: trio, S3, FUSE, or deciding when to fetch; the caller runs every
-method in a worker thread and fetches on a miss. Knows nothing of the in-memory `chunk_cache`.
+method in a worker thread and fetches on a miss. Knows nothing of the in-memory `io.blocks`.
 
 Layout. `<cache dir>/blocks/v1/<h[:3]>/<h>.<index>`, where `h` is the hex sha256 of the identity
 of an object version, `[format, bucket, key, version_id, etag, size, block_size]` as compact JSON

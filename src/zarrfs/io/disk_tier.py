@@ -1,9 +1,9 @@
-"""The disk tier under the in-memory block cache: the async face of `disk_cache.DiskBlockCache`.
+"""The disk tier under the in-memory block cache: the async face of `io.disk_store.DiskBlockCache`.
 
 Owns: when the block cache's memory misses go to disk and how long they may wait for it, writing
 fetched blocks to disk in the background, and keeping the disk cache within its bounds (eviction on a
 schedule and whenever this process's writes call for it). The files, their format and their
-verification are `disk_cache`'s; which blocks exist is `chunk_cache`'s.
+verification are `io.disk_store`'s; which blocks exist is `io.blocks`'s.
 
 Never does: make a read wait for a write, or for eviction (both run in the service nursery), or let
 a slow or broken disk slow reads down: every trip to the disk goes through the cache dir's

@@ -8,8 +8,8 @@ the document itself, no Python object per entry), and progress lines in the log 
 (keys listed, rate). No disk I/O: the caller keeps the document where it likes.
 
 Never does: decide whether the result may be served. The caller (`manifest_cache`) parses it
-like any downloaded manifest, which recomputes the Zarr checksum with the reference implementation
-and refuses it unless it equals the checksum the API reports for the Zarr (a Zarr edited while it
+like any downloaded manifest, which recomputes the Zarr checksum (`manifests.checksums`, checked
+against the reference `zarr_checksum` package by the tests) and refuses it unless it equals the checksum the API reports for the Zarr (a Zarr edited while it
 was listed does not add up, and is listed again).
 
 Why streaming works: S3 lists keys in UTF-8 byte order, so all keys under one directory `d/` are
