@@ -176,7 +176,7 @@ def test_stderr_is_journal_only_for_the_stream_named(tmp_path: Path) -> None:
 
 
 LOG_SOME = (
-    "import logging; from zarrfs.faces.cli import setup_logging; setup_logging(False); "
+    "import logging; from zarrfs.faces.logs import setup_logging; setup_logging(False); "
     "log = logging.getLogger('zarrfs.t'); log.error('boom'); log.info('fine'); log.debug('no')"
 )
 

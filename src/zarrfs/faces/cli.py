@@ -31,7 +31,8 @@ from pathlib import Path
 from zarrfs import __version__
 from zarrfs import config as cfg
 from zarrfs.errors import DataError, MountError, UserError
-from zarrfs.faces import runtime, systemd
+from zarrfs.faces import runtime
+from zarrfs.faces.logs import close_logging, setup_logging
 from zarrfs.io.cache_dir import make_private_dir
 
 log = logging.getLogger("zarrfs")
@@ -488,46 +489,6 @@ def _port(value: object) -> int | None:
     return port
 
 
-def setup_logging(debug: bool, log_file: Path | None = None) -> Callable[[], None] | None:
-    """Log to `log_file` (mode 0600; reopened when logrotate moves it) or to stderr.
-
-    Returns the function that reopens the log file (for SIGHUP), or None when logging to stderr.
-    """
-    handler: logging.Handler
-    reopen: Callable[[], None] | None = None
-    if log_file is not None:
-        make_private_dir(log_file.parent)
-        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-        file_handler = logging.handlers.WatchedFileHandler(log_file)
-        handler = file_handler
-
-        def reopen() -> None:
-            file_handler.reopenIfNeeded()
-
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    if log_file is None and systemd.stderr_is_journal(sys.stderr.fileno()):
-        # run by systemd: journald adds the time; `<N>` prefixes carry each line's priority
-        handler.setFormatter(systemd.JournalFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in (
-        "botocore",
-        "aiobotocore",
-        "httpx",
-        "httpcore",
-        "urllib3",
-        "werkzeug",
-        "asyncio",
-        "pyfuse3",
-    ):
-        logging.getLogger(noisy).setLevel(logging.INFO if debug else logging.WARNING)
-    return reopen
-
-
 def _exit_code(e: BaseException) -> int:
     if isinstance(e, UserError):
         return e.exit_code
@@ -561,6 +522,8 @@ def run_mount(args: argparse.Namespace) -> int:
         return _fail(str(e), _exit_code(e))
     except KeyboardInterrupt:
         return 130
+    finally:
+        close_logging()
     return EXIT_OK
 
 
@@ -576,6 +539,8 @@ def _run_daemon(config: cfg.Config, ready_fd: int, log_file: Path) -> int:
         return _exit_code(e)
     except KeyboardInterrupt:
         return 130
+    finally:
+        close_logging()
     return EXIT_OK
 
 
