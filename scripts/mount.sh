@@ -23,9 +23,13 @@ if [ -z "$zarrfs" ]; then
 fi
 
 mkdir -p "$mountpoint" || exit 4
+# As /proc/mounts names the mount: the real path (resolved now, before anything is mounted on it),
+# a space escaped as \040.
+real=$(realpath -- "$mountpoint") || exit 4
+real=${real// /\\040}
 
 child=""
-is_mounted() { grep -qs " $(realpath "$mountpoint") fuse" /proc/mounts; }
+is_mounted() { grep -qsF " $real fuse" /proc/mounts; }
 cleanup() {
   if [ -n "$child" ]; then kill "$child" 2>/dev/null; wait "$child" 2>/dev/null; fi
   if is_mounted; then "$zarrfs" unmount "$mountpoint" 2>/dev/null || fusermount3 -u -z "$mountpoint"; fi

@@ -135,6 +135,25 @@ def test_mount_sh_failure_and_sigterm(sample: SampleDandiset, tmp_path: Path) ->
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
 
 
+def test_mount_sh_unmounts_a_mountpoint_whose_name_has_a_space(
+    sample: SampleDandiset, tmp_path: Path
+) -> None:
+    """/proc/mounts escapes a space as \\040: mount.sh still finds its mount and removes it."""
+    require_fuse()
+    mnt = tmp_path / "m n t"
+    result = subprocess.run(
+        [str(MOUNT_SH), f"000123@{V1}", str(mnt), "--endpoint-url", sample.endpoint_url,
+         "--cache-dir", str(tmp_path / "cache"), "--", "test", "-f", str(mnt / "dandiset.yaml")],
+        capture_output=True, text=True, timeout=120, check=False, env=script_env(),
+    )  # fmt: skip
+    try:
+        assert result.returncode == 0, result.stderr
+        assert mounts_under(tmp_path) == []
+    finally:
+        for line in mounts_under(tmp_path):
+            subprocess.run(["fusermount3", "-u", "-z", line.replace("\\040", " ")], check=False)
+
+
 def test_filesystem_imports_nothing_of_the_demo_extra() -> None:
     """`pip install zarrfs` has no moto/boto3: mounting must not import them (nor the demo); and
     the manifest machinery (numpy, pyarrow, zarr_checksum) waits until a Zarr is entered."""
