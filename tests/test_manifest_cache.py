@@ -131,6 +131,52 @@ async def test_a_requester_giving_up_does_not_cancel_the_load(tmp_path: Path) ->
             service.cancel_scope.cancel()
 
 
+@pytest.mark.trio
+async def test_a_small_index_is_served_before_it_is_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first entry into a Zarr does not wait for its index to be written to the cache dir;
+    the cross-process lock is held until it is, so another process finds it there (no fetch)."""
+    import zarrfs.manifest_cache as mc
+
+    roots = tmp_path / "roots"
+    asset = make_zarr(roots, 500)
+    assert asset.zarr_id is not None and asset.zarr_checksum is not None
+    release = threading.Event()
+    write = mc._write_index
+
+    def blocked_write(*args: Any) -> Any:
+        release.wait(10)
+        return write(*args)
+
+    monkeypatch.setattr(mc, "_write_index", blocked_write)
+    async with Remote.open(NOWHERE) as remote:
+        first = cache(remote, [roots], tmp_path / "c")
+        other = cache(remote, [roots], tmp_path / "c")  # another process sharing the cache dir
+        path = first.index_path(asset.zarr_id, asset.zarr_checksum)
+        async with trio.open_nursery() as service:
+            first.service_nursery = service
+            assert (await first.get(asset)).n_files == 500
+            assert not path.exists()  # served while its write still waits
+            got: list[int] = []
+
+            async def load_other() -> None:
+                got.append((await other.get(asset)).n_files)
+
+            service.start_soon(load_other)
+            with trio.fail_after(10):
+                while other.stats["lock_waits"] == 0:
+                    await trio.sleep(0.01)
+            release.set()
+            with trio.fail_after(10):
+                while not got:
+                    await trio.sleep(0.01)
+            assert got == [500] and path.exists()
+            assert (first.stats["fetches"], other.stats["fetches"]) == (1, 0)
+            assert other.stats["disk_loads"] == 1
+            service.cancel_scope.cancel()
+
+
 # --- one fetch across processes ----------------------------------------------------------------
 
 

@@ -45,7 +45,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -66,6 +66,7 @@ from zarrfs.errors import (
     ZarrfsError,
     copy_error,
     is_transient,
+    report_bug,
 )
 from zarrfs.io.cache_dir import (
     CacheLayout,
@@ -371,16 +372,46 @@ class ManifestCache:
             index = await self._from_disk(key)
             if index is not None:
                 return index
-            async with self._cross_process_lock(key):
+            lock = AsyncExitStack()
+            await lock.enter_async_context(self._cross_process_lock(key))
+            handed_over = False
+            try:
                 index = await self._from_disk(key)  # another process may have made it meanwhile
                 if index is not None:
                     return index
                 index, built = await self._fetch_and_parse(key, what, live)
+                nursery = self.service_nursery
+                if index.nbytes < config.INDEX_MAP_MIN and nursery is not None:
+                    # Served from memory whatever becomes of its file: the lookup need not wait
+                    # for the write (nor for pyarrow's import). The lock goes with the write, so
+                    # processes sharing the cache dir still fetch the manifest once.
+                    nursery.start_soon(self._store_then_unlock, lock, key, index, built, what)
+                    handed_over = True
+                    return index
                 return await self._store(key, index, built, what)
+            finally:
+                if not handed_over:
+                    await lock.aclose()
         except CacheDirStalled:
             pass  # logged by the gate: serve from memory, store nothing
         index, _ = await self._fetch_and_parse(key, what, live)
         return index
+
+    async def _store_then_unlock(
+        self,
+        lock: AsyncExitStack,
+        key: _Key,
+        index: ManifestIndex,
+        built: bytes | None,
+        what: str,
+    ) -> None:
+        """`_store` in the background, then give the cross-process lock back."""
+        try:
+            await self._store(key, index, built, what)
+        except Exception as e:  # a bug: logged loudly, never taking the service nursery down
+            report_bug(f"storing the index of {what}", e)
+        finally:
+            await lock.aclose()
 
     async def _from_disk(self, key: _Key) -> ManifestIndex | None:
         """The stored index (loaded and verified, its lease or LRU clock renewed), or None when it

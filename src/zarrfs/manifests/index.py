@@ -25,22 +25,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.ipc as ipc
 import xxhash
-from zarr_checksum.checksum import (
-    ZarrChecksum,
-    ZarrChecksumManifest,
-    ZarrDirectoryDigest,
-)
 
 from zarrfs import config
 from zarrfs.base.refs import ObjectRef
 from zarrfs.errors import ManifestError
 from zarrfs.io.cache_dir import create_private_file
+
+if TYPE_CHECKING:  # pyarrow is imported by `write` and `load` only: serving from memory needs numpy
+    import pyarrow as pa
 
 #: Bump when the on-disk index layout changes; older files are then rebuilt from the JSON.
 #: 2: canonical (breadth-first) node order and a content checksum.
@@ -236,6 +232,7 @@ class ManifestIndex:
 
     def recompute_checksum(self) -> str:
         """Recompute the Zarr checksum from the index with `zarr_checksum` (slow; for checks)."""
+        from zarr_checksum.checksum import ZarrChecksum, ZarrChecksumManifest, ZarrDirectoryDigest
 
         def digest(node: int) -> ZarrDirectoryDigest:
             files, dirs = [], []
@@ -269,6 +266,9 @@ class ManifestIndex:
         bytes. The directory must exist. Not fsynced (that cost 0.2 s per index here): a file torn
         by a crash fails the content checksum on load and is rebuilt, like a torn disk cache
         block."""
+        import pyarrow as pa
+        import pyarrow.ipc as ipc
+
         n = self.n_nodes
 
         def binary(off: np.ndarray[Any, Any], data: np.ndarray[Any, Any]) -> pa.Array:
@@ -328,9 +328,13 @@ class ManifestIndex:
 
         Holds no file descriptor afterwards: an index smaller than `map_min` bytes is read into
         memory (nothing of it stays mapped, so another process may delete the file at once); a
-        bigger one (`map_min`: `config.INDEX_MAP_MIN` by default) is memory-mapped and its descriptor closed at once (the mapping keeps the pages
+        bigger one (`map_min`: `config.INDEX_MAP_MIN` by default) is memory-mapped and its descriptor
+        closed at once (the mapping keeps the pages
         reachable, and the columns keep the mapping). So the number of loaded indexes never counts
         against the descriptor limit (`config.FD_BUDGET`)."""
+        import pyarrow as pa
+        import pyarrow.ipc as ipc
+
         if map_min is None:
             map_min = config.INDEX_MAP_MIN
         try:
@@ -356,6 +360,8 @@ class ManifestIndex:
     def _from_table(
         cls, table: pa.Table, mapped: object, path: Path, *, zarr_id: str, checksum: str
     ) -> ManifestIndex:
+        import pyarrow as pa
+
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         expected = {
             "zarrfs_format": str(INDEX_FORMAT_VERSION),
