@@ -167,6 +167,9 @@ class ManifestCache:
         self._limiter = cpu_limiter or trio.CapacityLimiter(config.CPU_THREADS)
         self._sweep_pending = False
         self._last_sweep = -float("inf")
+        #: Indexes being written in the background, and what wakes `flush` when none are.
+        self._storing = 0
+        self._stored = trio.Event()
         self._warned_oversized: _Key | None = None
         self.stats = {
             "memory_hits": 0,
@@ -385,6 +388,7 @@ class ManifestCache:
                     # Served from memory whatever becomes of its file: the lookup need not wait
                     # for the write (nor for pyarrow's import). The lock goes with the write, so
                     # processes sharing the cache dir still fetch the manifest once.
+                    self._storing += 1  # now, not when the task starts: `flush` counts it
                     nursery.start_soon(self._store_then_unlock, lock, key, index, built, what)
                     handed_over = True
                     return index
@@ -412,6 +416,16 @@ class ManifestCache:
             report_bug(f"storing the index of {what}", e)
         finally:
             await lock.aclose()
+            self._storing -= 1
+            if not self._storing:
+                self._stored.set()
+                self._stored = trio.Event()
+
+    async def flush(self) -> None:
+        """Wait until the indexes being written in the background are written (at the end of a
+        process: a verb or an unmount must not cancel them; bound it with a deadline)."""
+        while self._storing:
+            await self._stored.wait()
 
     async def _from_disk(self, key: _Key) -> ManifestIndex | None:
         """The stored index (loaded and verified, its lease or LRU clock renewed), or None when it

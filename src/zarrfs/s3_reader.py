@@ -1,13 +1,20 @@
 """Ranged GETs of exact S3 object versions, verified, retried, scheduled, with errors translated;
 and the two listings the archive needs (one level of a prefix; the live versions under a prefix).
 
-Owns: the only aiobotocore client of zarrfs (on trio, through aiobotocore's httpx backend;
-botocore's own retries are off because `retry.retry` retries), the verification of every response
+Owns: the S3 protocol of zarrfs. Anonymous access (the public DANDI bucket, the default) reads
+objects with plain GET and HEAD requests over one `httpx` client on trio (`AnonymousObjects`): a
+request is a URL and a Range header, so botocore's per-request machinery (parameter validation,
+endpoint rules, event hooks, response parsing: about 1 ms of CPU per GET here) is not paid for every
+block, and aiobotocore is not even imported until a listing needs it (it is most of a mount's
+start-up). Listings, and every request of a signed mount (`--signed`), go through the one aiobotocore
+client (its httpx backend; botocore's own retries off because `retry.retry` retries), created on
+first use. Also owned: the verification of every response
 against the `ObjectRef` it was asked for (length, Content-Range total, VersionId, ETag, and the MD5 of
-the body whenever a GET covers a whole object whose ETag is a plain MD5), and the translation of S3 and
-transport failures into `ObjectMissing`, `IntegrityError` and `RemoteError`.
+the body whenever a GET covers a whole object whose ETag is a plain MD5, and of a whole object's
+CRC32, SHA-1 or SHA-256 when S3 has one for it, as botocore checks them), and the translation of S3
+and transport failures into `ObjectMissing`, `IntegrityError` and `RemoteError`.
 
-Never does: let botocore types or errors escape (callers see bytes and zarrfs errors), inode or path
+Never does: let botocore or httpx types or errors escape (callers see bytes and zarrfs errors), inode or path
 logic, caching (see `io.blocks`), or return bytes that failed a check. It never reads the newest
 version of a key when a VersionId was given. A body whose MD5 does not match is retried (it was
 damaged in transit) and never returned.
@@ -21,28 +28,28 @@ trio run that opened it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import importlib
 import logging
 import os
 import re
+import ssl
+import sys
 import time
 import urllib.parse
 import warnings
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-import botocore
-import botocore.exceptions
-import botocore.utils
+import httpx
 import trio
-from aiobotocore.config import AioConfig
-from aiobotocore.httpxsession import HttpxSession
-from aiobotocore.session import get_session
 
 from zarrfs import config
 from zarrfs.base.refs import ObjectRef, etag_form, strip_etag
@@ -85,29 +92,41 @@ MISSING_CODES = frozenset({"NoSuchKey", "NoSuchVersion", "NotFound", "NoSuchBuck
 _CONTENT_RANGE = re.compile(r"^bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)\Z")
 
 
-class _HttpxSession(HttpxSession):  # type: ignore[misc]
-    """aiobotocore's httpx backend, minus its warning that the `httpx2` fork is preferred.
-
-    Both packages work on trio; zarrfs depends on `httpx`. The constructor is synchronous, so the
-    temporary warning filter cannot leak into other tasks.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message=r".*prefers httpx2", category=DeprecationWarning
-            )
-            super().__init__(*args, **kwargs)
+#: Modules the aiobotocore client needs, imported in a worker thread before it is first created.
+BOTOCORE_MODULES = ("aiobotocore.session", "aiobotocore.config", "aiobotocore.httpxsession")
+#: Bytes of an S3 error response read at most (its XML names the error).
+ERROR_BODY_MAX = 64 << 10
+_XML_CODE = re.compile(rb"<Code>([^<]{1,200})</Code>")
+_XML_MESSAGE = re.compile(rb"<Message>([^<]{0,2000})</Message>")
 
 
 def _describe(bucket: str, key: str, version_id: str | None) -> str:
     return f"s3://{bucket}/{key} (version {version_id or 'current'})"
 
 
-def _error_code(exc: botocore.exceptions.ClientError) -> tuple[str, int]:
+def _error_code(exc: Any) -> tuple[str, int]:
+    """(code, HTTP status) of a botocore ClientError."""
     err = exc.response.get("Error", {})
     meta = exc.response.get("ResponseMetadata", {})
     return str(err.get("Code", "")), int(meta.get("HTTPStatusCode") or 0)
+
+
+def _botocore_exceptions() -> Any:
+    """`botocore.exceptions` if botocore was imported (by a listing or a signed mount), else None:
+    an anonymous mount that never listed has no botocore errors to recognise."""
+    return sys.modules.get("botocore.exceptions")
+
+
+class S3ErrorResponse(Exception):
+    """An error answer of S3 to a request made without botocore (`AnonymousObjects`). Never leaves
+    this module (`_translate` turns it into a zarrfs error)."""
+
+    def __init__(self, code: str, status: int, message: str, headers: Mapping[str, str]) -> None:
+        super().__init__(f"{code or status}: {message}")
+        self.code = code
+        self.status = status
+        self.message = message
+        self.headers = headers
 
 
 class CorruptBody(Exception):
@@ -128,45 +147,81 @@ def is_retryable(exc: BaseException) -> bool:
     damaged bodies."""
     if isinstance(exc, CorruptBody | Stalled | Truncated):
         return True
-    if isinstance(exc, botocore.exceptions.ClientError):
+    if isinstance(exc, S3ErrorResponse):
+        return exc.code in RETRYABLE_CODES or exc.status >= 500 or exc.status == 429
+    if isinstance(exc, httpx.TransportError):  # timeouts, resets, bodies cut short
+        return not _is_tls_failure(exc)
+    bce = _botocore_exceptions()
+    if bce is None:
+        return False
+    if isinstance(exc, bce.ClientError):
         code, status = _error_code(exc)
         return code in RETRYABLE_CODES or status >= 500 or status == 429
-    if isinstance(exc, botocore.exceptions.SSLError):
+    if isinstance(exc, bce.SSLError):
         return False
     return isinstance(
         exc,
         (
-            botocore.exceptions.HTTPClientError,  # includes read timeouts and broken bodies
-            botocore.exceptions.ConnectionError,  # includes connect timeouts
-            botocore.exceptions.IncompleteReadError,
+            bce.HTTPClientError,  # includes read timeouts and broken bodies
+            bce.ConnectionError,  # includes connect timeouts
+            bce.IncompleteReadError,
         ),
     )
+
+
+def _is_tls_failure(exc: BaseException) -> bool:
+    """A certificate or TLS handshake failure: another attempt would fail the same way."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLError | ssl.CertificateError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _translate(exc: Exception, what: str, version_id: str | None) -> Exception:
     """A non-retryable botocore error as a zarrfs error (retryable ones are returned unchanged)."""
     if is_retryable(exc) or isinstance(exc, ZarrfsError):
         return exc
-    if isinstance(exc, botocore.exceptions.ClientError):
+    if isinstance(exc, S3ErrorResponse):
+        return _s3_error(exc.code, exc.status, exc.message, exc.headers, what, version_id)
+    if isinstance(exc, httpx.HTTPError):
+        return RemoteError(f"{what}: {type(exc).__name__}: {exc}")
+    bce = _botocore_exceptions()
+    if bce is None:
+        return exc
+    if isinstance(exc, bce.ClientError):
         code, status = _error_code(exc)
         message = str(exc.response.get("Error", {}).get("Message", ""))
         headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-        if code in MISSING_CODES or status == 404:
-            return ObjectMissing(f"{what}: no such object or version ({code or status})")
-        if status == 405 and str(headers.get("x-amz-delete-marker", "")).lower() == "true":
-            return ObjectMissing(f"{what}: that version is a delete marker")
-        if code == "InvalidArgument" and version_id is not None and "version" in message.lower():
-            return ObjectMissing(f"{what}: invalid version id ({message})")
-        if code == "InvalidRange" or status == 416:
-            return IntegrityError(
-                f"{what}: range not satisfiable: the object is shorter ({message})"
-            )
-        if code == "AccessDenied" or status == 403:
-            return RemoteError(f"{what}: access denied ({code or status})")
-        return RemoteError(f"{what}: S3 error {code or '?'} (HTTP {status}): {message}")
-    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return _s3_error(code, status, message, headers, what, version_id)
+    if isinstance(exc, bce.BotoCoreError):
         return RemoteError(f"{what}: {type(exc).__name__}: {exc}")
     return exc
+
+
+def _s3_error(
+    code: str,
+    status: int,
+    message: str,
+    headers: Mapping[str, str],
+    what: str,
+    version_id: str | None,
+) -> Exception:
+    """An S3 error answer (not worth another attempt) as a zarrfs error."""
+    if code in MISSING_CODES or status == 404:
+        return ObjectMissing(f"{what}: no such object or version ({code or status})")
+    if status == 405 and str(headers.get("x-amz-delete-marker", "")).lower() == "true":
+        return ObjectMissing(f"{what}: that version is a delete marker")
+    if code == "InvalidArgument" and version_id is not None and "version" in message.lower():
+        return ObjectMissing(f"{what}: invalid version id ({message})")
+    if code == "InvalidRange" or status == 416:
+        return IntegrityError(f"{what}: range not satisfiable: the object is shorter ({message})")
+    if code == "AccessDenied" or status == 403:
+        return RemoteError(f"{what}: access denied ({code or status})")
+    return RemoteError(f"{what}: S3 error {code or '?'} (HTTP {status}): {message}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,17 +255,282 @@ def parse_s3_timestamp(value: str) -> datetime:
         else:
             if parsed.tzinfo is not None:
                 return parsed
+    import botocore.utils  # only listings parse timestamps, and they run on botocore
+
     result: datetime = botocore.utils.parse_timestamp(value)
     return result
+
+
+def object_url(
+    settings: S3Settings, key: str, version_id: str | None = None, *, regional: bool = True
+) -> str:
+    """The HTTPS URL of an object version: path-style under a configured endpoint, else the bucket's
+    own AWS address (regional: what requests go to; `regional=False`: the global form DANDI's asset
+    records use), pinned by `?versionId=` when given. Keys are percent-encoded as botocore does."""
+    quoted = urllib.parse.quote(key, safe="/~")
+    if settings.endpoint_url:
+        url = f"{settings.endpoint_url.rstrip('/')}/{settings.bucket}/{quoted}"
+    elif regional:
+        url = f"https://{settings.bucket}.s3.{settings.region}.amazonaws.com/{quoted}"
+    else:
+        url = f"https://{settings.bucket}.s3.amazonaws.com/{quoted}"
+    if version_id is not None:
+        url += "?versionId=" + urllib.parse.quote(version_id, safe="")
+    return url
+
+
+class _Body:
+    """A streamed response body as S3Reader reads it (`read(amt)`: at most `amt` bytes as they
+    come; `read()`: the rest), closing the response on exit."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self._chunks = response.aiter_raw()
+        self._buffer = b""
+
+    async def __aenter__(self) -> _Body:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._response.aclose()
+
+    async def read(self, amt: int | None = None) -> bytes:
+        if amt is None:
+            parts = [self._buffer]
+            self._buffer = b""
+            async for chunk in self._chunks:
+                parts.append(chunk)
+            return b"".join(parts)
+        if not self._buffer:
+            self._buffer = await anext(self._chunks, b"")
+        if len(self._buffer) <= amt:
+            out, self._buffer = self._buffer, b""
+        else:
+            out, self._buffer = self._buffer[:amt], self._buffer[amt:]
+        return out
+
+
+class AnonymousObjects:
+    """GetObject and HeadObject of a public bucket as plain HTTP requests (no signature), answered
+    in the shape of aiobotocore's client (the keys S3Reader reads: `Body`, `ContentLength`,
+    `ContentRange`, `ETag`, `VersionId`, `ChecksumCRC32`...); an S3 error answer is raised as
+    `S3ErrorResponse`, a transport failure as httpx's error."""
+
+    def __init__(self, http: httpx.AsyncClient, settings: S3Settings) -> None:
+        self.http = http
+        self.settings = settings
+
+    async def get_object(
+        self,
+        *,
+        Bucket: str,
+        Key: str,
+        VersionId: str | None = None,
+        Range: str | None = None,
+        ChecksumMode: str | None = None,
+    ) -> dict[str, Any]:
+        headers = {}
+        if Range is not None:
+            headers["Range"] = Range
+        if ChecksumMode is not None:
+            headers["x-amz-checksum-mode"] = ChecksumMode
+        response = await self._send("GET", Bucket, Key, VersionId, headers)
+        return {**self._fields(response), "Body": _Body(response)}
+
+    async def head_object(
+        self,
+        *,
+        Bucket: str,
+        Key: str,
+        VersionId: str | None = None,
+    ) -> dict[str, Any]:
+        response = await self._send("HEAD", Bucket, Key, VersionId, {})
+        await response.aclose()
+        return self._fields(response)
+
+    async def _send(
+        self, method: str, bucket: str, key: str, version_id: str | None, headers: dict[str, str]
+    ) -> httpx.Response:
+        if bucket != self.settings.bucket:
+            raise ValueError(f"bucket {bucket!r} is not the configured {self.settings.bucket!r}")
+        request = self.http.build_request(
+            method, object_url(self.settings, key, version_id), headers=headers
+        )
+        response = await self.http.send(request, stream=True)
+        if response.status_code < 300:
+            return response
+        try:
+            body = b""
+            if method != "HEAD":
+                async for chunk in response.aiter_raw():
+                    body += chunk
+                    if len(body) >= ERROR_BODY_MAX:
+                        break
+        finally:
+            await response.aclose()
+        code = _XML_CODE.search(body)
+        message = _XML_MESSAGE.search(body)
+        raise S3ErrorResponse(
+            code.group(1).decode("utf-8", "replace")
+            if code
+            else _status_code(response.status_code),
+            response.status_code,
+            message.group(1).decode("utf-8", "replace") if message else "",
+            dict(response.headers),
+        )
+
+    @staticmethod
+    def _fields(response: httpx.Response) -> dict[str, Any]:
+        h = response.headers
+        length = h.get("content-length")
+        fields: dict[str, Any] = {
+            "ContentLength": int(length) if length is not None and length.isdigit() else None,
+            "ContentRange": h.get("content-range"),
+            "ETag": h.get("etag"),
+            "VersionId": h.get("x-amz-version-id"),
+            "ChecksumType": h.get("x-amz-checksum-type"),
+        }
+        for algorithm in CHECKSUMS:
+            value = h.get(f"x-amz-checksum-{algorithm.lower()}")
+            if value is not None:
+                fields[f"Checksum{algorithm}"] = value
+        return fields
+
+
+def _status_code(status: int) -> str:
+    """The code botocore gives an error answer without a body (a HEAD): its status."""
+    return {404: "NotFound", 403: "Forbidden", 405: "MethodNotAllowed"}.get(status, str(status))
+
+
+#: The checksums of a whole object S3 may keep (besides the ETag), that zarrfs checks as botocore
+#: does without the AWS CRT: CRC32 with zlib, SHA-1 and SHA-256 with hashlib (CRC32C and CRC64NVME
+#: need the CRT; an object with only those is checked by its ETag alone, as before).
+CHECKSUMS: dict[str, Callable[[], Any]] = {
+    "CRC32": lambda: _Crc32(),
+    "SHA1": lambda: hashlib.sha1(usedforsecurity=False),
+    "SHA256": hashlib.sha256,
+}
+
+
+class _Crc32:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "big")
+
+
+class _WholeObjectChecksum:
+    """The first checksum S3 sent for a whole object that zarrfs can check, computed as the body
+    arrives. Composite checksums (of parts: `...-N`, or `x-amz-checksum-type: COMPOSITE`) describe
+    no byte stream and are skipped."""
+
+    def __init__(self, resp: Mapping[str, Any]) -> None:
+        self.algorithm: str | None = None
+        self.expected = ""
+        self._hash: Any = None
+        if str(resp.get("ChecksumType") or "FULL_OBJECT").upper() != "FULL_OBJECT":
+            return
+        for algorithm, make in CHECKSUMS.items():
+            value = resp.get(f"Checksum{algorithm}")
+            if isinstance(value, str) and value and "-" not in value:
+                self.algorithm, self.expected, self._hash = algorithm, value, make()
+                return
+
+    def update(self, data: bytes) -> None:
+        if self._hash is not None:
+            self._hash.update(data)
+
+    def check(self, name: str) -> None:
+        """CorruptBody (another attempt) when the body does not hash to what S3 said."""
+        if self._hash is None:
+            return
+        got = base64.b64encode(self._hash.digest()).decode()
+        if got != self.expected:
+            log.warning(
+                "%s: body %s %s is not S3's %s (damaged in transit)",
+                name,
+                self.algorithm,
+                got,
+                self.expected,
+            )
+            raise CorruptBody(f"{name}: body {self.algorithm} does not match S3's checksum")
+
+
+class _HttpxSessionFactory:
+    """aiobotocore's httpx backend, minus its warning that the `httpx2` fork is preferred (both work
+    on trio; zarrfs depends on `httpx`). Built on first use: aiobotocore is imported lazily."""
+
+    @staticmethod
+    def make() -> type:
+        from aiobotocore.httpxsession import HttpxSession
+
+        class _HttpxSession(HttpxSession):  # type: ignore[misc]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings(
+                        "ignore", message=r".*prefers httpx2", category=DeprecationWarning
+                    )
+                    super().__init__(*args, **kwargs)
+
+        return _HttpxSession
+
+
+async def import_botocore() -> None:
+    """Import aiobotocore (some 0.3 s) in a worker thread, so that the event loop goes on serving."""
+    for name in BOTOCORE_MODULES:
+        await trio.to_thread.run_sync(importlib.import_module, name)
+
+
+@asynccontextmanager
+async def botocore_client(settings: S3Settings) -> AsyncIterator[Any]:
+    """The aiobotocore S3 client of `settings` (anonymous unless `settings.unsigned` is false), on
+    trio through its httpx backend, with botocore's retries off. Call `import_botocore` first."""
+    import botocore
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
+
+    aio_config = AioConfig(
+        http_session_cls=_HttpxSessionFactory.make(),
+        signature_version=botocore.UNSIGNED if settings.unsigned else None,
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        max_pool_connections=settings.max_concurrency,
+        connect_timeout=settings.request_timeout,
+        read_timeout=settings.request_timeout,
+    )
+    session = get_session()
+    session.get_component("response_parser_factory").set_parser_defaults(
+        timestamp_parser=parse_s3_timestamp
+    )
+    async with session.create_client(
+        "s3",
+        endpoint_url=settings.endpoint_url,
+        region_name=settings.region,
+        config=aio_config,
+    ) as client:
+        yield client
 
 
 class S3Reader:
     """Reads exact object versions from one bucket: `async with S3Reader.open(settings) as r`."""
 
     def __init__(
-        self, client: Any, settings: S3Settings, slots: RequestSlots | None = None
+        self,
+        client: Any,
+        settings: S3Settings,
+        slots: RequestSlots | None = None,
+        *,
+        listing: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
+        #: GetObject and HeadObject (`AnonymousObjects`, or the aiobotocore client).
         self._client = client
+        #: Makes the client listings go through (None: `client` lists too), once.
+        self._listing = listing
+        self._lister: Any = None if listing is not None else client
+        self._lister_lock = trio.Lock()
         self.settings = settings
         self.bucket = settings.bucket
         self.slots = slots or RequestSlots(
@@ -223,31 +543,35 @@ class S3Reader:
             "md5_mismatches": 0,
             "md5_bytes": 0,  # hashed to verify bodies
             "md5_ns": 0,  # time spent hashing them (what verification costs)
+            "checksums_verified": 0,  # whole objects checked against S3's CRC32/SHA checksum
         }
 
     @classmethod
     @asynccontextmanager
     async def open(cls, settings: S3Settings) -> AsyncIterator[S3Reader]:
-        """An anonymous (unless `settings.unsigned` is false) S3 client running on trio."""
-        aio_config = AioConfig(
-            http_session_cls=_HttpxSession,
-            signature_version=botocore.UNSIGNED if settings.unsigned else None,
-            retries={"total_max_attempts": 1, "mode": "standard"},
-            max_pool_connections=settings.max_concurrency,
-            connect_timeout=settings.request_timeout,
-            read_timeout=settings.request_timeout,
-        )
-        session = get_session()
-        session.get_component("response_parser_factory").set_parser_defaults(
-            timestamp_parser=parse_s3_timestamp
-        )
-        async with session.create_client(
-            "s3",
-            endpoint_url=settings.endpoint_url,
-            region_name=settings.region,
-            config=aio_config,
-        ) as client:
-            yield cls(client, settings)
+        """A reader of `settings`' bucket on trio: anonymous objects over httpx, the aiobotocore
+        client made when a listing first needs it; with `settings.unsigned` false (signed
+        requests), everything through aiobotocore, made now."""
+        async with AsyncExitStack() as stack:
+            if not settings.unsigned:
+                await import_botocore()
+                client = await stack.enter_async_context(botocore_client(settings))
+                yield cls(client, settings)
+                return
+            timeout = httpx.Timeout(settings.request_timeout, pool=None)
+            limits = httpx.Limits(
+                max_connections=settings.max_concurrency,
+                max_keepalive_connections=settings.max_concurrency,
+            )
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
+            )
+
+            async def lister() -> Any:
+                await import_botocore()
+                return await stack.enter_async_context(botocore_client(settings))
+
+            yield cls(AnonymousObjects(http, settings), settings, listing=lister)
 
     # --- public API -------------------------------------------------------------------------------
 
@@ -264,6 +588,9 @@ class S3Reader:
         name = _describe(self.bucket, ref.key, ref.version_id)
         what = f"GET {name} bytes={start}-{end - 1}"
         params = self._range_params(ref, start, end)
+        whole = (start, end) == (0, ref.size)
+        if whole:
+            params["ChecksumMode"] = "ENABLED"
         md5 = whole_object_md5(ref, start, end)
 
         async def attempt() -> bytes:
@@ -277,6 +604,8 @@ class S3Reader:
             self._check(name, "body length", end - start, len(data))
             if md5 is not None:
                 await self._verify_md5(name, md5, data)
+            if whole:
+                await self._verify_checksum(name, resp, data)
             return data
 
         ticket = ticket or Ticket(Priority.DEMAND, flow=ref.key)
@@ -287,14 +616,7 @@ class S3Reader:
     def https_url(self, key: str, version_id: str | None) -> str:
         """The HTTPS URL anyone can GET the object version at (the configured endpoint's,
         path-style, or the bucket's public AWS address), pinned by `?versionId=` when given."""
-        quoted = urllib.parse.quote(key)
-        if self.settings.endpoint_url:
-            url = f"{self.settings.endpoint_url.rstrip('/')}/{self.bucket}/{quoted}"
-        else:
-            url = f"https://{self.bucket}.s3.amazonaws.com/{quoted}"
-        if version_id is not None:
-            url += "?versionId=" + urllib.parse.quote(version_id, safe="")
-        return url
+        return object_url(self.settings, key, version_id, regional=False)
 
     async def head(self, ref: ObjectRef) -> tuple[str | None, str | None]:
         """The S3 VersionId (None in an unversioned bucket) and ETag of the object version `ref`
@@ -453,7 +775,7 @@ class S3Reader:
         fails (and is retried) when no byte arrives for `request_timeout`; a body larger than
         `max_bytes` is refused at once (DocumentTooLarge, not retried)."""
         name = _describe(self.bucket, key, version_id)
-        params = self._params(key, version_id)
+        params = {**self._params(key, version_id), "ChecksumMode": "ENABLED"}
         stall = self.settings.request_timeout
 
         async def attempt() -> int:
@@ -465,13 +787,17 @@ class S3Reader:
                 async with body, sink() as put:
                     self._verify_version(name, version_id, resp)
                     _check_size(what, resp.get("ContentLength"), max_bytes)
+                    checksum = _WholeObjectChecksum(resp)
                     while chunk := await body.read(config.DOWNLOAD_CHUNK):
                         watchdog.deadline = trio.current_time() + stall
                         size += len(chunk)
                         self.stats["bytes"] += len(chunk)
                         _check_size(what, size, max_bytes)
+                        checksum.update(chunk)
                         await put(chunk)
-                    self._check(name, "body length", resp.get("ContentLength", size), size)
+                    length = resp.get("ContentLength")
+                    self._check(name, "body length", size if length is None else length, size)
+                    checksum.check(name)
             if watchdog.cancelled_caught:
                 raise Stalled(f"no data for {stall:g} s")
             return size
@@ -493,9 +819,7 @@ class S3Reader:
             if token:
                 params["ContinuationToken"] = token
 
-            page = await self._list_page(
-                self._client.list_objects_v2, params, what, Priority.DEMAND
-            )
+            page = await self._list_page("list_objects_v2", params, what, Priority.DEMAND)
             keys += [str(item["Key"]) for item in page.get("Contents") or []]
             prefixes += [str(item["Prefix"]) for item in page.get("CommonPrefixes") or []]
             token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
@@ -517,9 +841,7 @@ class S3Reader:
                 if version_marker:
                     params["VersionIdMarker"] = version_marker
 
-            page = await self._list_page(
-                self._client.list_object_versions, params, what, Priority.DEMAND
-            )
+            page = await self._list_page("list_object_versions", params, what, Priority.DEMAND)
             live = [
                 LiveObject(
                     key=str(v["Key"]),
@@ -542,21 +864,28 @@ class S3Reader:
     # --- internals --------------------------------------------------------------------------------
 
     async def _list_page(
-        self,
-        call: Callable[..., Awaitable[dict[str, Any]]],
-        params: dict[str, Any],
-        what: str,
-        priority: Priority,
+        self, operation: str, params: dict[str, Any], what: str, priority: Priority
     ) -> dict[str, Any]:
         """One page of a listing, retried like any request (with the per-request timeout)."""
+        lister = await self._listing_client()
 
         async def attempt() -> dict[str, Any]:
             self.stats["requests"] += 1
-            return await call(**params)
+            page: dict[str, Any] = await getattr(lister, operation)(**params)
+            return page
 
         return await self._retry(
             attempt, what, None, self.settings.request_timeout, Ticket(priority)
         )
+
+    async def _listing_client(self) -> Any:
+        """The client listings go through, made on first use (once)."""
+        if self._lister is None:
+            async with self._lister_lock:
+                if self._lister is None:
+                    assert self._listing is not None
+                    self._lister = await self._listing()
+        return self._lister
 
     def _params(self, key: str, version_id: str | None) -> dict[str, Any]:
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
@@ -575,7 +904,9 @@ class S3Reader:
         async def translated_attempt() -> T:
             try:
                 return await attempt()
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            except (ZarrfsError, CorruptBody, Stalled, Truncated):
+                raise
+            except Exception as exc:
                 translated = _translate(exc, what, version_id)
                 if translated is exc:
                     raise
@@ -590,6 +921,18 @@ class S3Reader:
             slots=self.slots,
             ticket=ticket,
         )
+
+    async def _verify_checksum(self, name: str, resp: Mapping[str, Any], data: bytes) -> None:
+        """A whole object's body against the CRC32/SHA checksum S3 keeps for it, if any."""
+        checksum = _WholeObjectChecksum(resp)
+        if checksum.algorithm is None:
+            return
+        if len(data) >= config.HASH_IN_THREAD:
+            await trio.to_thread.run_sync(checksum.update, data, abandon_on_cancel=True)
+        else:
+            checksum.update(data)
+        self.stats["checksums_verified"] += 1
+        checksum.check(name)
 
     async def _verify_md5(self, name: str, expected: str, data: bytes) -> None:
         if len(data) >= config.HASH_IN_THREAD:

@@ -109,6 +109,10 @@ async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
                     try:
                         yield fs
                     finally:
+                        # indexes still being written are not cut short (bounded: a stalled
+                        # cache dir is given up by the gate anyway)
+                        with trio.move_on_after(cfg.DISK_CACHE_STALL_TIMEOUT, shield=True):
+                            await manifests.flush()
                         service.cancel_scope.cancel()
         finally:
             with trio.move_on_after(cfg.DISK_CACHE_STALL_TIMEOUT, shield=True):
