@@ -144,3 +144,38 @@ async def test_a_closed_nursery_strands_no_later_write(tmp_path: Path) -> None:
         tier.put_later(REF, 1, BS, block(1))  # a writer starts: none counted from before
     assert set(await tier.get_many(REF, [0, 1], BS)) == {0, 1}  # block 0 stayed queued
     assert tier.pending == 0
+
+
+async def test_what_an_abandoned_call_opens_is_closed_when_it_returns(tmp_path: Path) -> None:
+    """A call through the gate that outlives its deadline (a lock file opened on a hung NFS server)
+    still returns its result later: it goes to `discard`, so nothing leaks."""
+    import os
+
+    from zarrfs.io.disk_gate import CacheDirStalled, DiskGate
+
+    gate = DiskGate(tmp_path, timeout=0.2, pause=0.0)
+    answer = threading.Event()
+    discarded: list[int] = []
+    opened: list[int] = []
+
+    def slow_open() -> int:
+        answer.wait(10)
+        fd = os.open(tmp_path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        opened.append(fd)
+        return fd
+
+    def discard(fd: int) -> None:
+        discarded.append(fd)
+        os.close(fd)
+
+    with pytest.raises(CacheDirStalled):
+        await gate.run(slow_open, discard=discard)
+    answer.set()
+    with trio.fail_after(5):
+        while not discarded:
+            await trio.sleep(0.01)
+    assert discarded == opened  # closed by `discard`
+    # an answer in time goes to the caller, not to `discard`
+    fd = await gate.run(slow_open, discard=discard)
+    assert fd == opened[1] and discarded == opened[:1]
+    os.close(fd)

@@ -387,6 +387,10 @@ def test_cache_dir_is_private(
     finally:
         os.umask(old)
     assert (mounted.path / f"{OME_PATH}/.zattrs").read_bytes()
+    deadline = time.monotonic() + 10  # the index is written in the background
+    while not any(p.suffix == ".arrow" for p in cache.rglob("*")):
+        assert time.monotonic() < deadline, "the Zarr's index was not stored"
+        time.sleep(0.05)
     made = [cache, *cache.rglob("*")]
     dirs = [p for p in made if p.is_dir()]
     files = [p for p in made if p.is_file()]

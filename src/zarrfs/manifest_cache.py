@@ -451,7 +451,7 @@ class ManifestCache:
         an unwritable dir) is logged and skipped. CacheDirStalled when the dir stalls."""
         path = self._layout.locks / f"{key[0]}-{key[1]}.lock"
         try:
-            fd = await self.gate.run(_open_lock, path)
+            fd = await self.gate.run(_open_lock, path, discard=os.close)
         except CacheDirStalled:
             raise
         except OSError as e:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import outcome
 import trio
@@ -35,6 +36,45 @@ from zarrfs import config
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class _Handoff(Generic[T]):
+    """One call through the gate, and who gets its result: the caller, or (once the caller gave
+    up) `discard`, whichever way the race between the thread and the deadline goes."""
+
+    def __init__(
+        self,
+        fn: Callable[..., T],
+        args: tuple[object, ...],
+        discard: Callable[[T], object] | None,
+    ) -> None:
+        self.fn, self.args, self.discard = fn, args, discard
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._done = False
+        self._result: T | None = None
+
+    def call(self) -> T:
+        result = self.fn(*self.args)
+        with self._lock:
+            if self._abandoned:
+                self._discard(result)
+            else:
+                self._done, self._result = True, result
+        return result
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            if self._done:  # it came back just as the deadline passed: nobody will read it
+                self._discard(self._result)  # type: ignore[arg-type]
+
+    def _discard(self, result: T) -> None:
+        if self.discard is not None:
+            try:
+                self.discard(result)
+            except Exception as e:  # (in a worker thread or at a deadline: only logged)
+                log.warning("while discarding an abandoned cache-dir result: %s", e)
 
 
 class CacheDirStalled(OSError):
@@ -67,18 +107,28 @@ class DiskGate:
         """Whether the cache dir is being bypassed now."""
         return time.monotonic() < self._bypass_until
 
-    async def run(self, fn: Callable[..., T], *args: object, timeout: float | None = None) -> T:
+    async def run(
+        self,
+        fn: Callable[..., T],
+        *args: object,
+        timeout: float | None = None,
+        discard: Callable[[T], object] | None = None,
+    ) -> T:
         """`fn(*args)` in a worker thread; CacheDirStalled if the cache dir is bypassed, or if it
-        does not return within `timeout` (default: the gate's), which starts a bypass."""
+        does not return within `timeout` (default: the gate's), which starts a bypass. `discard`:
+        what to do with a result that comes after the caller gave up (close a descriptor that
+        `fn` opened), so that an abandoned call leaks nothing."""
         if self.stalled:
             self.stats["bypassed"] += 1
             raise CacheDirStalled(self.path, f"the cache dir {self.path} is being bypassed")
         limit = self.timeout if timeout is None else timeout
         self.stats["operations"] += 1
+        handoff: _Handoff[T] = _Handoff(fn, args, discard)
         with trio.move_on_after(limit):
             return await trio.to_thread.run_sync(
-                fn, *args, limiter=self._threads, abandon_on_cancel=True
+                handoff.call, limiter=self._threads, abandon_on_cancel=True
             )
+        handoff.abandon()
         self.stats["stalls"] += 1
         if not self.stalled:
             log.warning(
