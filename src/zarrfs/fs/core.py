@@ -163,12 +163,15 @@ async def _renew_leases(fs: Filesystem) -> None:
 
 
 async def _import_manifest_machinery() -> None:
-    """Import numpy, pyarrow and zarr_checksum (~0.2 s) in a thread now that the mount serves, so
-    that entering a Zarr does not wait for them. Only for versions that hold Zarrs: they cost ~40 MB
-    of memory, which a mount of NWB files alone never needs."""
-    await trio.to_thread.run_sync(
-        importlib.import_module, "zarrfs.manifests.parse", abandon_on_cancel=True
-    )
+    """Import numpy (what serving an index needs), then pyarrow (what reading or writing an index
+    file needs), ~0.2 s in all, in a thread now that the mount serves, so that entering a Zarr does
+    not wait for them. Only for versions that hold Zarrs: they cost ~40 MB of memory, which a mount
+    of NWB files alone never needs."""
+    # the package before its submodule, as every import of it does: importing `pyarrow.ipc` first
+    # while another thread imports `pyarrow` takes their import locks in opposite orders, and one
+    # of the two gets a half-initialized module
+    for name in ("zarrfs.manifests.parse", "pyarrow", "pyarrow.ipc"):
+        await trio.to_thread.run_sync(importlib.import_module, name, abandon_on_cancel=True)
 
 
 async def _disk_tier(config: Config, gate: DiskGate) -> tuple[DiskTier | None, str]:
