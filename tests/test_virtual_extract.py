@@ -400,15 +400,19 @@ def test_blosc_and_zstd_through_hdf5plugin(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def big_contiguous(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("virtual") / "contiguous.h5"
+    write_big_contiguous(path)
+    return path
+
+
+def write_big_contiguous(path: Path) -> None:
     """Tens of MB of contiguous datasets: one whose rows divide evenly into virtual chunks, one
     whose last chunk runs past its end, and one at the very end of the file."""
-    path = tmp_path_factory.mktemp("virtual") / "contiguous.h5"
     rng = np.random.default_rng(1)
     with h5py.File(path, "w") as f:
         f.create_dataset("even", data=rng.random((4096, 1024)))  # 32 MiB, 8 chunks of 4 MiB
         f.create_dataset("ragged", data=rng.integers(0, 1 << 30, (3001, 700), dtype="<i4"))
         f.create_dataset("zz_last", data=rng.integers(0, 1 << 15, (5_000_011,), dtype="<i2"))
-    return path
 
 
 def test_contiguous_datasets_become_row_chunks(big_contiguous: Path) -> None:

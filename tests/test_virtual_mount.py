@@ -25,7 +25,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from conftest import Mounted, zarrfs_command
-from test_virtual_extract import check_store, write_kitchen_sink
+from test_virtual_extract import check_store, write_big_contiguous, write_kitchen_sink
 from test_virtual_nwb import write_large_nwb, write_small_nwb
 from zarrfs.archive.assets import AssetRecord
 from zarrfs.archive.resolver import ResolvedVersion
@@ -41,6 +41,7 @@ from zarrfs.virtual import VirtualZarrBuilder
 DANDISET, VERSION = "000777", "0.240601.0000"
 SOURCE = f"{DANDISET}@{VERSION}"
 SMALL, SINK, LARGE = "sub-01/sub-01_ecephys.nwb", "sub-01/sink.h5", "sub-02/large.nwb"
+CONTIGUOUS = "sub-02/contiguous.h5"
 BROKEN, CLASH = "sub-01/broken.nwb", "sub-03/clash.nwb"
 
 
@@ -54,9 +55,11 @@ class Published:
 def published(local_s3: LocalS3, tmp_path_factory: pytest.TempPathFactory) -> Published:
     tmp = tmp_path_factory.mktemp("virtual-files")
     local = {SMALL: tmp / "small.nwb", SINK: tmp / "sink.h5", LARGE: tmp / "large.nwb"}
+    local[CONTIGUOUS] = tmp / "contiguous.h5"
     write_small_nwb(local[SMALL])
     write_kitchen_sink(local[SINK])
     write_large_nwb(local[LARGE])
+    write_big_contiguous(local[CONTIGUOUS])
     local[BROKEN] = tmp / "broken.nwb"
     local[BROKEN].write_bytes(b"this is not HDF5 " * 1000)
     local[CLASH] = local[SMALL]
@@ -90,12 +93,13 @@ def test_mount_shows_virtual_zarrs_equal_to_h5py(
     assert "built the virtual Zarr view" not in m.output()
 
     compared = {}
-    for path in (SMALL, SINK):
+    for path in (SMALL, SINK, CONTIGUOUS):
         root = m.path / (path + ".zarr")
         store = LocalStore(root, read_only=True)
         compared[path], _ = check_store(published.local[path], store, _meta(root))
     assert {"acquisition/ElectricalSeries/data", "acquisition/ImageSeries/data"} <= compared[SMALL]
     assert {"chunked", "cube", "compact", "vlen", "mask"} <= compared[SINK]
+    assert compared[CONTIGUOUS] == {"even", "ragged", "zz_last"}  # 4 MiB row chunks of the blob
     small = m.path / (SMALL + ".zarr")
     data = zarr.open_array(
         LocalStore(small, read_only=True), path="acquisition/ElectricalSeries/data", mode="r"
