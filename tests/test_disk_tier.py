@@ -179,3 +179,25 @@ async def test_what_an_abandoned_call_opens_is_closed_when_it_returns(tmp_path: 
     fd = await gate.run(slow_open, discard=discard)
     assert fd == opened[1] and discarded == opened[:1]
     os.close(fd)
+
+
+async def test_a_call_whose_caller_is_cancelled_is_discarded_too(tmp_path: Path) -> None:
+    """The caller gives up by itself (its own deadline, a shutdown), not the gate: the late result
+    still goes to `discard`."""
+    from zarrfs.io.disk_gate import DiskGate
+
+    gate = DiskGate(tmp_path, timeout=30)
+    answer = threading.Event()
+    discarded: list[str] = []
+
+    def slow() -> str:
+        answer.wait(10)
+        return "a descriptor"
+
+    with trio.move_on_after(0.2):
+        await gate.run(slow, discard=discarded.append)
+    answer.set()
+    with trio.fail_after(5):
+        while not discarded:
+            await trio.sleep(0.01)
+    assert discarded == ["a descriptor"]

@@ -10,6 +10,18 @@ from pathlib import Path
 
 from zarrfs.faces.logs import LogWriter
 
+STUCK_AT_EXIT = """
+import logging, sys, threading
+from pathlib import Path
+from zarrfs.faces.logs import close_logging, setup_logging
+setup_logging(False, Path(sys.argv[1]))
+writer = logging.getLogger().handlers[0]
+writer.file.write = lambda record: threading.Event().wait()  # a hung NFS server
+logging.getLogger("zarrfs").info("stuck")
+close_logging()
+logging.getLogger("zarrfs").error("the last traceback")
+"""
+
 
 def _record(i: int) -> logging.LogRecord:
     return logging.makeLogRecord(
@@ -27,14 +39,14 @@ def test_logging_never_waits_for_a_stuck_file(tmp_path: Path) -> None:
     path = tmp_path / "zarrfs.log"
     writer = LogWriter(path, max_records=10)
     stuck, entered = threading.Event(), threading.Event()
-    handle = writer.file.handle
+    handle = writer.file.write
 
-    def slow_handle(record: logging.LogRecord) -> bool:
+    def slow_handle(record: logging.LogRecord) -> None:
         entered.set()
         stuck.wait()  # the file system does not answer
-        return handle(record)
+        handle(record)
 
-    writer.file.handle = slow_handle  # type: ignore[method-assign]
+    writer.file.write = slow_handle  # type: ignore[method-assign]
     writer.handle(_record(0))
     assert entered.wait(5)
     done = threading.Event()
@@ -48,7 +60,7 @@ def test_logging_never_waits_for_a_stuck_file(tmp_path: Path) -> None:
     thread.start()
     assert done.wait(5), "a log call waited for the stuck file"
     assert writer.dropped >= 1000 - 10
-    writer.file.handle = handle  # type: ignore[method-assign]
+    writer.file.write = handle  # type: ignore[method-assign]
     stuck.set()
     writer.close()
     lines = path.read_text().splitlines()
@@ -77,3 +89,19 @@ def test_reopens_after_logrotate_moved_the_file(tmp_path: Path) -> None:
     writer.close()
     assert "line 1" in rotated.read_text() and "line 2" not in rotated.read_text()
     assert "line 2" in path.read_text()
+
+
+def test_a_stuck_log_file_does_not_keep_the_process_from_ending(tmp_path: Path) -> None:
+    """The writer thread hangs in a write: the process still ends (logging.shutdown waits on no
+    lock the thread holds), and what is logged after close_logging goes to stderr."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", STUCK_AT_EXIT, str(tmp_path / "zarrfs.log")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ERROR zarrfs: the last traceback" in result.stderr

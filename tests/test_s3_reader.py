@@ -555,3 +555,43 @@ async def test_fast_timestamp_parser_agrees_with_botocore(value: str) -> None:
     theirs = botocore.utils.parse_timestamp(value)
     assert (ours.tzinfo is None) == (theirs.tzinfo is None)
     assert ours.timestamp() == theirs.timestamp()
+
+
+# --- the anonymous path's URLs, and a listing client that cannot be made ----------------------------
+
+
+async def test_object_urls_name_exactly_the_key() -> None:
+    """Every key names itself: `.` and `..` segments are not resolved away, reserved characters
+    are escaped, the VersionId pins; a bucket with dots goes path-style (no certificate covers it)."""
+    from zarrfs.s3_reader import object_url
+
+    local = S3Settings(endpoint_url="http://127.0.0.1:9/", bucket="b")
+    assert object_url(local, "a/../b/./c d+?#%", "v 1") == (
+        "http://127.0.0.1:9/b/a/%2E%2E/b/%2E/c%20d%2B%3F%23%25?versionId=v%201"
+    )
+    aws = S3Settings(bucket="dandiarchive", region="us-east-2")
+    assert object_url(aws, "blobs/x") == "https://dandiarchive.s3.us-east-2.amazonaws.com/blobs/x"
+    assert object_url(aws, "blobs/x", regional=False) == (
+        "https://dandiarchive.s3.amazonaws.com/blobs/x"
+    )
+    dotted = S3Settings(bucket="my.bucket", region="eu-west-1")
+    assert object_url(dotted, "k") == "https://s3.eu-west-1.amazonaws.com/my.bucket/k"
+
+
+async def test_a_listing_client_that_cannot_be_made_is_a_remote_error(world: World) -> None:
+    """aiobotocore's client is made when a listing first needs it: a failure then (no such AWS
+    profile, a broken install) is a RemoteError naming it, never a botocore exception, and the next
+    listing tries again."""
+    attempts = []
+
+    async def broken() -> Any:
+        attempts.append(1)
+        raise RuntimeError("The config profile (nope) could not be found")
+
+    async with S3Reader.open(world.settings()) as anonymous:
+        reader = S3Reader(anonymous._client, world.settings(), listing=broken)
+        for _ in range(2):
+            with pytest.raises(RemoteError, match="could not be found"):
+                await reader.list_prefixes("zarr/")
+        assert len(attempts) == 2
+        assert await reader.read_range(world.old(), 0, 10) == OLD[:10]  # reads need no listing

@@ -218,6 +218,13 @@ def test_fsspec_face(published: Published, sample: SampleDandiset, tmp_path: Pat
     assert info.value.errno == errno.EIO
     info_of_chunk = fs.info(f"{SOURCE}/{SMALL}.zarr/acquisition/ElectricalSeries/data/0.0")
     assert info_of_chunk["type"] == "file" and info_of_chunk["size"] > 0
+    start, end = info_of_chunk["byte_range"]  # which bytes of which blob
+    assert end - start == info_of_chunk["size"] and info_of_chunk["s3_url"].startswith("s3://")
+    blob = published.local[SMALL].read_bytes()
+    assert (
+        fs.cat_file(f"{SOURCE}/{SMALL}.zarr/acquisition/ElectricalSeries/data/0.0")
+        == blob[start:end]
+    )
 
 
 def test_export_verb_pins_the_version(
@@ -368,3 +375,39 @@ def test_view_inodes_lookup_and_readdir() -> None:
         view.readdir(place, place.node(zero.ino), 0).__next__()
     with pytest.raises(NotFound):
         view.getattr(place, 10_000)
+
+
+@pytest.mark.trio
+async def test_a_worker_that_cannot_run_refuses_nothing_for_good(
+    published: Published, sample: SampleDandiset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure that says nothing about the blob (here: the worker cannot start) fails the entry
+    with EIO but is never stored as a refusal: once the worker can run, the view is built."""
+    import sys
+    from dataclasses import replace
+
+    from zarrfs import config as cfg
+    from zarrfs.config import MountSource, config_from_options
+    from zarrfs.errors import NotVirtualizable
+    from zarrfs.fs.core import open_filesystem
+
+    cache = tmp_path / "cache"
+    config = replace(
+        config_from_options(
+            MountSource(DANDISET, VERSION), endpoint_url=sample.endpoint_url, cache_dir=cache
+        ),
+        virtual_zarr=True,
+    )
+    async with open_filesystem(config) as fs:
+        assert fs.virtual is not None
+        fs.virtual.cache.python = str(tmp_path / "no-such-python")
+        ino = await fs.walk(SINK + ".zarr")
+        with pytest.raises(NotVirtualizable, match="cannot start"):
+            await fs.opendir(ino)
+        assert list(cache.glob("virtual/*/*")) == []  # nothing stored
+    monkeypatch.setattr(cfg, "FAILURE_TTL", 0.0)
+    async with open_filesystem(config) as fs:  # another process: the worker runs now
+        assert fs.virtual is not None and fs.virtual.cache.python == sys.executable
+        ino = await fs.walk(SINK + ".zarr")
+        names = [n for n, _, _ in await fs.readdir(await fs.opendir(ino), 0)]
+        assert b".zgroup" in names and len(list(cache.glob("virtual/*/*.vzarr"))) == 1

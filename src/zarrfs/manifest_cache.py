@@ -31,17 +31,23 @@ Concurrency: at most one load per (zarr id, checksum) at a time in this process 
 service nursery when set, so a requester that gives up does not cancel a load others want), and at
 most one across processes sharing the cache dir (an `flock` on `locks/<zarr id>-<checksum>.lock`,
 polled so that waiting stays cancellable, given up after `config.MANIFEST_LOCK_WAIT`; the second
-process then finds the index on disk). Conversion runs in worker threads bounded by a CapacityLimiter
-and is abandoned on cancellation (a flag stops the thread at its next directory).
+process then finds the index on disk). A small index (served from memory whatever becomes of its
+file) is written to disk in the service nursery after the lookup that needed it has its answer, the
+cross-process lock handed over to that write; `flush` waits (bounded, by the caller) for such writes
+before a core closes. Conversion runs in worker threads bounded by a CapacityLimiter and is abandoned
+on cancellation (a flag stops the thread at its next directory). pyarrow, which only index files
+need, is imported outside the gate's deadline.
 """
 
 from __future__ import annotations
 
 import fcntl
+import importlib
 import logging
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -388,8 +394,8 @@ class ManifestCache:
                     # Served from memory whatever becomes of its file: the lookup need not wait
                     # for the write (nor for pyarrow's import). The lock goes with the write, so
                     # processes sharing the cache dir still fetch the manifest once.
-                    self._storing += 1  # now, not when the task starts: `flush` counts it
                     nursery.start_soon(self._store_then_unlock, lock, key, index, built, what)
+                    self._storing += 1  # now, not when the task starts: `flush` counts it
                     handed_over = True
                     return index
                 return await self._store(key, index, built, what)
@@ -411,11 +417,13 @@ class ManifestCache:
     ) -> None:
         """`_store` in the background, then give the cross-process lock back."""
         try:
-            await self._store(key, index, built, what)
-        except Exception as e:  # a bug: logged loudly, never taking the service nursery down
-            report_bug(f"storing the index of {what}", e)
+            try:
+                await self._store(key, index, built, what)
+            except Exception as e:  # a bug: logged loudly, never taking the service nursery down
+                report_bug(f"storing the index of {what}", e)
+            finally:
+                await lock.aclose()
         finally:
-            await lock.aclose()
             self._storing -= 1
             if not self._storing:
                 self._stored.set()
@@ -433,6 +441,10 @@ class ManifestCache:
         zarr_id, checksum = key
         path = self.index_path(zarr_id, checksum)
         try:
+            if not _index_format_imported():
+                if not await self.gate.run(path.exists):
+                    return None
+                await _import_index_format()  # not against the cache dir's deadline
             index = await self.gate.run(_load_index, path, zarr_id, checksum)
         except CacheDirStalled:
             raise
@@ -606,6 +618,7 @@ class ManifestCache:
         only means the index is served from memory."""
         zarr_id, checksum = key
         path = self.index_path(zarr_id, checksum)
+        await _import_index_format()  # not against the cache dir's deadline
         try:
             if built is not None:
                 await self.gate.run(
@@ -714,6 +727,23 @@ class ManifestCache:
 
 
 # --- what runs in the gate's worker threads ---------------------------------------------------------
+
+
+#: What reading or writing an index file imports (pyarrow: some 0.1 s, more with a cold page
+#: cache), the package before its submodule (see `core._import_manifest_machinery`).
+_INDEX_FORMAT_MODULES = ("zarrfs.manifests.index", "pyarrow", "pyarrow.ipc")
+
+
+def _index_format_imported() -> bool:
+    return all(name in sys.modules for name in _INDEX_FORMAT_MODULES)
+
+
+async def _import_index_format() -> None:
+    """Import what index files need in a worker thread, outside the gate: a first import slow on a
+    cold page cache must not count as a stalled cache dir."""
+    if not _index_format_imported():
+        for name in _INDEX_FORMAT_MODULES:
+            await trio.to_thread.run_sync(importlib.import_module, name, abandon_on_cancel=True)
 
 
 def _load_index(path: Path, zarr_id: str, checksum: str) -> ManifestIndex | None:

@@ -111,10 +111,15 @@ def _error_code(exc: Any) -> tuple[str, int]:
     return str(err.get("Code", "")), int(meta.get("HTTPStatusCode") or 0)
 
 
+#: `botocore.exceptions` once `import_botocore` has finished (a listing, or a signed mount), else
+#: None: an anonymous mount that never listed has no botocore errors to recognise. Set on the trio
+#: thread after the import, never read from `sys.modules`, where a module being imported in a worker
+#: thread is half-initialized.
+_botocore: Any = None
+
+
 def _botocore_exceptions() -> Any:
-    """`botocore.exceptions` if botocore was imported (by a listing or a signed mount), else None:
-    an anonymous mount that never listed has no botocore errors to recognise."""
-    return sys.modules.get("botocore.exceptions")
+    return _botocore
 
 
 class S3ErrorResponse(Exception):
@@ -145,6 +150,8 @@ class Truncated(Exception):
 def is_retryable(exc: BaseException) -> bool:
     """Transient failures: 5xx/429 and throttling codes, transport errors, truncated, stalled or
     damaged bodies."""
+    if isinstance(exc, ZarrfsError):
+        return False  # already an answer
     if isinstance(exc, CorruptBody | Stalled | Truncated):
         return True
     if isinstance(exc, S3ErrorResponse):
@@ -165,16 +172,18 @@ def is_retryable(exc: BaseException) -> bool:
             bce.HTTPClientError,  # includes read timeouts and broken bodies
             bce.ConnectionError,  # includes connect timeouts
             bce.IncompleteReadError,
+            bce.FlexibleChecksumError,  # a body damaged in transit, as CorruptBody
         ),
     )
 
 
 def _is_tls_failure(exc: BaseException) -> bool:
-    """A certificate or TLS handshake failure: another attempt would fail the same way."""
+    """A certificate the endpoint's TLS cannot be verified with: another attempt would fail the
+    same way. (Other TLS errors, such as a record damaged in transit mid-body, are retried.)"""
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
-        if isinstance(cause, ssl.SSLError | ssl.CertificateError):
+        if isinstance(cause, ssl.SSLCertVerificationError | ssl.CertificateError):
             return True
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
@@ -182,7 +191,8 @@ def _is_tls_failure(exc: BaseException) -> bool:
 
 
 def _translate(exc: Exception, what: str, version_id: str | None) -> Exception:
-    """A non-retryable botocore error as a zarrfs error (retryable ones are returned unchanged)."""
+    """A non-retryable S3, transport or botocore error as a zarrfs error (retryable ones are
+    returned unchanged)."""
     if is_retryable(exc) or isinstance(exc, ZarrfsError):
         return exc
     if isinstance(exc, S3ErrorResponse):
@@ -267,9 +277,16 @@ def object_url(
     """The HTTPS URL of an object version: path-style under a configured endpoint, else the bucket's
     own AWS address (regional: what requests go to; `regional=False`: the global form DANDI's asset
     records use), pinned by `?versionId=` when given. Keys are percent-encoded as botocore does."""
-    quoted = urllib.parse.quote(key, safe="/~")
+    # `.` and `..` segments would be resolved away by any URL library: encoded, they name the key
+    quoted = "/".join(
+        segment.replace(".", "%2E") if segment in (".", "..") else segment
+        for segment in urllib.parse.quote(key, safe="/~").split("/")
+    )
     if settings.endpoint_url:
         url = f"{settings.endpoint_url.rstrip('/')}/{settings.bucket}/{quoted}"
+    elif "." in settings.bucket:  # no wildcard certificate covers it: path-style, as botocore
+        host = f"s3.{settings.region}.amazonaws.com" if regional else "s3.amazonaws.com"
+        url = f"https://{host}/{settings.bucket}/{quoted}"
     elif regional:
         url = f"https://{settings.bucket}.s3.{settings.region}.amazonaws.com/{quoted}"
     else:
@@ -292,7 +309,10 @@ class _Body:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._response.aclose()
+        try:
+            await self._chunks.aclose()  # type: ignore[attr-defined]
+        finally:
+            await self._response.aclose()
 
     async def read(self, amt: int | None = None) -> bytes:
         if amt is None:
@@ -329,7 +349,7 @@ class AnonymousObjects:
         Range: str | None = None,
         ChecksumMode: str | None = None,
     ) -> dict[str, Any]:
-        headers = {}
+        headers = {"Accept-Encoding": "identity"}  # the stored bytes, exactly
         if Range is not None:
             headers["Range"] = Range
         if ChecksumMode is not None:
@@ -344,7 +364,7 @@ class AnonymousObjects:
         Key: str,
         VersionId: str | None = None,
     ) -> dict[str, Any]:
-        response = await self._send("HEAD", Bucket, Key, VersionId, {})
+        response = await self._send("HEAD", Bucket, Key, VersionId, {"Accept-Encoding": "identity"})
         await response.aclose()
         return self._fields(response)
 
@@ -370,12 +390,16 @@ class AnonymousObjects:
             await response.aclose()
         code = _XML_CODE.search(body)
         message = _XML_MESSAGE.search(body)
+        text = message.group(1).decode("utf-8", "replace") if message else ""
+        region = response.headers.get("x-amz-bucket-region")
+        if region and region != self.settings.region:
+            text += f" (the bucket is in {region}: use --region {region})"
         raise S3ErrorResponse(
             code.group(1).decode("utf-8", "replace")
             if code
             else _status_code(response.status_code),
             response.status_code,
-            message.group(1).decode("utf-8", "replace") if message else "",
+            text,
             dict(response.headers),
         )
 
@@ -481,8 +505,10 @@ class _HttpxSessionFactory:
 
 async def import_botocore() -> None:
     """Import aiobotocore (some 0.3 s) in a worker thread, so that the event loop goes on serving."""
+    global _botocore
     for name in BOTOCORE_MODULES:
         await trio.to_thread.run_sync(importlib.import_module, name)
+    _botocore = sys.modules["botocore.exceptions"]
 
 
 @asynccontextmanager
@@ -563,8 +589,15 @@ class S3Reader:
                 max_connections=settings.max_concurrency,
                 max_keepalive_connections=settings.max_concurrency,
             )
+            # the CA bundle botocore would use; else httpx's (certifi, or SSL_CERT_FILE)
+            bundle = os.environ.get("AWS_CA_BUNDLE")
+            verify: ssl.SSLContext | bool = (
+                ssl.create_default_context(cafile=bundle) if bundle else True
+            )
             http = await stack.enter_async_context(
-                httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
+                httpx.AsyncClient(
+                    timeout=timeout, limits=limits, follow_redirects=False, verify=verify
+                )
             )
 
             async def lister() -> Any:
@@ -879,12 +912,18 @@ class S3Reader:
         )
 
     async def _listing_client(self) -> Any:
-        """The client listings go through, made on first use (once)."""
+        """The client listings go through, made on first use (once). RemoteError when it cannot be
+        made (no such AWS profile, a broken botocore install): tried again by the next listing."""
         if self._lister is None:
             async with self._lister_lock:
                 if self._lister is None:
                     assert self._listing is not None
-                    self._lister = await self._listing()
+                    try:
+                        self._lister = await self._listing()
+                    except Exception as e:
+                        raise RemoteError(
+                            f"cannot create the S3 client for listings: {type(e).__name__}: {e}"
+                        ) from e
         return self._lister
 
     def _params(self, key: str, version_id: str | None) -> dict[str, Any]:

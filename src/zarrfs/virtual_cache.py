@@ -13,10 +13,11 @@ cache of small blocks (`ReadStack.read_sparse`), so that only the HDF5 metadata 
 Answers: a blob the extractor refuses for good (no HDF5 signature, the HDF5 library refused it, over
 the extraction's budget) is `NotVirtualizable` (EIO), remembered in memory for `config.FAILURE_TTL`
 seconds and in the store as a refusal (`<h>.refused`, a checked JSON document naming the reason), so
-no process sharing the cache dir extracts it again; a worker that crashed (the HDF5 library, or its
-memory limit) is remembered in memory only. An extraction that ran out of time, and a read of the
-blob that failed (S3 unreachable), fail the request (EIO) and are never remembered: the next entry
-tries again.
+no process sharing the cache dir extracts it again. A failure that says nothing about the blob (the
+worker crashed, could not start or import its libraries, ran out of memory, broke the protocol, or
+the translation failed unexpectedly) is `NotVirtualizable` remembered in memory only, never stored.
+An extraction that ran out of time, and a read of the blob that failed (S3 unreachable), fail the
+request (EIO) and are never remembered: the next entry tries again.
 
 The cache dir is an optimisation, reached only through the `DiskGate`: a stalled or broken one means
 the view is served from memory and not stored. Two processes sharing a cache dir may extract one blob
@@ -36,6 +37,7 @@ import sys
 import time
 from contextlib import suppress
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import cachetools
@@ -59,6 +61,7 @@ from zarrfs.virtual import (
     ExtractionError,
     ExtractionLimitError,
     ExtractionTimeoutError,
+    ExtractionUnavailable,
     IndexFormatError,
     NotHdf5Error,
     VirtualZarr,
@@ -183,8 +186,10 @@ class VirtualCache:
             raise NotVirtualizable(f"{what} has no virtual Zarr view: {reason}")
         if data is None:
             return None
-        try:
-            view = VirtualZarr.from_bytes(data, blob_size=ref.size)
+        try:  # checked in a thread: a view of a million chunks is some 24 MB
+            view = await trio.to_thread.run_sync(
+                partial(VirtualZarr.from_bytes, data, blob_size=ref.size)
+            )
         except IndexFormatError as e:
             log.warning("discarding the stored virtual Zarr view of %s (%s): %s", what, path, e)
             with suppress(OSError):
@@ -306,10 +311,10 @@ class VirtualCache:
             except ExtractionTimeoutError as e:
                 log.error("virtual Zarr view of %s (s3://%s/%s): %s", what, self.bucket, ref.key, e)
                 raise RemoteError(f"{what}: {e}") from None
-            except (NotHdf5Error, ExtractionLimitError, WorkerProtocolError) as e:
+            except (NotHdf5Error, ExtractionLimitError) as e:  # answers about the blob
                 await self._refuse(ref, what, e, store=True)
-            except WorkerCrashedError as e:
-                await self._refuse(ref, what, e, store=False)
+            except (WorkerCrashedError, WorkerProtocolError, ExtractionUnavailable) as e:
+                await self._refuse(ref, what, e, store=False)  # nothing about the blob
             except ExtractionError as e:  # the HDF5 library refused the file
                 await self._refuse(ref, what, e, store=True)
             finally:
@@ -326,7 +331,7 @@ class VirtualCache:
             asked / (1 << 20),
             elapsed,
         )
-        await self._store(ref, what, view.to_bytes())
+        await self._store(ref, what, await trio.to_thread.run_sync(view.to_bytes))
         return view
 
     async def _refuse(self, ref: ObjectRef, what: str, error: Exception, *, store: bool) -> None:

@@ -60,7 +60,7 @@ from zarrfs.errors import (
 )
 from zarrfs.fs.core import open_filesystem
 from zarrfs.fs.filesystem import Filesystem, OpenFile, describe_object
-from zarrfs.fs.namespace import ROOT_INO, Entry
+from zarrfs.fs.namespace import ROOT_INO, BlobRange, Entry
 
 PROTOCOL = "zarrfs"
 #: Options fsspec or its callers pass to every filesystem, meaningless here (zarr-python passes
@@ -387,6 +387,9 @@ async def _entry_info(fs: Filesystem, where: FsspecPath) -> dict[str, Any]:
     info = _info(where.name(where.parts), entry)
     if not entry.is_dir:
         source = await fs.source_of(entry.ino)
+        if isinstance(source, BlobRange):  # a chunk of a virtual Zarr: bytes of its blob
+            info["byte_range"] = [source.offset, source.offset + source.length]
+            source = source.ref
         if isinstance(source, ObjectRef):
             info["s3_url"] = describe_object(fs.bucket, source)
             info["version_id"] = source.version_id

@@ -124,7 +124,7 @@ def _virtual_zarrs(config: Config, stack: ReadStack, gate: DiskGate) -> VirtualZ
     and the extractor's parent side); UserError when the extractor cannot run here (no h5py)."""
     if not config.virtual_zarr:
         return None
-    if importlib.util.find_spec("h5py") is None:
+    if any(importlib.util.find_spec(name) is None for name in ("h5py", "numcodecs")):
         raise UserError(
             "--virtual-zarr needs h5py and numcodecs in zarrfs's environment: "
             "pip install 'zarrfs[virtual]'"

@@ -124,10 +124,14 @@ class DiskGate:
         limit = self.timeout if timeout is None else timeout
         self.stats["operations"] += 1
         handoff: _Handoff[T] = _Handoff(fn, args, discard)
-        with trio.move_on_after(limit):
-            return await trio.to_thread.run_sync(
-                handoff.call, limiter=self._threads, abandon_on_cancel=True
-            )
+        try:
+            with trio.move_on_after(limit):
+                return await trio.to_thread.run_sync(
+                    handoff.call, limiter=self._threads, abandon_on_cancel=True
+                )
+        except trio.Cancelled:  # the caller itself gave up (its deadline, a shutdown)
+            handoff.abandon()
+            raise
         handoff.abandon()
         self.stats["stalls"] += 1
         if not self.stalled:

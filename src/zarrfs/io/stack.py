@@ -102,6 +102,8 @@ class ObjectReader:
         self.prefetcher = prefetcher
         self.start = start
         self.length = ref.size - start if length is None else length
+        #: The fetch of the whole range started when it was opened (`ReadStack.open_range`).
+        self.fetch_scope: trio.CancelScope | None = None
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset + size) of the object or range (fewer at its end)."""
@@ -114,6 +116,8 @@ class ObjectReader:
         """The object was closed: its prefetch stops and gives its budget back."""
         if self.prefetcher is not None:
             self.prefetcher.close()
+        if self.fetch_scope is not None:
+            self.fetch_scope.cancel()
 
 
 class ReadStack:
@@ -156,22 +160,32 @@ class ReadStack:
         """A reader of bytes [start, start + length) of `ref` (offsets relative to `start`). The
         range, when it spans more than one block and is at most `config.VIRTUAL_CHUNK_FETCH_MAX`,
         is fetched whole in the background now (its reader reads it whole: a chunk file), nothing
-        past it."""
+        past it; that fetch counts against the prefetch budget (none when it is used up) and stops
+        when the reader is closed."""
         if not 0 <= start <= start + length <= ref.size:
             raise ValueError(f"range {start}+{length} outside {ref.key} ({ref.size} bytes)")
+        reader = ObjectReader(self, ref, None, start, length)
         unit = self.blocks.unit(ref)
         spans = (start + length - 1) // unit - start // unit + 1 if length else 0
         if self.nursery is not None and spans > 1 and length <= config.VIRTUAL_CHUNK_FETCH_MAX:
-            self.nursery.start_soon(self._fetch_ahead, ref, start, length)
-        return ObjectReader(self, ref, None, start, length)
+            granted = self.prefetch_budget.take(spans * unit, unit)
+            if granted:
+                reader.fetch_scope = trio.CancelScope()
+                self.nursery.start_soon(self._fetch_ahead, reader, granted)
+        return reader
 
-    async def _fetch_ahead(self, ref: ObjectRef, start: int, length: int) -> None:
+    async def _fetch_ahead(self, reader: ObjectReader, granted: int) -> None:
+        ref = reader.ref
         try:
-            await self.blocks.read(ref, start, length, Priority.PREFETCH)
+            assert reader.fetch_scope is not None
+            with reader.fetch_scope:
+                await self.blocks.read(ref, reader.start, reader.length, Priority.PREFETCH)
         except DataError:  # not cached: the reader's own read fetches it and sees the error
             pass
         except Exception as e:  # a bug: logged loudly, never taking the service nursery down
             report_bug(f"fetch ahead of a range of {ref.key}", e)
+        finally:
+            self.prefetch_budget.give_back(granted)
 
     async def read_sparse(self, ref: ObjectRef, offset: int, size: int) -> bytes:
         """Bytes [offset, offset + size) of `ref` through the cache of small blocks (for small

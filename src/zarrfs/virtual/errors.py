@@ -27,6 +27,12 @@ class ExtractionError(VirtualZarrError):
     """The extraction failed: the HDF5 library refused the file, or the worker reported an error."""
 
 
+class ExtractionUnavailable(ExtractionError):
+    """The extraction could not run here (the worker could not start, its libraries could not be
+    imported, it ran out of memory, the translation failed unexpectedly): says nothing about the
+    blob, so it is not an answer to remember for good."""
+
+
 class WorkerCrashedError(ExtractionError):
     """The worker process died (a signal or a non-zero exit) before it answered."""
 

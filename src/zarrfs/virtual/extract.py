@@ -28,6 +28,7 @@ from zarrfs.virtual.errors import (
     ExtractionError,
     ExtractionLimitError,
     ExtractionTimeoutError,
+    ExtractionUnavailable,
     IndexFormatError,
     NotHdf5Error,
     WorkerCrashedError,
@@ -204,7 +205,7 @@ async def _run_worker(read: ReadFn, size: int, python: str, budget: Budget) -> V
             stderr=subprocess.PIPE,
         )
     except OSError as e:
-        raise ExtractionError(f"cannot start the extraction worker {python!r}: {e}") from e
+        raise ExtractionUnavailable(f"cannot start the extraction worker {python!r}: {e}") from e
     tail = bytearray()
     try:
         view: VirtualZarr | None = None
@@ -321,4 +322,6 @@ def _worker_error(body: bytes) -> ExtractionError:
             raise ValueError(kind)
     except (ValueError, KeyError, TypeError) as e:
         return WorkerProtocolError(f"malformed error report from the worker: {e}")
+    if kind == protocol.ERROR_INTERNAL:
+        return ExtractionUnavailable(f"extraction could not run: {text}")
     return ExtractionError(f"extraction failed: {text}")

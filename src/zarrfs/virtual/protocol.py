@@ -32,8 +32,10 @@ TAG_BYTES: Final = b"B"
 MAX_READ_REQUEST: Final = 8 << 20
 MAX_ERROR_PAYLOAD: Final = 64 << 10
 
-ERROR_HDF5: Final = "hdf5"  # the HDF5 library refused the file, or the translation failed
-ERROR_INTERNAL: Final = "internal"  # the worker was started wrongly
+ERROR_HDF5: Final = "hdf5"  # the HDF5 library refused the file: an answer about the file
+# the worker could not do its work here (started wrongly, a library missing, out of memory, a bug
+# of the translation): says nothing about the file
+ERROR_INTERNAL: Final = "internal"
 ERROR_KINDS: Final = frozenset({ERROR_HDF5, ERROR_INTERNAL})
 
 # Test hook: when set in the worker's environment, the worker misbehaves after its first answered

@@ -209,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         import h5py
 
         from zarrfs.virtual.translate import translate
-
+    except Exception as e:  # h5py, numcodecs or numpy missing or broken: nothing about the file
+        _report(channel, protocol.ERROR_INTERNAL, f"cannot import the HDF5 libraries: {e!r}")
+        return 0
+    try:
         fileobj = PipeFile(channel, args.size, args.block_size, args.cache_blocks)
         try:
             h5file = h5py.File(fileobj, "r")
@@ -224,10 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     except ParentGone:
         return 3
     except MemoryError:
-        _report(channel, protocol.ERROR_HDF5, "out of memory while reading the HDF5 metadata")
+        _report(channel, protocol.ERROR_INTERNAL, "out of memory while reading the HDF5 metadata")
         return 0
-    except Exception as e:
+    except OSError as e:  # HDF5's own errors (h5py raises them as OSError): the file is damaged
         _report(channel, protocol.ERROR_HDF5, f"{type(e).__name__}: {e}")
+        return 0
+    except Exception as e:  # anything else is the translation's, not the file's
+        _report(channel, protocol.ERROR_INTERNAL, f"{type(e).__name__}: {e}")
         return 0
     channel.send(protocol.TAG_DONE, result)
     return 0
