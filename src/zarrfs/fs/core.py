@@ -109,9 +109,14 @@ async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
                     try:
                         yield fs
                     finally:
-                        # indexes still being written are not cut short (bounded: a stalled
-                        # cache dir is given up by the gate anyway)
-                        with trio.move_on_after(cfg.DISK_CACHE_STALL_TIMEOUT, shield=True):
+                        # indexes still being written are not cut short (bounded like the
+                        # gate's deadline for the largest of them: a stalled cache dir is given
+                        # up anyway)
+                        bound = (
+                            cfg.DISK_CACHE_STALL_TIMEOUT
+                            + cfg.INDEX_MAP_MIN / cfg.DISK_WRITE_MIN_RATE
+                        )
+                        with trio.move_on_after(bound, shield=True):
                             await manifests.flush()
                         service.cancel_scope.cancel()
         finally:
