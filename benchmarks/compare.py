@@ -1345,6 +1345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runner.tmpfs = copy_to_tmpfs(bench, shm)
             # workload by workload, so that the clients of one row run close together in time
             for workload in args.workloads:
+                if workload == "serve":
+                    continue  # measured with "mount"
                 say(f"{workload}:")
                 if workload == "preads-big":
                     assert bench.target is not None and bench.target.big is not None
