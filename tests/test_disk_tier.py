@@ -201,3 +201,20 @@ async def test_a_call_whose_caller_is_cancelled_is_discarded_too(tmp_path: Path)
         while not discarded:
             await trio.sleep(0.01)
     assert discarded == ["a descriptor"]
+
+
+async def test_flush_waits_for_what_is_queued(tmp_path: Path) -> None:
+    """At the end of a process the core flushes the tier: every block read is then on disk (a
+    remount reads it from there, not from S3)."""
+    tier = make_tier(tmp_path)
+    async with trio.open_nursery() as nursery:
+        tier.nursery = nursery
+        for index in range(41):
+            tier.put_later(REF, index, BS, block(index))
+        assert tier.pending > 0
+        with trio.fail_after(10):
+            await tier.flush()
+        assert tier.pending == 0
+        found = await tier.get_many(REF, list(range(41)), BS)
+        assert len(found) == 41
+        nursery.cancel_scope.cancel()

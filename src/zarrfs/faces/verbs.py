@@ -618,8 +618,7 @@ async def cache_warm(config: Config, patterns: list[str], data: bool) -> list[st
             for item in files:
                 nursery.start_soon(one, item)
         progress.close()
-        while disk.pending:  # the disk writes run in the background: let them finish
-            await trio.sleep(0.05)
+        await disk.flush()  # the disk writes run in the background: let them finish
         lines.append(
             f"read {progress.files} files, {progress.bytes} bytes into {disk.disk.cache_dir}"
         )

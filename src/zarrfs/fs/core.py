@@ -118,6 +118,12 @@ async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
                         )
                         with trio.move_on_after(bound, shield=True):
                             await manifests.flush()
+                        if disk is not None:  # and the blocks read but not yet on disk
+                            bound = cfg.DISK_CACHE_STALL_TIMEOUT + (
+                                cfg.DISK_CACHE_PENDING_MAX / cfg.DISK_WRITE_MIN_RATE
+                            )
+                            with trio.move_on_after(bound, shield=True):
+                                await disk.flush()
                         service.cancel_scope.cancel()
         finally:
             with trio.move_on_after(cfg.DISK_CACHE_STALL_TIMEOUT, shield=True):

@@ -116,6 +116,13 @@ class DiskTier:
         finally:
             self._writers -= 1
 
+    async def flush(self) -> None:
+        """Wait until the blocks queued for writing are written (or dropped, by a stall): at the
+        end of a process, so that a remount finds on disk everything this one read (bound the wait
+        with a deadline)."""
+        while self._pending:
+            await trio.sleep(0.01)
+
     def _drop_queue(self) -> None:
         while self._queue:
             self._pending -= len(self._queue.popleft()[3])
