@@ -48,6 +48,13 @@ PREFETCH_MEMORY_SHARE = 0.5
 #: S3 connection carries some 100 MB/s; the AWS CRT client under mountpoint-s3 splits its GETs into
 #: parts fetched in parallel too).
 PREFETCH_PART = 8 << 20
+#: Readahead across the chunk files of an array (`fs.readahead`): chunks fetched ahead of a reader
+#: that opens them in row-major order, first and at most (the window doubles while the order
+#: holds); arrays followed at once; a chunk larger than READAHEAD_FILE_MAX ends a window.
+READAHEAD_FIRST_FILES = 4
+READAHEAD_MAX_FILES = 64
+READAHEAD_ARRAYS = 1024
+READAHEAD_FILE_MAX = 16 << 20
 #: A block served from the memory cache is checked against the xxh3-64 it was stored with when its
 #: last check is older than this (seconds): a long stay in RAM is where a flipped bit would hide.
 BLOCK_RECHECK_AGE = 60.0

@@ -45,6 +45,7 @@ def snapshot(fs: Filesystem, extra: dict[str, Any] | None = None) -> dict[str, A
             "loaded": fs.manifests.loaded_count,
             "loaded_bytes": fs.manifests.loaded_bytes,
         },
+        "readahead": dict(fs.readahead.stats),
         "descriptors": fs.descriptors.stats(),
         "memory": _memory(fs),
     }

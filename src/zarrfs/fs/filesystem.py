@@ -56,6 +56,7 @@ from zarrfs.fs.namespace import (
     Namespace,
     ZarrPlace,
 )
+from zarrfs.fs.readahead import ChunkReadahead
 from zarrfs.fs.synthetic import SyntheticLevels
 from zarrfs.fs.volumes import Volumes, report_unservable
 from zarrfs.fs.zarrs import Zarrs, ZarrView
@@ -144,6 +145,8 @@ class Filesystem:
         )
         self.levels = SyntheticLevels(catalog, manifests, self.inodes, self.volumes)
         self.zarrs = Zarrs(manifests, catalog, stack, consolidate=consolidate)
+        #: Chunks fetched ahead of a reader that opens an array's chunk files in order.
+        self.readahead = ChunkReadahead(stack)
         #: The virtual Zarr views of HDF5 blobs (`--virtual-zarr`; None: not shown).
         self.virtual = virtual
         #: An operation fails with EIO rather than take longer than this.
@@ -171,7 +174,7 @@ class Filesystem:
 
     @service_nursery.setter
     def service_nursery(self, nursery: trio.Nursery | None) -> None:
-        self.volumes.nursery = self.zarrs.nursery = nursery
+        self.volumes.nursery = self.zarrs.nursery = self.readahead.nursery = nursery
         if self.virtual is not None:
             self.virtual.cache.nursery = nursery
 
@@ -303,7 +306,7 @@ class Filesystem:
             ino = self._in(ino)
             if self.levels.node(ino) is not None:
                 raise IsADirectory(f"inode {ino} is a directory")
-            source, where = await self._source(ino)
+            source, where = await self._source(ino, opening=True)
         if isinstance(source, ObjectRef):
             reader = self.stack.open(source)
         elif isinstance(source, BlobRange):
@@ -453,8 +456,9 @@ class Filesystem:
         ask_api = self.volumes.key(inside.volume).level == Level.ZARR  # zarrs/...: live unknown
         return await self.zarrs.view(inside.zarr, ask_api=ask_api)
 
-    async def _source(self, ino: int) -> tuple[FileSource, str]:
-        """Where the bytes of file `ino` come from, and its path for log lines."""
+    async def _source(self, ino: int, *, opening: bool = False) -> tuple[FileSource, str]:
+        """Where the bytes of file `ino` come from, and its path for log lines. `opening`: the
+        file is being opened (a chunk of an array read in order has the next ones fetched)."""
         inside = await self._inside(ino)
         prefix = self.volumes.path(inside.volume)
         zarr = inside.zarr
@@ -469,7 +473,10 @@ class Filesystem:
         node = zarr.node(ino)
         inner = view.path(node) if zarr.path == "/" else f"{zarr.path}/{view.path(node)}"
         where = _join(prefix, inner)
-        return view.file_source(zarr, node), where
+        source = view.file_source(zarr, node)
+        if opening:
+            self.readahead.opened(zarr, view, node)
+        return source, where
 
 
 def _join(prefix: str, inner: str) -> str:

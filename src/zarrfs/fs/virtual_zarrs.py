@@ -18,7 +18,7 @@ object); the rest of the mount keeps serving. Never does: HDF5, S3 of its own, F
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 
 from zarrfs import config
@@ -142,6 +142,23 @@ class VirtualView:
         if data is None:
             raise IsADirectory(f"inode {place.ino(node)} is a directory")
         return InlineFile(data)
+
+    def chunk_of(self, node: int) -> tuple[Hashable, tuple[int, ...]] | None:
+        """(its array, its row) when `node` is a referenced chunk (readahead), else None."""
+        row = node - self.n_named
+        if not 0 <= row < self.model.chunk_count:
+            return None
+        return self.model.table_of(row), (row,)
+
+    def next_chunk(
+        self, array: Hashable, coords: tuple[int, ...]
+    ) -> tuple[tuple[int, ...], int] | None:
+        """The chunk after row `coords` of the same array (rows are in row-major order), and its
+        node; None at the array's end."""
+        row = coords[0] + 1
+        if row >= self.model.chunk_count or self.model.table_of(row) != array:
+            return None
+        return (row,), self.n_named + row
 
     def path(self, node: int) -> str:
         """The path of `node` in the view (for log lines)."""

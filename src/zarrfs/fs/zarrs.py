@@ -22,7 +22,8 @@ service nursery.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import re
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -127,6 +128,79 @@ class ZarrView:
     def path(self, node: int) -> str:
         """The path of `node` in the Zarr (for log lines)."""
         return CONSOLIDATED.decode() if node == self.index.n_nodes else self.index.path(node)
+
+    # --- chunk keys (for readahead) --------------------------------------------------------------
+
+    def chunk_of(self, node: int) -> tuple[_ChunkArray, tuple[int, ...]] | None:
+        """(its array, its coordinates) when file `node` is a chunk key of a Zarr array: below the
+        directory holding the array's `.zarray` or `zarr.json`, integers joined by `.` (one file)
+        or by `/` (nested directories), after v3's `c/`; else None."""
+        index = self.index
+        if node >= index.n_nodes or node == 0 or index.is_dir(node):
+            return None
+        parts = [index.name(node)]
+        directory = index.parent(node)
+        for _ in range(_MAX_CHUNK_DEPTH):
+            if index.lookup(directory, b".zarray") is not None:
+                break
+            if index.lookup(directory, b"zarr.json") is not None:
+                break
+            if directory == 0:
+                return None
+            parts.append(index.name(directory))
+            directory = index.parent(directory)
+        else:
+            return None
+        parts.reverse()
+        prefix = b""
+        if len(parts) > 1 and parts[0] == b"c":
+            prefix, parts = b"c", parts[1:]
+        fields = parts[0].split(b".") if len(parts) == 1 else parts
+        if not all(_DECIMAL.fullmatch(field) for field in fields):
+            return None
+        separator = b"." if len(parts) == 1 else b"/"
+        return _ChunkArray(directory, prefix, separator), tuple(int(f) for f in fields)
+
+    def next_chunk(self, array: Hashable, coords: tuple[int, ...]) -> tuple[Coords, int] | None:
+        """The chunk after `coords` in row-major order that exists (the next along the last axis,
+        else the first of the next row, ...), and its node; None at the end, or past a missing
+        chunk where no next one along any axis exists."""
+        assert isinstance(array, _ChunkArray)
+        current = list(coords)
+        for axis in reversed(range(len(current))):
+            current[axis] += 1
+            node = self._chunk_node(array, current)
+            if node is not None:
+                return tuple(current), node
+            current[axis] = 0
+        return None
+
+    def _chunk_node(self, array: _ChunkArray, coords: list[int]) -> int | None:
+        names = [str(c).encode() for c in coords]
+        path = [array.separator.join(names)] if array.separator == b"." else names
+        node = array.directory
+        for name in [array.prefix, *path] if array.prefix else path:
+            found = self.index.lookup(node, name)
+            if found is None:
+                return None
+            node = found
+        return None if self.index.is_dir(node) else node
+
+
+#: Directories between an array's metadata and a chunk file, at most (v3's `c/` and the axes).
+_MAX_CHUNK_DEPTH = 33
+_DECIMAL = re.compile(rb"0|[1-9][0-9]{0,18}")
+Coords = tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _ChunkArray:
+    """One Zarr array as its chunk keys spell it: the directory of its metadata, v3's `c` prefix
+    (or none), and the separator of the coordinates in a key (`.` or `/`)."""
+
+    directory: int
+    prefix: bytes
+    separator: bytes
 
 
 class Zarrs:

@@ -267,10 +267,16 @@ class VirtualZarr:
         """The path and reference of chunk row `row` (IndexError outside 0..chunk_count-1)."""
         if not 0 <= row < self.chunk_count:
             raise IndexError(f"no chunk row {row}")
-        table = self._by_start[bisect_right(self._starts, row) - 1]
+        table = self.tables[self.table_of(row)]
         coords = np.unravel_index(int(self.keys[row]), table.grid)
         name = ".".join(str(int(c)) for c in coords)
         return f"{table.path}/{name}", ChunkRef(int(self.offsets[row]), int(self.lengths[row]))
+
+    def table_of(self, row: int) -> str:
+        """The path of the array chunk row `row` belongs to (IndexError outside the rows)."""
+        if not 0 <= row < self.chunk_count:
+            raise IndexError(f"no chunk row {row}")
+        return self._by_start[bisect_right(self._starts, row) - 1].path
 
     def chunk_rows(self, path: str) -> range:
         """The rows of the chunks of array `path` (empty when it has none referenced)."""
