@@ -61,6 +61,7 @@ import trio
 from zarrfs import config
 from zarrfs.base.flight import BoundedLRU, SingleFlight
 from zarrfs.base.resources import pid_running
+from zarrfs.base.throttle import Throttled
 from zarrfs.errors import (
     DataError,
     DocumentTooLarge,
@@ -78,6 +79,7 @@ from zarrfs.io.cache_dir import (
     CacheLayout,
     make_private_dir,
     read_if_exists,
+    trim_to_budget,
     write_new_file,
 )
 from zarrfs.io.disk_gate import CacheDirStalled, DiskGate
@@ -171,8 +173,9 @@ class ManifestCache:
             maxsize=config.FAILURES_REMEMBERED
         )
         self._limiter = cpu_limiter or trio.CapacityLimiter(config.CPU_THREADS)
-        self._sweep_pending = False
-        self._last_sweep = -float("inf")
+        self._sweeps = Throttled(
+            self.sweep_in_background, config.MANIFEST_SWEEP_MIN_GAP, "sweep of the index store"
+        )
         #: Indexes being written in the background, and what wakes `flush` when none are.
         self._storing = 0
         self._stored = trio.Event()
@@ -227,27 +230,9 @@ class ManifestCache:
                     temps += 1
             except OSError:
                 continue
-        files: list[tuple[float, int, Path]] = []
-        for path in self._dir.glob("*/*/*.arrow"):
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            files.append((st.st_mtime, st.st_size, path))
-        total = sum(size for _, size, _ in files)
-        leased = 0
-        for mtime, size, path in sorted(files):
-            if total <= self._disk_budget:
-                break
-            if mtime > now:  # leased: some process has it mapped
-                leased += size
-                continue
-            try:
-                path.unlink()
-            except OSError:
-                continue
-            total -= size
-            indexes += 1
+        indexes, total, leased = trim_to_budget(
+            list(self._dir.glob("*/*/*.arrow")), self._disk_budget, now
+        )
         if indexes:
             log.info(
                 "manifest index store over %d bytes: removed %d indexes", self._disk_budget, indexes
@@ -703,20 +688,7 @@ class ManifestCache:
         """Keep the disk store within its budget after it grew: in the background, one sweep at a
         time, at most one every `config.MANIFEST_SWEEP_MIN_GAP` seconds (a sweep lists the whole
         store: on NFS, many round trips)."""
-        nursery = self.service_nursery
-        if self._sweep_pending or nursery is None:
-            return
-        self._sweep_pending = True
-
-        async def run() -> None:
-            try:
-                await trio.sleep_until(self._last_sweep + config.MANIFEST_SWEEP_MIN_GAP)
-                self._last_sweep = trio.current_time()
-                await self.sweep_in_background()
-            finally:
-                self._sweep_pending = False
-
-        nursery.start_soon(run)
+        self._sweeps.request(self.service_nursery)
 
     @staticmethod
     async def _report_progress(what: str, started: float) -> None:

@@ -46,11 +46,13 @@ import trio
 from zarrfs import config
 from zarrfs.base.flight import SingleFlight
 from zarrfs.base.refs import ObjectRef
-from zarrfs.errors import IntegrityError, NotVirtualizable, RemoteError, report_bug
+from zarrfs.base.throttle import Throttled
+from zarrfs.errors import IntegrityError, NotVirtualizable, RemoteError
 from zarrfs.io.cache_dir import (
     CacheLayout,
     read_checked_json,
     read_if_exists,
+    trim_to_budget,
     write_checked_json,
     write_new_file,
 )
@@ -112,8 +114,9 @@ class VirtualCache:
             cachetools.LRUCache(maxsize=config.FAILURES_REMEMBERED)
         )
         self._extractions = trio.CapacityLimiter(config.VIRTUAL_EXTRACTIONS)
-        self._sweep_pending = False
-        self._last_sweep = -config.MANIFEST_SWEEP_MIN_GAP
+        self._sweeps = Throttled(
+            self.sweep_in_background, config.MANIFEST_SWEEP_MIN_GAP, "sweep of the view store"
+        )
         self._nursery: trio.Nursery | None = None
         #: For `zarrfs stats`: views loaded from disk, extracted, refused; bytes the workers asked
         #: for; seconds spent extracting; views stored and not stored.
@@ -222,26 +225,15 @@ class VirtualCache:
         loaded views and refusals until the store fits `disk_budget`; the number of views removed.
         Synchronous: run it through the gate. Files vanishing meanwhile are fine."""
         now = time.time()
-        files: list[tuple[float, int, Path]] = []
+        files: list[Path] = []
         for path in self._dir.glob("*/*"):
-            try:
-                st = path.lstat()
-            except OSError:
+            if not path.name.endswith(".tmp"):
+                files.append(path)
                 continue
-            if path.name.endswith(".tmp"):
-                if now - st.st_mtime > config.STALE_TEMP_AGE:
-                    path.unlink(missing_ok=True)
-                continue
-            files.append((st.st_mtime, st.st_size, path))
-        total = sum(size for _, size, _ in files)
-        removed = 0
-        for _, size, path in sorted(files):
-            if total <= self._disk_budget:
-                break
             with suppress(OSError):
-                path.unlink()
-                total -= size
-                removed += 1
+                if now - path.lstat().st_mtime > config.STALE_TEMP_AGE:
+                    path.unlink(missing_ok=True)
+        removed, _, _ = trim_to_budget(files, self._disk_budget, now)
         if removed:
             log.info(
                 "virtual Zarr store over %d bytes: removed %d views", self._disk_budget, removed
@@ -266,22 +258,7 @@ class VirtualCache:
     def _schedule_sweep(self) -> None:
         """After the store grew: one sweep in the background, at most one every
         `config.MANIFEST_SWEEP_MIN_GAP` seconds."""
-        nursery = self._nursery
-        if self._sweep_pending or nursery is None:
-            return
-        self._sweep_pending = True
-
-        async def run() -> None:
-            try:
-                await trio.sleep_until(self._last_sweep + config.MANIFEST_SWEEP_MIN_GAP)
-                self._last_sweep = trio.current_time()
-                await self.sweep_in_background()
-            except Exception as e:  # a bug: logged loudly, never taking the service nursery down
-                report_bug("sweep of the virtual Zarr store", e)
-            finally:
-                self._sweep_pending = False
-
-        nursery.start_soon(run)
+        self._sweeps.request(self._nursery)
 
     # --- extraction -------------------------------------------------------------------------------
 

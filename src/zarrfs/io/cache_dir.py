@@ -106,6 +106,35 @@ def create_private_file(path: Path) -> int:
     return fd
 
 
+def trim_to_budget(files: list[Path], budget: int, now: float) -> tuple[int, int, int]:
+    """Remove the least recently used of `files` (oldest mtime first) until what is left fits
+    `budget` bytes, never one whose mtime is in the future (leased: a process somewhere has it
+    mapped). Returns (files removed, bytes left, bytes leased). Files vanishing meanwhile (another
+    process trimming the same store) are fine. Synchronous: run it through the gate."""
+    found: list[tuple[float, int, Path]] = []
+    for path in files:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        found.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in found)
+    removed = leased = 0
+    for mtime, size, path in sorted(found):
+        if total <= budget:
+            break
+        if mtime > now:
+            leased += size
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
+        removed += 1
+    return removed, total, leased
+
+
 def write_new_file(path: Path, data: bytes) -> None:
     """`data` at `path`, atomically (a 0600 temp file beside it, renamed onto it): readers on any
     node see the whole file or none."""
