@@ -283,6 +283,9 @@ VIRTUAL_ZARR_MEDIA_TYPES = ("application/x-nwb", "application/x-hdf5", "applicat
 VIRTUAL_METADATA_BLOCK = 64 << 10
 VIRTUAL_METADATA_MEMORY = 64 << 20
 VIRTUAL_METADATA_WHOLE_MAX = 4 << 20
+#: B-tree nodes an extraction fetches ahead of the HDF5 library at once, and in all at most.
+VIRTUAL_METADATA_AHEAD = 16
+VIRTUAL_METADATA_AHEAD_MAX = 200_000
 #: Seconds one extraction may take (then its worker is killed and the entry fails with EIO; the
 #: next entry tries again), extractions running at once (each is a worker process), and the
 #: address space a worker may use.

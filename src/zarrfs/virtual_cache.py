@@ -8,7 +8,10 @@ xxh3-128, the blob's size, the extractor version), a damaged one deleted and bui
 `disk_budget` bytes, the least recently loaded removed first); else an extraction
 (`zarrfs.virtual.extract`: HDF5 runs in a worker process, killed at `config.VIRTUAL_EXTRACT_DEADLINE`,
 at most `config.VIRTUAL_EXTRACTIONS` at once), whose reads of the blob go through the read stack's
-cache of small blocks (`ReadStack.read_sparse`), so that only the HDF5 metadata moves, once.
+cache of small blocks (`ReadStack.read_sparse`), so that only the HDF5 metadata moves, once. HDF5 walks
+a chunk index one node per read; the nodes it will read next (`virtual.hints`: the children of the B-tree
+nodes it just read) are fetched ahead, `config.VIRTUAL_METADATA_AHEAD` at once, so that an index of
+thousands of nodes costs a few round trips' worth of time, not thousands.
 
 Answers: a blob the extractor refuses for good (no HDF5 signature, the HDF5 library refused it, over
 the extraction's budget) is `NotVirtualizable` (EIO), remembered in memory for `config.FAILURE_TTL`
@@ -47,7 +50,13 @@ from zarrfs import config
 from zarrfs.base.flight import SingleFlight
 from zarrfs.base.refs import ObjectRef
 from zarrfs.base.throttle import Throttled
-from zarrfs.errors import IntegrityError, NotVirtualizable, RemoteError
+from zarrfs.errors import (
+    DataError,
+    IntegrityError,
+    NotVirtualizable,
+    RemoteError,
+    unwrap_single_exception,
+)
 from zarrfs.io.cache_dir import (
     CacheLayout,
     read_checked_json,
@@ -72,6 +81,7 @@ from zarrfs.virtual import (
     default_budget,
     extract,
 )
+from zarrfs.virtual.hints import metadata_children
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +135,7 @@ class VirtualCache:
             "extracted": 0,
             "refused": 0,
             "bytes_asked": 0,
+            "read_ahead": 0,  # B-tree nodes fetched before the extractor asked for them
             "extract_seconds": 0,
             "stored": 0,
             "not_stored": 0,
@@ -266,6 +277,13 @@ class VirtualCache:
         """Build the view in a worker process, reading the blob through the read stack; keep it
         (or the refusal) in the cache dir."""
         asked = 0
+        hinted: set[int] = set()
+        ahead_slots = trio.CapacityLimiter(config.VIRTUAL_METADATA_AHEAD)
+
+        async def fetch_ahead(address: int) -> None:
+            async with ahead_slots:
+                with suppress(DataError):  # the extractor's own read will say it
+                    await self.stack.read_sparse(ref, address, min(4096, ref.size - address))
 
         async def read(offset: int, length: int) -> bytes:
             nonlocal asked
@@ -275,6 +293,11 @@ class VirtualCache:
                     f"{what}: {len(data)} bytes at {offset} of {ref.key}, expected {length}"
                 )
             asked += length
+            # the B-tree nodes HDF5 will read next, fetched now, many at once
+            for address in metadata_children(data, ref.size):
+                if address not in hinted and len(hinted) < config.VIRTUAL_METADATA_AHEAD_MAX:
+                    hinted.add(address)
+                    ahead.start_soon(fetch_ahead, address)
             return data
 
         budget = replace(default_budget(ref.size), max_memory=config.VIRTUAL_WORKER_MEMORY)
@@ -282,9 +305,14 @@ class VirtualCache:
             started = time.monotonic()
             deadline = trio.current_time() + config.VIRTUAL_EXTRACT_DEADLINE
             try:
-                view = await extract(
-                    read, ref.size, deadline=deadline, python=self.python, budget=budget
-                )
+                with unwrap_single_exception():
+                    async with trio.open_nursery() as ahead:
+                        try:
+                            view = await extract(
+                                read, ref.size, deadline=deadline, python=self.python, budget=budget
+                            )
+                        finally:
+                            ahead.cancel_scope.cancel()
             except ExtractionTimeoutError as e:
                 log.error("virtual Zarr view of %s (s3://%s/%s): %s", what, self.bucket, ref.key, e)
                 raise RemoteError(f"{what}: {e}") from None
@@ -297,6 +325,7 @@ class VirtualCache:
             finally:
                 elapsed = time.monotonic() - started
                 self.stats["bytes_asked"] += asked
+                self.stats["read_ahead"] += len(hinted)
                 self.stats["extract_seconds"] += round(elapsed)
         self.stats["extracted"] += 1
         log.info(
