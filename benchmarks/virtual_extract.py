@@ -40,6 +40,7 @@ See benchmarks/README.md ("NWB as a virtual Zarr").
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import random
@@ -242,16 +243,27 @@ def measure_mount(
                 load = os.getloadavg()[0]
                 before = counter.settled()
                 start = time.perf_counter()
-                names = os.listdir(root)
+                error = None
+                try:
+                    names = os.listdir(root)
+                except OSError as e:  # e.g. EIO: the extraction ran out of time; said in the table
+                    names, error = [], f"{errno.errorcode.get(e.errno or 0, e.errno)}"
                 seconds = time.perf_counter() - start
                 d = counter.settled() - before
-                built = BUILT.search(m.log.read_text(errors="replace"))
+                log = m.log.read_text(errors="replace")
+                built = BUILT.search(log)
                 out[phase] = {
                     "seconds": seconds, "requests": d.requests, "gets": d.by_kind.get("GET", 0),
                     "bytes": d.bytes_sent, "load": load,
                     "extractor_mib": float(built["mib"]) if built else None,
                     "extractor_seconds": float(built["s"]) if built else None,
+                    "error": error,
                 }  # fmt: skip
+                if error is not None:
+                    reason = [line for line in log.splitlines() if "virtual Zarr view" in line]
+                    out[phase]["log"] = reason[-1][-300:] if reason else None
+                    say(f"  {name}.zarr: {error} after {seconds:.0f} s: {out[phase]['log']}")
+                    break  # a second mount would try (and wait) again
                 if sorted(names) != sorted(view.listdir("") or []):
                     raise SystemExit(f"FAIL: {name}.zarr lists {names} through the mount")
                 if phase == "first entry":
@@ -326,11 +338,19 @@ def report(r: Results) -> str:
     for name, rows in r.mount.items():
         size = r.files[name]["size"]
         first = [x["first entry"] for x in rows]
-        stored = [x["stored view"] for x in rows]
+        stored = [x["stored view"] for x in rows if "stored view" in x]
+        failed = [x for x in first if x.get("error")]
+        if failed:
+            lines.append(
+                f"| {name} | fails ({failed[0]['error']}) after {median(failed, 'seconds'):.0f} "
+                f"| {median(failed, 'gets'):.0f} | {median(failed, 'bytes') / MiB:.2f} "
+                f"| {100 * median(failed, 'bytes') / size:.2f} % | - | - | - |"
+            )
+            continue
         lines.append(
             f"| {name} | {median(first, 'seconds'):.2f} | {median(first, 'gets'):.0f} "
             f"| {median(first, 'bytes') / MiB:.2f} | {100 * median(first, 'bytes') / size:.2f} % "
-            f"| {median(first, 'extractor_mib'):.2f} | {median(first, 'extractor_seconds'):.1f} "
+            f"| {median(first, 'extractor_mib'):.1f} | {median(first, 'extractor_seconds'):.1f} "
             f"| {median(stored, 'seconds'):.3f} / {median(stored, 'requests'):.0f} |"
         )
     if r.bound:
