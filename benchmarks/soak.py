@@ -1353,8 +1353,10 @@ def scan_archive_log(text: str) -> dict[str, Any]:
     }
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process so far (nan when it is gone)."""
+def cpu_seconds(pid: int | None) -> float:
+    """User and system CPU time of a process so far (nan when it is gone or was never started)."""
+    if pid is None:
+        return float("nan")
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:

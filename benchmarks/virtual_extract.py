@@ -337,9 +337,9 @@ def report(r: Results) -> str:
     ]
     for name, rows in r.mount.items():
         size = r.files[name]["size"]
-        first = [x["first entry"] for x in rows]
-        stored = [x["stored view"] for x in rows if "stored view" in x]
-        failed = [x for x in first if x.get("error")]
+        entries: list[dict[str, Any]] = [x["first entry"] for x in rows]
+        stored_views: list[dict[str, Any]] = [x["stored view"] for x in rows if "stored view" in x]
+        failed = [x for x in entries if x.get("error")]
         if failed:
             lines.append(
                 f"| {name} | fails ({failed[0]['error']}) after {median(failed, 'seconds'):.0f} "
@@ -348,10 +348,10 @@ def report(r: Results) -> str:
             )
             continue
         lines.append(
-            f"| {name} | {median(first, 'seconds'):.2f} | {median(first, 'gets'):.0f} "
-            f"| {median(first, 'bytes') / MiB:.2f} | {100 * median(first, 'bytes') / size:.2f} % "
-            f"| {median(first, 'extractor_mib'):.1f} | {median(first, 'extractor_seconds'):.1f} "
-            f"| {median(stored, 'seconds'):.3f} / {median(stored, 'requests'):.0f} |"
+            f"| {name} | {median(entries, 'seconds'):.2f} | {median(entries, 'gets'):.0f} "
+            f"| {median(entries, 'bytes') / MiB:.2f} | {100 * median(entries, 'bytes') / size:.2f} % "
+            f"| {median(entries, 'extractor_mib'):.1f} | {median(entries, 'extractor_seconds'):.1f} "
+            f"| {median(stored_views, 'seconds'):.3f} / {median(stored_views, 'requests'):.0f} |"
         )
     if r.bound:
         b = r.bound

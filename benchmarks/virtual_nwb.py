@@ -304,8 +304,8 @@ def dask_array(way: str, where: str, options: dict[str, Any] | None) -> Any:
 
     if way.startswith("h5py"):
         source = H5Dataset(way, where, DATASET)
-        return da.from_array(source, chunks=source.chunks, lock=True, name=f"series-{way}")
-    return da.from_zarr(where, storage_options=options)  # type: ignore[no-untyped-call]
+        return da.from_array(source, chunks=source.chunks, lock=True, name=f"series-{way}")  # type: ignore[no-untyped-call]
+    return da.from_zarr(where, storage_options=options)  # type: ignore[no-untyped-call,unused-ignore]
 
 
 @dataclass
@@ -347,7 +347,7 @@ def run_probe(spec: dict[str, Any]) -> dict[str, Any]:
             f[DATASET][:8, :8]
     phases: dict[str, Phase] = {}
     if spec["task"] == "view-fsspec":
-        fs = fsspec.filesystem("zarrfs", skip_instance_cache=True, **options)
+        fs = fsspec.filesystem("zarrfs", skip_instance_cache=True, **(options or {}))
         fs.ls(f"{SOURCE}/sub-01")  # the version resolved: not part of the view's cost
         before = counter.settled()
         start = time.perf_counter()
@@ -383,13 +383,13 @@ def run_probe(spec: dict[str, Any]) -> dict[str, Any]:
     from distributed import Client, LocalCluster
 
     with (
-        LocalCluster(
+        LocalCluster(  # type: ignore[no-untyped-call]
             n_workers=spec["workers"],
             threads_per_worker=spec["threads"],
             processes=True,
             dashboard_address=None,
         ) as cluster,
-        Client(cluster) as client,
+        Client(cluster) as client,  # type: ignore[no-untyped-call]
     ):
         client.run(preimport)
         for phase in ("cold", "warm"):

@@ -130,7 +130,9 @@ def test_the_build_stage_runs_setup_sh_with_what_it_needs() -> None:
     assert apt_packages(runs) == needed | BUILD_EXTRAS
     assert "--no-install-recommends" in runs and "rm -rf /var/lib/apt/lists/*" in runs
     assert build.all("WORKDIR") == [PREFIX]
-    assert runs.endswith("ZARRFS_EXTRAS='virtual' scripts/setup.sh")  # h5py for --virtual-zarr, no test extras
+    assert runs.endswith(
+        "ZARRFS_EXTRAS='virtual' scripts/setup.sh"
+    )  # h5py for --virtual-zarr, no test extras
     copied = {src.rstrip("/") for args in build.all("COPY") for src in args.split()[:-1]}
     assert copied == NEEDED
     assert all((REPO / path).exists() for path in copied)
