@@ -96,6 +96,23 @@ class Written:
     levels: dict[str, np.ndarray]
 
 
+def add_probe(
+    nwb: Any, channels: int, description: str, *, shank_pitch: float, depth: float
+) -> Any:
+    """A probe of `channels` electrodes on 4 shanks in CA1 added to `nwb` (its electrodes table),
+    and the table region of all of them, as an ElectricalSeries takes it."""
+    device = nwb.create_device(name="probe0", description=description)
+    for shank in range(4):
+        group = nwb.create_electrode_group(
+            name=f"shank{shank}", description="a shank", location="CA1", device=device
+        )
+        for site in range(channels // 4):
+            nwb.add_electrode(
+                x=shank * shank_pitch, y=float(site * 20), z=depth, location="CA1", group=group
+            )
+    return nwb.create_electrode_table_region(list(range(channels)), "all electrodes")
+
+
 def make_nwb(samples: int, tmp: Path) -> tuple[bytes, np.ndarray]:
     """A session file as DANDI holds many: raw ephys (one long ElectricalSeries), LFP, trials, units."""
     from hdmf.backends.hdf5 import H5DataIO
@@ -114,16 +131,7 @@ def make_nwb(samples: int, tmp: Path) -> tuple[bytes, np.ndarray]:
         institution="zarrfs institute",
         subject=Subject(subject_id="01", species="Mus musculus", sex="M", age="P60D"),
     )
-    device = nwb.create_device(name="probe0", description="64-channel silicon probe")
-    for shank in range(4):
-        group = nwb.create_electrode_group(
-            name=f"shank{shank}", description="a shank", location="CA1", device=device
-        )
-        for site in range(CHANNELS // 4):
-            nwb.add_electrode(
-                x=float(shank * 200), y=float(site * 20), z=-1200.0, location="CA1", group=group
-            )
-    region = nwb.create_electrode_table_region(list(range(CHANNELS)), "all electrodes")
+    region = add_probe(nwb, CHANNELS, "64-channel silicon probe", shank_pitch=200.0, depth=-1200.0)
     t = np.arange(samples, dtype=np.float64)[:, None]
     wave = 600 * np.sin(t / 41.0 + np.arange(CHANNELS)[None, :] / 3.0)
     voltage = (wave + rng.normal(0, 40, size=(samples, CHANNELS))).astype(np.int16)

@@ -166,6 +166,7 @@ def make_voltage(samples: int, seed: int = 917) -> np.ndarray:
 def write_nwb(path: Path, voltage: np.ndarray) -> None:
     """The session file: 384 electrodes on 4 shanks and the ElectricalSeries, written by pynwb."""
     from hdmf.backends.hdf5 import H5DataIO
+    from nwb_clients import add_probe
     from pynwb import NWBHDF5IO, NWBFile
     from pynwb.ecephys import ElectricalSeries
 
@@ -174,16 +175,7 @@ def write_nwb(path: Path, voltage: np.ndarray) -> None:
         identifier="zarrfs-virtual-nwb-bench",
         session_start_time=datetime(2025, 12, 10, 12, 0, tzinfo=UTC),
     )
-    device = nwb.create_device(name="probe0", description="384-channel probe")
-    for shank in range(4):
-        group = nwb.create_electrode_group(
-            name=f"shank{shank}", description="a shank", location="CA1", device=device
-        )
-        for site in range(CHANNELS // 4):
-            nwb.add_electrode(
-                x=float(shank * 250), y=float(site * 20), z=-1500.0, location="CA1", group=group
-            )
-    region = nwb.create_electrode_table_region(list(range(CHANNELS)), "all electrodes")
+    region = add_probe(nwb, CHANNELS, "384-channel probe", shank_pitch=250.0, depth=-1500.0)
     nwb.add_acquisition(
         ElectricalSeries(
             name="ElectricalSeries",
