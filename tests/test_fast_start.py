@@ -29,11 +29,12 @@ from conftest import (
     Mounted,
     inject,
     require_fuse,
+    stop_mount,
     wait_until_no_process_mentions,
     zarrfs_command,
 )
 from zarrfs.demo.locals3 import LocalS3
-from zarrfs.demo.sample import EPHYS_PATH, V1, SampleDandiset
+from zarrfs.demo.sample import ARRAY_PATH, EPHYS_PATH, V1, SampleDandiset
 
 pytestmark = pytest.mark.fuse
 
@@ -182,19 +183,34 @@ def loaded_libraries(pid: int) -> str:
     return Path(f"/proc/{pid}/maps").read_text()
 
 
-def test_the_manifest_machinery_is_imported_ahead_only_for_versions_with_zarrs(
-    mount: Callable[..., Mounted], sample: SampleDandiset, local_s3: LocalS3
-) -> None:
-    """numpy (what serving a Zarr's index needs) and then pyarrow (the indexes' file format), ~0.2
-    s to import and ~40 MB, are imported in the background once a mount of a version with Zarrs
-    serves, so that entering a Zarr does not wait for them; a mount of NWB files alone never loads
-    either."""
-    with_zarrs = mount(f"{sample.dandiset_id}@{V1}")
+def wait_for_library(pid: int, library: str, what: str) -> None:
+    """Until the process has mapped `library` (fails after MOUNT_DEADLINE: not imported ahead)."""
     wait = time.monotonic() + MOUNT_DEADLINE
+    while library not in loaded_libraries(pid):
+        assert time.monotonic() < wait, f"{what} was not imported ahead"
+        time.sleep(0.05)
+
+
+def test_the_manifest_machinery_is_imported_ahead_only_for_versions_with_zarrs(
+    mount: Callable[..., Mounted], sample: SampleDandiset, local_s3: LocalS3, tmp_path: Path
+) -> None:
+    """numpy (what serving a Zarr's index needs), ~0.1 s to import, is imported in the background
+    once a mount of a version with Zarrs serves, so that entering a Zarr does not wait for it; pyarrow
+    (the indexes' file format, ~0.1 s more) too, but only when the cache dir holds indexes to read:
+    with none stored it would only take CPU from the first reads. A mount of NWB files alone never
+    loads either."""
+    cache = tmp_path / "cache"
+    fresh = mount(f"{sample.dandiset_id}@{V1}", cache_dir=cache)
+    wait_for_library(fresh.process.pid, "_multiarray_umath", "numpy")
+    time.sleep(1.0)  # what importing pyarrow ahead would have needed, and more
+    assert "pyarrow" not in loaded_libraries(fresh.process.pid)
+    # entering a Zarr builds its index, written to the cache dir in the background (with pyarrow)
+    assert sorted(os.listdir(fresh.path / ARRAY_PATH))
+    wait_for_library(fresh.process.pid, "pyarrow", "pyarrow (to write the index)")
+    stop_mount(fresh)
+    again = mount(f"{sample.dandiset_id}@{V1}", cache_dir=cache)
     for library, what in (("_multiarray_umath", "numpy"), ("pyarrow", "pyarrow")):
-        while library not in loaded_libraries(with_zarrs.process.pid):
-            assert time.monotonic() < wait, f"{what} was not imported ahead"
-            time.sleep(0.05)
+        wait_for_library(again.process.pid, library, what)
     blobs_only = [r for r in sample.versions[V1].assets if "zarr" not in r["encodingFormat"]]
     key = f"dandisets/{BLOBS_ONLY}/{V1}/assets.jsonld"
     local_s3.client.put_object(Bucket=sample.bucket, Key=key, Body=json.dumps(blobs_only).encode())

@@ -26,7 +26,7 @@ from zarrfs.base.resources import raise_descriptor_limit
 from zarrfs.config import Config
 from zarrfs.errors import UserError, report_bug, unwrap_single_exception
 from zarrfs.fs.filesystem import Filesystem
-from zarrfs.io.disk_gate import DiskGate
+from zarrfs.io.disk_gate import CacheDirStalled, DiskGate
 from zarrfs.io.disk_store import DiskBlockCache, default_size
 from zarrfs.io.disk_tier import DiskTier
 from zarrfs.io.remote import Remote
@@ -99,7 +99,9 @@ async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
                         disk.nursery = service
                         service.start_soon(guarded, "disk cache eviction", disk.keep_within_bounds)
                     if fs.holds_zarrs:
-                        service.start_soon(guarded, "import", _import_manifest_machinery)
+                        service.start_soon(
+                            guarded, "import", _import_manifest_machinery, manifests, gate
+                        )
                     if fs.virtual is not None:
                         service.start_soon(
                             guarded,
@@ -173,16 +175,27 @@ async def _renew_leases(fs: Filesystem) -> None:
         await fs.volumes.renew_pins()
 
 
-async def _import_manifest_machinery() -> None:
-    """Import numpy (what serving an index needs), then pyarrow (what reading or writing an index
-    file needs), ~0.2 s in all, in a thread now that the mount serves, so that entering a Zarr does
-    not wait for them. Only for versions that hold Zarrs: they cost ~40 MB of memory, which a mount
-    of NWB files alone never needs."""
-    # the package before its submodule, as every import of it does: importing `pyarrow.ipc` first
-    # while another thread imports `pyarrow` takes their import locks in opposite orders, and one
-    # of the two gets a half-initialized module
-    for name in ("zarrfs.manifests.parse", "pyarrow", "pyarrow.ipc"):
-        await trio.to_thread.run_sync(importlib.import_module, name, abandon_on_cancel=True)
+async def _import_manifest_machinery(manifests: ManifestCache, gate: DiskGate) -> None:
+    """Import numpy (what serving an index needs) in a thread now that the mount serves, so that
+    entering a Zarr does not wait for it; then pyarrow (what reading an index file needs), but only
+    when the cache dir holds index files to read: with none stored, the first index is built from
+    its manifest and pyarrow is imported in the background when it is written, and importing it
+    ahead would only take CPU from the first reads (~0.1 s, more on a cold page cache). Only for
+    versions that hold Zarrs: they cost ~40 MB of memory, which a mount of NWB files alone never
+    needs."""
+    await trio.to_thread.run_sync(
+        importlib.import_module, "zarrfs.manifests.parse", abandon_on_cancel=True
+    )
+    try:
+        stored = await gate.run(manifests.holds_stored_indexes)
+    except CacheDirStalled:
+        return
+    if stored:
+        # the package before its submodule, as every import of it does: importing `pyarrow.ipc`
+        # first while another thread imports `pyarrow` takes their import locks in opposite
+        # orders, and one of the two gets a half-initialized module
+        for name in ("pyarrow", "pyarrow.ipc"):
+            await trio.to_thread.run_sync(importlib.import_module, name, abandon_on_cancel=True)
 
 
 async def _disk_tier(config: Config, gate: DiskGate) -> tuple[DiskTier | None, str]:
