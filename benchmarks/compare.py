@@ -42,6 +42,7 @@ See benchmarks/README.md ("Side by side: compare.py").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -777,6 +778,29 @@ class Runner:
         self.record(client, workload, phase, seconds, stats, cpu)
         return seconds
 
+    def note_remount_requests(self, mount: Mount) -> None:
+        """A remount over a warm disk cache went to S3: print the daemon's disk cache counters
+        (from its next stats file) and the warnings of its log, so that the cause can be told."""
+        ended = time.time()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            snap = zarrfs_runtime.read_stats(mount.mnt)
+            if snap is not None and snap.get("time", 0) >= ended:
+                counters = {
+                    f"{part}.{key}": value
+                    for part in ("disk_cache", "cache_dir", "memory_cache")
+                    for key, value in (snap.get(part) or {}).items()
+                    if isinstance(value, int) and value
+                }
+                say(f"    remount went to S3; the daemon's counters: {counters}")
+                break
+            time.sleep(0.2)
+        log = mount.mnt.parent / f"{ZARRFS}.log"
+        with contextlib.suppress(OSError):
+            for line in log.read_text(errors="replace").splitlines():
+                if " WARNING " in line or " ERROR " in line:
+                    say(f"    log: {line}")
+
     def note_md5(self, workload: str, mnt: Path, seconds: float) -> None:
         """What verifying bodies by MD5 cost zarrfs in a cold workload (its daemon's counters, from
         the stats file it rewrites every 2 s: read once it is newer than the workload's end)."""
@@ -925,6 +949,9 @@ class Runner:
             with self.mounted(tool, scratch) as mount:
                 fn = self.mounted_workload(tool, workload, mount.mnt)
                 self.measure(tool, workload, "remount", fn, mount)
+                moved = self.cells[-1].requests
+                if tool == ZARRFS and moved is not None and moved.requests:
+                    self.note_remount_requests(mount)
         self.done_with(scratch)
 
     def run_mount_ready(self, tool: str) -> None:
