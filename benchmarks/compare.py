@@ -780,7 +780,8 @@ class Runner:
 
     def note_remount_requests(self, mount: Mount) -> None:
         """A remount over a warm disk cache went to S3: print the daemon's disk cache counters
-        (from its next stats file) and the warnings of its log, so that the cause can be told."""
+        (from its next stats file) and, from the log both mounts wrote, the warnings and what the
+        first mount's close says it left on disk, so that the cause can be told."""
         ended = time.time()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -798,7 +799,7 @@ class Runner:
         log = mount.mnt.parent / f"{ZARRFS}.log"
         with contextlib.suppress(OSError):
             for line in log.read_text(errors="replace").splitlines():
-                if " WARNING " in line or " ERROR " in line:
+                if " WARNING " in line or " ERROR " in line or "disk block cache at close" in line:
                     say(f"    log: {line}")
 
     def note_md5(self, workload: str, mnt: Path, seconds: float) -> None:

@@ -218,3 +218,35 @@ async def test_flush_waits_for_what_is_queued(tmp_path: Path) -> None:
         found = await tier.get_many(REF, list(range(41)), BS)
         assert len(found) == 41
         nursery.cancel_scope.cancel()
+
+
+async def test_the_close_line_says_what_was_written_and_what_was_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At close the core logs what this process gave the disk cache: the blocks written (INFO), and
+    a WARNING when blocks were dropped over the pending bound or are still unwritten, so that a
+    remount that goes to S3 can be explained from the log."""
+    from zarrfs.fs.core import _log_disk_tier_at_close
+
+    tier = make_tier(tmp_path)
+    async with trio.open_nursery() as nursery:
+        tier.nursery = nursery
+        for index in range(3):
+            tier.put_later(REF, index, BS, block(index))
+        with trio.fail_after(10):
+            await tier.flush()
+        with caplog.at_level("INFO", logger="zarrfs.fs.core"):
+            _log_disk_tier_at_close(tier)
+        assert [r.levelname for r in caplog.records] == ["INFO"]
+        assert "3 blocks written; 0 dropped" in caplog.records[0].getMessage()
+        caplog.clear()
+        monkeypatch.setattr(config, "DISK_CACHE_PENDING_MAX", BS)
+        for index in range(3, 6):
+            tier.put_later(REF, index, BS, block(index))  # one queued, two over the bound
+        with caplog.at_level("INFO", logger="zarrfs.fs.core"):
+            _log_disk_tier_at_close(tier)
+        [record] = caplog.records
+        assert record.levelname == "WARNING"
+        assert "2 dropped" in record.getMessage()
+        assert f"{BS} bytes left unwritten" in record.getMessage()
+        nursery.cancel_scope.cancel()

@@ -126,6 +126,7 @@ async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
                             )
                             with trio.move_on_after(bound, shield=True):
                                 await disk.flush()
+                            _log_disk_tier_at_close(disk)
                         service.cancel_scope.cancel()
         finally:
             with trio.move_on_after(cfg.DISK_CACHE_STALL_TIMEOUT, shield=True):
@@ -196,6 +197,25 @@ async def _import_manifest_machinery(manifests: ManifestCache, gate: DiskGate) -
         # orders, and one of the two gets a half-initialized module
         for name in ("pyarrow", "pyarrow.ipc"):
             await trio.to_thread.run_sync(importlib.import_module, name, abandon_on_cancel=True)
+
+
+def _log_disk_tier_at_close(disk: DiskTier) -> None:
+    """One line on what this process gave the disk block cache (a remount that still goes to S3
+    can then be told apart: blocks dropped, refused, failed, or left unwritten at exit)."""
+    store, tier = disk.disk.stats(), disk.stats
+    lost = tier["writes_dropped"] + tier["write_errors"] + store["puts_skipped"] + store["errors"]
+    level = logging.WARNING if disk.pending or lost else logging.INFO
+    log.log(
+        level,
+        "disk block cache at close: %d blocks written; %d dropped (over the pending bound), "
+        "%d skipped (no room), %d disk errors, %d write bugs; %d bytes left unwritten",
+        store["puts"],
+        tier["writes_dropped"],
+        store["puts_skipped"],
+        store["errors"],
+        tier["write_errors"],
+        disk.pending,
+    )
 
 
 async def _disk_tier(config: Config, gate: DiskGate) -> tuple[DiskTier | None, str]:
