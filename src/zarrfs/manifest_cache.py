@@ -437,7 +437,7 @@ class ManifestCache:
             if not _index_format_imported():
                 if not await self.gate.run(path.exists):
                     return None
-                await _import_index_format()  # not against the cache dir's deadline
+                await import_index_format()  # not against the cache dir's deadline
             index = await self.gate.run(_load_index, path, zarr_id, checksum)
         except CacheDirStalled:
             raise
@@ -611,7 +611,7 @@ class ManifestCache:
         only means the index is served from memory."""
         zarr_id, checksum = key
         path = self.index_path(zarr_id, checksum)
-        await _import_index_format()  # not against the cache dir's deadline
+        await import_index_format()  # not against the cache dir's deadline
         try:
             if built is not None:
                 await self.gate.run(
@@ -710,7 +710,9 @@ class ManifestCache:
 
 
 #: What reading or writing an index file imports (pyarrow: some 0.1 s, more with a cold page
-#: cache), the package before its submodule (see `core._import_manifest_machinery`).
+#: cache), the package before its submodule: importing `pyarrow.ipc` first while another thread
+#: imports `pyarrow` takes their import locks in opposite orders, and one of the two gets a
+#: half-initialized module.
 _INDEX_FORMAT_MODULES = ("zarrfs.manifests.index", "pyarrow", "pyarrow.ipc")
 
 
@@ -718,7 +720,7 @@ def _index_format_imported() -> bool:
     return all(name in sys.modules for name in _INDEX_FORMAT_MODULES)
 
 
-async def _import_index_format() -> None:
+async def import_index_format() -> None:
     """Import what index files need in a worker thread, outside the gate: a first import slow on a
     cold page cache must not count as a stalled cache dir."""
     if not _index_format_imported():

@@ -652,21 +652,21 @@ class S3Reader:
         path-style, or the bucket's public AWS address), pinned by `?versionId=` when given."""
         return object_url(self.settings, key, version_id, regional=False)
 
-    async def head(self, ref: ObjectRef) -> tuple[str | None, str | None]:
-        """The S3 VersionId (None in an unversioned bucket) and ETag of the object version `ref`
-        names (for a blob, the current version of its immutable key), checked against `ref`'s
-        size, VersionId and ETag as a GET's headers are."""
+    async def head(self, ref: ObjectRef) -> str | None:
+        """The S3 VersionId (None in an unversioned bucket) of the object version `ref` names (for
+        a blob, the current version of its immutable key), checked against `ref`'s size,
+        VersionId and ETag as a GET's headers are."""
         name = _describe(self.bucket, ref.key, ref.version_id)
         params = self._params(ref.key, ref.version_id)
 
-        async def attempt() -> tuple[str | None, str | None]:
+        async def attempt() -> str | None:
             self.stats["requests"] += 1
             resp = await self._client.head_object(**params)
             self._verify_version(name, ref.version_id, resp)
             self._verify_etag(name, ref, resp)
             self._check(name, "object size (Content-Length)", ref.size, resp.get("ContentLength"))
-            etag = resp.get("ETag")
-            return resp.get("VersionId"), None if etag is None else strip_etag(str(etag))
+            version_id = resp.get("VersionId")
+            return None if version_id is None else str(version_id)
 
         ticket = Ticket(Priority.DEMAND, flow=ref.key)
         return await self._retry(
@@ -944,8 +944,6 @@ class S3Reader:
         async def translated_attempt() -> T:
             try:
                 return await attempt()
-            except (ZarrfsError, CorruptBody, Stalled, Truncated):
-                raise
             except Exception as exc:
                 translated = _translate(exc, what, version_id)
                 if translated is exc:

@@ -55,6 +55,7 @@ from zarrfs.errors import (
     IntegrityError,
     NotVirtualizable,
     RemoteError,
+    copy_error,
     unwrap_single_exception,
 )
 from zarrfs.io.cache_dir import (
@@ -90,12 +91,6 @@ STORE_FORMAT = "zarrfs-virtual-store-1"
 VIEW_SUFFIX = ".vzarr"
 REFUSED_SUFFIX = ".refused"
 
-_Key = tuple[str, str | None, str | None, int]
-
-
-def _key(ref: ObjectRef) -> _Key:
-    return (ref.key, ref.version_id, ref.etag, ref.size)
-
 
 class VirtualCache:
     """The views of HDF5 blobs; see the module docstring."""
@@ -116,18 +111,17 @@ class VirtualCache:
         self.python = python
         self._dir = CacheLayout(cache_dir).virtual
         self._disk_budget = disk_budget
-        self._flights: SingleFlight[_Key, VirtualZarr] = SingleFlight(
+        self._flights: SingleFlight[ObjectRef, VirtualZarr] = SingleFlight(
             "building of a virtual Zarr view"
         )
         #: Refusals and crashes, by blob: (when, the error), for `config.FAILURE_TTL` seconds.
-        self._failures: cachetools.LRUCache[_Key, tuple[float, NotVirtualizable]] = (
+        self._failures: cachetools.LRUCache[ObjectRef, tuple[float, NotVirtualizable]] = (
             cachetools.LRUCache(maxsize=config.FAILURES_REMEMBERED)
         )
         self._extractions = trio.CapacityLimiter(config.VIRTUAL_EXTRACTIONS)
         self._sweeps = Throttled(
             self.sweep_in_background, config.MANIFEST_SWEEP_MIN_GAP, "sweep of the view store"
         )
-        self._nursery: trio.Nursery | None = None
         #: For `zarrfs stats`: views loaded from disk, extracted, refused; bytes the workers asked
         #: for; seconds spent extracting; views stored and not stored.
         self.stats = {
@@ -144,11 +138,11 @@ class VirtualCache:
     @property
     def nursery(self) -> trio.Nursery | None:
         """Where extractions run (the core's service nursery; None: in the requester's task)."""
-        return self._nursery
+        return self._flights.nursery
 
     @nursery.setter
     def nursery(self, nursery: trio.Nursery | None) -> None:
-        self._nursery = self._flights.nursery = nursery
+        self._flights.nursery = nursery
 
     def path(self, ref: ObjectRef) -> Path:
         """Where the view of blob `ref` is stored (a refusal: the same with `REFUSED_SUFFIX`)."""
@@ -160,22 +154,21 @@ class VirtualCache:
     async def get(self, ref: ObjectRef, what: str) -> VirtualZarr:
         """The view of blob `ref` (`what` names it in log lines). NotVirtualizable when it has
         none; RemoteError when it cannot be had now; other DataErrors of the read stack."""
-        key = _key(ref)
-        failed = self._failures.get(key)
+        failed = self._failures.get(ref)
         if failed is not None:
             at, error = failed
             if time.monotonic() - at < config.FAILURE_TTL:
-                raise NotVirtualizable(*error.args)
-            del self._failures[key]
-        return await self._flights.run(key, lambda: self._load(key, ref, what))
+                raise copy_error(error) from None
+            del self._failures[ref]
+        return await self._flights.run(ref, lambda: self._load(ref, what))
 
-    async def _load(self, key: _Key, ref: ObjectRef, what: str) -> VirtualZarr:
+    async def _load(self, ref: ObjectRef, what: str) -> VirtualZarr:
         try:
             view = await self._from_disk(ref, what)
             if view is None:
                 view = await self._extract(ref, what)
         except NotVirtualizable as e:
-            self._failures[key] = (time.monotonic(), e)
+            self._failures[ref] = (time.monotonic(), e)
             raise
         return view
 
@@ -251,14 +244,6 @@ class VirtualCache:
             )
         return removed
 
-    def usage(self) -> tuple[int, int]:
-        """(bytes, number) of views stored in the cache dir."""
-        sizes = []
-        for path in self._dir.glob(f"*/*{VIEW_SUFFIX}"):
-            with suppress(OSError):
-                sizes.append(path.stat().st_size)
-        return sum(sizes), len(sizes)
-
     async def sweep_in_background(self) -> None:
         """`sweep` through the gate; a stalled or broken cache dir only skips it."""
         try:
@@ -269,7 +254,7 @@ class VirtualCache:
     def _schedule_sweep(self) -> None:
         """After the store grew: one sweep in the background, at most one every
         `config.MANIFEST_SWEEP_MIN_GAP` seconds."""
-        self._sweeps.request(self._nursery)
+        self._sweeps.request(self._flights.nursery)
 
     # --- extraction -------------------------------------------------------------------------------
 

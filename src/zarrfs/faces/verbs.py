@@ -202,7 +202,7 @@ async def virtual_zarr_refs(config: Config) -> tuple[dict[str, Any], str]:
             raise UserError(f"{source.path} is not a file of the bucket")
         assert fs.virtual is not None
         model = await fs.virtual.cache.get(blob, source.path)
-        version_id, _etag = await fs.reader.head(blob)
+        version_id = await fs.reader.head(blob)
         url = fs.reader.https_url(blob.key, version_id)
     pinned = "" if version_id is not None else " (the bucket keeps no versions: not pinned)"
     summary = (

@@ -31,7 +31,7 @@ from zarrfs.io.disk_store import DiskBlockCache, default_size
 from zarrfs.io.disk_tier import DiskTier
 from zarrfs.io.remote import Remote
 from zarrfs.io.stack import ReadStack
-from zarrfs.manifest_cache import ManifestCache
+from zarrfs.manifest_cache import ManifestCache, import_index_format
 
 if TYPE_CHECKING:
     from zarrfs.fs.virtual_zarrs import VirtualZarrs
@@ -111,19 +111,14 @@ async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
                     try:
                         yield fs
                     finally:
-                        # indexes still being written are not cut short (bounded like the
+                        # indexes still being written are not cut short (bounded by the
                         # gate's deadline for the largest of them: a stalled cache dir is given
                         # up anyway)
-                        bound = (
-                            cfg.DISK_CACHE_STALL_TIMEOUT
-                            + cfg.INDEX_MAP_MIN / cfg.DISK_WRITE_MIN_RATE
-                        )
+                        bound = gate.write_timeout(cfg.INDEX_MAP_MIN)
                         with trio.move_on_after(bound, shield=True):
                             await manifests.flush()
                         if disk is not None:  # and the blocks read but not yet on disk
-                            bound = cfg.DISK_CACHE_STALL_TIMEOUT + (
-                                cfg.DISK_CACHE_PENDING_MAX / cfg.DISK_WRITE_MIN_RATE
-                            )
+                            bound = gate.write_timeout(cfg.DISK_CACHE_PENDING_MAX)
                             with trio.move_on_after(bound, shield=True):
                                 await disk.flush()
                             _log_disk_tier_at_close(disk)
@@ -192,11 +187,7 @@ async def _import_manifest_machinery(manifests: ManifestCache, gate: DiskGate) -
     except CacheDirStalled:
         return
     if stored:
-        # the package before its submodule, as every import of it does: importing `pyarrow.ipc`
-        # first while another thread imports `pyarrow` takes their import locks in opposite
-        # orders, and one of the two gets a half-initialized module
-        for name in ("pyarrow", "pyarrow.ipc"):
-            await trio.to_thread.run_sync(importlib.import_module, name, abandon_on_cancel=True)
+        await import_index_format()
 
 
 def _log_disk_tier_at_close(disk: DiskTier) -> None:

@@ -450,8 +450,7 @@ class Filesystem:
     async def _view(self, inside: _Inside) -> ZarrView | VirtualView:
         assert inside.zarr is not None
         if inside.zarr.virtual:
-            if self.virtual is None:  # (a namespace shows virtual Zarrs only when it is set)
-                raise NotFound(f"no virtual Zarr views in this mount: {inside.zarr.path}")
+            assert self.virtual is not None  # a namespace shows virtual Zarrs only when it is set
             return await self.virtual.view(inside.zarr)
         ask_api = self.volumes.key(inside.volume).level == Level.ZARR  # zarrs/...: live unknown
         return await self.zarrs.view(inside.zarr, ask_api=ask_api)

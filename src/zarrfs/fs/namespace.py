@@ -269,9 +269,10 @@ class Namespace:
             and might_be_hdf5(node.asset)
         ]  # fmt: skip
         for blob in blobs:
-            assert blob.asset is not None
+            parent = self._nodes[blob.parent]
+            assert blob.asset is not None and parent is not None
             name = blob.name + b".zarr"
-            if name in pending.get(blob.parent, {}):
+            if self._file_exists(pending, parent, name):
                 log.info("no virtual Zarr view of %s: %s exists", blob.asset.path, name.decode())
                 continue
             node = self._add(
@@ -284,7 +285,7 @@ class Namespace:
                 virtual=True,
             )
             self._zarr_roots.append(node)
-            pending.setdefault(blob.parent, {})[name] = node
+            self._insert(pending, parent, node)
 
     @staticmethod
     def _file_exists(pending: dict[int, dict[bytes, _Top]], parent: _Top, name: bytes) -> bool:
