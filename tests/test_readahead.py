@@ -21,6 +21,7 @@ from zarrfs.fs.readahead import ChunkReadahead
 from zarrfs.fs.virtual_zarrs import VirtualView
 from zarrfs.fs.zarrs import ZarrView
 from zarrfs.io.prefetch import PrefetchBudget
+from zarrfs.io.stack import ReadStack
 from zarrfs.virtual import VirtualZarrBuilder
 
 PLACE = ZarrPlace(
@@ -115,6 +116,7 @@ class FakeBlocks:
 class FakeStack:
     blocks: FakeBlocks = field(default_factory=FakeBlocks)
     prefetch_budget: PrefetchBudget = field(default_factory=lambda: PrefetchBudget(1 << 30))
+    fetch_ahead = ReadStack.fetch_ahead  # the real one, over the fake blocks and budget
 
 
 def opened(view: ZarrView, readahead: ChunkReadahead, path: str) -> None:

@@ -375,11 +375,8 @@ class Namespace:
             raise IsADirectory(f"inode {ino} is a directory")
         if node.inline is not None:
             return InlineFile(node.inline)
-        asset = node.asset
-        assert asset is not None
-        if asset.problem or asset.blob_key is None:
-            raise DataError(f"asset {asset.path} cannot be served: {asset.problem}")
-        return ObjectRef(key=asset.blob_key, version_id=None, size=asset.size, etag=asset.blob_etag)
+        assert node.asset is not None
+        return blob_ref(node.asset)
 
     def describe(self, ino: int) -> str:
         """A human-readable path of top-level inode `ino` (a Zarr's root for one inside it), for log
@@ -395,6 +392,14 @@ class Namespace:
             assert parent is not None
             node = parent
         return "/".join(reversed(parts)) or "/"
+
+
+def blob_ref(asset: AssetRecord) -> ObjectRef:
+    """The object a blob asset's bytes are read from (its immutable key); DataError when the asset
+    cannot be served."""
+    if asset.problem or asset.blob_key is None:
+        raise DataError(f"asset {asset.path} cannot be served: {asset.problem}")
+    return ObjectRef(key=asset.blob_key, version_id=None, size=asset.size, etag=asset.blob_etag)
 
 
 def might_be_hdf5(asset: AssetRecord) -> bool:

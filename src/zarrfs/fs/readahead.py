@@ -23,7 +23,6 @@ Concurrency: one trio run; fetches run in `nursery` (the core's service nursery)
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -34,12 +33,8 @@ import trio
 
 from zarrfs import config
 from zarrfs.base.refs import ObjectRef
-from zarrfs.errors import DataError, report_bug
 from zarrfs.fs.namespace import BlobRange, FileSource, ZarrPlace
-from zarrfs.io.scheduler import Priority
 from zarrfs.io.stack import ReadStack
-
-log = logging.getLogger(__name__)
 
 Coords = tuple[int, ...]
 #: The successors of this many recent opens count as "in order" (a reader's threads open a few
@@ -146,14 +141,4 @@ class ChunkReadahead:
             array.ahead.append(coords)
             self.stats["files"] += 1
             self.stats["bytes"] += length
-            self.nursery.start_soon(self._fetch, ref, offset, length)
-
-    async def _fetch(self, ref: ObjectRef, offset: int, length: int) -> None:
-        try:
-            await self.stack.blocks.read(ref, offset, length, Priority.PREFETCH)
-        except DataError as e:  # not cached: the reader's own read fetches it and sees the error
-            log.debug("readahead of %s failed: %s", ref.key, e)
-        except Exception as e:  # a bug: logged loudly, never taking the service nursery down
-            report_bug(f"readahead of {ref.key}", e)
-        finally:
-            self.stack.prefetch_budget.give_back(length)
+            self.nursery.start_soon(self.stack.fetch_ahead, ref, offset, length, length)

@@ -25,7 +25,15 @@ from zarrfs import config
 from zarrfs.base.flight import BoundedLRU
 from zarrfs.base.refs import ObjectRef
 from zarrfs.errors import DataError, IsADirectory, NotADirectory, NotFound
-from zarrfs.fs.namespace import NODE_MASK, BlobRange, Entry, FileSource, InlineFile, ZarrPlace
+from zarrfs.fs.namespace import (
+    NODE_MASK,
+    BlobRange,
+    Entry,
+    FileSource,
+    InlineFile,
+    ZarrPlace,
+    blob_ref,
+)
 from zarrfs.virtual import VirtualZarr
 from zarrfs.virtual_cache import VirtualCache
 
@@ -184,9 +192,7 @@ class VirtualZarrs:
     async def view(self, place: ZarrPlace) -> VirtualView:
         """The virtual Zarr view of the blob at `place` (built on first entry)."""
         asset = place.asset
-        if asset.blob_key is None or asset.problem:
-            raise DataError(f"asset {asset.path} cannot be served: {asset.problem}")
-        ref = ObjectRef(key=asset.blob_key, version_id=None, size=asset.size, etag=asset.blob_etag)
+        ref = blob_ref(asset)
         view = self._views.get(ref)
         if view is None:
             model = await self.cache.get(ref, asset.path)

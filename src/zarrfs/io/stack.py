@@ -24,6 +24,7 @@ run; prefetch segments run in `nursery` (the core's service nursery).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Protocol
 
@@ -36,6 +37,8 @@ from zarrfs.io.blocks import BlockCache
 from zarrfs.io.disk_tier import DiskTier
 from zarrfs.io.prefetch import PrefetchBudget, Prefetcher
 from zarrfs.io.scheduler import Priority, Ticket
+
+log = logging.getLogger(__name__)
 
 
 class RangeSource(Protocol):
@@ -171,19 +174,29 @@ class ReadStack:
             granted = self.prefetch_budget.take(spans * unit, unit)
             if granted:
                 reader.fetch_scope = trio.CancelScope()
-                self.nursery.start_soon(self._fetch_ahead, reader, granted)
+                self.nursery.start_soon(
+                    self.fetch_ahead, ref, start, length, granted, reader.fetch_scope
+                )
         return reader
 
-    async def _fetch_ahead(self, reader: ObjectReader, granted: int) -> None:
-        ref = reader.ref
+    async def fetch_ahead(
+        self,
+        ref: ObjectRef,
+        offset: int,
+        length: int,
+        granted: int,
+        scope: trio.CancelScope | None = None,
+    ) -> None:
+        """Bring bytes [offset, offset + length) of `ref` into the cache at prefetch priority (in
+        the background: run it in a nursery), within `scope` when given; then give the `granted`
+        bytes back to the prefetch budget. A failure is left to the reader's own read."""
         try:
-            assert reader.fetch_scope is not None
-            with reader.fetch_scope:
-                await self.blocks.read(ref, reader.start, reader.length, Priority.PREFETCH)
-        except DataError:  # not cached: the reader's own read fetches it and sees the error
-            pass
+            with scope or trio.CancelScope():
+                await self.blocks.read(ref, offset, length, Priority.PREFETCH)
+        except DataError as e:  # not cached: the reader's own read fetches it and sees the error
+            log.debug("fetch ahead of %s failed: %s", ref.key, e)
         except Exception as e:  # a bug: logged loudly, never taking the service nursery down
-            report_bug(f"fetch ahead of a range of {ref.key}", e)
+            report_bug(f"fetch ahead of {ref.key}", e)
         finally:
             self.prefetch_budget.give_back(granted)
 
