@@ -48,8 +48,10 @@ class StreamingBody:
         self.fake.open_streams -= 1
 
     async def read(self, n: int = -1) -> bytes:
+        """The rest, or at most 64 KiB per `delay` however much more is asked for (as a socket
+        delivers)."""
         await trio.sleep(self.delay)
-        n = len(self.data) if n < 0 else n
+        n = len(self.data) if n < 0 else min(n, 64 << 10)
         chunk, self.data = self.data[:n], self.data[n:]
         return chunk
 

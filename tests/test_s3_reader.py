@@ -27,11 +27,13 @@ from moto.moto_server.werkzeug_app import (
 )
 from werkzeug.serving import make_server
 
+from zarrfs import config
 from zarrfs.config import S3Settings
 from zarrfs.demo.locals3 import LocalS3
 from zarrfs.errors import DocumentTooLarge, IntegrityError, ObjectMissing, RemoteError
 from zarrfs.io.http import HttpClient
 from zarrfs.io.remote import Remote
+from zarrfs.io.scheduler import Priority, Ticket
 from zarrfs.s3_reader import ObjectRef, S3Reader
 
 pytestmark = [pytest.mark.trio, pytest.mark.s3]
@@ -595,3 +597,27 @@ async def test_a_listing_client_that_cannot_be_made_is_a_remote_error(world: Wor
                 await reader.list_prefixes("zarr/")
         assert len(attempts) == 2
         assert await reader.read_range(world.old(), 0, 10) == OLD[:10]  # reads need no listing
+
+
+# --- socket reads ------------------------------------------------------------------------------
+
+
+async def test_bodies_are_read_from_the_socket_in_wide_reads(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a reader raises httpcore's per-read ceiling to `config.HTTP_READ_SIZE` (from its
+    64 KiB), never lowers a higher one, and a streamed body still arrives exact. A 3 MiB body sent
+    at once fills the socket faster than it is read, so reads wider than 64 KiB happen."""
+    from httpcore._async.http11 import AsyncHTTP11Connection
+
+    monkeypatch.setattr(AsyncHTTP11Connection, "READ_NUM_BYTES", 64 << 10)
+    chunks: list[bytes] = []
+    async with S3Reader.open(world.settings()) as reader:
+        assert AsyncHTTP11Connection.READ_NUM_BYTES == config.HTTP_READ_SIZE
+        ticket = Ticket(Priority.PREFETCH)
+        await reader.stream_range(world.big, 0, len(BIG), ticket, chunks.append)
+    assert b"".join(chunks) == BIG
+    assert max(map(len, chunks)) > 64 << 10
+    monkeypatch.setattr(AsyncHTTP11Connection, "READ_NUM_BYTES", 4 << 20)
+    async with HttpClient.open():
+        assert AsyncHTTP11Connection.READ_NUM_BYTES == 4 << 20

@@ -225,9 +225,14 @@ DISK_CACHE_FSYNC = False
 # --- moved beside the other tunables: transfer sizes, limits and intervals of each part ------------
 #: Bytes per read of a downloaded document's body (S3 and HTTP alike).
 DOWNLOAD_CHUNK = 1 << 20
-#: Bytes per read of a streamed (prefetch) body: what the HTTP stack reads from the socket at a time
-#: (httpcore: 64 KiB), so that a read returns the chunk as it came, without aiobotocore's joins.
-STREAM_CHUNK = 64 << 10
+#: Bytes per read of a streamed (prefetch) body: at least what the HTTP stack reads from the socket
+#: at a time (HTTP_READ_SIZE), so that a read returns the chunk as it came, without a join.
+STREAM_CHUNK = 1 << 20
+#: The most httpcore asks of a socket per read (its own default is 64 KiB). A body moves through
+#: httpcore, h11 and trio in one pass per read, and that pass, not the copy, is most of the event
+#: loop's cost per byte: 256 KiB reads cut the daemon's CPU for a 128 MiB blob read by about a
+#: fifth (benchmarks/RESULTS.md, "HTTP read size"). A read returns what the socket holds, up to this.
+HTTP_READ_SIZE = 256 << 10
 #: Bodies at least this large are MD5-hashed in a worker thread (hashlib releases the GIL).
 HASH_IN_THREAD = 1 << 18
 #: API answers larger than this are JSON-decoded in a worker thread.

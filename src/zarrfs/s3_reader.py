@@ -63,6 +63,7 @@ from zarrfs.errors import (
     ZarrfsError,
 )
 from zarrfs.io.cache_dir import create_private_file
+from zarrfs.io.http import widen_socket_reads
 from zarrfs.io.retry import retry
 from zarrfs.io.scheduler import Priority, RequestSlots, Ticket
 
@@ -578,6 +579,7 @@ class S3Reader:
         """A reader of `settings`' bucket on trio: anonymous objects over httpx, the aiobotocore
         client made when a listing first needs it; with `settings.unsigned` false (signed
         requests), everything through aiobotocore, made now."""
+        widen_socket_reads()  # both ways below read bodies through httpcore
         async with AsyncExitStack() as stack:
             if not settings.unsigned:
                 await import_botocore()
