@@ -227,3 +227,44 @@ async def test_consolidate_shows_a_zmetadata_built_from_the_metadata(
     async for plain in make_fs(sample, V1, tmp_path / "plain"):
         with pytest.raises(NotFound):
             await plain.lookup(await resolve_path(plain, OME_PATH), b".zmetadata")
+
+
+async def test_a_stop_that_cancels_the_core_still_writes_what_it_read_to_disk(
+    sample: SampleDandiset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unmount cancels everything the core runs. The disk cache's background writes must not be
+    cut short by it: the core's close waits for them (bounded), so a remount reads from disk what
+    this mount read, and the close does not wait its whole bound for writes nobody makes any more
+    (they were cancelled: a 128 MiB read then left ~95 blocks behind and took 11 s to stop)."""
+    import dataclasses
+    import time
+
+    from zarrfs.io.disk_store import DiskBlockCache
+
+    put = DiskBlockCache.put
+
+    def slow_put(self: DiskBlockCache, *args: object, **kwargs: object) -> bool:
+        time.sleep(0.02)  # a disk slower than the reads: blocks queue up behind the reader
+        return put(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DiskBlockCache, "put", slow_put)
+    config = dataclasses.replace(
+        make_config(sample, f"{sample.dandiset_id}@{V1}", tmp_path), disk_cache_size=1 << 30
+    )
+    files = sample.versions[V1].files
+    blob = max((p for p in files if p.endswith(".nwb")), key=lambda p: len(files[p]))
+    blocks = -(-len(files[blob]) // config.block_size)
+    assert blocks >= 8
+    with trio.CancelScope() as outer:  # what the mount face cancels when the kernel unmounts
+        async with open_filesystem(config) as fs:
+            handle = await fs.open(await resolve_path(fs, blob))
+            assert await fs.read(handle, 0, len(files[blob])) == files[blob]
+            disk = fs.stack.disk
+            assert disk is not None and disk.pending > 0  # still being written
+            started = time.monotonic()
+            outer.cancel()
+            await trio.sleep_forever()
+    assert time.monotonic() - started < 5
+    assert disk.pending == 0
+    on_disk = disk.disk.stats()
+    assert on_disk["puts"] == blocks, on_disk

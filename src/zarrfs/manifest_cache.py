@@ -32,7 +32,7 @@ service nursery when set, so a requester that gives up does not cancel a load ot
 most one across processes sharing the cache dir (an `flock` on `locks/<zarr id>-<checksum>.lock`,
 polled so that waiting stays cancellable, given up after `config.MANIFEST_LOCK_WAIT`; the second
 process then finds the index on disk). A small index (served from memory whatever becomes of its
-file) is written to disk in the service nursery after the lookup that needed it has its answer, the
+file) is written to disk in the write nursery after the lookup that needed it has its answer, the
 cross-process lock handed over to that write; `flush` waits (bounded, by the caller) for such writes
 before a core closes. Conversion runs in worker threads bounded by a CapacityLimiter and is abandoned
 on cancellation (a flag stops the thread at its next directory). pyarrow, which only index files
@@ -189,6 +189,10 @@ class ManifestCache:
             "stored": 0,
             "not_stored": 0,
         }
+
+    #: Where an index is written to the cache dir after its lookup has its answer (the core's write
+    #: nursery, which a stop does not cancel before `flush`); None: the service nursery.
+    write_nursery: trio.Nursery | None = None
 
     @property
     def service_nursery(self) -> trio.Nursery | None:
@@ -382,7 +386,7 @@ class ManifestCache:
                 if index is not None:
                     return index
                 index, built = await self._fetch_and_parse(key, what, live)
-                nursery = self.service_nursery
+                nursery = self.write_nursery or self.service_nursery
                 if index.nbytes < config.INDEX_MAP_MIN and nursery is not None:
                     # Served from memory whatever becomes of its file: the lookup need not wait
                     # for the write (nor for pyarrow's import). The lock goes with the write, so

@@ -2,8 +2,10 @@
 
 Owns: building, in one place, what the mount, the command-line verbs (`zarrfs ls`, ...) and the
 fsspec filesystem share: the remote clients, the one gate to the cache dir (`disk_gate`), the catalog,
-the manifest cache, the block cache with its disk tier (and the disk's eviction), and the service
-nursery where loads, resolutions, prefetch and disk writes run; sweeping the cache dir in the
+the manifest cache, the block cache with its disk tier (and the disk's eviction), the service
+nursery where loads, resolutions and prefetch run, and the write nursery where blocks and indexes are
+written to the cache dir in the background (shielded from the stop that cancels everything else, so
+that closing waits, bounded, for what was read to reach the disk: `_flush`); sweeping the cache dir in the
 background once serving; renewing the leases a running mount holds in the cache dir; removing the
 mount's temporary files at the end. Never imports pyfuse3: a face that has no FUSE uses this module
 as it is. Nothing here waits on the cache dir without a deadline: a hung cache dir delays no start.
@@ -89,43 +91,66 @@ async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
             log.info("serving %s; %s", description, disk_note)
             with unwrap_single_exception():
                 async with trio.open_nursery() as service:
-                    manifests.service_nursery = fs.service_nursery = stack.nursery = service
-                    service.start_soon(
-                        guarded, "sweep of the cache dir", manifests.sweep_in_background
-                    )
-                    service.start_soon(guarded, "renewal of leases", _renew_leases, fs)
-                    service.start_soon(guarded, "descriptor count", _count_descriptors, fs)
-                    if disk is not None:
-                        disk.nursery = service
-                        service.start_soon(guarded, "disk cache eviction", disk.keep_within_bounds)
-                    if fs.holds_zarrs:
-                        service.start_soon(
-                            guarded, "import", _import_manifest_machinery, manifests, gate
-                        )
-                    if fs.virtual is not None:
-                        service.start_soon(
-                            guarded,
-                            "sweep of the virtual Zarr store",
-                            fs.virtual.cache.sweep_in_background,
-                        )
+                    writes, write_scope = await service.start(_write_nursery)
                     try:
-                        yield fs
+                        manifests.write_nursery = writes
+                        if disk is not None:
+                            disk.nursery = writes
+                        manifests.service_nursery = fs.service_nursery = stack.nursery = service
+                        _start_services(service, fs, disk, gate)
+                        try:
+                            yield fs
+                        finally:
+                            await _flush(manifests, disk, gate)
                     finally:
-                        # indexes still being written are not cut short (bounded by the
-                        # gate's deadline for the largest of them: a stalled cache dir is given
-                        # up anyway)
-                        bound = gate.write_timeout(cfg.INDEX_MAP_MIN)
-                        with trio.move_on_after(bound, shield=True):
-                            await manifests.flush()
-                        if disk is not None:  # and the blocks read but not yet on disk
-                            bound = gate.write_timeout(cfg.DISK_CACHE_PENDING_MAX)
-                            with trio.move_on_after(bound, shield=True):
-                                await disk.flush()
-                            _log_disk_tier_at_close(disk)
+                        write_scope.cancel()  # flushed, or out of time: the rest is abandoned
                         service.cancel_scope.cancel()
         finally:
             with trio.move_on_after(cfg.DISK_CACHE_STALL_TIMEOUT, shield=True):
                 await fs.volumes.remove_pins()
+
+
+async def _write_nursery(
+    *,
+    task_status: trio.TaskStatus[tuple[trio.Nursery, trio.CancelScope]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a nursery for the background writes to the cache dir (disk blocks, indexes) that a stop
+    does not cancel (an unmount cancels everything else the core runs), so that `_flush` can wait
+    for them; it ends when the core cancels the scope reported with it."""
+    with trio.CancelScope(shield=True) as scope:
+        async with trio.open_nursery() as writes:
+            task_status.started((writes, scope))
+            await trio.sleep_forever()
+
+
+def _start_services(
+    service: trio.Nursery, fs: Filesystem, disk: DiskTier | None, gate: DiskGate
+) -> None:
+    """The core's background tasks, in its service nursery."""
+    service.start_soon(guarded, "sweep of the cache dir", fs.manifests.sweep_in_background)
+    service.start_soon(guarded, "renewal of leases", _renew_leases, fs)
+    service.start_soon(guarded, "descriptor count", _count_descriptors, fs)
+    if disk is not None:
+        service.start_soon(guarded, "disk cache eviction", disk.keep_within_bounds)
+    if fs.holds_zarrs:
+        service.start_soon(guarded, "import", _import_manifest_machinery, fs.manifests, gate)
+    if fs.virtual is not None:
+        service.start_soon(
+            guarded, "sweep of the virtual Zarr store", fs.virtual.cache.sweep_in_background
+        )
+
+
+async def _flush(manifests: ManifestCache, disk: DiskTier | None, gate: DiskGate) -> None:
+    """At close, shielded from the stop: wait for the indexes still being written (bounded by the
+    gate's deadline for the largest of them: a stalled cache dir is given up anyway), then for the
+    blocks read but not yet on disk (bounded likewise for the most that may be pending), and log
+    what reached the disk."""
+    with trio.move_on_after(gate.write_timeout(cfg.INDEX_MAP_MIN), shield=True):
+        await manifests.flush()
+    if disk is not None:
+        with trio.move_on_after(gate.write_timeout(cfg.DISK_CACHE_PENDING_MAX), shield=True):
+            await disk.flush()
+        _log_disk_tier_at_close(disk)
 
 
 def _virtual_zarrs(config: Config, stack: ReadStack, gate: DiskGate) -> VirtualZarrs | None:

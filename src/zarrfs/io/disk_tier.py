@@ -42,7 +42,8 @@ class DiskTier:
         self.disk = disk
         self.bucket = bucket
         self.gate = gate or DiskGate(disk.cache_dir)
-        #: Where writes and eviction run; set by whoever runs the core (writes are skipped without).
+        #: Where writes run; set by whoever runs the core (writes are skipped without): a nursery
+        #: that a stop does not cancel before `flush` (the core's write nursery).
         self.nursery: trio.Nursery | None = None
         self._pending = 0
         self._queue: deque[tuple[ObjectRef, int, int, bytes]] = deque()  # to be written
