@@ -90,21 +90,22 @@ async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
             description = await fs.start()  # before the nursery: its errors stay plain
             log.info("serving %s; %s", description, disk_note)
             with unwrap_single_exception():
-                async with trio.open_nursery() as service:
-                    writes, write_scope = await service.start(_write_nursery)
+                async with trio.open_nursery() as outer:
+                    writes, write_scope = await outer.start(_write_nursery)
                     try:
                         manifests.write_nursery = writes
                         if disk is not None:
                             disk.nursery = writes
-                        manifests.service_nursery = fs.service_nursery = stack.nursery = service
-                        _start_services(service, fs, disk, gate)
-                        try:
-                            yield fs
-                        finally:
-                            await _flush(manifests, disk, gate)
-                    finally:
+                        async with trio.open_nursery() as service:
+                            manifests.service_nursery = fs.service_nursery = stack.nursery = service
+                            _start_services(service, fs, disk, gate)
+                            try:
+                                yield fs
+                            finally:
+                                await _flush(manifests, disk, gate)
+                                service.cancel_scope.cancel()
+                    finally:  # the service tasks have ended: nothing queues writes any more
                         write_scope.cancel()  # flushed, or out of time: the rest is abandoned
-                        service.cancel_scope.cancel()
         finally:
             with trio.move_on_after(cfg.DISK_CACHE_STALL_TIMEOUT, shield=True):
                 await fs.volumes.remove_pins()
