@@ -238,7 +238,8 @@ async def test_the_close_line_says_what_was_written_and_what_was_lost(
         with caplog.at_level("INFO", logger="zarrfs.fs.core"):
             _log_disk_tier_at_close(tier)
         assert [r.levelname for r in caplog.records] == ["INFO"]
-        assert "3 blocks written; 0 dropped" in caplog.records[0].getMessage()
+        assert "3 blocks written; 0 owed over the pending bound" in caplog.records[0].getMessage()
+        assert "; 0 dropped" in caplog.records[0].getMessage()
         caplog.clear()
         monkeypatch.setattr(config, "DISK_CACHE_PENDING_MAX", BS)
         for index in range(3, 6):
@@ -248,5 +249,74 @@ async def test_the_close_line_says_what_was_written_and_what_was_lost(
         [record] = caplog.records
         assert record.levelname == "WARNING"
         assert "2 dropped" in record.getMessage()
-        assert f"{BS} bytes left unwritten" in record.getMessage()
+        assert f"{BS} bytes and 0 owed blocks left unwritten" in record.getMessage()
         nursery.cancel_scope.cancel()
+
+
+async def test_blocks_over_the_pending_bound_are_written_from_memory_in_their_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader faster than the disk: beyond the pending bound a block is owed, not dropped, and is
+    written in its turn with the bytes memory still holds (asked for then, not held meanwhile); one
+    that memory no longer holds is dropped and counted. The queue stays first come, first written."""
+    monkeypatch.setattr(config, "DISK_CACHE_PENDING_MAX", 2 * BS)
+    tier = make_tier(tmp_path)
+    memory = {i: block(i) for i in range(10)}
+    recalled: list[int] = []
+
+    def recall(ref: ObjectRef, index: int, block_size: int) -> bytes | None:
+        assert (ref, block_size) == (REF, BS)
+        recalled.append(index)
+        return memory.get(index)
+
+    tier.recall = recall
+    order: list[int] = []
+    put_all = tier._put_all
+
+    def recording(batch: list[tuple[ObjectRef, int, int, bytes]]) -> None:
+        order.extend(index for _, index, _, _ in batch)
+        put_all(batch)
+
+    tier._put_all = recording  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        tier.nursery = nursery
+        for index in range(10):
+            tier.put_later(REF, index, BS, block(index))
+        assert tier.pending == 2 * BS and tier.owed == 8  # two held, eight owed by name
+        del memory[5]  # evicted from memory before its turn
+        with trio.fail_after(10):
+            await tier.flush()
+        assert tier.pending == 0 and tier.owed == 0
+    assert recalled == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert order == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    assert tier.stats["writes_deferred"] == 8
+    assert tier.stats["writes_dropped"] == 1
+    found = await tier.get_many(REF, list(range(10)), BS)
+    assert found == {i: block(i) for i in range(10) if i != 5}
+
+
+async def test_the_read_stack_recalls_owed_blocks_from_the_cache_that_reads_them_in_that_unit(
+    tmp_path: Path,
+) -> None:
+    """The stack's recall answers from its block cache only for the unit that cache reads the
+    object in (the small-block cache of scattered reads has other blocks under the same numbers)."""
+    from zarrfs.io.stack import ReadStack
+
+    tier = make_tier(tmp_path)
+
+    class Nowhere:
+        async def read_range(self, *args: object, **kwargs: object) -> bytes:
+            raise AssertionError("no remote read expected")
+
+        async def stream_range(self, *args: object, **kwargs: object) -> None:
+            raise AssertionError("no remote read expected")
+
+    unit = 4 * BS
+    assert unit != config.VIRTUAL_METADATA_BLOCK
+    stack = ReadStack(Nowhere(), memory_bytes=1 << 24, block_size=unit, disk=tier)
+    assert tier.recall is not None
+    data = random.Random(3).randbytes(unit)
+    stack.blocks.fulfil(REF, 3, data)
+    assert tier.recall(REF, 3, unit) == data
+    assert tier.recall(REF, 3, config.VIRTUAL_METADATA_BLOCK) is None  # not that unit's block 3
+    assert tier.recall(REF, 4, unit) is None  # not in memory

@@ -207,8 +207,12 @@ DISK_CACHE_STALL_PAUSE = 60.0
 #: Writes of a known size (a manifest index) get DISK_CACHE_STALL_TIMEOUT plus a second per this
 #: many bytes before the cache dir counts as stalled.
 DISK_WRITE_MIN_RATE = 10 << 20
-#: Bytes of fetched blocks waiting to be written to disk at most; more are not written (counted).
+#: Bytes of fetched blocks waiting to be written to disk at most. Blocks beyond it are *owed*: only
+#: their names are kept, and each is written from the memory cache when its turn comes (dropped,
+#: counted, if the memory cache no longer holds it).
 DISK_CACHE_PENDING_MAX = 64 << 20
+#: Blocks owed to the disk at most (names only, some 100 bytes each); more are dropped (counted).
+DISK_CACHE_OWED_MAX = 1 << 16
 #: Blocks read from or written to disk in one trip to a worker thread. A trip costs the event loop
 #: some 0.2 ms whatever it carries; one per 256 KiB block cost a sequential read of a 128 MiB blob
 #: 0.3 s (0.45 -> 0.75 s) on a 2-core machine. Bounded so that a reader waiting for the first

@@ -221,17 +221,21 @@ def _log_disk_tier_at_close(disk: DiskTier) -> None:
     can then be told apart: blocks dropped, refused, failed, or left unwritten at exit)."""
     store, tier = disk.disk.stats(), disk.stats
     lost = tier["writes_dropped"] + tier["write_errors"] + store["puts_skipped"] + store["errors"]
-    level = logging.WARNING if disk.pending or lost else logging.INFO
+    level = logging.WARNING if disk.pending or disk.owed or lost else logging.INFO
     log.log(
         level,
-        "disk block cache at close: %d blocks written; %d dropped (over the pending bound), "
-        "%d skipped (no room), %d disk errors, %d write bugs; %d bytes left unwritten",
+        "disk block cache at close: %d blocks written; %d owed over the pending bound (written "
+        "from memory in their turn); %d dropped (gone from memory by then, or over the bounds), "
+        "%d skipped (no room), %d disk errors, %d write bugs; %d bytes and %d owed blocks left "
+        "unwritten",
         store["puts"],
+        tier["writes_deferred"],
         tier["writes_dropped"],
         store["puts_skipped"],
         store["errors"],
         tier["write_errors"],
         disk.pending,
+        disk.owed,
     )
 
 

@@ -285,6 +285,11 @@ class BlockCache:
             claimed.append(index)
         return claimed
 
+    def cached_block(self, ref: ObjectRef, index: int) -> bytes | None:
+        """Block `index` of `ref` if memory holds it (checked as for a read), else None; fetches
+        nothing."""
+        return self._cached((ref.key, ref.version_id, index))
+
     def _cached(self, key: BlockKey) -> bytes | None:
         """The block in memory, checked against the checksum it was stored with if its last check
         is older than `recheck_age` (a bit flipped in memory during a long stay: dropped, logged,

@@ -9,8 +9,13 @@ Never does: make a read wait for a write, or for eviction (both run in the servi
 a slow or broken disk slow reads down: every trip to the disk goes through the cache dir's
 `disk_gate.DiskGate`, so a read that waits more than `config.DISK_CACHE_STALL_TIMEOUT` for the disk (a
 hung NFS server) is a miss, and the whole cache dir (blocks, indexes, locks) is bypassed for
-`config.DISK_CACHE_STALL_PAUSE` seconds (logged once). Writes queued beyond
-`config.DISK_CACHE_PENDING_MAX` bytes are dropped (counted), never buffered without bound.
+`config.DISK_CACHE_STALL_PAUSE` seconds (logged once). Blocks never wait to be written with more
+than `config.DISK_CACHE_PENDING_MAX` bytes held for them: beyond that a block is *owed* (its name
+kept, at most `config.DISK_CACHE_OWED_MAX`) and written in its turn from the memory cache
+(`recall`, checked there), or dropped (counted) if memory no longer holds it. A reader faster than
+the disk (a sequential read at 250 MB/s against a writer that shares the GIL with the event loop)
+thus leaves on disk whatever memory still held when the writer got to it, not only the first
+64 MiB.
 
 Concurrency: one trio run. Reads and writes use the gate's worker threads; eviction runs one scan at a
 time. Blocks go to and from the threads in batches of up to `config.DISK_CACHE_BATCH` (a trip to a
@@ -23,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 import trio
 
@@ -47,19 +53,32 @@ class DiskTier:
         self.nursery: trio.Nursery | None = None
         self._pending = 0
         self._queue: deque[tuple[ObjectRef, int, int, bytes]] = deque()  # to be written
+        #: Blocks owed to the disk, written after the queue, from memory (their bytes not held).
+        self._owed: deque[tuple[ObjectRef, int, int]] = deque()
+        #: Where an owed block is found when its turn comes: `(ref, index, block size)` -> its
+        #: bytes (checked), or None when memory no longer holds it. Set by the read stack (the
+        #: memory caches); None: blocks over the pending bound are dropped.
+        self.recall: Callable[[ObjectRef, int, int], bytes | None] | None = None
         self._writers = 0  # tasks writing the queue
         self._evict_wanted = trio.Event()
-        self._stats = {"writes_dropped": 0, "write_errors": 0}
+        self._stats = {"writes_dropped": 0, "write_errors": 0, "writes_deferred": 0}
 
     @property
     def stats(self) -> dict[str, int]:
-        """writes_dropped (over the pending bound), write_errors (bugs), and the cache dir's stalls."""
+        """writes_deferred (owed: over the pending bound, to be written from memory),
+        writes_dropped (owed beyond the bound, or gone from memory by their turn), write_errors
+        (bugs), and the cache dir's stalls."""
         return {**self._stats, "stalls": self.gate.stats["stalls"]}
 
     @property
     def pending(self) -> int:
-        """Bytes waiting to be written to disk."""
+        """Bytes waiting to be written to disk (held for the queue)."""
         return self._pending
+
+    @property
+    def owed(self) -> int:
+        """Blocks owed to the disk (to be written from memory)."""
+        return len(self._owed)
 
     async def get_many(
         self, ref: ObjectRef, indexes: list[int], block_size: int
@@ -85,26 +104,36 @@ class DiskTier:
         return found
 
     def put_later(self, ref: ObjectRef, index: int, block_size: int, data: bytes) -> None:
-        """Write the block to disk in the background (dropped if too much is pending already).
-        Blocks queue up and are written in batches by at most `config.DISK_CACHE_WRITERS` tasks."""
+        """Write the block to disk in the background: queued with its bytes while the pending
+        bound has room and nothing is owed (first come, first written), else owed (written from
+        memory in its turn), else dropped. Blocks are written in batches by at most
+        `config.DISK_CACHE_WRITERS` tasks."""
         if self.nursery is None or self.gate.stalled:
             return
-        if self._pending + len(data) > config.DISK_CACHE_PENDING_MAX:
-            self._stats["writes_dropped"] += 1
-            return
-        self._pending += len(data)
-        self._queue.append((ref, index, block_size, data))
+        if self._owed or self._pending + len(data) > config.DISK_CACHE_PENDING_MAX:
+            if self.recall is None or len(self._owed) >= config.DISK_CACHE_OWED_MAX:
+                self._stats["writes_dropped"] += 1
+                return
+            self._owed.append((ref, index, block_size))
+            self._stats["writes_deferred"] += 1
+        else:
+            self._pending += len(data)
+            self._queue.append((ref, index, block_size, data))
         if self._writers < config.DISK_CACHE_WRITERS:
             self.nursery.start_soon(self._write_queued)  # raises on a closed nursery: count after
             self._writers += 1
 
     async def _write_queued(self) -> None:
         try:
-            while self._queue:
+            while self._queue or self._owed:
                 batch = [
                     self._queue.popleft()
                     for _ in range(min(len(self._queue), config.DISK_CACHE_BATCH))
                 ]
+                if not batch:
+                    batch = self._recall_owed()
+                    if not batch:
+                        continue  # every one of them had left memory
                 size = sum(len(item[3]) for item in batch)
                 try:
                     await self.gate.run(self._put_all, batch, timeout=self.gate.write_timeout(size))
@@ -118,15 +147,31 @@ class DiskTier:
             self._writers -= 1
 
     async def flush(self) -> None:
-        """Wait until the blocks queued for writing are written (or dropped, by a stall): at the
-        end of a process, so that a remount finds on disk everything this one read (bound the wait
-        with a deadline)."""
-        while self._pending:
+        """Wait until the blocks queued or owed are written (or dropped: gone from memory, or a
+        stall): at the end of a process, so that a remount finds on disk everything this one read
+        (bound the wait with a deadline)."""
+        while self._pending or self._owed:
             await trio.sleep(0.01)
+
+    def _recall_owed(self) -> list[tuple[ObjectRef, int, int, bytes]]:
+        """The next batch of owed blocks that memory still holds, counted as pending while they
+        are written; those it no longer holds are dropped (counted)."""
+        batch: list[tuple[ObjectRef, int, int, bytes]] = []
+        while self._owed and len(batch) < config.DISK_CACHE_BATCH:
+            ref, index, block_size = self._owed.popleft()
+            data = self.recall(ref, index, block_size) if self.recall is not None else None
+            if data is None:
+                self._stats["writes_dropped"] += 1
+                continue
+            self._pending += len(data)
+            batch.append((ref, index, block_size, data))
+        return batch
 
     def _drop_queue(self) -> None:
         while self._queue:
             self._pending -= len(self._queue.popleft()[3])
+        self._stats["writes_dropped"] += len(self._owed)
+        self._owed.clear()
 
     def _put_all(self, batch: list[tuple[ObjectRef, int, int, bytes]]) -> None:
         for ref, index, block_size, data in batch:

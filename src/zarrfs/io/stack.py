@@ -143,6 +143,8 @@ class ReadStack:
             self.lower,
             whole_object_max=config.VIRTUAL_METADATA_WHOLE_MAX,
         )
+        if disk is not None:  # blocks over the disk tier's pending bound are written from here
+            disk.recall = self._recall
         #: Bytes prefetched ahead of readers and not yet read, across every open object.
         self.prefetch_budget = PrefetchBudget(int(memory_bytes * config.PREFETCH_MEMORY_SHARE))
         #: Where prefetch segments run (the core's service nursery); None: no prefetch.
@@ -151,6 +153,16 @@ class ReadStack:
     @property
     def disk(self) -> DiskTier | None:
         return self.lower.disk
+
+    def _recall(self, ref: ObjectRef, index: int, unit: int) -> bytes | None:
+        """Block `index` of `ref` in units of `unit` bytes, from whichever memory cache reads
+        `ref` in that unit (checked there), or None when none holds it now."""
+        for cache in (self.blocks, self.sparse):
+            if cache.unit(ref) == unit:
+                data = cache.cached_block(ref, index)
+                if data is not None:
+                    return data
+        return None
 
     def open(self, ref: ObjectRef) -> ObjectReader:
         """A reader of `ref`, prefetching ahead of sequential reads when it has several blocks."""
