@@ -33,22 +33,29 @@ def make_tier(tmp_path: Path) -> DiskTier:
     return DiskTier(disk, BUCKET)
 
 
-async def test_blocks_written_in_the_background_in_batches(tmp_path: Path) -> None:
-    tier = make_tier(tmp_path)
-    trips: list[int] = []
+def record_batches(tier: DiskTier) -> list[list[int]]:
+    """The block indexes of each batch the tier writes from now on (written as before)."""
+    batches: list[list[int]] = []
     put_all = tier._put_all
 
-    def counting(batch: list[tuple[ObjectRef, int, int, bytes]]) -> None:
-        trips.append(len(batch))
+    def recording(batch: list[tuple[ObjectRef, int, int, bytes]]) -> None:
+        batches.append([index for _, index, _, _ in batch])
         put_all(batch)
 
-    tier._put_all = counting  # type: ignore[method-assign]
+    tier._put_all = recording  # type: ignore[method-assign]
+    return batches
+
+
+async def test_blocks_written_in_the_background_in_batches(tmp_path: Path) -> None:
+    tier = make_tier(tmp_path)
+    batches = record_batches(tier)
     async with trio.open_nursery() as nursery:
         tier.nursery = nursery
         for index in range(41):
             tier.put_later(REF, index, BS, block(index))
         assert tier.pending == sum(len(block(i)) for i in range(41))
     assert tier.pending == 0
+    trips = [len(batch) for batch in batches]
     assert sum(trips) == 41
     assert max(trips) <= config.DISK_CACHE_BATCH
     assert len(trips) <= -(-41 // config.DISK_CACHE_BATCH) + config.DISK_CACHE_WRITERS
@@ -270,14 +277,7 @@ async def test_blocks_over_the_pending_bound_are_written_from_memory_in_their_tu
         return memory.get(index)
 
     tier.recall = recall
-    order: list[int] = []
-    put_all = tier._put_all
-
-    def recording(batch: list[tuple[ObjectRef, int, int, bytes]]) -> None:
-        order.extend(index for _, index, _, _ in batch)
-        put_all(batch)
-
-    tier._put_all = recording  # type: ignore[method-assign]
+    batches = record_batches(tier)
     async with trio.open_nursery() as nursery:
         tier.nursery = nursery
         for index in range(10):
@@ -288,7 +288,7 @@ async def test_blocks_over_the_pending_bound_are_written_from_memory_in_their_tu
             await tier.flush()
         assert tier.pending == 0 and tier.owed == 0
     assert recalled == [2, 3, 4, 5, 6, 7, 8, 9]
-    assert order == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    assert [index for batch in batches for index in batch] == [0, 1, 2, 3, 4, 6, 7, 8, 9]
     assert tier.stats["writes_deferred"] == 8
     assert tier.stats["writes_dropped"] == 1
     found = await tier.get_many(REF, list(range(10)), BS)
