@@ -179,6 +179,9 @@ class ManifestCache:
         #: Indexes being written in the background, and what wakes `flush` when none are.
         self._storing = 0
         self._stored = trio.Event()
+        #: Where an index is written to the cache dir after its lookup has its answer (the core's
+        #: write nursery, which a stop does not cancel before `flush`); None: the service nursery.
+        self.write_nursery: trio.Nursery | None = None
         self._warned_oversized: _Key | None = None
         self.stats = {
             "memory_hits": 0,
@@ -189,10 +192,6 @@ class ManifestCache:
             "stored": 0,
             "not_stored": 0,
         }
-
-    #: Where an index is written to the cache dir after its lookup has its answer (the core's write
-    #: nursery, which a stop does not cancel before `flush`); None: the service nursery.
-    write_nursery: trio.Nursery | None = None
 
     @property
     def service_nursery(self) -> trio.Nursery | None:

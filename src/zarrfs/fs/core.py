@@ -3,10 +3,10 @@
 Owns: building, in one place, what the mount, the command-line verbs (`zarrfs ls`, ...) and the
 fsspec filesystem share: the remote clients, the one gate to the cache dir (`disk_gate`), the catalog,
 the manifest cache, the block cache with its disk tier (and the disk's eviction), the service
-nursery where loads, resolutions and prefetch run, and the write nursery where blocks and indexes are
-written to the cache dir in the background (shielded from the stop that cancels everything else, so
-that closing waits, bounded, for what was read to reach the disk: `_flush`); sweeping the cache dir in the
-background once serving; renewing the leases a running mount holds in the cache dir; removing the
+nursery where loads, resolutions and prefetch run, and the write nursery where blocks and indexes
+are written to the cache dir in the background (shielded from the stop that cancels everything
+else, so that closing waits, bounded, for what was read to reach the disk: `_flush`); sweeping the
+cache dir in the background once serving; renewing the leases a running mount holds in the cache dir; removing the
 mount's temporary files at the end. Never imports pyfuse3: a face that has no FUSE uses this module
 as it is. Nothing here waits on the cache dir without a deadline: a hung cache dir delays no start.
 """

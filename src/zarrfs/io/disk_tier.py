@@ -5,7 +5,8 @@ fetched blocks to disk in the background, and keeping the disk cache within its 
 schedule and whenever this process's writes call for it). The files, their format and their
 verification are `io.disk_store`'s; which blocks exist is `io.blocks`'s.
 
-Never does: make a read wait for a write, or for eviction (both run in the service nursery), or let
+Never does: make a read wait for a write, or for eviction (both run in the background: writes in
+the core's write nursery, eviction in its service nursery), or let
 a slow or broken disk slow reads down: every trip to the disk goes through the cache dir's
 `disk_gate.DiskGate`, so a read that waits more than `config.DISK_CACHE_STALL_TIMEOUT` for the disk (a
 hung NFS server) is a miss, and the whole cache dir (blocks, indexes, locks) is bypassed for
@@ -125,15 +126,7 @@ class DiskTier:
 
     async def _write_queued(self) -> None:
         try:
-            while self._queue or self._owed:
-                batch = [
-                    self._queue.popleft()
-                    for _ in range(min(len(self._queue), config.DISK_CACHE_BATCH))
-                ]
-                if not batch:
-                    batch = self._recall_owed()
-                    if not batch:
-                        continue  # every one of them had left memory
+            while batch := self._next_batch():
                 size = sum(len(item[3]) for item in batch)
                 try:
                     await self.gate.run(self._put_all, batch, timeout=self.gate.write_timeout(size))
@@ -153,9 +146,14 @@ class DiskTier:
         while self._pending or self._owed:
             await trio.sleep(0.01)
 
-    def _recall_owed(self) -> list[tuple[ObjectRef, int, int, bytes]]:
-        """The next batch of owed blocks that memory still holds, counted as pending while they
-        are written; those it no longer holds are dropped (counted)."""
+    def _next_batch(self) -> list[tuple[ObjectRef, int, int, bytes]]:
+        """The next blocks to write: queued ones first; when none is queued, owed ones that memory
+        still holds, counted as pending while they are written (those it no longer holds are
+        dropped, counted). Empty when nothing is left to write."""
+        if self._queue:
+            return [
+                self._queue.popleft() for _ in range(min(len(self._queue), config.DISK_CACHE_BATCH))
+            ]
         batch: list[tuple[ObjectRef, int, int, bytes]] = []
         while self._owed and len(batch) < config.DISK_CACHE_BATCH:
             ref, index, block_size = self._owed.popleft()

@@ -1,8 +1,8 @@
 """Plain HTTP(S) GETs of documents: the DANDI API, DataLad's manifest mirror, other metadata.
 
 Owns: the `httpx.AsyncClient` of documents (httpx runs on trio; `s3_reader` has its own for
-objects), how much httpcore reads from a socket at a time (`widen_socket_reads`, for both), retries of transient failures
-through `retry.retry` (transport errors, timeouts, 5xx, 429) and the translation of HTTP failures
+objects), how much httpcore reads from a socket at a time (`widen_socket_reads`, for both),
+retries of transient failures through `retry.retry` (transport errors, timeouts, 5xx, 429) and the translation of HTTP failures
 into zarrfs errors (404/410 -> `ObjectMissing`, any other 4xx -> `RemoteError`).
 
 Never does: S3 object versions (see `s3_reader`), caching, writing to disk, or interpretation of
