@@ -40,9 +40,11 @@ fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 
-# True when the venv's pyfuse3 lets opendir ask for kernel caching (what zarrfs.fuse_ops detects).
+# True when the venv's pyfuse3 has both parts of the patch (what zarrfs.fuse_ops detects): opendir
+# may ask for kernel caching, and may reply ENOSYS so that readdir receives the inode.
 has_readdir_cache() {
-  .venv/bin/python -c 'import sys, pyfuse3; sys.exit(not hasattr(pyfuse3.FileInfo, "cache_readdir"))' \
+  .venv/bin/python -c 'import sys, pyfuse3
+sys.exit(not (hasattr(pyfuse3.FileInfo, "cache_readdir") and hasattr(pyfuse3, "no_opendir_support")))' \
     >/dev/null 2>&1
 }
 

@@ -13,6 +13,7 @@ where `scripts/setup.sh` must have built it.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -26,11 +27,14 @@ from conftest import Mounted, require
 from zarrfs import fuse_ops
 from zarrfs.config import KERNEL_READDIR_CACHE_ENV
 from zarrfs.demo.sample import OME_PATH, V1, SampleDandiset
+from zarrfs.errors import DataError
 from zarrfs.faces.cli import build_parser, config_from_args
 from zarrfs.fs.filesystem import OpenDir
+from zarrfs.fs.namespace import Entry
 from zarrfs.fuse_ops import ZarrfsOperations, kernel_readdir_cache_supported
 
 CACHING = "the kernel caches directory listings"
+ZERO_MESSAGE = "opens directories without asking"
 NOT_ASKED = "kernel caching of directory listings is off"
 
 
@@ -48,11 +52,16 @@ def patched_pyfuse3() -> None:
 
 
 class _Directories:
-    """Stands in for `Filesystem` in `opendir`: every inode is a directory; inode 7 is a level of
-    the archive that can change (never cached by the kernel)."""
+    """Stands in for `Filesystem` in `opendir` and `readdir`: every inode is a directory holding
+    one file named after it; inode 7 is a level of the archive that can change (never cached by
+    the kernel)."""
 
     async def opendir(self, ino: int) -> OpenDir:
         return OpenDir(ino, cacheable=ino != 7)
+
+    async def readdir(self, handle: OpenDir, offset: int) -> list[tuple[bytes, Entry, int]]:
+        row = (f"file-of-{handle.ino}".encode(), Entry(1000 + handle.ino, False, 3, 0), 1)
+        return [row][offset:]
 
 
 def _operations(**kwargs: bool) -> ZarrfsOperations:
@@ -71,6 +80,75 @@ async def test_opendir_asks_for_the_cache_where_pyfuse3_can() -> None:
     assert not reply.direct_io and not reply.nonseekable
     mutable = await ops.opendir(7, None)  # type: ignore[arg-type]
     assert isinstance(mutable, int) and ops._dirs[mutable].ino == 7
+
+
+def _initialized(monkeypatch: pytest.MonkeyPatch, kernel: bool, **kwargs: bool) -> ZarrfsOperations:
+    """Operations after the kernel's INIT, the kernel supporting zero-message opendir or not."""
+    monkeypatch.setattr(pyfuse3, "no_opendir_support", kernel, raising=False)
+    ops = _operations(**kwargs)
+    ops.init()
+    return ops
+
+
+async def _listed(ops: ZarrfsOperations, fh: int) -> list[tuple[bytes, int]]:
+    replies: list[tuple[bytes, int]] = []
+
+    def reply(token: object, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        replies.append((name, attr.st_ino))
+        return True
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pyfuse3, "readdir_reply", reply)
+        await ops.readdir(fh, 0, None)  # type: ignore[arg-type]
+    return replies
+
+
+@pytest.mark.trio
+@pytest.mark.usefixtures("patched_pyfuse3")
+async def test_a_fixed_tree_has_the_kernel_open_directories_without_asking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A version mount replies ENOSYS to opendir where the kernel supports zero-message opendir;
+    readdir then receives the directory's inode, and makes opendir's checks itself."""
+    ops = _initialized(monkeypatch, True, fixed_tree=True)
+    assert ops.no_opendir
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await ops.opendir(42, None)  # type: ignore[arg-type]
+    assert raised.value.errno == errno.ENOSYS and not ops._dirs
+    assert await _listed(ops, 42) == [(b"file-of-42", 1042)]
+
+    class Broken(_Directories):
+        async def opendir(self, ino: int) -> OpenDir:
+            raise DataError("Zarr asset x cannot be served: no checksum")
+
+    ops._fs = Broken()  # type: ignore[assignment]
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await _listed(ops, 42)
+    assert raised.value.errno == errno.EIO
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize(("kernel", "fixed_tree"), [(False, True), (True, False)])
+@pytest.mark.usefixtures("patched_pyfuse3")
+async def test_opendir_is_asked_where_the_kernel_or_the_tree_does_not_allow_otherwise(
+    monkeypatch: pytest.MonkeyPatch, kernel: bool, fixed_tree: bool
+) -> None:
+    """An older kernel would fail the open with ENOSYS; an archive mount has levels that change."""
+    ops = _initialized(monkeypatch, kernel, fixed_tree=fixed_tree)
+    assert not ops.no_opendir
+    reply = await ops.opendir(42, None)  # type: ignore[arg-type]
+    assert isinstance(reply, pyfuse3.FileInfo) and reply.cache_readdir
+    assert await _listed(ops, reply.fh) == [(b"file-of-42", 1042)]
+
+
+@pytest.mark.trio
+async def test_a_fixed_tree_keeps_opendir_when_the_cache_is_turned_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ops = _initialized(monkeypatch, True, fixed_tree=True, kernel_readdir_cache=False)
+    assert not ops.no_opendir
+    fh = await ops.opendir(42, None)  # type: ignore[arg-type]
+    assert isinstance(fh, int) and ops._dirs[fh].ino == 42
 
 
 @pytest.mark.trio
@@ -164,17 +242,20 @@ def test_second_listing_is_served_by_the_kernel(
 ) -> None:
     mounted = mount_v1(mount, sample)
     assert CACHING in mounted.output()
+    zero_message = ZERO_MESSAGE in mounted.output()
     for relative in ("", OME_PATH, f"{OME_PATH}/0/0"):
         path = mounted.path / relative
         ino = path.stat().st_ino
         expected = expected_listing(sample, relative)
         assert listing(path) == expected
         opened, read = requests(mounted, "opendir", ino), requests(mounted, "readdir", ino)
-        assert opened >= 1 and read >= 1, mounted.output()
+        assert read >= 1, mounted.output()
         assert listing(path) == expected
-        # The kernel asked the daemon to open the directory again, but read it from its cache.
-        assert requests(mounted, "opendir", ino) == opened + 1
-        assert requests(mounted, "readdir", ino) == read, relative
+        assert requests(mounted, "readdir", ino) == read, relative  # read from the kernel's cache
+        if not zero_message:  # the kernel asked the daemon to open the directory again
+            assert requests(mounted, "opendir", ino) == opened + 1
+    if zero_message:  # the first opendir was answered ENOSYS, and the kernel asked no more
+        assert all_requests(mounted, "opendir") == 1, mounted.output()
 
 
 @pytest.mark.fuse
@@ -188,7 +269,26 @@ def test_a_second_walk_of_the_whole_tree_makes_no_readdir_request(
     opened = all_requests(mounted, "opendir")
     assert walk(mounted.path) == published_sizes(sample)
     assert all_requests(mounted, "readdir") == read
-    assert all_requests(mounted, "opendir") > opened  # the walk did reach the daemon
+    if ZERO_MESSAGE in mounted.output():  # nothing of the second walk reached the daemon
+        assert all_requests(mounted, "opendir") == opened == 1
+    else:
+        assert all_requests(mounted, "opendir") > opened  # the walk did reach the daemon
+
+
+@pytest.mark.fuse
+@pytest.mark.usefixtures("patched_pyfuse3")
+def test_a_version_mount_has_the_kernel_open_directories_without_asking(
+    mount: Callable[..., Mounted], sample: SampleDandiset
+) -> None:
+    """Linux 5.1 or newer (every machine this runs on) supports zero-message opendir: a version
+    mount uses it, and a whole walk then costs the daemon one readdir per directory and no more."""
+    mounted = mount_v1(mount, sample)
+    assert ZERO_MESSAGE in mounted.output()
+    assert walk(mounted.path) == published_sizes(sample)
+    directories = sum(1 for _ in os.walk(mounted.path))
+    assert all_requests(mounted, "opendir") == 1
+    # one request per directory, and one more at the end of each listing
+    assert all_requests(mounted, "readdir") <= 2 * directories
 
 
 @pytest.mark.fuse

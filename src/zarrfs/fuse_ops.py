@@ -22,8 +22,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from itertools import count
 from typing import TYPE_CHECKING, Any
 
@@ -70,18 +69,38 @@ def kernel_readdir_cache_supported() -> bool:
     return hasattr(pyfuse3.FileInfo, "cache_readdir")
 
 
-@contextmanager
-def _errors(handler: str) -> Iterator[None]:
+def zero_message_opendir_supported() -> bool:
+    """Whether the running pyfuse3 lets `opendir` reply ENOSYS so that `readdir` receives the inode.
+
+    The second part of `patches/pyfuse3-*-cache-readdir.patch`, recognised by the module attribute
+    `pyfuse3.no_opendir_support`, which the patched pyfuse3 sets when the kernel's INIT request is
+    answered: true where the kernel supports zero-message opendir (Linux 5.1 and libfuse 3.5 or
+    newer). An `opendir` that replies ENOSYS there makes the kernel open every later directory without
+    asking (no OPENDIR, no RELEASEDIR: two fewer requests per directory listed) and cache every
+    listing across opens, as `cache_readdir` and `keep_cache` do.
+    """
+    return hasattr(pyfuse3, "no_opendir_support")
+
+
+class _errors:  # lower case: used as `with _errors(handler):`, like a function
     """Map a domain error to FUSEError; the only translation point of zarrfs, and the last resort
-    that keeps a bug in one request from unmounting the filesystem."""
-    try:
-        yield
-    except pyfuse3.FUSEError:
-        raise
-    except ZarrfsError as e:
-        raise pyfuse3.FUSEError(errno_for(e)) from e
-    except Exception as e:
-        report_bug(handler, e)
+    that keeps a bug in one request from unmounting the filesystem. A class rather than a
+    `contextmanager` generator: every request enters one, and a generator costs four times more."""
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: str) -> None:
+        self.handler = handler
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, e: BaseException | None, tb: object) -> None:
+        if e is None or isinstance(e, pyfuse3.FUSEError) or not isinstance(e, Exception):
+            return  # no error, already an errno, or trio.Cancelled and the like: as they are
+        if isinstance(e, ZarrfsError):
+            raise pyfuse3.FUSEError(errno_for(e)) from e
+        report_bug(self.handler, e)
         raise pyfuse3.FUSEError(errno.EIO) from e
 
 
@@ -107,10 +126,17 @@ class ZarrfsOperations(pyfuse3.Operations):
         negative_timeout: float = config.NEGATIVE_TIMEOUT,
         xattrs: bool = False,
         kernel_readdir_cache: bool = True,
+        fixed_tree: bool = False,
     ) -> None:
         super().__init__()
         #: Ask the kernel to cache listings (only where pyfuse3 can; the tree never changes).
         self.kernel_readdir_cache = kernel_readdir_cache and kernel_readdir_cache_supported()
+        #: No directory of the mount can change while it is mounted (a version mount: no level of
+        #: the archive), so every listing may be cached, which zero-message opendir implies.
+        self.fixed_tree = fixed_tree
+        #: Zero-message opendir is in effect: `opendir` replies ENOSYS, and `readdir` receives
+        #: inodes, not handles. Decided in `init`, once the kernel has said what it supports.
+        self.no_opendir = False
         self._fs = fs
         self._ready = trio.Event()  # the core is attached (or failed): requests may proceed
         #: Set once the kernel's INIT request is answered: the mount's settings are final then.
@@ -142,6 +168,11 @@ class ZarrfsOperations(pyfuse3.Operations):
     def init(self) -> None:
         """pyfuse3 calls this while answering the kernel's INIT request; the answer is sent when
         it returns, before any waiter on `initialized` runs."""
+        self.no_opendir = (
+            self.kernel_readdir_cache
+            and self.fixed_tree
+            and bool(getattr(pyfuse3, "no_opendir_support", False))
+        )
         self.initialized.set()
 
     def attach(self, fs: Filesystem) -> None:
@@ -154,6 +185,10 @@ class ZarrfsOperations(pyfuse3.Operations):
         self._ready.set()
 
     async def _core(self) -> Filesystem:
+        fs = self._fs
+        # no checkpoint here: one trip through trio's scheduler costs more than a lookup
+        if fs is not None:
+            return fs
         await self._ready.wait()
         if self._fs is None:
             raise pyfuse3.FUSEError(errno.EIO)
@@ -221,6 +256,8 @@ class ZarrfsOperations(pyfuse3.Operations):
         self, inode: int, ctx: pyfuse3.RequestContext
     ) -> int | pyfuse3.FileInfo:
         log.debug("opendir %d", inode)
+        if self.no_opendir:  # the kernel opens this and every later directory without asking
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         with _errors("opendir"):
             handle = await (await self._core()).opendir(inode)
             fh = next(self._handles)
@@ -232,10 +269,14 @@ class ZarrfsOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)  # type: ignore[call-arg, unused-ignore]
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """`fh` is a handle from `opendir`, or with zero-message opendir the directory's inode."""
         with _errors("readdir"):
-            handle = self._dirs[fh]
+            fs = await self._core()
+            # Without opendir, the checks it makes (a directory, a Zarr that can be served) are
+            # made here, and fail the listing instead of the open.
+            handle = await fs.opendir(fh) if self.no_opendir else self._dirs[fh]
             log.debug("readdir %d from %d", handle.ino, start_id)
-            entries = await (await self._core()).readdir(handle, start_id)
+            entries = await fs.readdir(handle, start_id)
             for name, entry, next_id in entries:
                 if not pyfuse3.readdir_reply(token, name, self.attributes(entry), next_id):
                     break

@@ -326,6 +326,14 @@ class ManifestCache:
             asset.zarr_id, asset.zarr_checksum, f"asset {asset.path}", live=asset.live
         )
 
+    def loaded(self, zarr_id: str, checksum: str) -> ManifestIndex | None:
+        """The index of Zarr `zarr_id` at `checksum` if it is in memory now (a memory hit), else
+        None: the answer of `get_index` when it need not wait."""
+        index = self._loaded.get((zarr_id, checksum))
+        if index is not None:
+            self.stats["memory_hits"] += 1
+        return index
+
     async def get_index(
         self, zarr_id: str, checksum: str, what: str, *, live: Live = False
     ) -> ManifestIndex:
@@ -337,11 +345,10 @@ class ManifestCache:
         Raises ManifestMissing when there is none, RemoteError when a root (or the API) could not
         be asked, another DataError when the manifest is unusable.
         """
-        key = (zarr_id, checksum)
-        index = self._loaded.get(key)
+        index = self.loaded(zarr_id, checksum)
         if index is not None:
-            self.stats["memory_hits"] += 1
             return index
+        key = (zarr_id, checksum)
         failed = self._failures.get(key)
         if failed is not None:
             at, error = failed

@@ -137,6 +137,8 @@ async def serve(
             umask=config.umask,
             xattrs=config.xattrs,
             kernel_readdir_cache=config.kernel_readdir_cache,
+            # a version's tree is fixed for the mount; the archive's levels can change
+            fixed_tree=config.source.kind == "version",
         )
         # mountinfo shows the resolved path; resolving it after the mount would stat this daemon
         real_mountpoint = os.path.realpath(config.mountpoint)
@@ -182,6 +184,7 @@ async def _announce(
     on_ready: Callable[[], None] | None,
 ) -> None:
     """The core is ready: publish state and stats, and tell whoever waits that the mount serves."""
+    await ops.initialized.wait()  # what the kernel supports is known from INIT
     _log_listing_cache(ops, config)
     await trio.to_thread.run_sync(runtime.write_state, config)
     stack.callback(runtime.remove, config.mountpoint)
@@ -207,7 +210,9 @@ async def _run_fuse(scope: trio.CancelScope) -> None:
 
 
 def _log_listing_cache(ops: ZarrfsOperations, config: Config) -> None:
-    if ops.kernel_readdir_cache:
+    if ops.no_opendir:
+        log.info("the kernel caches directory listings, and opens directories without asking")
+    elif ops.kernel_readdir_cache:
         log.info("the kernel caches directory listings")
     elif config.kernel_readdir_cache:
         log.info(

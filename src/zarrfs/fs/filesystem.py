@@ -86,11 +86,13 @@ class OpenFile:
 class OpenDir:
     """An open directory. A level that can change is listed once, when opened (`snapshot`), so
     offsets stay consistent while it is read; only an immutable directory may be cached by the
-    kernel (`cacheable`)."""
+    kernel (`cacheable`). Any other directory is found when opened (`where`), so reading it finds
+    nothing again."""
 
     ino: int
     cacheable: bool
     snapshot: tuple[tuple[bytes, Entry], ...] | None = None
+    where: _Inside | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +105,13 @@ class FsStats:
 
 @dataclass(frozen=True, slots=True)
 class _Inside:
-    """Where a volume's inode is: its volume and namespace, and its Zarr (None: top-level)."""
+    """Where a volume's inode is: its volume and namespace, and its Zarr (None: top-level) with that
+    Zarr's view when the operation needs it (inside the Zarr, or about its root's children)."""
 
     volume: Volume
     namespace: Namespace
     zarr: ZarrPlace | None
+    view: ZarrView | VirtualView | None = None
 
 
 class Filesystem:
@@ -238,43 +242,43 @@ class Filesystem:
             raise RemoteError(f"{what}: no answer within {self.read_deadline:g} s") from None
 
     async def getattr(self, ino: int) -> Entry:
-        with self._bounded(f"getattr of inode {ino}"):
-            ino = self._in(ino)
-            node = self.levels.node(ino)
-            if node is not None:
+        ino = self._in(ino)
+        node = self.levels.node(ino)
+        if node is not None:
+            with self._bounded(f"getattr of inode {ino}"):
                 return self._out(await self.levels.entry(node))
-            inside = await self._inside(ino)
-            if inside.zarr is None or ino == inside.zarr.root_ino:
-                return self._out(inside.namespace.getattr(ino))
-            view = await self._view(inside)
-            return self._out(view.getattr(inside.zarr, inside.zarr.node(ino)))
+        inside = await self._inside(ino, "getattr")
+        if inside.view is None:
+            return self._out(inside.namespace.getattr(ino))
+        assert inside.zarr is not None
+        return self._out(inside.view.getattr(inside.zarr, inside.zarr.node(ino)))
 
     async def lookup(self, parent: int, name: bytes) -> Entry:
-        with self._bounded(f"lookup of {name!r:.80} in inode {parent}"):
-            parent = self._in(parent)
-            node = self.levels.node(parent)
-            if node is not None:
+        parent = self._in(parent)
+        node = self.levels.node(parent)
+        if node is not None:
+            with self._bounded(f"lookup of {name!r:.80} in inode {parent}"):
                 return self._out(await self.levels.lookup(node, name))
-            inside = await self._inside(parent)
-            if inside.zarr is None:
-                return self._out(inside.namespace.lookup(parent, name))
-            view = await self._view(inside)
-            return self._out(view.lookup(inside.zarr, inside.zarr.node(parent), name))
+        inside = await self._inside(parent, "lookup", name, children=True)
+        if inside.view is None:
+            return self._out(inside.namespace.lookup(parent, name))
+        assert inside.zarr is not None
+        return self._out(inside.view.lookup(inside.zarr, inside.zarr.node(parent), name))
 
     async def opendir(self, ino: int) -> OpenDir:
-        with self._bounded(f"opendir of inode {ino}"):
-            ino = self._in(ino)
-            node = self.levels.node(ino)
-            if node is not None:
+        ino = self._in(ino)
+        node = self.levels.node(ino)
+        if node is not None:
+            with self._bounded(f"opendir of inode {ino}"):
                 listing = await self.levels.listing(node)
-                return OpenDir(ino, cacheable=False, snapshot=tuple(listing))
-            inside = await self._inside(ino)
-            if inside.zarr is None:
-                inside.namespace.check_dir(ino)
-            else:
-                view = await self._view(inside)
-                view.check_dir(inside.zarr, inside.zarr.node(ino))
-            return OpenDir(ino, cacheable=True)
+            return OpenDir(ino, cacheable=False, snapshot=tuple(listing))
+        inside = await self._inside(ino, "opendir", children=True)
+        if inside.view is None:
+            inside.namespace.check_dir(ino)
+        else:
+            assert inside.zarr is not None
+            inside.view.check_dir(inside.zarr, inside.zarr.node(ino))
+        return OpenDir(ino, cacheable=True, where=inside)
 
     async def readdir(self, handle: OpenDir, offset: int) -> Iterator[tuple[bytes, Entry, int]]:
         """Entries of an open directory from `offset` (a value a previous entry returned, or 0)."""
@@ -285,13 +289,15 @@ class Filesystem:
                 for i, (name, entry) in enumerate(entries)
                 if i >= offset
             )
-        with self._bounded(f"readdir of inode {handle.ino}"):
-            inside = await self._inside(handle.ino)
-            if inside.zarr is None:
-                rows = inside.namespace.readdir(handle.ino, offset)
-            else:
-                view = await self._view(inside)
-                rows = view.readdir(inside.zarr, inside.zarr.node(handle.ino), offset)
+        inside = handle.where
+        assert inside is not None  # found when opened
+        if inside.view is None:
+            rows = inside.namespace.readdir(handle.ino, offset)
+        else:
+            assert inside.zarr is not None
+            rows = inside.view.readdir(inside.zarr, inside.zarr.node(handle.ino), offset)
+        if self._root_alias is None:
+            return rows
         return ((name, self._out(entry), next_offset) for name, entry, next_offset in rows)
 
     async def readlink(self, ino: int) -> bytes:
@@ -302,11 +308,10 @@ class Filesystem:
             return await self.levels.readlink(node)
 
     async def open(self, ino: int) -> OpenFile:
-        with self._bounded(f"open of inode {ino}"):
-            ino = self._in(ino)
-            if self.levels.node(ino) is not None:
-                raise IsADirectory(f"inode {ino} is a directory")
-            source, where = await self._source(ino, opening=True)
+        ino = self._in(ino)
+        if self.levels.node(ino) is not None:
+            raise IsADirectory(f"inode {ino} is a directory")
+        source, where = await self._source(ino, opening=True)
         if isinstance(source, ObjectRef):
             reader = self.stack.open(source)
         elif isinstance(source, BlobRange):
@@ -354,11 +359,10 @@ class Filesystem:
 
     async def source_of(self, ino: int) -> FileSource:
         """Where the bytes of file `ino` come from, without opening it (no reader, no prefetch)."""
-        with self._bounded(f"source of inode {ino}"):
-            ino = self._in(ino)
-            if self.levels.node(ino) is not None:
-                raise IsADirectory(f"inode {ino} is a directory")
-            return (await self._source(ino))[0]
+        ino = self._in(ino)
+        if self.levels.node(ino) is not None:
+            raise IsADirectory(f"inode {ino} is a directory")
+        return (await self._source(ino))[0]
 
     def version_namespace(self) -> Namespace | None:
         """The namespace of the one version a version mount shows (None for the archive and
@@ -381,7 +385,7 @@ class Filesystem:
         out: dict[str, str] = {}
         if self.levels.node(ino) is not None:
             return out
-        inside = await self._inside(ino)
+        inside = await self._inside(ino, "provenance")
         key = self.volumes.key(inside.volume)
         namespace = inside.namespace
         if ino == inside.volume.root_ino and key.level == Level.VERSION:
@@ -439,36 +443,64 @@ class Filesystem:
             return Entry(ROOT_INO, entry.is_dir, entry.size, entry.mtime_ns, entry.ttl, entry.link)
         return entry
 
-    async def _inside(self, ino: int) -> _Inside:
-        """The volume `ino` belongs to (resolved now if need be) and its Zarr, if any."""
+    def _inside_now(self, ino: int, children: bool) -> _Inside | None:
+        """Where `ino` is (see `_inside`) if that is known without waiting, else None. The path of
+        nearly every operation: it opens no deadline, which costs more than the rest of a lookup."""
         volume = self.inodes.volume_of(ino)
         if volume is None or (not volume.reserved and ino != volume.root_ino):
             raise NotFound(f"no inode {ino}")
-        namespace = await self.volumes.namespace(volume)
-        return _Inside(volume, namespace, namespace.zarr_at(ino))
-
-    async def _view(self, inside: _Inside) -> ZarrView | VirtualView:
-        assert inside.zarr is not None
-        if inside.zarr.virtual:
+        namespace = self.volumes.cached(volume)
+        if namespace is None:
+            return None
+        zarr = namespace.zarr_at(ino)
+        if zarr is None or (ino == zarr.root_ino and not children):
+            return _Inside(volume, namespace, zarr)
+        if zarr.virtual:
             assert self.virtual is not None  # a namespace shows virtual Zarrs only when it is set
-            return await self.virtual.view(inside.zarr)
-        ask_api = self.volumes.key(inside.volume).level == Level.ZARR  # zarrs/...: live unknown
-        return await self.zarrs.view(inside.zarr, ask_api=ask_api)
+            view: ZarrView | VirtualView | None = self.virtual.view_now(zarr)
+        else:
+            view = self.zarrs.view_now(zarr)
+        return None if view is None else _Inside(volume, namespace, zarr, view)
+
+    async def _inside(
+        self, ino: int, op: str, name: bytes | None = None, *, children: bool = False
+    ) -> _Inside:
+        """The volume `ino` belongs to, resolved now if need be, and its Zarr, if any, with that
+        Zarr's view loaded if the operation needs it: `ino` is inside the Zarr, or is its root and
+        `children` (a lookup, opendir, readdir). Waits at most `read_deadline` (`op`, `name`: the
+        operation, for the error)."""
+        inside = self._inside_now(ino, children)
+        if inside is not None:
+            return inside
+        what = f"{op} of inode {ino}" if name is None else f"{op} of {name!r:.80} in inode {ino}"
+        with self._bounded(what):
+            volume = self.inodes.volume_of(ino)
+            assert volume is not None  # checked by _inside_now
+            namespace = await self.volumes.namespace(volume)
+            zarr = namespace.zarr_at(ino)
+            if zarr is None or (ino == zarr.root_ino and not children):
+                return _Inside(volume, namespace, zarr)
+            if zarr.virtual:
+                assert self.virtual is not None
+                view: ZarrView | VirtualView = await self.virtual.view(zarr)
+            else:
+                ask_api = self.volumes.key(volume).level == Level.ZARR  # zarrs/...: live unknown
+                view = await self.zarrs.view(zarr, ask_api=ask_api)
+            return _Inside(volume, namespace, zarr, view)
 
     async def _source(self, ino: int, *, opening: bool = False) -> tuple[FileSource, str]:
         """Where the bytes of file `ino` come from, and its path for log lines. `opening`: the
         file is being opened (a chunk of an array read in order has the next ones fetched)."""
-        inside = await self._inside(ino)
+        inside = await self._inside(ino, "open")
         prefix = self.volumes.path(inside.volume)
-        zarr = inside.zarr
-        if zarr is None or ino == zarr.root_ino:
+        zarr, view = inside.zarr, inside.view
+        if zarr is None or view is None:
             where = _join(prefix, inside.namespace.describe(ino))
             try:
                 return inside.namespace.file_source(ino), where
             except DataError as e:
                 log.error("cannot open %s: %s", where, e)
                 raise
-        view = await self._view(inside)
         node = zarr.node(ino)
         inner = view.path(node) if zarr.path == "/" else f"{zarr.path}/{view.path(node)}"
         where = _join(prefix, inner)

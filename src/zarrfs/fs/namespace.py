@@ -134,6 +134,9 @@ class Namespace:
         newest = max((a.mtime_ns for a in resolved.assets), default=0)
         self._nodes: list[_Top | None] = [None]  # by index; 1 is the root
         self._zarr_roots: list[_Top | None] = [None]  # by slot
+        #: The `ZarrPlace` of each slot, made when first asked for (every operation inside a Zarr
+        #: asks), and dropped when the namespace is placed again.
+        self._places: dict[int, ZarrPlace] = {}
         self.root_ino, self._plain_base, self._slot_base = ROOT_INO, 2, 1
         root = self._add(b"", parent=1, is_dir=True, mtime_ns=newest)
         if root_zarr is not None:  # the root is the Zarr itself: slot 1
@@ -179,6 +182,7 @@ class Namespace:
     def place(self, root_ino: int, plain_base: int, slot_base: int) -> None:
         """Number this namespace where the mount reserved room for it (see the module docstring)."""
         self.root_ino, self._plain_base, self._slot_base = root_ino, plain_base, slot_base
+        self._places.clear()
 
     @property
     def n_plain(self) -> int:
@@ -308,9 +312,13 @@ class Namespace:
         return Entry(self._ino(node), node.is_dir, node.size, node.mtime_ns)
 
     def _place(self, root: _Top) -> ZarrPlace:
-        assert root.asset is not None
-        base = (self._slot_base + root.slot - 1) << ZARR_SHIFT
-        return ZarrPlace(root.asset, self._ino(root), base, self._path(root), root.virtual)
+        place = self._places.get(root.slot)
+        if place is None:
+            assert root.asset is not None
+            base = (self._slot_base + root.slot - 1) << ZARR_SHIFT
+            place = ZarrPlace(root.asset, self._ino(root), base, self._path(root), root.virtual)
+            self._places[root.slot] = place
+        return place
 
     def zarr_at(self, ino: int) -> ZarrPlace | None:
         """The Zarr `ino` is in or is the root of (None: a top-level inode that is not a Zarr).

@@ -189,6 +189,10 @@ class VirtualZarrs:
         """Bytes of the views kept in memory (roughly)."""
         return self._views.weight
 
+    def view_now(self, place: ZarrPlace) -> VirtualView | None:
+        """The view of the blob at `place` if it is built and kept, else None: then ask `view`."""
+        return self._views.get(blob_ref(place.asset))
+
     async def view(self, place: ZarrPlace) -> VirtualView:
         """The virtual Zarr view of the blob at `place` (built on first entry)."""
         asset = place.asset

@@ -243,19 +243,16 @@ class Zarrs:
         """The view of the Zarr at `place`. `ask_api`: the asset does not say whether its checksum
         is the Zarr's live one (a `zarrs/` path of an archive mount): ask the catalog if no
         manifest exists, so a draft Zarr's current state can be built from the bucket's listing."""
+        view = self.view_now(place)
+        if view is not None:
+            return view
         asset = place.asset
-        if asset.problem or not asset.zarr_id or not asset.zarr_checksum:
-            message = f"Zarr asset {asset.path} cannot be served: {asset.problem}"
-            if message not in self._reported:  # say why, once
-                self._reported.add(message)
-                log.error("%s", message)
-            raise DataError(message)
+        zarr_id, checksum = asset.zarr_id, asset.zarr_checksum
+        assert zarr_id and checksum  # view_now raised DataError otherwise
         live: Live = asset.live
         if not live and ask_api:
-            live = partial(self.catalog.is_live, asset.zarr_id, asset.zarr_checksum)
-        index = await self.manifests.get_index(
-            asset.zarr_id, asset.zarr_checksum, f"asset {asset.path}", live=live
-        )
+            live = partial(self.catalog.is_live, zarr_id, checksum)
+        index = await self.manifests.get_index(zarr_id, checksum, f"asset {asset.path}", live=live)
         key = (index.zarr_id, index.checksum)
         if self.consolidate:
             document = self._consolidated.get(key)
@@ -264,9 +261,32 @@ class Zarrs:
                     key, partial(self._consolidate, key, asset.path, index)
                 )
             return ZarrView(index, document or None)
+        return self._entered_view(index, asset.path)
+
+    def view_now(self, place: ZarrPlace) -> ZarrView | None:
+        """The view of the Zarr at `place` when it is at hand without waiting (its index in memory,
+        and with `--consolidate` its `.zmetadata` built), else None: then ask `view`. DataError
+        for an asset that cannot be served."""
+        asset = place.asset
+        if asset.problem or not asset.zarr_id or not asset.zarr_checksum:
+            message = f"Zarr asset {asset.path} cannot be served: {asset.problem}"
+            if message not in self._reported:  # say why, once
+                self._reported.add(message)
+                log.error("%s", message)
+            raise DataError(message)
+        index = self.manifests.loaded(asset.zarr_id, asset.zarr_checksum)
+        if index is None:
+            return None
+        if self.consolidate:
+            document = self._consolidated.get((index.zarr_id, index.checksum))
+            return None if document is None else ZarrView(index, document or None)
+        return self._entered_view(index, asset.path)
+
+    def _entered_view(self, index: ManifestIndex, what: str) -> ZarrView:
+        key = (index.zarr_id, index.checksum)
         if key not in self._entered:
             self._entered[key] = True
-            self._prefetch_metadata(index, asset.path)
+            self._prefetch_metadata(index, what)
         return ZarrView(index)
 
     def _metadata_refs(self, index: ManifestIndex) -> dict[str, ObjectRef]:
