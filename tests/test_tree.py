@@ -138,3 +138,28 @@ def test_a_consolidated_document_shows_at_the_zarr_root_only() -> None:
     assert view.file_source(place, place.node(document.ino)) == InlineFile(b'{"metadata": {}}')
     with pytest.raises(NotFound):
         view.lookup(place, place.node(view.lookup(place, 0, b"0").ino), b".zmetadata")
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 320, 321, 1400])
+def test_a_listing_across_readdir_batches_has_every_child_once(n: int) -> None:
+    """ZarrView.readdir converts children in growing batches (64, 256, 1024, ...) and stops after a
+    short one: a directory whose size is at, below or above a batch edge lists each child once."""
+    leaves = [
+        ManifestLeaf(f"0/{i:05d}", f"v{i}", "2025-11-01T12:00:01+00:00", i, f"{i:032x}")
+        for i in range(n)
+    ]
+    checksum = zarr_checksum_of(leaves)
+    index = parse_manifest(
+        format_manifest(build_manifest(leaves)).encode(), zarr_id=ZID, expected_checksum=checksum
+    )
+    asset = AssetRecord("a", "x.zarr", 1, 5, zarr_id=ZID, zarr_checksum=checksum)
+    ns = Namespace(ResolvedVersion(Source("000123", "0.251101.1200"), (asset,), None, True))
+    place = ns.zarr_at(ns.lookup(ROOT_INO, b"x.zarr").ino)
+    assert place is not None
+    view = ZarrView(index)
+    directory = view.lookup(place, 0, b"0")
+    rows = list(view.readdir(place, place.node(directory.ino), 0))
+    assert [name for name, _, _ in rows] == [f"{i:05d}".encode() for i in range(n)]
+    assert [entry.size for _, entry, _ in rows] == list(range(n))
+    assert [offset for _, _, offset in rows] == list(range(1, n + 1))
+    assert list(view.readdir(place, place.node(directory.ino), n)) == []

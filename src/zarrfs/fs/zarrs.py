@@ -112,6 +112,8 @@ class ZarrView:
             for child, name, is_dir, size, mtime_ns in rows:
                 offset += 1
                 yield name, Entry(base | child, is_dir, size, mtime_ns), offset
+            if len(rows) < batch:  # the last of them: asking again would only find none
+                return
             batch = min(batch * 4, _LAST_BATCH)
 
     def file_source(self, place: ZarrPlace, node: int) -> FileSource:
