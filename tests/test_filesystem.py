@@ -268,3 +268,24 @@ async def test_a_stop_that_cancels_the_core_still_writes_what_it_read_to_disk(
     assert disk.pending == 0
     on_disk = disk.disk.stats()
     assert on_disk["puts"] == blocks, on_disk
+
+
+async def test_a_zarr_root_is_described_without_its_manifest(
+    sample: SampleDandiset, tmp_path: Path
+) -> None:
+    """Listing the directory that holds a Zarr, looking the Zarr up and its getattr are answered by
+    the namespace: only an operation on its children (or inside it) loads its manifest."""
+    parent, _, name = OME_PATH.rpartition("/")
+    async for fs in make_fs(sample, V1, tmp_path):
+        parent_ino = await resolve_path(fs, parent)
+        listed = {n: e for n, e, _ in await fs.readdir(await fs.opendir(parent_ino), 0)}
+        zarr = await fs.lookup(parent_ino, name.encode())
+        assert zarr.is_dir and listed[name.encode()] == zarr
+        assert (await fs.getattr(zarr.ino)) == zarr
+        assert fs.manifests.stats["fetches"] == 0
+        handle = await fs.opendir(zarr.ino)
+        assert fs.manifests.stats["fetches"] == 1
+        children = [n for n, _, _ in await fs.readdir(handle, 0)]
+        assert b".zattrs" in children or b"zarr.json" in children
+        assert (await fs.lookup(zarr.ino, children[0])).ino != zarr.ino
+        assert fs.manifests.stats["fetches"] == 1

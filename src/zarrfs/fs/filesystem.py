@@ -5,10 +5,10 @@ or one directory of a version: its root is then an alias of that directory), and
 operation, downwards only: an inode is a synthetic level of the archive (`synthetic`), or belongs to a
 volume (`volumes`), whose namespace answers for its top-level tree and says which Zarr an inode inside
 one is in; that Zarr's view (`zarrs`, or `virtual_zarrs` for the virtual Zarr view of an HDF5 blob)
-answers for it. Also: a deadline on every operation, read
-statistics, and the log line naming the object whenever a read fails. Works in domain types and
-raises typed `ZarrfsError`s; knows nothing of pyfuse3, so it is tested by awaiting it directly.
-Never parses, never retries, never decides cache policy.
+answers for it. Also: a deadline on every operation that must wait (none is opened when the answer
+is in memory, which is nearly always), read statistics, and the log line naming the object whenever
+a read fails. Works in domain types and raises typed `ZarrfsError`s; knows nothing of pyfuse3, so it
+is tested by awaiting it directly. Never parses, never retries, never decides cache policy.
 
 Every operation answers within `config.READ_DEADLINE` or fails with EIO (a lookup never waits without
 bound on a manifest, an asset list or the API); an unreachable remote is EIO, never "does not exist".
@@ -453,8 +453,9 @@ class Filesystem:
         if namespace is None:
             return None
         zarr = namespace.zarr_at(ino)
-        if zarr is None or (ino == zarr.root_ino and not children):
+        if not _wants_view(ino, zarr, children):
             return _Inside(volume, namespace, zarr)
+        assert zarr is not None
         if zarr.virtual:
             assert self.virtual is not None  # a namespace shows virtual Zarrs only when it is set
             view: ZarrView | VirtualView | None = self.virtual.view_now(zarr)
@@ -478,8 +479,9 @@ class Filesystem:
             assert volume is not None  # checked by _inside_now
             namespace = await self.volumes.namespace(volume)
             zarr = namespace.zarr_at(ino)
-            if zarr is None or (ino == zarr.root_ino and not children):
+            if not _wants_view(ino, zarr, children):
                 return _Inside(volume, namespace, zarr)
+            assert zarr is not None
             if zarr.virtual:
                 assert self.virtual is not None
                 view: ZarrView | VirtualView = await self.virtual.view(zarr)
@@ -491,7 +493,7 @@ class Filesystem:
     async def _source(self, ino: int, *, opening: bool = False) -> tuple[FileSource, str]:
         """Where the bytes of file `ino` come from, and its path for log lines. `opening`: the
         file is being opened (a chunk of an array read in order has the next ones fetched)."""
-        inside = await self._inside(ino, "open")
+        inside = await self._inside(ino, "open" if opening else "source")
         prefix = self.volumes.path(inside.volume)
         zarr, view = inside.zarr, inside.view
         if zarr is None or view is None:
@@ -508,6 +510,13 @@ class Filesystem:
         if opening:
             self.readahead.opened(zarr, view, node)
         return source, where
+
+
+def _wants_view(ino: int, zarr: ZarrPlace | None, children: bool) -> bool:
+    """Whether an operation on `ino` needs its Zarr's view: `ino` is inside the Zarr, or is its
+    root and the operation is about its children. A Zarr root's own attributes are the namespace's,
+    so listing a directory of Zarrs loads none of their manifests."""
+    return zarr is not None and (children or ino != zarr.root_ino)
 
 
 def _join(prefix: str, inner: str) -> str:
