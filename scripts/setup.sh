@@ -40,11 +40,13 @@ fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 
-# True when the venv's pyfuse3 has both parts of the patch (what zarrfs.fuse_ops detects): opendir
-# may ask for kernel caching, and may reply ENOSYS so that readdir receives the inode.
+# True when the venv's pyfuse3 has every part of the patch: opendir may ask for kernel caching, and
+# may reply ENOSYS so that readdir receives the inode (what zarrfs.fuse_ops detects), and the request
+# loop keeps its reader lock through handlers that do not wait (pyfuse3._pyfuse3.Drive).
 has_readdir_cache() {
-  .venv/bin/python -c 'import sys, pyfuse3
-sys.exit(not (hasattr(pyfuse3.FileInfo, "cache_readdir") and hasattr(pyfuse3, "no_opendir_support")))' \
+  .venv/bin/python -c 'import sys, pyfuse3, pyfuse3._pyfuse3 as p
+sys.exit(not (hasattr(pyfuse3.FileInfo, "cache_readdir") and hasattr(pyfuse3, "no_opendir_support")
+              and hasattr(p, "Drive")))' \
     >/dev/null 2>&1
 }
 
