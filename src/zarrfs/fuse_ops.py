@@ -69,19 +69,6 @@ def kernel_readdir_cache_supported() -> bool:
     return hasattr(pyfuse3.FileInfo, "cache_readdir")
 
 
-def zero_message_opendir_supported() -> bool:
-    """Whether the running pyfuse3 lets `opendir` reply ENOSYS so that `readdir` receives the inode.
-
-    The second part of `patches/pyfuse3-*-cache-readdir.patch`, recognised by the module attribute
-    `pyfuse3.no_opendir_support`, which the patched pyfuse3 sets when the kernel's INIT request is
-    answered: true where the kernel supports zero-message opendir (Linux 5.1 and libfuse 3.5 or
-    newer). An `opendir` that replies ENOSYS there makes the kernel open every later directory without
-    asking (no OPENDIR, no RELEASEDIR: two fewer requests per directory listed) and cache every
-    listing across opens, as `cache_readdir` and `keep_cache` do.
-    """
-    return hasattr(pyfuse3, "no_opendir_support")
-
-
 class _errors:  # lower case: used as `with _errors(handler):`, like a function
     """Map a domain error to FUSEError; the only translation point of zarrfs, and the last resort
     that keeps a bug in one request from unmounting the filesystem. A class rather than a
@@ -135,7 +122,9 @@ class ZarrfsOperations(pyfuse3.Operations):
         #: the archive), so every listing may be cached, which zero-message opendir implies.
         self.fixed_tree = fixed_tree
         #: Zero-message opendir is in effect: `opendir` replies ENOSYS, and `readdir` receives
-        #: inodes, not handles. Decided in `init`, once the kernel has said what it supports.
+        #: inodes, not handles. Decided in `init`, once the kernel has said what it supports: the
+        #: pyfuse3 that `patches/` builds sets `pyfuse3.no_opendir_support` while answering INIT
+        #: (Linux 5.1 and libfuse 3.5 or newer); stock pyfuse3 has no such attribute.
         self.no_opendir = False
         self._fs = fs
         self._ready = trio.Event()  # the core is attached (or failed): requests may proceed
