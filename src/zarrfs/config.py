@@ -35,12 +35,18 @@ BLOCK_SIZE = 256 << 10
 #: against the MD5 before any byte is served (most Zarr chunks). Larger ones go by blocks, unverified.
 VERIFY_WHOLE_OBJECT_MAX = 16 << 20
 #: Sequential prefetch (`prefetch`): how many bytes a run of reads that continue each other must
-#: have read before prefetch starts (random preads up to this size never start it); the first segment
+#: have read before prefetch starts (random preads up to this size never start it); the first window
 #: ahead of a sequential reader, and the longest (each is twice the previous one); how far a read may
 #: land from where the previous one ended and still count as sequential; the share of the memory
 #: cache that bytes fetched ahead of readers and not yet read may take, across all open files.
+#: The first window is already 8 parts (`PREFETCH_PART`) streamed at once: at some 100 MB/s per S3
+#: connection, a window that starts at 1 MiB and doubles keeps a reader below the bandwidth it could
+#: have for its first ~15 MiB (1 + 2 + 4 + 8, one stream after another), which on a 128 MiB blob was
+#: 19% of its read time (benchmarks/RESULTS.md, "Prefetch from the first window"). rclone's first
+#: ranged GET of a file read in order asks for 128 MiB (`--vfs-read-chunk-size`), gcsfuse's for 200 MB.
+#: What a reader does not read is bounded by closing or seeking: both cancel the streams at once.
 PREFETCH_TRIGGER = 1 << 20
-PREFETCH_FIRST_WINDOW = 1 << 20
+PREFETCH_FIRST_WINDOW = 64 << 20
 PREFETCH_MAX_WINDOW = 64 << 20
 PREFETCH_TOLERANCE = 1 << 20
 PREFETCH_MEMORY_SHARE = 0.5
