@@ -263,14 +263,6 @@ class ManifestCache:
         """`sweep`, returning only the number of temporary files removed."""
         return self.sweep()[0]
 
-    def holds_stored_indexes(self) -> bool:
-        """Whether the disk store holds an index at all (stops at the first one; synchronous: run
-        it through the gate). False when the store cannot be read."""
-        try:
-            return next(self._dir.glob("*/*/*.arrow"), None) is not None
-        except OSError:
-            return False
-
     def usage(self) -> tuple[int, int]:
         """(bytes, number) of indexes in the disk store."""
         sizes = []
