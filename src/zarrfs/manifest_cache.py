@@ -87,7 +87,9 @@ from zarrfs.io.remote import Remote
 from zarrfs.manifests.checksums import parse_checksum
 from zarrfs.manifests.listing import manifest_from_listing, zarr_prefix
 
-if TYPE_CHECKING:  # imported when a Zarr is first entered: numpy, pyarrow, zarr_checksum are heavy
+# Imported before a version with Zarrs serves (`fs.core`), else when a Zarr is first entered: numpy,
+# pyarrow and zarr_checksum are heavy, and a mount of NWB files alone never needs them.
+if TYPE_CHECKING:
     from zarrfs.manifests.index import ManifestIndex
 
 log = logging.getLogger(__name__)
