@@ -87,9 +87,7 @@ from zarrfs.io.remote import Remote
 from zarrfs.manifests.checksums import parse_checksum
 from zarrfs.manifests.listing import manifest_from_listing, zarr_prefix
 
-# Imported before a version with Zarrs serves (`fs.core`), else when a Zarr is first entered: numpy,
-# pyarrow and zarr_checksum are heavy, and a mount of NWB files alone never needs them.
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported when a Zarr is first entered: numpy, pyarrow, zarr_checksum are heavy
     from zarrfs.manifests.index import ManifestIndex
 
 log = logging.getLogger(__name__)
@@ -264,6 +262,14 @@ class ManifestCache:
     def sweep_stale_temp_files(self) -> int:
         """`sweep`, returning only the number of temporary files removed."""
         return self.sweep()[0]
+
+    def holds_stored_indexes(self) -> bool:
+        """Whether the disk store holds an index at all (stops at the first one; synchronous: run
+        it through the gate). False when the store cannot be read."""
+        try:
+            return next(self._dir.glob("*/*/*.arrow"), None) is not None
+        except OSError:
+            return False
 
     def usage(self) -> tuple[int, int]:
         """(bytes, number) of indexes in the disk store."""

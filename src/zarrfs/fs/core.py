@@ -28,7 +28,7 @@ from zarrfs.base.resources import raise_descriptor_limit
 from zarrfs.config import Config
 from zarrfs.errors import UserError, report_bug, unwrap_single_exception
 from zarrfs.fs.filesystem import Filesystem
-from zarrfs.io.disk_gate import DiskGate
+from zarrfs.io.disk_gate import CacheDirStalled, DiskGate
 from zarrfs.io.disk_store import DiskBlockCache, default_size
 from zarrfs.io.disk_tier import DiskTier
 from zarrfs.io.remote import Remote
@@ -88,8 +88,6 @@ async def open_filesystem(config: Config) -> AsyncIterator[Filesystem]:
         )
         try:
             description = await fs.start()  # before the nursery: its errors stay plain
-            if fs.holds_zarrs:
-                await _import_manifest_machinery()
             log.info("serving %s; %s", description, disk_note)
             with unwrap_single_exception():
                 async with trio.open_nursery() as outer:
@@ -135,6 +133,8 @@ def _start_services(
     service.start_soon(guarded, "descriptor count", _count_descriptors, fs)
     if disk is not None:
         service.start_soon(guarded, "disk cache eviction", disk.keep_within_bounds)
+    if fs.holds_zarrs:
+        service.start_soon(guarded, "import", _import_manifest_machinery, fs.manifests, gate)
     if fs.virtual is not None:
         service.start_soon(
             guarded, "sweep of the virtual Zarr store", fs.virtual.cache.sweep_in_background
@@ -197,24 +197,23 @@ async def _renew_leases(fs: Filesystem) -> None:
         await fs.volumes.renew_pins()
 
 
-async def _import_manifest_machinery() -> None:
-    """Import what entering a Zarr needs, in worker threads, before the core serves a version that
-    holds Zarrs: numpy (serving an index), then pyarrow (reading and writing index files). A
-    version of NWB files alone never imports either (some 38 MB of memory, mostly shared library
-    pages).
-
-    Why before serving, and not in the background once serving: an import holds the GIL for its
-    whole length (numpy 45-75 ms, pyarrow 25-95 ms, the larger with a cold page cache), so one
-    that runs after the mount serves stalls the first requests behind it. Left to the first entry
-    into a Zarr (numpy) and to the index written after it (pyarrow), they made the first chunk
-    read after that entry take 105 ms instead of 37 ms. Here they add about 0.1 s to the start of
-    a mount of such a version and take 0.1-0.17 s off its first reads, which is where a job that
-    reads as soon as `zarrfs mount` returns sees them (benchmarks/RESULTS.md, "Imports before
-    serving")."""
+async def _import_manifest_machinery(manifests: ManifestCache, gate: DiskGate) -> None:
+    """Import numpy (what serving an index needs) in a thread now that the mount serves, so that
+    entering a Zarr does not wait for it; then pyarrow (what reading an index file needs), but only
+    when the cache dir holds index files to read: with none stored, the first index is built from
+    its manifest and pyarrow is imported in the background when it is written, and importing it
+    ahead would only take CPU from the first reads (~0.1 s, more on a cold page cache). Only for
+    versions that hold Zarrs: they cost ~40 MB of memory, which a mount of NWB files alone never
+    needs."""
     await trio.to_thread.run_sync(
         importlib.import_module, "zarrfs.manifests.parse", abandon_on_cancel=True
     )
-    await import_index_format()
+    try:
+        stored = await gate.run(manifests.holds_stored_indexes)
+    except CacheDirStalled:
+        return
+    if stored:
+        await import_index_format()
 
 
 def _log_disk_tier_at_close(disk: DiskTier) -> None:
