@@ -106,8 +106,7 @@ async def test_a_sequential_reader_gets_a_few_long_streamed_gets_in_parallel(
         prefetcher = Prefetcher(REF, cache, budget, nursery)
         assert await read_all(cache, prefetcher) == DATA
         prefetcher.close()
-    # the reader's own first reads, then one window of parts (the object is shorter than the first
-    # window): not 32 separate GETs
+    # 1 MiB, 2, 4, 8, 16 MiB windows (and the reader's own first reads): not 32 separate GETs
     assert len(fake.ranges) <= 8, fake.ranges
     assert fake.sent <= SIZE * 1.05  # nothing fetched twice, little beyond the end
     windows = sorted((b - a) for a, b in fake.ranges)
@@ -175,16 +174,50 @@ async def test_prefetch_starts_once_a_run_covers_the_trigger(
             offset += piece
         assert prefetcher.segments == 0  # a run shorter than the trigger: no prefetch yet
         prefetcher.observe(offset, piece)
-        # the whole first window at once, as parts that stream side by side (not one stream that
-        # a later window joins): bounded by the end of the object
-        start = offset + piece
-        window = min(config.PREFETCH_FIRST_WINDOW, SIZE - start)
-        assert prefetcher.segments == -(-window // config.PREFETCH_PART) >= 2
-        await trio.sleep(fake.latency / 2)  # the requests are out, no part has arrived yet
-        assert fake.peak_streams == 0 and fake.open_streams == 0
-        await trio.sleep(fake.latency)
-        assert fake.peak_streams == prefetcher.segments
+        assert prefetcher.segments == 1
         prefetcher.close()
+
+
+async def test_a_run_that_has_read_far_gets_the_longest_window_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Once a run has read `PREFETCH_FULL_AFTER` bytes in order, the next window is the longest,
+    as parts streamed side by side (here it reaches the end of the object), not the next step of
+    the doubling ramp."""
+    fake = FakeS3()
+    cache, budget = make(fake)
+    async with trio.open_nursery() as nursery:
+        prefetcher = Prefetcher(REF, cache, budget, nursery)
+        offset = 0
+        while offset < config.PREFETCH_FULL_AFTER:
+            prefetcher.observe(offset, 1 << 20)
+            assert await cache.read(REF, offset, 1 << 20) == DATA[offset : offset + (1 << 20)]
+            offset += 1 << 20
+        prefetcher.observe(offset, 1 << 20)
+        assert prefetcher.fetched_until == SIZE  # the rest of the 32 MiB object, asked at once
+        await trio.sleep(fake.latency * 1.5)
+        assert fake.open_streams >= 3  # 8 MiB parts, side by side
+        prefetcher.close()
+
+
+async def test_a_short_sequential_run_asks_for_little_more_than_it_reads(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Prefetch is a bet that the reader goes on: a reader that reads 2 MiB in order (one small
+    HDF5 dataset) and closes the file a moment later has asked S3 for what it read and a few MiB
+    of windows beyond it, not for a window sized for a whole blob (a first window of 64 MiB asked
+    30 MB more)."""
+    fake = FakeS3()
+    cache, budget = make(fake)
+    async with trio.open_nursery() as nursery:
+        prefetcher = Prefetcher(REF, cache, budget, nursery)
+        for offset in range(0, 2 << 20, 1 << 20):
+            prefetcher.observe(offset, 1 << 20)
+            assert await cache.read(REF, offset, 1 << 20) == DATA[offset : offset + (1 << 20)]
+        await trio.sleep(1)  # a file is not closed the instant its last read returns
+        prefetcher.close()
+    assert prefetcher.segments > 0  # it did start
+    assert fake.sent <= (2 << 20) + (8 << 20)
 
 
 async def test_closing_the_file_stops_its_prefetch(autojump_clock: trio.abc.Clock) -> None:

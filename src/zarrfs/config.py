@@ -35,19 +35,20 @@ BLOCK_SIZE = 256 << 10
 #: against the MD5 before any byte is served (most Zarr chunks). Larger ones go by blocks, unverified.
 VERIFY_WHOLE_OBJECT_MAX = 16 << 20
 #: Sequential prefetch (`prefetch`): how many bytes a run of reads that continue each other must
-#: have read before prefetch starts (random preads up to this size never start it); the first window
+#: have read before prefetch starts (random preads up to this size never start it); the first segment
 #: ahead of a sequential reader, and the longest (each is twice the previous one); how far a read may
 #: land from where the previous one ended and still count as sequential; the share of the memory
 #: cache that bytes fetched ahead of readers and not yet read may take, across all open files.
-#: The first window is already 8 parts (`PREFETCH_PART`) streamed at once: at some 100 MB/s per S3
-#: connection, a window that starts at 1 MiB and doubles keeps a reader below the bandwidth it could
-#: have for its first ~15 MiB (1 + 2 + 4 + 8, one stream after another), which on a 128 MiB blob was
-#: 19% of its read time (benchmarks/RESULTS.md, "Prefetch from the first window"). rclone's first
-#: ranged GET of a file read in order asks for 128 MiB (`--vfs-read-chunk-size`), gcsfuse's for 200 MB.
-#: What a reader does not read is bounded by closing or seeking: both cancel the streams at once.
 PREFETCH_TRIGGER = 1 << 20
-PREFETCH_FIRST_WINDOW = 64 << 20
+PREFETCH_FIRST_WINDOW = 1 << 20
 PREFETCH_MAX_WINDOW = 64 << 20
+#: A run that has read this much in order gets the longest window next (8 parts streamed at once)
+#: instead of the 16 and 32 MiB steps of the ramp (two and four streams): a cold 128 MiB blob read in
+#: 0.433-0.471 s against 0.457-0.496 s paced, 0.375-0.403 s against 0.380-0.458 s unpaced, and runs
+#: of 2 to 32 MiB asked S3 for the same bytes as before. Starting every run at the longest window was
+#: faster still (0.409-0.464 s) but asked for 30 MB when 2 MiB were read (benchmarks/RESULTS.md,
+#: "Prefetch: the first windows").
+PREFETCH_FULL_AFTER = 8 << 20
 PREFETCH_TOLERANCE = 1 << 20
 PREFETCH_MEMORY_SHARE = 0.5
 #: A prefetch window longer than this is fetched as parts of this size streamed in parallel (one

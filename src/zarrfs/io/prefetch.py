@@ -8,9 +8,9 @@ arrive) is kept ahead of the reader, and
 each new window is twice as long as the previous one, from `config.PREFETCH_FIRST_WINDOW` up to
 `config.PREFETCH_MAX_WINDOW`, and a window longer than `config.PREFETCH_PART` is fetched as several
 segments streamed at once (one connection to S3 carries some 100 MB/s, several carry more); a new
-window starts when the reader has consumed half of what was fetched ahead. The first window is
-already several parts (8 by default), so a reader has the bandwidth of several connections from its
-first MiB on rather than after a ramp of one stream after another. A read elsewhere (a random pread) resets it: random reads keep fetching exactly their
+window starts when the reader has consumed half of what was fetched ahead. A run that has read
+`config.PREFETCH_FULL_AFTER` bytes skips the rest of the ramp: its next window is the longest, so
+it gets several connections' bandwidth early, while a short run fetches no more than before. A read elsewhere (a random pread) resets it: random reads keep fetching exactly their
 blocks. The trigger is the bytes a run has read, not its second read, because the kernel splits one pread into
 requests of at most 128 KiB: a random 256 KiB pread arrives as two reads that continue each other. Blocks the disk cache holds are read from disk instead of S3. All prefetched bytes not yet read
 count against one budget shared by every open file (`PrefetchBudget`): when it is used up, segments
@@ -105,6 +105,8 @@ class Prefetcher:
             return  # not (yet) a sequential reader: maybe one pread in several requests
         if self.fetched_until >= self.ref.size:
             return
+        if self.run_bytes >= config.PREFETCH_FULL_AFTER:
+            self.window = config.PREFETCH_MAX_WINDOW  # a long run: it has shown that it reads on
         if self.fetched_until - read_until > self.window // 2:
             return  # enough ahead already
         start = max(self.fetched_until, -(-read_until // self.unit) * self.unit)
