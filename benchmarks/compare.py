@@ -35,6 +35,7 @@ which keeps its ratios meaningful on a shared machine); the raw client is the on
     python benchmarks/compare.py --quick --stream-bandwidth 0   # unpaced
     python benchmarks/compare.py --full --json full.json
     python benchmarks/compare.py --only zarrfs,raw,tmpfs --workloads seq,preads,preads-big
+    python benchmarks/compare.py --only zarrfs,raw --workloads first,seq --repeat 5   # medians
 
 See benchmarks/README.md ("Side by side: compare.py").
 """
@@ -1100,12 +1101,50 @@ def fmt_ratio(r: float | None) -> str:
     return "–" if r is None else f"{r:.2f}×"
 
 
+CellKey = tuple[str, str, str]  # (workload, phase, client)
+
+
+def median_cells(cells: Sequence[Cell]) -> dict[CellKey, Cell]:
+    """Per (workload, phase, client), the run of median time (the lower of the two middle ones
+    for an even count): one run's figures, its requests and CPU with them, never a blend."""
+    groups: dict[CellKey, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault((cell.workload, cell.phase, cell.client), []).append(cell)
+    return {
+        key: sorted(group, key=lambda c: c.seconds)[(len(group) - 1) // 2]
+        for key, group in groups.items()
+    }
+
+
+def spread_table(cells: Sequence[Cell], clients: Sequence[str], sizes: Sizes) -> list[str]:
+    """With `--repeat`: every run's seconds, sorted, for each cell measured more than once."""
+    groups: dict[CellKey, list[float]] = {}
+    for cell in cells:
+        groups.setdefault((cell.workload, cell.phase, cell.client), []).append(cell.seconds)
+    rows = [
+        f"| {label(workload, sizes)}{'' if phase == 'cold' else f', {phase}'} | {client} | "
+        + ", ".join(fmt_seconds(s) for s in sorted(seconds))
+        + " |"
+        for (workload, phase, client), seconds in groups.items()
+        if len(seconds) > 1 and client in clients
+    ]
+    if not rows:
+        return []
+    return [
+        "Every run (seconds, sorted; the tables show the median run):",
+        "",
+        "| workload | client | runs |",
+        "|---|---|---|",
+        *rows,
+    ]
+
+
 def report(
     runner: Runner, clients: Sequence[str], workloads: Sequence[str], sizes: Sizes
 ) -> tuple[list[str], list[Verdict]]:
     by_key: dict[tuple[str, str], dict[str, Cell]] = {}
-    for cell in runner.cells:
-        by_key.setdefault((cell.workload, cell.phase), {})[cell.client] = cell
+    for (workload, phase, client), cell in median_cells(runner.cells).items():
+        by_key.setdefault((workload, phase), {})[client] = cell
     header = [
         "workload (cold unless noted)",
         *(HEADING.get(c, c) for c in clients),
@@ -1193,6 +1232,7 @@ def report(
         "",
         *bytes_table(runner, clients, workloads, sizes),
         *(extra + md5 if runner.md5 else []),
+        *(["", *spread] if (spread := spread_table(runner.cells, clients, sizes)) else []),
     ], verdicts
 
 
@@ -1201,7 +1241,7 @@ def cpu_table(
 ) -> list[str]:
     """CPU seconds of every cold cell (the client's, the reader's, the local S3's), then the
     sequential read's per GiB, with raw's two ways."""
-    cold = {(c.workload, c.client): c for c in runner.cells if c.phase == "cold"}
+    cold = {(w, c): cell for (w, p, c), cell in median_cells(runner.cells).items() if p == "cold"}
     lines = [
         "CPU seconds, cold (client: the daemon of a mount, this process for raw and tmpfs; "
         "reader: this process reading through a mount; S3: the local S3 server):",
@@ -1255,7 +1295,7 @@ def bytes_table(
     runner: Runner, clients: Sequence[str], workloads: Sequence[str], sizes: Sizes
 ) -> list[str]:
     """Bytes the S3 server sent over bytes the workload asked for, cold."""
-    cold = {(c.workload, c.client): c for c in runner.cells if c.phase == "cold"}
+    cold = {(w, c): cell for (w, p, c), cell in median_cells(runner.cells).items() if p == "cold"}
     remote = [c for c in clients if c != "tmpfs"]
     lines = [
         "Bytes moved (body bytes the S3 server sent) over bytes asked, cold:",
@@ -1301,6 +1341,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(CLIENTS), help="comma-separated clients")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run every client N times per workload, in rounds (each row's clients alternate); "
+        "the tables show each cell's median run, and a last table every run",
+    )
     parser.add_argument("--keep", action="store_true", help="keep scratch dirs and the tmpfs copy")
     parser.add_argument("--seed", type=int, default=20251130)
     parser.add_argument(
@@ -1314,6 +1362,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "zarrfs-bench-compare"
     )
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat: at least 1")
     for option, allowed in (("only", CLIENTS), ("workloads", WORKLOADS)):
         chosen = [x for x in getattr(args, option).split(",") if x]
         if unknown := [x for x in chosen if x not in allowed]:
@@ -1379,8 +1429,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if workload == "preads-big":
                     assert bench.target is not None and bench.target.big is not None
                     prime(s3, bench.target.big.key)  # displaces the small blob's copy
-                for client in clients:
-                    runner.run(client, workload)
+                for round_ in range(1, args.repeat + 1):
+                    if args.repeat > 1:
+                        say(f"  round {round_} of {args.repeat}")
+                    for client in clients:
+                        runner.run(client, workload)
     finally:
         if runner is not None:
             runner.stop_all()
@@ -1409,6 +1462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "preads": sizes.preads,
             },
             "latency_s": args.latency,
+            "repeat": args.repeat,
             "stream_bandwidth_mb_s": args.stream_bandwidth,
             "bytes_asked": {w: runner.bench.asked(w) for w in args.workloads if w in DATA_READS},
             "raw_seq_ways": [c.to_json() for c in runner.raw_seq],

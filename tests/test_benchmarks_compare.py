@@ -88,3 +88,25 @@ def test_cpu_seconds_counts_every_thread_and_none_once_gone() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     assert harness.cpu_seconds(child.pid) is None
+
+
+def test_repeated_runs_are_reported_by_their_median_run() -> None:
+    """With --repeat, each cell of the tables is one whole run, the median by time (the lower of
+    the two middle ones for an even count), so its requests and CPU are that run's; every run's
+    time is listed as well."""
+
+    def cell(client: str, seconds: float, requests: int) -> Any:
+        stats = RequestStats(requests, requests * 100, {"GET": requests})
+        return compare.Cell(client, "seq", "cold", seconds, stats)
+
+    runs = [cell("zarrfs", s, n) for s, n in ((0.5, 5), (0.9, 9), (0.4, 4))]
+    runs += [cell("raw", s, n) for s, n in ((0.3, 3), (0.2, 2), (0.25, 25), (0.35, 35))]
+    chosen = compare.median_cells(runs)
+    assert chosen[("seq", "cold", "zarrfs")].seconds == 0.5
+    assert chosen[("seq", "cold", "zarrfs")].requests.requests == 5  # that run's own counters
+    assert chosen[("seq", "cold", "raw")].seconds == 0.25  # lower middle of four
+    table = "\n".join(compare.spread_table(runs, ["zarrfs", "raw"], compare.QUICK))
+    assert "| zarrfs | 0.40 s, 0.50 s, 0.90 s |" in table
+    assert "| raw | 0.20 s, 0.25 s, 0.30 s, 0.35 s |" in table
+    assert compare.spread_table(runs[:1], ["zarrfs"], compare.QUICK) == []  # one run: no table
+    assert compare.parse_args(["--repeat", "3"]).repeat == 3
