@@ -1104,29 +1104,33 @@ def fmt_ratio(r: float | None) -> str:
 CellKey = tuple[str, str, str]  # (workload, phase, client)
 
 
-def median_cells(cells: Sequence[Cell]) -> dict[CellKey, Cell]:
-    """Per (workload, phase, client), the run of median time (the lower of the two middle ones
-    for an even count): one run's figures, its requests and CPU with them, never a blend."""
+def runs_by_cell(cells: Sequence[Cell]) -> dict[CellKey, list[Cell]]:
+    """Every run of each (workload, phase, client), fastest first."""
     groups: dict[CellKey, list[Cell]] = {}
     for cell in cells:
         groups.setdefault((cell.workload, cell.phase, cell.client), []).append(cell)
-    return {
-        key: sorted(group, key=lambda c: c.seconds)[(len(group) - 1) // 2]
-        for key, group in groups.items()
-    }
+    return {key: sorted(group, key=lambda c: c.seconds) for key, group in groups.items()}
+
+
+def median_cells(cells: Sequence[Cell]) -> dict[CellKey, Cell]:
+    """Per (workload, phase, client), the run of median time (the lower of the two middle ones
+    for an even count): one run's figures, its requests and CPU with them, never a blend."""
+    return {key: runs[(len(runs) - 1) // 2] for key, runs in runs_by_cell(cells).items()}
+
+
+def cold_cells(cells: Sequence[Cell]) -> dict[tuple[str, str], Cell]:
+    """The median cold run of each (workload, client)."""
+    return {(w, c): cell for (w, p, c), cell in median_cells(cells).items() if p == "cold"}
 
 
 def spread_table(cells: Sequence[Cell], clients: Sequence[str], sizes: Sizes) -> list[str]:
     """With `--repeat`: every run's seconds, sorted, for each cell measured more than once."""
-    groups: dict[CellKey, list[float]] = {}
-    for cell in cells:
-        groups.setdefault((cell.workload, cell.phase, cell.client), []).append(cell.seconds)
     rows = [
         f"| {label(workload, sizes)}{'' if phase == 'cold' else f', {phase}'} | {client} | "
-        + ", ".join(fmt_seconds(s) for s in sorted(seconds))
+        + ", ".join(fmt_seconds(run.seconds) for run in runs)
         + " |"
-        for (workload, phase, client), seconds in groups.items()
-        if len(seconds) > 1 and client in clients
+        for (workload, phase, client), runs in runs_by_cell(cells).items()
+        if len(runs) > 1 and client in clients
     ]
     if not rows:
         return []
@@ -1241,7 +1245,7 @@ def cpu_table(
 ) -> list[str]:
     """CPU seconds of every cold cell (the client's, the reader's, the local S3's), then the
     sequential read's per GiB, with raw's two ways."""
-    cold = {(w, c): cell for (w, p, c), cell in median_cells(runner.cells).items() if p == "cold"}
+    cold = cold_cells(runner.cells)
     lines = [
         "CPU seconds, cold (client: the daemon of a mount, this process for raw and tmpfs; "
         "reader: this process reading through a mount; S3: the local S3 server):",
@@ -1295,7 +1299,7 @@ def bytes_table(
     runner: Runner, clients: Sequence[str], workloads: Sequence[str], sizes: Sizes
 ) -> list[str]:
     """Bytes the S3 server sent over bytes the workload asked for, cold."""
-    cold = {(w, c): cell for (w, p, c), cell in median_cells(runner.cells).items() if p == "cold"}
+    cold = cold_cells(runner.cells)
     remote = [c for c in clients if c != "tmpfs"]
     lines = [
         "Bytes moved (body bytes the S3 server sent) over bytes asked, cold:",
