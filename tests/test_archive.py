@@ -193,7 +193,7 @@ def test_a_draft_zarr_without_a_manifest_is_built_from_the_listing(
     built = cache / "manifests-built" / zarr_id[:3] / zarr_id[3:6] / zarr_id / f"{checksum}.json"
     assert built.exists()  # kept, laid out like a manifest root
     assert json.loads(built.read_bytes())["schemaVersion"] == 2
-    assert list((cache / "manifests").rglob(f"{zarr_id}/{checksum}.arrow"))
+    assert list((cache / "manifests").rglob(f"{zarr_id}/{checksum}.json"))  # and in the store
 
 
 @pytest.mark.fuse

@@ -195,22 +195,23 @@ def test_the_manifest_machinery_is_imported_ahead_only_for_versions_with_zarrs(
     mount: Callable[..., Mounted], sample: SampleDandiset, local_s3: LocalS3, tmp_path: Path
 ) -> None:
     """numpy (what serving a Zarr's index needs), ~0.1 s to import, is imported in the background
-    once a mount of a version with Zarrs serves, so that entering a Zarr does not wait for it; pyarrow
-    (the indexes' file format, ~0.1 s more) too, but only when the cache dir holds indexes to read:
-    with none stored it would only take CPU from the first reads. A mount of NWB files alone never
-    loads either."""
+    once a mount of a version with Zarrs serves, so that entering a Zarr does not wait for it. A
+    small manifest is kept in the cache dir as its document, so pyarrow (the format of big ones'
+    indexes, an import that holds the GIL for 20-100 ms) is loaded neither to store it nor to read
+    it back on the next mount. A mount of NWB files alone loads neither."""
     cache = tmp_path / "cache"
-    fresh = mount(f"{sample.dandiset_id}@{V1}", cache_dir=cache)
-    wait_for_library(fresh.process.pid, "_multiarray_umath", "numpy")
-    time.sleep(1.0)  # what importing pyarrow ahead would have needed, and more
-    assert "pyarrow" not in loaded_libraries(fresh.process.pid)
-    # entering a Zarr builds its index, written to the cache dir in the background (with pyarrow)
-    assert sorted(os.listdir(fresh.path / ARRAY_PATH))
-    wait_for_library(fresh.process.pid, "pyarrow", "pyarrow (to write the index)")
-    stop_mount(fresh)
-    again = mount(f"{sample.dandiset_id}@{V1}", cache_dir=cache)
-    for library, what in (("_multiarray_umath", "numpy"), ("pyarrow", "pyarrow")):
-        wait_for_library(again.process.pid, library, what)
+    for run in ("fresh", "again"):
+        mounted = mount(f"{sample.dandiset_id}@{V1}", cache_dir=cache)
+        wait_for_library(mounted.process.pid, "_multiarray_umath", "numpy")
+        assert sorted(os.listdir(mounted.path / ARRAY_PATH))
+        deadline = time.monotonic() + MOUNT_DEADLINE  # stored in the background
+        while not list((cache / "manifests").rglob("*.json")):
+            assert time.monotonic() < deadline, "the manifest was not stored"
+            time.sleep(0.05)
+        time.sleep(1.0)  # what importing pyarrow would have needed, and more
+        assert "pyarrow" not in loaded_libraries(mounted.process.pid), run
+        stop_mount(mounted)
+    assert not list(cache.rglob("*.arrow"))
     blobs_only = [r for r in sample.versions[V1].assets if "zarr" not in r["encodingFormat"]]
     key = f"dandisets/{BLOBS_ONLY}/{V1}/assets.jsonld"
     local_s3.client.put_object(Bucket=sample.bucket, Key=key, Body=json.dumps(blobs_only).encode())
@@ -219,3 +220,27 @@ def test_the_manifest_machinery_is_imported_ahead_only_for_versions_with_zarrs(
     time.sleep(1.0)  # what the other mount needed, and more
     maps = loaded_libraries(without.process.pid)
     assert "pyarrow" not in maps and "numpy" not in maps
+
+
+def test_pyarrow_is_imported_ahead_when_the_cache_dir_holds_indexes(
+    mount: Callable[..., Mounted], sample: SampleDandiset, tmp_path: Path
+) -> None:
+    """Manifests stored as Arrow indexes (every manifest here, with the document form turned off):
+    the first mount imports pyarrow only when it writes one, after the lookup has its answer; a
+    mount over a cache dir holding indexes imports it ahead, in the background, so that entering a
+    Zarr does not wait for it."""
+    env = inject(
+        tmp_path / "inject", "import zarrfs.config as c\nc.MANIFEST_DOCUMENT_MAX_FILES = 0\n"
+    )
+    cache = tmp_path / "cache"
+    fresh = mount(f"{sample.dandiset_id}@{V1}", cache_dir=cache, env=env)
+    wait_for_library(fresh.process.pid, "_multiarray_umath", "numpy")
+    time.sleep(1.0)  # what importing pyarrow ahead would have needed, and more
+    assert "pyarrow" not in loaded_libraries(fresh.process.pid)
+    assert sorted(os.listdir(fresh.path / ARRAY_PATH))
+    wait_for_library(fresh.process.pid, "pyarrow", "pyarrow (to write the index)")
+    stop_mount(fresh)
+    assert list((cache / "manifests").rglob("*.arrow"))
+    again = mount(f"{sample.dandiset_id}@{V1}", cache_dir=cache, env=env)
+    for library, what in (("_multiarray_umath", "numpy"), ("pyarrow", "pyarrow")):
+        wait_for_library(again.process.pid, library, what)

@@ -22,6 +22,7 @@ from zarrfs.archive.assets import AssetRecord
 from zarrfs.config import S3Settings
 from zarrfs.demo.sample import ManifestLeaf, build_manifest, format_manifest, zarr_checksum_of
 from zarrfs.errors import ManifestError
+from zarrfs.io.cache_dir import read_checked, write_checked
 from zarrfs.io.remote import Remote
 from zarrfs.manifest_cache import ManifestCache, manifest_url, max_manifest_bytes
 
@@ -94,24 +95,84 @@ async def test_an_index_over_the_memory_budget_is_kept_not_reloaded(
 
 
 @pytest.mark.trio
-async def test_the_disk_store_is_capped_least_recently_loaded_first(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".json", ".arrow"])
+async def test_the_disk_store_is_capped_least_recently_loaded_first(
+    tmp_path: Path, suffix: str
+) -> None:
     roots = tmp_path / "roots"
     assets = [make_zarr(roots, 500) for _ in range(4)]
+    form = {"document_max_files": 1000 if suffix == ".json" else 0}
     async with Remote.open(NOWHERE) as remote:
-        manifests = cache(remote, [roots], tmp_path / "c")
+        manifests = cache(remote, [roots], tmp_path / "c", **form)
         for i, asset in enumerate(assets):
-            await manifests.get(asset)
-            path = manifests.index_path(asset.zarr_id or "", asset.zarr_checksum or "")
+            await manifests.get(asset)  # stored before it returns (no service nursery)
+            path = manifests.stored_path(asset.zarr_id or "", asset.zarr_checksum or "")
+            assert path.suffix == suffix
             os.utime(path, (1000 + i, 1000 + i))  # loaded in this order
         size, count = manifests.usage()
         assert count == 4
-        capped = cache(remote, [roots], tmp_path / "c", disk_budget=size // 2)
+        capped = cache(remote, [roots], tmp_path / "c", disk_budget=size // 2, **form)
         _, removed = capped.sweep()
         assert removed == 2 and capped.usage()[0] <= size // 2
         kept = [
-            a for a in assets if capped.index_path(a.zarr_id or "", a.zarr_checksum or "").exists()
+            a for a in assets if capped.stored_path(a.zarr_id or "", a.zarr_checksum or "").exists()
         ]
         assert kept == assets[2:]
+
+
+@pytest.mark.trio
+async def test_a_small_manifest_is_kept_as_its_document_and_checked_on_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A manifest of at most `document_max_files` files is stored as the document it was fetched
+    as, with a content checksum (no converted index, so no pyarrow); loading it checks that and
+    verifies the document against its Zarr checksum again. A later cache serves it without fetching;
+    a damaged or substituted copy is discarded (logged) and fetched again, never served."""
+    roots = tmp_path / "roots"
+    asset, other = make_zarr(roots, 50), make_zarr(roots, 60)
+    assert asset.zarr_id and asset.zarr_checksum and other.zarr_id and other.zarr_checksum
+    published = Path(manifest_url(str(roots), asset.zarr_id, asset.zarr_checksum)).read_bytes()
+    another = Path(manifest_url(str(roots), other.zarr_id, other.zarr_checksum)).read_bytes()
+
+    async def load() -> tuple[ManifestCache, int]:
+        manifests = cache(remote, [roots], tmp_path / "c", document_max_files=50)
+        index = await manifests.get(asset)
+        return manifests, index.n_files
+
+    async with Remote.open(NOWHERE) as remote:
+        first, n = await load()
+        stored = first.stored_path(asset.zarr_id, asset.zarr_checksum)
+        assert n == 50 and stored.suffix == ".json" and read_checked(stored) == published
+        assert not first.index_path(asset.zarr_id, asset.zarr_checksum).exists()
+        assert first.stats["fetches"] == 1
+        again, n = await load()
+        assert n == 50 and (again.stats["fetches"], again.stats["disk_loads"]) == (0, 1)
+        whole = stored.read_bytes()
+        for damage, why in (
+            # a VersionId is not covered by the Zarr checksum: the content checksum catches it
+            (lambda: stored.write_bytes(whole.replace(b'"v1"', b'"v9"')), "does not match its"),
+            (lambda: stored.write_bytes(whole[: len(whole) // 2]), "does not match its checksum"),
+            (lambda: write_checked(stored, another), "discarding cached manifest"),
+        ):
+            damage()
+            assert stored.read_bytes() != whole
+            caplog.clear()
+            healed, n = await load()
+            assert n == 50 and healed.stats["fetches"] == 1, why
+            assert "discarding" in caplog.text and why in caplog.text
+            assert stored.read_bytes() == whole  # stored again, whole
+        # one more file than documents may have: stored as an index
+        bigger = make_zarr(roots, 51)
+        assert bigger.zarr_id and bigger.zarr_checksum
+        manifests = cache(remote, [roots], tmp_path / "c", document_max_files=50)
+        assert (await manifests.get(bigger)).n_files == 51
+        big_index = manifests.stored_path(bigger.zarr_id, bigger.zarr_checksum)
+        assert big_index.suffix == ".arrow" and big_index.exists()
+        # an index that an older zarrfs stored for the small manifest goes at the next sweep
+        superseded = manifests.index_path(asset.zarr_id, asset.zarr_checksum)
+        (await manifests.get(asset)).write(superseded)
+        assert manifests.sweep() == (0, 1)
+        assert not superseded.exists() and big_index.exists() and stored.exists()
 
 
 @pytest.mark.trio
@@ -132,28 +193,31 @@ async def test_a_requester_giving_up_does_not_cancel_the_load(tmp_path: Path) ->
 
 
 @pytest.mark.trio
+@pytest.mark.parametrize("writer", ["write_checked", "_write_index"])
 async def test_a_small_index_is_served_before_it_is_stored(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
 ) -> None:
-    """The first entry into a Zarr does not wait for its index to be written to the cache dir;
-    the cross-process lock is held until it is, so another process finds it there (no fetch)."""
+    """The first entry into a Zarr does not wait for its manifest to be written to the cache dir
+    (as its document or as an index); the cross-process lock is held until it is, so another
+    process finds it there (no fetch)."""
     import zarrfs.manifest_cache as mc
 
     roots = tmp_path / "roots"
     asset = make_zarr(roots, 500)
     assert asset.zarr_id is not None and asset.zarr_checksum is not None
     release = threading.Event()
-    write = mc._write_index
+    write = getattr(mc, writer)
 
     def blocked_write(*args: Any) -> Any:
         release.wait(10)
         return write(*args)
 
-    monkeypatch.setattr(mc, "_write_index", blocked_write)
+    monkeypatch.setattr(mc, writer, blocked_write)
+    form = {"document_max_files": 1000 if writer == "write_checked" else 0}
     async with Remote.open(NOWHERE) as remote:
-        first = cache(remote, [roots], tmp_path / "c")
-        other = cache(remote, [roots], tmp_path / "c")  # another process sharing the cache dir
-        path = first.index_path(asset.zarr_id, asset.zarr_checksum)
+        first = cache(remote, [roots], tmp_path / "c", **form)
+        other = cache(remote, [roots], tmp_path / "c", **form)  # another process, same cache dir
+        path = first.stored_path(asset.zarr_id, asset.zarr_checksum)
         async with trio.open_nursery() as service:
             first.service_nursery = service
             assert (await first.get(asset)).n_files == 500

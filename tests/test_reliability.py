@@ -371,7 +371,7 @@ def test_hostile_asset_records_and_manifests_are_refused_and_the_rest_served(
     ):
         assert expected in log, expected
     # nothing refused was persisted as an index
-    assert not list((mounted.path.parent / "cache" / "manifests").rglob("1111*/*.arrow"))
+    assert not list((mounted.path.parent / "cache" / "manifests").rglob("1111*/*.*"))
 
 
 # --- 6. what the cache dir looks like -------------------------------------------------------------
@@ -388,13 +388,13 @@ def test_cache_dir_is_private(
         os.umask(old)
     assert (mounted.path / f"{OME_PATH}/.zattrs").read_bytes()
     deadline = time.monotonic() + 10  # the index is written in the background
-    while not any(p.suffix == ".arrow" for p in cache.rglob("*")):
-        assert time.monotonic() < deadline, "the Zarr's index was not stored"
+    while not list((cache / "manifests").rglob("*.json")):
+        assert time.monotonic() < deadline, "the Zarr's manifest was not stored"
         time.sleep(0.05)
     made = [cache, *cache.rglob("*")]
     dirs = [p for p in made if p.is_dir()]
     files = [p for p in made if p.is_file()]
-    assert any(p.suffix == ".arrow" for p in files)
+    assert any(p.suffix == ".json" and "manifests" in p.parts for p in files)
     assert {oct(p.stat().st_mode & 0o777) for p in dirs} == {"0o700"}, dirs
     assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o600"}, files
     assert (tmp_path / "deep").stat().st_mode & 0o777 == 0o700  # parents zarrfs made, too

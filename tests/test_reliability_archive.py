@@ -439,6 +439,7 @@ async def test_mapped_indexes_are_leased_and_never_swept(
                 roots=[f"file://{roots}/"],
                 cache_dir=tmp_path / "c",
                 memory_budget=1 << 30,
+                document_max_files=0,  # stored as indexes, whose leases this is about
                 **kw,
             )
 

@@ -228,7 +228,7 @@ async def info_source(config: Config) -> list[str]:
         cached = [
             a for a in zarrs
             if a.zarr_id and a.zarr_checksum
-            and fs.manifests.index_path(a.zarr_id, a.zarr_checksum).exists()
+            and fs.manifests.stored_path(a.zarr_id, a.zarr_checksum).exists()
         ]  # fmt: skip
         lines = [
             f"version: {resolved.source}",
@@ -555,6 +555,7 @@ async def _clear_source(config: Config) -> list[str]:
                 continue
             for path in (
                 fs.manifests.index_path(asset.zarr_id, asset.zarr_checksum),
+                fs.manifests.document_path(asset.zarr_id, asset.zarr_checksum),
                 fs.manifests.built_path(asset.zarr_id, asset.zarr_checksum),
             ):
                 if path.exists():

@@ -199,10 +199,11 @@ async def _renew_leases(fs: Filesystem) -> None:
 
 async def _import_manifest_machinery(manifests: ManifestCache, gate: DiskGate) -> None:
     """Import numpy (what serving an index needs) in a thread now that the mount serves, so that
-    entering a Zarr does not wait for it; then pyarrow (what reading an index file needs), but only
-    when the cache dir holds index files to read: with none stored, the first index is built from
-    its manifest and pyarrow is imported in the background when it is written, and importing it
-    ahead would only take CPU from the first reads (~0.1 s, more on a cold page cache). Only for
+    entering a Zarr does not wait for it; then pyarrow (what reading an Arrow index file needs), but
+    only when the cache dir holds such files (big manifests; small ones are kept as documents, which
+    need no pyarrow): with none stored, pyarrow is imported in the background when the first big
+    index is written, and importing it ahead would only take CPU from the first reads (~0.1 s, more
+    on a cold page cache). Only for
     versions that hold Zarrs: they cost ~40 MB of memory, which a mount of NWB files alone never
     needs."""
     await trio.to_thread.run_sync(

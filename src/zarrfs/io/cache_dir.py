@@ -3,8 +3,8 @@
 Owns: where each kind of cached data lives below the cache dir (`CacheLayout`), creating
 directories with mode 0700 (every component zarrfs creates, not only the last) and files with mode
 0600, whatever the umask (the cache holds what a user read, which is nobody else's business), and
-small JSON documents stored with a checksum (`write_checked_json`/`read_checked_json`: written
-atomically, a damaged one reads as absent). A cache dir shared on purpose (several mounts of one user,
+documents stored with a checksum (`write_checked`/`read_checked`, and their JSON forms: written
+atomically, their xxh3-128 on the first line; a damaged one is logged, removed and reads as absent). A cache dir shared on purpose (several mounts of one user,
 many nodes of one account on NFS) works as long as the same user writes it. Synchronous; callers run
 it in worker threads on the serving path.
 """
@@ -12,6 +12,7 @@ it in worker threads on the serving path.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import xxhash
+
+log = logging.getLogger(__name__)
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -32,7 +35,8 @@ class CacheLayout:
 
     @property
     def manifests(self) -> Path:
-        """Converted manifest indexes: `manifests/<z[0:3]>/<z>/<checksum>.arrow`."""
+        """The manifest index store: `manifests/<z[0:3]>/<z>/<checksum>.arrow` (converted
+        indexes) and `<checksum>.json` (small manifests, kept as their verified documents)."""
         return self.root / "manifests"
 
     @property
@@ -156,23 +160,36 @@ def read_if_exists(path: Path) -> bytes | None:
         return None
 
 
-def write_checked_json(path: Path, doc: Any) -> None:
-    """Write `doc` to `path` atomically (0600 temp file, rename), its xxh3-128 on the first line."""
-    body = json.dumps(doc, separators=(",", ":")).encode()
+def write_checked(path: Path, body: bytes) -> None:
+    """Write `body` to `path` atomically (0600 temp file, rename), its xxh3-128 on the first line."""
     write_new_file(path, xxhash.xxh3_128_hexdigest(body).encode() + b"\n" + body)
+
+
+def read_checked(path: Path) -> bytes | None:
+    """The body `write_checked` wrote, or None when absent or damaged (then logged and removed)."""
+    data = read_if_exists(path)
+    if data is None:
+        return None
+    digest, _, body = data.partition(b"\n")
+    if xxhash.xxh3_128_hexdigest(body).encode() == digest:
+        return body
+    log.warning("discarding %s: its content does not match its checksum (damaged)", path)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def write_checked_json(path: Path, doc: Any) -> None:
+    """`write_checked` of `doc` as compact JSON."""
+    write_checked(path, json.dumps(doc, separators=(",", ":")).encode())
 
 
 def read_checked_json(path: Path) -> Any | None:
     """The document `write_checked_json` wrote, or None when absent or damaged (then removed)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    digest, _, body = data.partition(b"\n")
-    if xxhash.xxh3_128_hexdigest(body).encode() == digest:
+    body = read_checked(path)
+    if body is not None:
         try:
             return json.loads(body)
         except ValueError:
-            pass
-    path.unlink(missing_ok=True)
+            log.warning("discarding %s: not JSON", path)
+            path.unlink(missing_ok=True)
     return None
