@@ -482,9 +482,15 @@ def main(argv: list[str] | None = None) -> int:
         # and opening one Zarr fetches exactly its manifest
         first = sorted(d.mnt.glob("sub-0000/ses-01/micr/*.zarr"))[0]
         assert sorted(os.listdir(first)) == [".zattrs", ".zgroup", "0"], os.listdir(first)
-        # the index is written in the background after the listing is answered: wait for it
+        # the manifest is stored in the background after the listing is answered (a small one as
+        # its document, a big one as an Arrow index): wait for it
         deadline = time.perf_counter() + 30
-        while not (manifests := list((mcache / "manifests").rglob("*.arrow"))):
+        while not (
+            manifests := [
+                *(mcache / "manifests").rglob("*.json"),
+                *(mcache / "manifests").rglob("*.arrow"),
+            ]
+        ):
             assert time.perf_counter() < deadline, "no index written 30 s after the listing"
             time.sleep(0.05)
         assert len(manifests) == 1, manifests
