@@ -27,7 +27,7 @@ from moto.moto_server.werkzeug_app import (
 )
 from werkzeug.serving import make_server
 
-from zarrfs import config
+from zarrfs import config, s3_reader
 from zarrfs.config import S3Settings
 from zarrfs.demo.locals3 import LocalS3
 from zarrfs.errors import DocumentTooLarge, IntegrityError, ObjectMissing, RemoteError
@@ -115,6 +115,9 @@ class Faults:
                     (k, "not-the-version" if k.lower() == "x-amz-version-id" else v)
                     for k, v in headers
                 ]
+            elif action == "flip" and body:  # one bit damaged in transit, the length intact
+                middle = len(body) // 2
+                body = body[:middle] + bytes([body[middle] ^ 0x01]) + body[middle + 1 :]
             elif action == "noversion":  # an endpoint that ignores ?versionId= says nothing of it
                 headers = [(k, v) for k, v in headers if k.lower() != "x-amz-version-id"]
             start_response(captured["status"], headers)
@@ -225,18 +228,41 @@ async def test_old_version_after_overwrite_and_delete(world: World) -> None:
         assert await reader.get_bytes("zarr/z1/0/0", world.v_new) == NEW
 
 
-async def test_whole_object_reads_are_md5_checked_and_counted(world: World) -> None:
+async def test_whole_object_reads_are_md5_checked_and_counted(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A GET of a whole object with a plain-MD5 ETag is hashed (counted, with the time it took, for
-    `zarrfs stats` and the benchmarks); a partial range is not."""
+    `zarrfs stats` and the benchmarks) piece by piece as the body arrives, never after the fact
+    (`_md5_hex`); a partial range is not hashed."""
+
+    def after_the_fact(data: bytes) -> tuple[str, int]:
+        raise AssertionError("hashed after the body arrived")
+
+    monkeypatch.setattr(s3_reader, "_md5_hex", after_the_fact)
     async with S3Reader.open(world.settings()) as reader:
         assert await reader.read_range(world.old(), 0, len(OLD)) == OLD
-        assert await reader.read_range(world.big, 0, len(BIG)) == BIG  # hashed in a thread
+        assert await reader.read_range(world.big, 0, len(BIG)) == BIG
         assert reader.stats["md5_verified"] == 2
         assert reader.stats["md5_bytes"] == len(OLD) + len(BIG)
         assert reader.stats["md5_ns"] > 0
         assert await reader.read_range(world.old(), 10, 20) == OLD[10:20]
         assert reader.stats["md5_verified"] == 2
         assert reader.stats["md5_mismatches"] == 0
+
+
+async def test_a_body_damaged_in_transit_is_retried_then_refused(
+    world: World, faults: Faults
+) -> None:
+    """A whole object whose body does not hash to its ETag (a bit flipped, its length intact) is
+    never returned: the attempt is retried, and after the last one the read fails (EIO)."""
+    async with S3Reader.open(world.settings(faulty=True)) as reader:
+        faults.plan = ["flip"]
+        assert await reader.read_range(world.big, 0, len(BIG)) == BIG
+        assert (reader.stats["md5_mismatches"], reader.stats["md5_verified"]) == (1, 1)
+        faults.plan = ["flip"] * 3
+        with pytest.raises(RemoteError, match=r"3 attempt.*CorruptBody.*does not match the ETag"):
+            await reader.read_range(world.big, 0, len(BIG))
+        assert reader.stats["md5_mismatches"] == 4 and reader.stats["md5_verified"] == 1
 
 
 async def test_unversioned_blob_and_multipart_etag(world: World) -> None:

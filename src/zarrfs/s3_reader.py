@@ -10,7 +10,8 @@ start-up). Listings, and every request of a signed mount (`--signed`), go throug
 client (its httpx backend; botocore's own retries off because `retry.retry` retries), created on
 first use. Also owned: the verification of every response
 against the `ObjectRef` it was asked for (length, Content-Range total, VersionId, ETag, and the MD5 of
-the body whenever a GET covers a whole object whose ETag is a plain MD5, and of a whole object's
+the body whenever a GET covers a whole object whose ETag is a plain MD5, hashed piece by piece as the
+body arrives when our own HTTP client fetched it, and of a whole object's
 CRC32, SHA-1 or SHA-256 when S3 has one for it, as botocore checks them), and the translation of S3
 and transport failures into `ObjectMissing`, `IntegrityError` and `RemoteError`.
 
@@ -297,9 +298,32 @@ def object_url(
     return url
 
 
+class _RunningMd5:
+    """The MD5 of a body fed piece by piece as it arrives, so that verifying a whole object costs no
+    wait after its last byte (hashing 256 KiB takes some 0.4 ms, and a worker thread to do it after
+    the fact more), with the bytes and nanoseconds it took."""
+
+    __slots__ = ("_hash", "nbytes", "ns")
+
+    def __init__(self) -> None:
+        self._hash = hashlib.md5(usedforsecurity=False)
+        self.nbytes = 0
+        self.ns = 0
+
+    def update(self, data: bytes) -> None:
+        started = time.perf_counter_ns()
+        self._hash.update(data)
+        self.ns += time.perf_counter_ns() - started
+        self.nbytes += len(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
 class _Body:
     """A streamed response body as S3Reader reads it (`read(amt)`: at most `amt` bytes as they
-    come; `read()`: the rest), closing the response on exit."""
+    come; `read()`: the rest, fed to `md5` piece by piece as it arrives when one is given), closing
+    the response on exit."""
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
@@ -315,12 +339,16 @@ class _Body:
         finally:
             await self._response.aclose()
 
-    async def read(self, amt: int | None = None) -> bytes:
+    async def read(self, amt: int | None = None, *, md5: _RunningMd5 | None = None) -> bytes:
         if amt is None:
             parts = [self._buffer]
             self._buffer = b""
+            if md5 is not None:
+                md5.update(parts[0])  # what read(amt) left, if anything: it comes first
             async for chunk in self._chunks:
                 parts.append(chunk)
+                if md5 is not None:
+                    md5.update(chunk)
             return b"".join(parts)
         if not self._buffer:
             self._buffer = await anext(self._chunks, b"")
@@ -633,12 +661,16 @@ class S3Reader:
             self.stats["requests"] += 1
             resp = await self._client.get_object(**params)
             body = resp["Body"]
+            # hashed as it arrives from our own HTTP client; a signed client's body after the fact
+            running = _RunningMd5() if md5 is not None and isinstance(body, _Body) else None
             async with body:
                 self._verify_headers(ref, start, end, resp, name)
-                data: bytes = await body.read()
+                data: bytes = await (body.read(md5=running) if running else body.read())
             self.stats["bytes"] += len(data)
             self._check(name, "body length", end - start, len(data))
-            if md5 is not None:
+            if md5 is not None and running is not None:
+                self._check_md5(name, md5, running.hexdigest(), running.nbytes, running.ns)
+            elif md5 is not None:
                 await self._verify_md5(name, md5, data)
             if whole:
                 await self._verify_checksum(name, resp, data)
@@ -979,8 +1011,13 @@ class S3Reader:
             got, spent = await trio.to_thread.run_sync(_md5_hex, data, abandon_on_cancel=True)
         else:
             got, spent = _md5_hex(data)
-        self.stats["md5_bytes"] += len(data)
-        self.stats["md5_ns"] += spent
+        self._check_md5(name, expected, got, len(data), spent)
+
+    def _check_md5(self, name: str, expected: str, got: str, nbytes: int, spent_ns: int) -> None:
+        """Count a body's MD5 (its bytes and the time hashing took) and refuse it unless it is
+        `expected` (its ETag)."""
+        self.stats["md5_bytes"] += nbytes
+        self.stats["md5_ns"] += spent_ns
         if got != expected:
             self.stats["md5_mismatches"] += 1
             log.warning(
