@@ -167,8 +167,10 @@ INDEX_MAP_MIN = 8 << 20
 #: reading it back need no pyarrow, whose import holds the GIL for 20-100 ms and stalled the first
 #: reads after a Zarr was entered (a cold walk of 5,118 entries took 0.16-0.18 s with the index
 #: written, 0.11 s without). Parsing it again on a later mount, its checksum verified as on download,
-#: costs about 2.3 µs per file (12 ms for 5,118 files), less than that import. Bigger manifests are
-#: stored as Arrow indexes: the largest parses in seconds, and loads memory-mapped in milliseconds.
+#: costs about 2 µs per file (10.5 ms for 5,118 files, 20.5 ms for 10,000), against 0.2-0.6 ms per
+#: Arrow load plus that import once per process (`benchmarks/manifest_forms.py`). Bigger manifests
+#: are stored as Arrow indexes: the largest parses in seconds, and loads memory-mapped in
+#: milliseconds.
 MANIFEST_DOCUMENT_MAX_FILES = 10_000
 #: Loaded manifest indexes kept at most, whatever their bytes (each mapped one is a memory map:
 #: the kernel allows some 65,000 per process).
