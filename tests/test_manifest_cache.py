@@ -193,6 +193,42 @@ async def test_a_requester_giving_up_does_not_cancel_the_load(tmp_path: Path) ->
 
 
 @pytest.mark.trio
+async def test_an_older_releases_index_of_a_small_manifest_is_still_read(tmp_path: Path) -> None:
+    """A cache dir filled by an older release holds small manifests as Arrow indexes (a dir warmed
+    on a login node for compute nodes that cannot download): they are read, not fetched again, and
+    the sweep keeps them as long as no document replaces them."""
+    roots = tmp_path / "roots"
+    asset = make_zarr(roots, 50)
+    assert asset.zarr_id and asset.zarr_checksum
+    async with Remote.open(NOWHERE) as remote:
+        older = cache(remote, [roots], tmp_path / "c", document_max_files=0)
+        assert (await older.get(asset)).n_files == 50
+        index = older.index_path(asset.zarr_id, asset.zarr_checksum)
+        assert index.exists()
+        offline = cache(remote, [tmp_path / "nowhere"], tmp_path / "c")  # no root has it
+        assert offline.keeps_document(asset.zarr_checksum)
+        assert (await offline.get(asset)).n_files == 50
+        assert (offline.stats["fetches"], offline.stats["disk_loads"]) == (0, 1)
+        assert offline.sweep() == (0, 0) and index.exists()
+
+
+def test_a_damaged_checked_file_reads_as_absent_where_it_cannot_be_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "doc.json"
+    write_checked(path, b'{"a": 1}')
+    assert read_checked(path) == b'{"a": 1}'
+    path.write_bytes(path.read_bytes().replace(b"1}", b"2}"))
+
+    def read_only(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    assert read_checked(path) is None and path.exists()
+    assert "does not match its checksum" in caplog.text
+
+
+@pytest.mark.trio
 @pytest.mark.parametrize("writer", ["write_checked", "_write_index"])
 async def test_a_small_index_is_served_before_it_is_stored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str

@@ -232,16 +232,22 @@ async def test_whole_object_reads_are_md5_checked_and_counted(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A GET of a whole object with a plain-MD5 ETag is hashed (counted, with the time it took, for
-    `zarrfs stats` and the benchmarks) piece by piece as the body arrives, never after the fact
-    (`_md5_hex`); a partial range is not hashed."""
+    `zarrfs stats` and the benchmarks): a small one piece by piece as the body arrives, a big one
+    after the fact (`_md5_hex`, in a worker thread); a partial range is not hashed."""
+    after_the_fact: list[int] = []
+    md5_hex = s3_reader._md5_hex
 
-    def after_the_fact(data: bytes) -> tuple[str, int]:
-        raise AssertionError("hashed after the body arrived")
+    def counted(data: bytes) -> tuple[str, int]:
+        after_the_fact.append(len(data))
+        return md5_hex(data)
 
-    monkeypatch.setattr(s3_reader, "_md5_hex", after_the_fact)
+    monkeypatch.setattr(s3_reader, "_md5_hex", counted)
+    assert len(OLD) <= config.HASH_AS_IT_ARRIVES_MAX < len(BIG)
     async with S3Reader.open(world.settings()) as reader:
         assert await reader.read_range(world.old(), 0, len(OLD)) == OLD
+        assert after_the_fact == []  # hashed as it arrived
         assert await reader.read_range(world.big, 0, len(BIG)) == BIG
+        assert after_the_fact == [len(BIG)]
         assert reader.stats["md5_verified"] == 2
         assert reader.stats["md5_bytes"] == len(OLD) + len(BIG)
         assert reader.stats["md5_ns"] > 0
@@ -250,18 +256,21 @@ async def test_whole_object_reads_are_md5_checked_and_counted(
         assert reader.stats["md5_mismatches"] == 0
 
 
+@pytest.mark.parametrize("size", ["small", "big"])
 async def test_a_body_damaged_in_transit_is_retried_then_refused(
-    world: World, faults: Faults
+    world: World, faults: Faults, size: str
 ) -> None:
     """A whole object whose body does not hash to its ETag (a bit flipped, its length intact) is
-    never returned: the attempt is retried, and after the last one the read fails (EIO)."""
+    never returned, whether hashed as it arrived (small) or after (big): the attempt is retried, and
+    after the last one the read fails (EIO)."""
+    ref, data = (world.old(), OLD) if size == "small" else (world.big, BIG)
     async with S3Reader.open(world.settings(faulty=True)) as reader:
         faults.plan = ["flip"]
-        assert await reader.read_range(world.big, 0, len(BIG)) == BIG
+        assert await reader.read_range(ref, 0, len(data)) == data
         assert (reader.stats["md5_mismatches"], reader.stats["md5_verified"]) == (1, 1)
         faults.plan = ["flip"] * 3
         with pytest.raises(RemoteError, match=r"3 attempt.*CorruptBody.*does not match the ETag"):
-            await reader.read_range(world.big, 0, len(BIG))
+            await reader.read_range(ref, 0, len(data))
         assert reader.stats["md5_mismatches"] == 4 and reader.stats["md5_verified"] == 1
 
 

@@ -166,11 +166,11 @@ INDEX_MAP_MIN = 8 << 20
 #: its verified document (`<checksum>.json`), not converted to an Arrow index file: writing it and
 #: reading it back need no pyarrow, whose import holds the GIL for 20-100 ms and stalled the first
 #: reads after a Zarr was entered (a cold walk of 5,118 entries took 0.16-0.18 s with the index
-#: written, 0.11 s without). Parsing it again on a later mount, its checksum verified as on download,
-#: costs about 2 µs per file (10.5 ms for 5,118 files, 20.5 ms for 10,000), against 0.2-0.6 ms per
-#: Arrow load plus that import once per process (`benchmarks/manifest_forms.py`). Bigger manifests
-#: are stored as Arrow indexes: the largest parses in seconds, and loads memory-mapped in
-#: milliseconds.
+#: written, 0.11 s without). Parsing it again on every load from disk (a later mount, or after the
+#: memory LRU evicted it), its checksum verified as on download, costs about 2 µs per file (10.5 ms
+#: for 5,118 files, 20.5 ms for 10,000), against 0.2-0.6 ms per Arrow load plus that import once per
+#: process (`benchmarks/manifest_forms.py`). Bigger manifests are stored as Arrow indexes: the
+#: largest parses in seconds, and loads memory-mapped in milliseconds.
 MANIFEST_DOCUMENT_MAX_FILES = 10_000
 #: Loaded manifest indexes kept at most, whatever their bytes (each mapped one is a memory map:
 #: the kernel allows some 65,000 per process).
@@ -255,11 +255,15 @@ STREAM_CHUNK = 1 << 20
 #: fifth (benchmarks/RESULTS.md, "HTTP read size"). A read returns what the socket holds, up to this.
 HTTP_READ_SIZE = 256 << 10
 #: Bodies at least this large are hashed in a worker thread (hashlib releases the GIL) when they
-#: were not hashed as they arrived: S3's CRC/SHA checksums, and a signed client's bodies. Whole
-#: objects from zarrfs's own HTTP client are MD5-hashed piece by piece as they arrive, which hides
-#: the hashing behind the transfer and saves the hop to a thread (a cold zarr-python read of 256
-#: chunks of 256 KiB: 0.82-0.96 s against 0.86-1.00 s, benchmarks/RESULTS.md).
+#: were not hashed as they arrived: S3's CRC/SHA checksums, a signed client's bodies, and whole
+#: objects larger than HASH_AS_IT_ARRIVES_MAX.
 HASH_IN_THREAD = 1 << 18
+#: Whole objects up to this size from zarrfs's own HTTP client are MD5-hashed on the event loop
+#: piece by piece as their body arrives, which saves the hop to a worker thread after the last byte
+#: (a cold zarr-python read of 256 chunks of 256 KiB: 0.82-0.96 s against 0.86-1.00 s,
+#: benchmarks/RESULTS.md). Bigger ones are hashed in a thread, where the hash (25 ms per 16 MiB) does
+#: not hold up the event loop of concurrent readers.
+HASH_AS_IT_ARRIVES_MAX = 1 << 20
 #: API answers larger than this are JSON-decoded in a worker thread.
 JSON_IN_THREAD = 1 << 20
 #: A whole-object unit may take at most 1/WHOLE_OBJECT_SHARE of the memory cache.

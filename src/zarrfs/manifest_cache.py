@@ -9,9 +9,11 @@ bounded LRU of loaded indexes (by bytes and by count). The store keeps a manifes
 `document_max_files` files (`config.MANIFEST_DOCUMENT_MAX_FILES`; the checksum says how many) as its
 verified document, `<checksum>.json` (`write_checked`: an xxh3-128 of the document on its first line,
 checked on load, as the VersionIds are not covered by the Zarr checksum), then parsed and verified
-against the checksum again like a download: that needs no pyarrow, whose import would stall the first
-reads for longer than the parse takes. A bigger one is kept as its converted index, `<checksum>.arrow`
-(`ManifestIndex.write`; checked on load). Never knows about paths inside the dandiset or FUSE; parsing
+against the checksum again like a download, on every load from disk (a later mount, or after the LRU
+evicted it): that needs no pyarrow, whose import would stall the first reads for longer than the parse
+takes. A bigger one is kept as its converted index, `<checksum>.arrow` (`ManifestIndex.write`; checked
+on load); so was every manifest before, and such an index of a small manifest is still read when its
+document is not there. Never knows about paths inside the dandiset or FUSE; parsing
 and verification live in `manifests.parse` and `manifests.index`.
 
 A download is refused as soon as it grows past what its checksum allows: `<md5>-<count>--<size>` names
@@ -56,7 +58,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +98,7 @@ from zarrfs.io.remote import Remote
 from zarrfs.manifests.checksums import is_checksum, parse_checksum
 from zarrfs.manifests.listing import manifest_from_listing, zarr_prefix
 
-if TYPE_CHECKING:  # imported when a Zarr is first entered: numpy, pyarrow, zarr_checksum are heavy
+if TYPE_CHECKING:  # imported when a Zarr is first entered (numpy; pyarrow for Arrow index files)
     from zarrfs.manifests.index import ManifestIndex
 
 log = logging.getLogger(__name__)
@@ -245,8 +247,11 @@ class ManifestCache:
             return self.document_path(zarr_id, checksum)
         return self.index_path(zarr_id, checksum)
 
+    def _indexes(self) -> Iterator[Path]:
+        return self._dir.glob("*/*/*.arrow")
+
     def _stored_files(self) -> list[Path]:
-        return [*self._dir.glob("*/*/*.arrow"), *self._dir.glob("*/*/*.json")]
+        return [*self._indexes(), *self._dir.glob("*/*/*.json")]
 
     def built_path(self, zarr_id: str, checksum: str) -> Path:
         """Where a manifest built from the bucket's listing is kept."""
@@ -256,8 +261,8 @@ class ManifestCache:
         """Remove what killed processes left behind: temporary and lock files older than
         `config.STALE_TEMP_AGE`, and pins directories whose mount is gone (same host, pid not
         running) or whose lease lapsed that long ago; Arrow indexes of manifests that the store now
-        keeps as documents (written before it did: they would only make mounts import pyarrow);
-        then the least recently loaded indexes until the store fits `disk_budget`, never a leased
+        keeps as documents once the document is there too (older releases wrote them; until then
+        they are still read); then the least recently loaded indexes until the store fits `disk_budget`, never a leased
         one (mtime in the future: mapped by a running process somewhere). Returns (temporary files
         and directories, indexes) removed. Synchronous; run it through the gate. Files vanishing
         meanwhile (another process sweeping) are fine."""
@@ -276,17 +281,21 @@ class ManifestCache:
                     temps += 1
             except OSError:
                 continue
-        for path in self._dir.glob("*/*/*.arrow"):
+        superseded = 0
+        for path in self._indexes():
             with suppress(OSError):
                 if (
                     is_checksum(path.stem)
                     and self.keeps_document(path.stem)
+                    and path.with_suffix(".json").exists()
                     and path.stat().st_mtime <= now
                 ):
                     path.unlink()
-                    indexes += 1
+                    superseded += 1
+        if superseded:
+            log.info("removed %d indexes superseded by stored manifest documents", superseded)
         trimmed, total, leased = trim_to_budget(self._stored_files(), self._disk_budget, now)
-        indexes += trimmed
+        indexes = superseded + trimmed
         if trimmed:
             log.info(
                 "manifest index store over %d bytes: removed %d indexes", self._disk_budget, trimmed
@@ -319,7 +328,7 @@ class ManifestCache:
         all (stops at the first one; synchronous: run it through the gate). False when the store
         cannot be read."""
         try:
-            return next(self._dir.glob("*/*/*.arrow"), None) is not None
+            return next(self._indexes(), None) is not None
         except OSError:
             return False
 
@@ -490,7 +499,11 @@ class ManifestCache:
         is absent, damaged (then deleted) or unreadable. CacheDirStalled when the dir stalls."""
         zarr_id, checksum = key
         if self.keeps_document(checksum):
-            return await self._from_document(key)
+            index = await self._from_document(key)
+            if index is not None:
+                return index
+            # else the Arrow index an older release stored for it, if any (a cache dir warmed
+            # for nodes that cannot download stays usable)
         path = self.index_path(zarr_id, checksum)
         try:
             if not _index_format_imported():
@@ -689,13 +702,14 @@ class ManifestCache:
 
     async def _store(self, key: _Key, fetched: _Fetched, what: str) -> ManifestIndex:
         """Keep a fetched manifest in the cache dir, through the gate: its document when the store
-        keeps it so, else its index (and a manifest built from a listing in `manifests-built/`);
-        returns the index to serve (a big one reloaded memory-mapped). A disk that fails or stalls
+        keeps it so, else its index; and a manifest built from a listing, whatever its size, in
+        `manifests-built/` too (it cannot be fetched again: a small one is then kept twice).
+        Returns the index to serve (a big one reloaded memory-mapped). A disk that fails or stalls
         only means the index is served from memory."""
         zarr_id, checksum = key
         index, document = fetched.index, fetched.document
         as_document = self.keeps_document(checksum)
-        path = self.stored_path(zarr_id, checksum)
+        path = target = self.stored_path(zarr_id, checksum)
         if not as_document:
             await import_index_format()  # not against the cache dir's deadline
         try:
@@ -708,13 +722,14 @@ class ManifestCache:
                     await self.gate.run(write, target, document, timeout=timeout)
             mapped = None
             if not as_document:
+                target = path
                 mapped = await self.gate.run(
                     _write_index, index, path, timeout=self.gate.write_timeout(index.nbytes)
                 )
         except OSError as e:  # stalled, full, read-only: the disk store is an optimisation
             self.stats["not_stored"] += 1
             if not isinstance(e, CacheDirStalled):
-                log.warning("cannot keep the index of %s in %s: %s", what, path, e)
+                log.warning("cannot keep the manifest of %s in %s: %s", what, target, e)
             return index
         self.stats["stored"] += 1
         self._schedule_sweep()
@@ -824,7 +839,7 @@ def _load_index(path: Path, zarr_id: str, checksum: str) -> ManifestIndex | None
     lease (mapped) or LRU clock (in memory) is renewed."""
     if not path.exists():
         return None
-    from zarrfs.manifests.index import ManifestIndex  # in the worker thread, as in `_parse`
+    from zarrfs.manifests.index import ManifestIndex  # in the worker thread, as in `_convert`
 
     try:
         index = ManifestIndex.load(path, zarr_id=zarr_id, checksum=checksum)

@@ -11,7 +11,7 @@ client (its httpx backend; botocore's own retries off because `retry.retry` retr
 first use. Also owned: the verification of every response
 against the `ObjectRef` it was asked for (length, Content-Range total, VersionId, ETag, and the MD5 of
 the body whenever a GET covers a whole object whose ETag is a plain MD5, hashed piece by piece as the
-body arrives when our own HTTP client fetched it, and of a whole object's
+body arrives when our own HTTP client fetched a small one, and of a whole object's
 CRC32, SHA-1 or SHA-256 when S3 has one for it, as botocore checks them), and the translation of S3
 and transport failures into `ObjectMissing`, `IntegrityError` and `RemoteError`.
 
@@ -299,9 +299,9 @@ def object_url(
 
 
 class _RunningMd5:
-    """The MD5 of a body fed piece by piece as it arrives, so that verifying a whole object costs no
-    wait after its last byte (hashing 256 KiB takes some 0.4 ms, and a worker thread to do it after
-    the fact more), with the bytes and nanoseconds it took."""
+    """The MD5 of a body fed piece by piece as it arrives, on the event loop, with the bytes and
+    nanoseconds it took: for small whole objects (`config.HASH_AS_IT_ARRIVES_MAX`), whose hash
+    (some 0.4 ms per 256 KiB) costs less than a hop to a worker thread after the last byte."""
 
     __slots__ = ("_hash", "nbytes", "ns")
 
@@ -340,6 +340,8 @@ class _Body:
             await self._response.aclose()
 
     async def read(self, amt: int | None = None, *, md5: _RunningMd5 | None = None) -> bytes:
+        if amt is not None and md5 is not None:
+            raise ValueError("a body is hashed as it arrives only when read whole")
         if amt is None:
             parts = [self._buffer]
             self._buffer = b""
@@ -661,8 +663,15 @@ class S3Reader:
             self.stats["requests"] += 1
             resp = await self._client.get_object(**params)
             body = resp["Body"]
-            # hashed as it arrives from our own HTTP client; a signed client's body after the fact
-            running = _RunningMd5() if md5 is not None and isinstance(body, _Body) else None
+            # hashed on the event loop as it arrives from our own HTTP client, up to a size; a
+            # bigger body, or a signed client's, after the fact (in a thread: `_verify_md5`)
+            running = (
+                _RunningMd5()
+                if md5 is not None
+                and isinstance(body, _Body)
+                and end - start <= config.HASH_AS_IT_ARRIVES_MAX
+                else None
+            )
             async with body:
                 self._verify_headers(ref, start, end, resp, name)
                 data: bytes = await (body.read(md5=running) if running else body.read())

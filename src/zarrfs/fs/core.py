@@ -203,9 +203,8 @@ async def _import_manifest_machinery(manifests: ManifestCache, gate: DiskGate) -
     only when the cache dir holds such files (big manifests; small ones are kept as documents, which
     need no pyarrow): with none stored, pyarrow is imported in the background when the first big
     index is written, and importing it ahead would only take CPU from the first reads (~0.1 s, more
-    on a cold page cache). Only for
-    versions that hold Zarrs: they cost ~40 MB of memory, which a mount of NWB files alone never
-    needs."""
+    on a cold page cache). Only for versions that hold Zarrs: they cost ~40 MB of memory, which a
+    mount of NWB files alone never needs."""
     await trio.to_thread.run_sync(
         importlib.import_module, "zarrfs.manifests.parse", abandon_on_cancel=True
     )

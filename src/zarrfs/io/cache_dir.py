@@ -4,7 +4,8 @@ Owns: where each kind of cached data lives below the cache dir (`CacheLayout`), 
 directories with mode 0700 (every component zarrfs creates, not only the last) and files with mode
 0600, whatever the umask (the cache holds what a user read, which is nobody else's business), and
 documents stored with a checksum (`write_checked`/`read_checked`, and their JSON forms: written
-atomically, their xxh3-128 on the first line; a damaged one is logged, removed and reads as absent). A cache dir shared on purpose (several mounts of one user,
+atomically, their xxh3-128 on the first line; a damaged one is logged, removed when it can be, and
+reads as absent). A cache dir shared on purpose (several mounts of one user,
 many nodes of one account on NFS) works as long as the same user writes it. Synchronous; callers run
 it in worker threads on the serving path.
 """
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,7 +176,8 @@ def read_checked(path: Path) -> bytes | None:
     if xxhash.xxh3_128_hexdigest(body).encode() == digest:
         return body
     log.warning("discarding %s: its content does not match its checksum (damaged)", path)
-    path.unlink(missing_ok=True)
+    with suppress(OSError):  # a read-only cache dir: it stays, and still reads as absent
+        path.unlink(missing_ok=True)
     return None
 
 
@@ -191,5 +194,6 @@ def read_checked_json(path: Path) -> Any | None:
             return json.loads(body)
         except ValueError:
             log.warning("discarding %s: not JSON", path)
-            path.unlink(missing_ok=True)
+            with suppress(OSError):
+                path.unlink(missing_ok=True)
     return None
