@@ -227,7 +227,7 @@ async def test_an_unusable_cache_dir_means_memory_not_eio(
             index = await cache.get(asset)
             assert index.recompute_checksum() == asset.zarr_checksum and index.n_files == 130
             assert cache.stats["not_stored"] == 1 and cache.stats["stored"] == 0
-    assert any("cannot keep the index" in r.message for r in caplog.records)
+    assert any("cannot keep the manifest" in r.message for r in caplog.records)
 
 
 def test_stale_temporary_files_are_swept(tmp_path: Path) -> None:
