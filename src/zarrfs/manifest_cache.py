@@ -13,8 +13,8 @@ against the checksum again like a download, on every load from disk (a later mou
 evicted it): that needs no pyarrow, whose import would stall the first reads for longer than the parse
 takes. A bigger one is kept as its converted index, `<checksum>.arrow` (`ManifestIndex.write`; checked
 on load); so was every manifest before, and such an index of a small manifest is still read when its
-document is not there. Never knows about paths inside the dandiset or FUSE; parsing
-and verification live in `manifests.parse` and `manifests.index`.
+document is not there. Never knows about paths inside the dandiset or FUSE; parsing and verification
+live in `manifests.parse` and `manifests.index`.
 
 A download is refused as soon as it grows past what its checksum allows: `<md5>-<count>--<size>` names
 the number of files, which bounds the size of an honest manifest (`max_manifest_bytes`). Downloads go to
@@ -262,10 +262,10 @@ class ManifestCache:
         `config.STALE_TEMP_AGE`, and pins directories whose mount is gone (same host, pid not
         running) or whose lease lapsed that long ago; Arrow indexes of manifests that the store now
         keeps as documents once the document is there too (older releases wrote them; until then
-        they are still read); then the least recently loaded indexes until the store fits `disk_budget`, never a leased
-        one (mtime in the future: mapped by a running process somewhere). Returns (temporary files
-        and directories, indexes) removed. Synchronous; run it through the gate. Files vanishing
-        meanwhile (another process sweeping) are fine."""
+        they are still read); then the least recently loaded indexes until the store fits
+        `disk_budget`, never a leased one (mtime in the future: mapped by a running process
+        somewhere). Returns (temporary files and directories, indexes) removed. Synchronous; run it
+        through the gate. Files vanishing meanwhile (another process sweeping) are fine."""
         temps = indexes = 0
         now = time.time()
         stale = [*self._tmp.glob("*"), *self._dir.glob("*/*/.*.tmp"), *self._layout.locks.glob("*")]
@@ -709,7 +709,7 @@ class ManifestCache:
         zarr_id, checksum = key
         index, document = fetched.index, fetched.document
         as_document = self.keeps_document(checksum)
-        path = target = self.stored_path(zarr_id, checksum)
+        path = target = (self.document_path if as_document else self.index_path)(zarr_id, checksum)
         if not as_document:
             await import_index_format()  # not against the cache dir's deadline
         try:

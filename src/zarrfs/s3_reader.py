@@ -299,22 +299,20 @@ def object_url(
 
 
 class _RunningMd5:
-    """The MD5 of a body fed piece by piece as it arrives, on the event loop, with the bytes and
-    nanoseconds it took: for small whole objects (`config.HASH_AS_IT_ARRIVES_MAX`), whose hash
-    (some 0.4 ms per 256 KiB) costs less than a hop to a worker thread after the last byte."""
+    """The MD5 of a body fed piece by piece as it arrives, on the event loop, with the nanoseconds
+    it took: for small whole objects (`config.HASH_AS_IT_ARRIVES_MAX`), whose hash (some 0.4 ms per
+    256 KiB) costs less than a hop to a worker thread after the last byte."""
 
-    __slots__ = ("_hash", "nbytes", "ns")
+    __slots__ = ("_hash", "ns")
 
     def __init__(self) -> None:
         self._hash = hashlib.md5(usedforsecurity=False)
-        self.nbytes = 0
         self.ns = 0
 
     def update(self, data: bytes) -> None:
         started = time.perf_counter_ns()
         self._hash.update(data)
         self.ns += time.perf_counter_ns() - started
-        self.nbytes += len(data)
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
@@ -678,7 +676,7 @@ class S3Reader:
             self.stats["bytes"] += len(data)
             self._check(name, "body length", end - start, len(data))
             if md5 is not None and running is not None:
-                self._check_md5(name, md5, running.hexdigest(), running.nbytes, running.ns)
+                self._check_md5(name, md5, running.hexdigest(), len(data), running.ns)
             elif md5 is not None:
                 await self._verify_md5(name, md5, data)
             if whole:

@@ -5,9 +5,9 @@ directories with mode 0700 (every component zarrfs creates, not only the last) a
 0600, whatever the umask (the cache holds what a user read, which is nobody else's business), and
 documents stored with a checksum (`write_checked`/`read_checked`, and their JSON forms: written
 atomically, their xxh3-128 on the first line; a damaged one is logged, removed when it can be, and
-reads as absent). A cache dir shared on purpose (several mounts of one user,
-many nodes of one account on NFS) works as long as the same user writes it. Synchronous; callers run
-it in worker threads on the serving path.
+reads as absent). A cache dir shared on purpose (several mounts of one user, many nodes of one
+account on NFS) works as long as the same user writes it. Synchronous; callers run it in worker
+threads on the serving path.
 """
 
 from __future__ import annotations

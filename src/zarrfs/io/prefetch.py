@@ -4,18 +4,19 @@ Owns: deciding, per open file handle, when a reader reads sequentially and how f
 (mountpoint-s3's prefetcher is the model): reads fetch only what they ask for until a run of reads,
 each continuing where the previous one ended, has read `config.PREFETCH_TRIGGER` bytes; from then
 on a *segment* (one long ranged GET, streamed into the block cache block by block as the bytes
-arrive) is kept ahead of the reader, and
-each new window is twice as long as the previous one, from `config.PREFETCH_FIRST_WINDOW` up to
-`config.PREFETCH_MAX_WINDOW`, and a window longer than `config.PREFETCH_PART` is fetched as several
-segments streamed at once (one connection to S3 carries some 100 MB/s, several carry more); a new
-window starts when the reader has consumed half of what was fetched ahead. A run that has read
-`config.PREFETCH_FULL_AFTER` bytes skips the rest of the ramp: its next window is the longest, so
-it gets several connections' bandwidth early, while a short run fetches no more than before. A read elsewhere (a random pread) resets it: random reads keep fetching exactly their
-blocks. The trigger is the bytes a run has read, not its second read, because the kernel splits one pread into
-requests of at most 128 KiB: a random 256 KiB pread arrives as two reads that continue each other. Blocks the disk cache holds are read from disk instead of S3. All prefetched bytes not yet read
-count against one budget shared by every open file (`PrefetchBudget`): when it is used up, segments
-shrink or wait (backpressure), and readers fetch their own blocks. Closing the file cancels its
-segments.
+arrive) is kept ahead of the reader, and each new window is twice as long as the previous one, from
+`config.PREFETCH_FIRST_WINDOW` up to `config.PREFETCH_MAX_WINDOW`, and a window longer than
+`config.PREFETCH_PART` is fetched as several segments streamed at once (one connection to S3
+carries some 100 MB/s, several carry more); a new window starts when the reader has consumed half
+of what was fetched ahead. A run that has read `config.PREFETCH_FULL_AFTER` bytes skips the rest of
+the ramp: its next window is the longest, so it gets several connections' bandwidth early, while a
+short run fetches no more than before. A read elsewhere (a random pread) resets it: random reads
+keep fetching exactly their blocks. The trigger is the bytes a run has read, not its second read,
+because the kernel splits one pread into requests of at most 128 KiB: a random 256 KiB pread arrives
+as two reads that continue each other. Blocks the disk cache holds are read from disk instead of
+S3. All prefetched bytes not yet read count against one budget shared by every open file
+(`PrefetchBudget`): when it is used up, segments shrink or wait (backpressure), and readers fetch
+their own blocks. Closing the file cancels its segments.
 
 Never does: serve reads (the block cache does; prefetched blocks are claimed there, so a reader who
 needs one waits for the stream instead of fetching it twice), or I/O of its own: it streams through
