@@ -1,20 +1,20 @@
-"""Sequential prefetch: per open file, one streaming GET ahead of a reader that reads in order.
+"""Sequential prefetch: per open file, streaming GETs ahead of a reader that reads in order.
 
 Owns: deciding, per open file handle, when a reader reads sequentially and how far ahead to fetch
-(mountpoint-s3's prefetcher is the model): reads fetch only what they ask for until a run of reads,
-each continuing where the previous one ended, has read `config.PREFETCH_TRIGGER` bytes; from then
-on a *segment* (one long ranged GET, streamed into the block cache block by block as the bytes
-arrive) is kept ahead of the reader, and each new window is twice as long as the previous one, from
-`config.PREFETCH_FIRST_WINDOW` up to `config.PREFETCH_MAX_WINDOW`, and a window longer than
-`config.PREFETCH_PART` is fetched as several segments streamed at once (one connection to S3
-carries some 100 MB/s, several carry more); a new window starts when the reader has consumed half
-of what was fetched ahead. A run that has read `config.PREFETCH_FULL_AFTER` bytes skips the rest of
-the ramp: its next window is the longest, so it gets several connections' bandwidth early, while a
-short run fetches no more than before. A read elsewhere (a random pread) resets it: random reads
+(mountpoint-s3's prefetcher is the model, its multiplier too): reads fetch only what they ask for
+until a run of reads, each continuing where the previous one ended, has read
+`config.PREFETCH_TRIGGER` bytes; from then on the prefetch keeps up to `config.PREFETCH_MULTIPLIER`
+times what the run has read fetched ahead of it (at most `config.PREFETCH_MAX_WINDOW`: the
+*window*), as *segments* (ranged GETs of at most `config.PREFETCH_PART`, each streamed into the
+block cache block by block as the bytes arrive, several at once: one connection to S3 carries some
+100 MB/s, several carry more). The window is topped up a part at a time as the reader moves on, so
+the pipeline never drains between windows, and a run shows how far it goes before the bet grows: a
+reader that reads 2 MiB in order has asked for at most 16 MiB beyond them, one that reads on has
+the whole window in flight after 8 MiB. A read elsewhere (a random pread) resets it: random reads
 keep fetching exactly their blocks. The trigger is the bytes a run has read, not its second read,
-because the kernel splits one pread into requests of at most 128 KiB: a random 256 KiB pread arrives
-as two reads that continue each other. Blocks the disk cache holds are read from disk instead of
-S3. All prefetched bytes not yet read count against one budget shared by every open file
+because the kernel splits one pread into requests of at most 128 KiB: a random 256 KiB pread
+arrives as two reads that continue each other. Blocks the disk cache holds are read from disk
+instead of S3. All prefetched bytes not yet read count against one budget shared by every open file
 (`PrefetchBudget`): when it is used up, segments shrink or wait (backpressure), and readers fetch
 their own blocks. Closing the file cancels its segments.
 
@@ -77,7 +77,6 @@ class Prefetcher:
         self.run_bytes = 0  # read by the current run of reads that continue each other
         self.fetched_from = 0  # prefetch covers [fetched_from, fetched_until)
         self.fetched_until = 0
-        self.window = config.PREFETCH_FIRST_WINDOW
         self.held = 0  # budget held: fetched ahead of the reader, not yet read
         self.segments = 0
         self.closed = False
@@ -106,15 +105,18 @@ class Prefetcher:
             return  # not (yet) a sequential reader: maybe one pread in several requests
         if self.fetched_until >= self.ref.size:
             return
-        if self.run_bytes >= config.PREFETCH_FULL_AFTER:
-            self.window = config.PREFETCH_MAX_WINDOW  # a long run: it has shown that it reads on
-        if self.fetched_until - read_until > self.window // 2:
-            return  # enough ahead already
+        window = min(self.run_bytes * config.PREFETCH_MULTIPLIER, config.PREFETCH_MAX_WINDOW)
+        if self.fetched_until - read_until > window - min(self.part, window // 2):
+            return  # enough ahead already: top up once a part's worth (or half) has been read
         start = max(self.fetched_until, -(-read_until // self.unit) * self.unit)
         if start >= self.ref.size:
             return
-        length = -(-min(self.window, self.ref.size - start) // self.unit) * self.unit
-        granted = self.budget.take(length, self.unit)
+        wanted = min(read_until + window, self.ref.size) - start
+        if wanted <= 0:
+            return
+        if wanted >= self.part and start + wanted < self.ref.size:
+            wanted = wanted // self.part * self.part  # whole parts; the rest in the next top-up
+        granted = self.budget.take(-(-wanted // self.unit) * self.unit, self.unit)
         if granted == 0:
             return  # backpressure: the reader fetches its own blocks until readers catch up
         stop = min(start + granted, self.ref.size)
@@ -122,8 +124,6 @@ class Prefetcher:
             self.fetched_from = start
         self.fetched_until = stop
         self.held += granted
-        self.window = min(self.window * 2, config.PREFETCH_MAX_WINDOW)
-        # a long window is several streams at once: one S3 connection carries some 100 MB/s
         for part_start in range(start, stop, self.part):
             self.segments += 1
             self.nursery.start_soon(self._segment, part_start, min(part_start + self.part, stop))
@@ -145,7 +145,6 @@ class Prefetcher:
         self.budget.give_back(self.held)
         self.held = 0
         self.fetched_from = self.fetched_until = 0
-        self.window = config.PREFETCH_FIRST_WINDOW
 
     def _settle_budget(self, read_until: int) -> None:
         """Bytes the reader has now read no longer count as fetched ahead."""
