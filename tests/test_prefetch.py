@@ -106,8 +106,8 @@ async def test_a_sequential_reader_gets_a_few_long_streamed_gets_in_parallel(
         prefetcher = Prefetcher(REF, cache, budget, nursery)
         assert await read_all(cache, prefetcher) == DATA
         prefetcher.close()
-    # the reader's own first MiB, then 8 MiB parts as the window grows and is topped up: not 32
-    # separate GETs
+    # the reader's own first 2 MiB (the first read cannot continue anything), then 8 MiB parts as
+    # the window grows and is topped up: not 32 separate GETs
     assert len(fake.ranges) <= 8, fake.ranges
     assert fake.sent <= SIZE * 1.05  # nothing fetched twice, little beyond the end
     windows = sorted((b - a) for a, b in fake.ranges)
@@ -191,22 +191,49 @@ async def test_the_window_is_topped_up_a_part_at_a_time_and_never_drains(
     fake = FakeS3()
     cache, budget = make(fake)
     piece = 512 << 10
-    lowest_ahead = SIZE
+    leads = []  # fetched ahead of the reader, once the window is at its longest (8 x 1 MiB read)
     async with trio.open_nursery() as nursery:
         prefetcher = Prefetcher(REF, cache, budget, nursery)
         offset = 0
         while offset < SIZE:
             prefetcher.observe(offset, piece)
-            if offset >= 4 << 20 and prefetcher.fetched_until < SIZE:  # the ramp is over
-                lowest_ahead = min(lowest_ahead, prefetcher.fetched_until - (offset + piece))
+            if prefetcher.fetched_until and prefetcher.fetched_until < SIZE:
+                leads.append(prefetcher.fetched_until - (offset + piece))
             assert await cache.read(REF, offset, piece) == DATA[offset : offset + piece]
             offset += piece
         prefetcher.close()
-    assert lowest_ahead >= (8 << 20) - (2 << 20)
+    assert len(leads) > 30  # the reader was followed over most of the 32 MiB
+    assert min(leads) >= (8 << 20) - (2 << 20) and max(leads) <= 8 << 20, (min(leads), max(leads))
     prefetched = [(a, b) for a, b in fake.ranges if a >= 1 << 20]
     assert all(b - a == 2 << 20 for a, b in prefetched[:-1]), prefetched
     assert fake.sent <= SIZE * 1.05
     assert budget.used == 0
+
+
+async def test_the_window_grows_with_what_the_run_has_read(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """What is fetched ahead is at most `PREFETCH_MULTIPLIER` times what the run has read (a short
+    run is a small bet), and reaches the longest window less a part once the run has read an
+    eighth of it (a long run gets several streams early)."""
+    fake = FakeS3()
+    cache, budget = make(fake)
+    piece = 128 << 10
+    longest = config.PREFETCH_MAX_WINDOW
+    async with trio.open_nursery() as nursery:
+        prefetcher = Prefetcher(REF, cache, budget, nursery)
+        offset = 0
+        while offset < 12 << 20:
+            prefetcher.observe(offset, piece)
+            read = offset + piece
+            ahead = prefetcher.fetched_until - read
+            assert ahead <= config.PREFETCH_MULTIPLIER * read + BLOCK, (read, ahead)
+            if read > (longest // config.PREFETCH_MULTIPLIER) + (1 << 20):
+                reach = min(read + longest - config.PREFETCH_PART, SIZE)
+                assert prefetcher.fetched_until >= reach, (read, prefetcher.fetched_until)
+            assert await cache.read(REF, offset, piece) == DATA[offset:read]
+            offset = read
+        prefetcher.close()
 
 
 async def test_a_short_sequential_run_asks_for_little_more_than_it_reads(
@@ -227,6 +254,7 @@ async def test_a_short_sequential_run_asks_for_little_more_than_it_reads(
         await trio.sleep(1)  # a file is not closed the instant its last read returns
         prefetcher.close()
     assert prefetcher.segments > 0  # it did start
+    # 18 MiB: its 2 MiB, and the 16 MiB window that the second read's run of 2 MiB opened
     assert fake.sent <= (2 << 20) * (1 + config.PREFETCH_MULTIPLIER)
 
 

@@ -10,13 +10,15 @@ block cache block by block as the bytes arrive, several at once: one connection 
 100 MB/s, several carry more). The window is topped up a part at a time as the reader moves on, so
 the pipeline never drains between windows, and a run shows how far it goes before the bet grows: a
 reader that reads 2 MiB in order has asked for at most 16 MiB beyond them, one that reads on has
-the whole window in flight after 8 MiB. A read elsewhere (a random pread) resets it: random reads
-keep fetching exactly their blocks. The trigger is the bytes a run has read, not its second read,
-because the kernel splits one pread into requests of at most 128 KiB: a random 256 KiB pread
-arrives as two reads that continue each other. Blocks the disk cache holds are read from disk
-instead of S3. All prefetched bytes not yet read count against one budget shared by every open file
-(`PrefetchBudget`): when it is used up, segments shrink or wait (backpressure), and readers fetch
-their own blocks. Closing the file cancels its segments.
+56-64 MiB fetched ahead once it has read 8 MiB. What the run has read is the sum of its reads'
+sizes (a read that overlaps another, or lands inside the prefetched range, counts in full). A read
+elsewhere (a random pread) resets it: random reads keep fetching exactly their blocks. The trigger
+is the bytes a run has read, not its second read, because the kernel splits one pread into requests
+of at most 128 KiB: a random 256 KiB pread arrives as two reads that continue each other. Blocks
+the disk cache holds are read from disk instead of S3. All prefetched bytes not yet read count
+against one budget shared by every open file (`PrefetchBudget`): when it is used up, segments
+shrink or wait (backpressure), and readers fetch their own blocks. Closing the file cancels its
+segments.
 
 Never does: serve reads (the block cache does; prefetched blocks are claimed there, so a reader who
 needs one waits for the stream instead of fetching it twice), or I/O of its own: it streams through
@@ -82,7 +84,7 @@ class Prefetcher:
         self.closed = False
 
     def observe(self, offset: int, size: int) -> None:
-        """A read of [offset, offset + size) is about to be served: keep a segment ahead of it if
+        """A read of [offset, offset + size) is about to be served: keep the window ahead of it if
         it continues the reads before it (within `PREFETCH_TOLERANCE` either way, as the kernel
         may send one reader's requests slightly out of order, or inside what was prefetched),
         drop the prefetch if it jumped elsewhere."""
