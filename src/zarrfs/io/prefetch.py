@@ -3,22 +3,22 @@
 Owns: deciding, per open file handle, when a reader reads sequentially and how far ahead to fetch
 (mountpoint-s3's prefetcher is the model, its multiplier too): reads fetch only what they ask for
 until a run of reads, each continuing where the previous one ended, has read
-`config.PREFETCH_TRIGGER` bytes; from then on the prefetch keeps up to `config.PREFETCH_MULTIPLIER`
-times what the run has read fetched ahead of it (at most `config.PREFETCH_MAX_WINDOW`: the
-*window*), as *segments* (ranged GETs of at most `config.PREFETCH_PART`, each streamed into the
-block cache block by block as the bytes arrive, several at once: one connection to S3 carries some
-100 MB/s, several carry more). The window is topped up a part at a time as the reader moves on, so
-the pipeline never drains between windows, and a run shows how far it goes before the bet grows: a
-reader that reads 2 MiB in order has asked for at most 16 MiB beyond them, one that reads on has
-56-64 MiB fetched ahead once it has read 8 MiB. What the run has read is the sum of its reads'
-sizes (a read that overlaps another, or lands inside the prefetched range, counts in full). A read
-elsewhere (a random pread) resets it: random reads keep fetching exactly their blocks. The trigger
-is the bytes a run has read, not its second read, because the kernel splits one pread into requests
-of at most 128 KiB: a random 256 KiB pread arrives as two reads that continue each other. Blocks
-the disk cache holds are read from disk instead of S3. All prefetched bytes not yet read count
-against one budget shared by every open file (`PrefetchBudget`): when it is used up, segments
-shrink or wait (backpressure), and readers fetch their own blocks. Closing the file cancels its
-segments.
+`config.PREFETCH_TRIGGER` bytes (a first read at the start of the file begins a run); from then on
+the prefetch keeps up to `config.PREFETCH_MULTIPLIER` times what the run has read fetched ahead of
+it (at most `config.PREFETCH_MAX_WINDOW`: the *window*), as *segments* (ranged GETs of at most
+`config.PREFETCH_PART`, each streamed into the block cache block by block as the bytes arrive,
+several at once: one connection to S3 carries some 100 MB/s, several carry more). The window is
+topped up a part at a time as the reader moves on, so the pipeline never drains between windows,
+and a run shows how far it goes before the bet grows: a reader that reads 2 MiB in order has asked
+for at most 16 MiB beyond them, one that reads on has 56-64 MiB fetched ahead once it has read 8
+MiB. What the run has read is the sum of its reads' sizes (a read that overlaps another, or lands
+inside the prefetched range, counts in full). A read elsewhere (a random pread) resets it: random
+reads keep fetching exactly their blocks. The trigger is the bytes a run has read, not its second
+read, because the kernel splits one pread into requests of at most 128 KiB: a random 256 KiB pread
+arrives as two reads that continue each other. Blocks the disk cache holds are read from disk
+instead of S3. All prefetched bytes not yet read count against one budget shared by every open file
+(`PrefetchBudget`): when it is used up, segments shrink or wait (backpressure), and readers fetch
+their own blocks. Closing the file cancels its segments.
 
 Never does: serve reads (the block cache does; prefetched blocks are claimed there, so a reader who
 needs one waits for the stream instead of fetching it twice), or I/O of its own: it streams through
@@ -75,7 +75,9 @@ class Prefetcher:
         self.unit = blocks.unit(ref)
         self.part = max(self.unit, config.PREFETCH_PART // self.unit * self.unit)  # whole blocks
         self._scopes: set[trio.CancelScope] = set()  # of the segments running
-        self.next_offset: int | None = None  # where the previous read ended
+        # where the previous read ended; a first read at the start of the file begins a run (cp,
+        # md5sum and numpy.fromfile start there), so its first MiB already opens the window
+        self.next_offset = 0
         self.run_bytes = 0  # read by the current run of reads that continue each other
         self.fetched_from = 0  # prefetch covers [fetched_from, fetched_until)
         self.fetched_until = 0
@@ -89,9 +91,7 @@ class Prefetcher:
         may send one reader's requests slightly out of order, or inside what was prefetched),
         drop the prefetch if it jumped elsewhere."""
         end = min(offset + size, self.ref.size)
-        near = self.next_offset is not None and (
-            abs(offset - self.next_offset) <= config.PREFETCH_TOLERANCE
-        )
+        near = abs(offset - self.next_offset) <= config.PREFETCH_TOLERANCE
         inside = self.fetched_from <= offset < self.fetched_until
         if not (near or inside):
             self.next_offset = end
@@ -99,7 +99,7 @@ class Prefetcher:
             if self.fetched_until:
                 self._reset()
             return
-        self.next_offset = max(self.next_offset or 0, end)
+        self.next_offset = max(self.next_offset, end)
         self.run_bytes += end - offset
         read_until = self.next_offset
         self._settle_budget(read_until)
