@@ -709,22 +709,24 @@ class ManifestCache:
         zarr_id, checksum = key
         index, document = fetched.index, fetched.document
         as_document = self.keeps_document(checksum)
-        path = target = (self.document_path if as_document else self.index_path)(zarr_id, checksum)
         if not as_document:
             await import_index_format()  # not against the cache dir's deadline
+        target = self.built_path(zarr_id, checksum)
         try:
-            for target, kept, write in (
-                (self.built_path(zarr_id, checksum), fetched.built, write_new_file),
-                (path, as_document, write_checked),  # in the store: checked on load
-            ):
-                if kept and document is not None:
-                    timeout = self.gate.write_timeout(len(document))
-                    await self.gate.run(write, target, document, timeout=timeout)
+            if fetched.built and document is not None:
+                await self.gate.run(
+                    write_new_file, target, document, timeout=self.gate.write_timeout(len(document))
+                )
             mapped = None
-            if not as_document:
-                target = path
+            if as_document and document is not None:
+                target = self.document_path(zarr_id, checksum)  # in the store: checked on load
+                await self.gate.run(
+                    write_checked, target, document, timeout=self.gate.write_timeout(len(document))
+                )
+            elif not as_document:
+                target = self.index_path(zarr_id, checksum)
                 mapped = await self.gate.run(
-                    _write_index, index, path, timeout=self.gate.write_timeout(index.nbytes)
+                    _write_index, index, target, timeout=self.gate.write_timeout(index.nbytes)
                 )
         except OSError as e:  # stalled, full, read-only: the disk store is an optimisation
             self.stats["not_stored"] += 1
