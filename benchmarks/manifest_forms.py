@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from zarrfs.demo.sample import ManifestLeaf, build_manifest, format_manifest
@@ -42,9 +43,8 @@ def leaves(n: int) -> list[ManifestLeaf]:
     ]
 
 
-def timed(repeat: int, call: object) -> float:
+def timed(repeat: int, call: Callable[[], object]) -> float:
     """Median seconds of `repeat` calls of `call`."""
-    assert callable(call)
     runs = []
     for _ in range(repeat):
         started = time.perf_counter()
