@@ -79,7 +79,7 @@ def fake_api(sample: SampleDandiset) -> Iterator[str]:
         yield api.url
 
 
-#: The line a mount logs once its core is ready.
+#: The line a mount logs once it serves (its core ready, its state file written).
 SERVING = re.compile(r"^.*\b(mounted \S+ at|serving \S+ on) ", re.MULTILINE)
 
 
