@@ -169,6 +169,34 @@ def test_filesystem_imports_nothing_of_the_demo_extra() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def test_the_command_does_not_import_httpx_s_command_line_client() -> None:
+    """`httpx/__init__` imports its own command line client (click, pygments, rich: 15-35 ms at
+    every start) when they are installed, as they are here; the `zarrfs` command never runs it, so
+    its process skips it. A program that imports zarrfs as a library keeps httpx whole."""
+    import importlib.util
+
+    cli_deps = ("click", "pygments", "rich")
+    assert all(importlib.util.find_spec(name) is not None for name in cli_deps)  # else vacuous
+    report = (
+        "import sys, httpx;"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {cli_deps!r}),"
+        " sys.modules.get('httpx._main') is not None)"
+    )
+    command = (
+        "import sys; from zarrfs.faces.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n" + report
+    )
+    library = "import zarrfs.io.http;" + report
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.splitlines()[-1]
+        for code in (command, library)
+    ]
+    assert outputs[0] == "[] False"
+    assert outputs[1].endswith("True") and "'rich.console'" in outputs[1]
+
+
 def test_demo_without_the_extra_says_how_to_get_it() -> None:
     # a module set to None in sys.modules is one that cannot be imported
     code = "import sys; sys.modules['moto'] = None; from zarrfs.faces.cli import main; sys.exit(main(['demo']))"
