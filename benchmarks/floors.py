@@ -1,0 +1,103 @@
+"""What this machine allows before zarrfs does anything: the floors under compare.py's rows.
+
+Some of compare.py's targets compare zarrfs with something that pays less than any Python FUSE
+daemon can: rclone (one Go binary) for mount-to-ready, tmpfs (never cold) for a remount whose page
+cache was dropped. This prints, on this machine, what the stack alone costs, so that a miss can be
+told apart from a floor:
+
+- **imports, page cache dropped** (what `mount live` waits for): a fresh interpreter doing nothing,
+  importing trio, trio and pyfuse3 (the FUSE binding the design card names, which imports trio
+  itself), and zarrfs's command and mount modules (all a mount imports before it goes live); then
+  numpy (what serving a Zarr's index needs, imported in the background once a mount serves);
+- **the disk, page cache dropped** (what a remount over the disk cache reads from): a file of
+  `--size` MiB read once with buffered 1 MiB reads, as the disk cache's files are read.
+
+Each figure is the median of `--repeat` runs, every one after a `drop_caches` (root only: without it
+the figures are warm, and the script says so).
+
+    python benchmarks/floors.py
+    python benchmarks/floors.py --repeat 5 --size 256
+
+Writes one scratch file under `--dir` (default: the system's temporary directory), removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from harness import drop_caches
+
+MiB = 1 << 20
+
+#: (label, the code a fresh interpreter runs)
+IMPORTS = (
+    ("python -c pass", "pass"),
+    ("import trio", "import trio"),
+    ("import trio, pyfuse3", "import trio, pyfuse3"),
+    ("zarrfs's imports before the mount is live", "import zarrfs.faces.cli, zarrfs.faces.mount"),
+    ("import numpy", "import numpy"),
+)
+
+
+def cold(dropped: list[bool]) -> None:
+    if not drop_caches():
+        dropped[0] = False
+
+
+def time_imports(code: str, repeat: int, dropped: list[bool]) -> float:
+    runs = []
+    for _ in range(repeat):
+        cold(dropped)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def time_disk_read(path: Path, repeat: int, dropped: list[bool]) -> float:
+    runs = []
+    for _ in range(repeat):
+        cold(dropped)
+        start = time.perf_counter()
+        with path.open("rb", buffering=0) as f:
+            while f.read(MiB):
+                pass
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument("--size", type=int, default=128, help="MiB read from the disk")
+    parser.add_argument("--dir", type=Path, default=None, help="where the scratch file goes")
+    args = parser.parse_args()
+    dropped = [True]
+    print(f"{'figure':<48} {'seconds':>8}")
+    for label, code in IMPORTS:
+        print(f"{label:<48} {time_imports(code, args.repeat, dropped):8.3f}", flush=True)
+    with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
+        path = Path(scratch) / "floor.bin"
+        with path.open("wb") as f:
+            for _ in range(args.size):
+                f.write(os.urandom(MiB))
+            f.flush()
+            os.fsync(f.fileno())
+        seconds = time_disk_read(path, args.repeat, dropped)
+    print(
+        f"{f'read {args.size} MiB from the disk':<48} {seconds:8.3f}  ({args.size / seconds:.0f} MiB/s)"
+    )
+    if not dropped[0]:
+        print("note: not allowed to drop the page cache (run as root): these figures are warm")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
