@@ -197,6 +197,31 @@ def test_the_command_does_not_import_httpx_s_command_line_client() -> None:
     assert outputs[1].endswith("True") and "'rich.console'" in outputs[1]
 
 
+def test_the_command_gives_blas_one_thread() -> None:
+    """numpy's OpenBLAS starts a thread per core when it is imported; the `zarrfs` command never
+    calls BLAS, so its process imports numpy with a pool of one thread, even where the environment
+    asks for more. A program that imports zarrfs as a library keeps its own setting."""
+    growth = (
+        "import os\nbefore = len(os.listdir('/proc/self/task'))\nimport numpy\n"
+        "print(len(os.listdir('/proc/self/task')) - before)"
+    )
+    command = (
+        "from zarrfs.faces.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n" + growth
+    )
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}
+    grown = [
+        int(
+            subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+            ).stdout.splitlines()[-1]
+        )
+        for code in ("import zarrfs.faces.cli\n" + growth, command)
+    ]
+    assert grown[0] >= 1, "numpy's BLAS starts no thread of its own here: the test proves nothing"
+    assert grown[1] == 0
+
+
 def test_demo_without_the_extra_says_how_to_get_it() -> None:
     # a module set to None in sys.modules is one that cannot be imported
     code = "import sys; sys.modules['moto'] = None; from zarrfs.faces.cli import main; sys.exit(main(['demo']))"
