@@ -813,9 +813,9 @@ def skip_httpx_cli() -> None:
     click, pygments and rich are installed (click comes with zarr_checksum), `httpx/__init__`
     imports all three: 30 ms at every start with a warm page cache (the core's imports took 57 ms
     with them, 25 ms without), about 40 ms with a cold one, between the mount going live and the
-    core serving. This process never runs that client, so
-    `httpx.main` becomes httpx's own stand-in, which says the client cannot run here. Only in the
-    `zarrfs` command's process: a program that imports zarrfs as a library keeps httpx whole."""
+    core serving. This process never runs that client, so `httpx.main` becomes httpx's own
+    stand-in, which says the client cannot run here. Only in the `zarrfs` command's process: a
+    program that imports zarrfs as a library keeps httpx whole."""
     sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 
