@@ -53,7 +53,8 @@ VARIANTS = {
 
 
 class VariantDaemon(scale.Daemon):
-    """A `Daemon` started through a wrapper script that applies a variant before `zarrfs.faces.cli.main`."""
+    """A `Daemon` started through a wrapper script that applies a variant before
+    `zarrfs.faces.cli.console_main`."""
 
     wrapper: Path | None = None
 
@@ -104,7 +105,8 @@ def run_fuse(args: argparse.Namespace, scratch: Path) -> None:
         )
     wrapper = scratch / "wrapper.py"
     wrapper.write_text(
-        VARIANTS[args.variant] + "import sys\nfrom zarrfs.faces.cli import main\nsys.exit(main())\n"
+        VARIANTS[args.variant]
+        + "import sys\nfrom zarrfs.faces.cli import console_main\nsys.exit(console_main())\n"
     )
     with LocalS3() as s3:
         big = sd.put_big_zarr(s3, scratch, args.work_dir / "gen", args.entries, 1, print)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_fuse
+from conftest import require, require_fuse
 from zarrfs.demo.sample import EPHYS_PATH, V1, SampleDandiset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,57 +169,57 @@ def test_filesystem_imports_nothing_of_the_demo_extra() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def _last_line(code: str, env: dict[str, str] | None = None) -> str:
+    """The last line a fresh interpreter running `code` prints."""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    return result.stdout.splitlines()[-1]
+
+
+def _then(entry: str, report: str) -> str:
+    """Code that runs `zarrfs --version` through `entry` of `zarrfs.faces.cli`, then `report`."""
+    return (
+        f"from zarrfs.faces.cli import {entry}\n"
+        f"try:\n    {entry}(['--version'])\nexcept SystemExit:\n    pass\n{report}"
+    )
+
+
 def test_the_command_does_not_import_httpx_s_command_line_client() -> None:
-    """`httpx/__init__` imports its own command line client (click, pygments, rich: 15-35 ms at
+    """`httpx/__init__` imports its own command line client (click, pygments, rich: 30-40 ms at
     every start) when they are installed, as they are here; the `zarrfs` command never runs it, so
-    its process skips it. A program that imports zarrfs as a library keeps httpx whole."""
+    its process skips it. A program that calls `main` itself keeps httpx whole."""
     import importlib.util
 
     cli_deps = ("click", "pygments", "rich")
-    assert all(importlib.util.find_spec(name) is not None for name in cli_deps)  # else vacuous
+    missing = [name for name in cli_deps if importlib.util.find_spec(name) is None]
+    require(not missing, f"httpx's command-line client cannot load here ({missing} missing)")
     report = (
-        "import sys, httpx;"
+        "import sys, httpx\n"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {cli_deps!r}),"
         " sys.modules.get('httpx._main') is not None)"
     )
-    command = (
-        "import sys; from zarrfs.faces.cli import main\n"
-        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n" + report
-    )
-    library = "import zarrfs.io.http;" + report
-    outputs = [
-        subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True
-        ).stdout.splitlines()[-1]
-        for code in (command, library)
-    ]
-    assert outputs[0] == "[] False"
-    assert outputs[1].endswith("True") and "'rich.console'" in outputs[1]
+    assert _last_line(_then("console_main", report)) == "[] False"
+    library = _last_line(_then("main", report))
+    assert library.endswith("True") and "'rich.console'" in library
 
 
 def test_the_command_gives_blas_one_thread() -> None:
-    """numpy's OpenBLAS starts a thread per core when it is imported; the `zarrfs` command never
-    calls BLAS, so its process imports numpy with a pool of one thread, even where the environment
-    asks for more. A program that imports zarrfs as a library keeps its own setting."""
+    """numpy's OpenBLAS starts a thread per usable core when it is imported; the `zarrfs` command
+    never calls BLAS, so its process imports numpy with a pool of one thread, even where the
+    environment asks for more. A program that calls `main` itself keeps its own setting."""
     growth = (
         "import os\nbefore = len(os.listdir('/proc/self/task'))\nimport numpy\n"
-        "print(len(os.listdir('/proc/self/task')) - before)"
-    )
-    command = (
-        "from zarrfs.faces.cli import main\n"
-        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n" + growth
+        "print(len(os.listdir('/proc/self/task')) - before, os.environ['OPENBLAS_NUM_THREADS'])"
     )
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}
-    grown = [
-        int(
-            subprocess.run(
-                [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
-            ).stdout.splitlines()[-1]
-        )
-        for code in ("import zarrfs.faces.cli\n" + growth, command)
-    ]
-    assert grown[0] >= 1, "numpy's BLAS starts no thread of its own here: the test proves nothing"
-    assert grown[1] == 0
+    library = _last_line(_then("main", growth), env)
+    require(
+        not library.startswith("0 "),
+        "numpy's BLAS starts no thread of its own here (one usable CPU, or not OpenBLAS)",
+    )
+    assert library == "1 2"  # the caller's setting, and the thread it asked for
+    assert _last_line(_then("console_main", growth), env) == "0 1"
 
 
 def test_demo_without_the_extra_says_how_to_get_it() -> None:

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from zarrfs.faces.cli import main
+from zarrfs.faces.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -814,8 +814,8 @@ def skip_httpx_cli() -> None:
     imports all three: 30 ms at every start with a warm page cache (the core's imports took 57 ms
     with them, 25 ms without), about 40 ms with a cold one, between the mount going live and the
     core serving. This process never runs that client, so `httpx.main` becomes httpx's own
-    stand-in, which says the client cannot run here. Only in the `zarrfs` command's process: a
-    program that imports zarrfs as a library keeps httpx whole."""
+    stand-in, which says the client cannot run here. (tests/test_entrypoints.py fails if an httpx
+    release stops tolerating the missing module.)"""
     sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 
@@ -826,19 +826,27 @@ BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THR
 
 def single_threaded_blas() -> None:
     """Give the BLAS library numpy loads a pool of one thread. zarrfs uses numpy for the columns of
-    manifest indexes and never calls BLAS, but OpenBLAS starts a thread per core when numpy is
-    imported (63 more on a 64-core node, for each daemon and each HDF5 worker it spawns, counted
-    against the user's process limit) and takes longer to load for it (43 ms against 38 ms with 2
-    cores). Set for the `zarrfs` command's process and its children only, before numpy is imported
-    (only once a Zarr is entered), and whatever the environment says: the values a job sets are for
-    its own computations, not for the daemon."""
+    manifest indexes and never calls BLAS, but OpenBLAS starts a thread per usable core when numpy
+    is imported (63 more on a 64-core node, counted against the user's process limit) and takes
+    longer to load for it (43-47 ms against 38 ms with 2 cores). Set before numpy is imported (in
+    the background once a mount of a version with Zarrs serves, or when a verb first reads a
+    manifest), whatever the environment says: the values a job sets are for its own computations,
+    not for the daemon. (The HDF5 worker of `virtual.extract` gets the same values from its own
+    `WORKER_ENV`.)"""
     for name in BLAS_THREAD_VARIABLES:
         os.environ[name] = "1"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def console_main(argv: Sequence[str] | None = None) -> int:
+    """The `zarrfs` command (and `python -m zarrfs`): `main` in a process of its own, which it may
+    set up for itself (`skip_httpx_cli`, `single_threaded_blas`). A program that calls `main`
+    directly keeps its httpx, its environment and its children's environment as they were."""
     skip_httpx_cli()
     single_threaded_blas()
+    return main(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -900,4 +908,4 @@ def mount_helper_args(argv: Sequence[str]) -> list[str] | None:
 def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     """`mount.zarrfs SOURCE MOUNTPOINT [-o OPTIONS]`, as mount(8) calls it for fstab entries."""
     args = mount_helper_args(list(sys.argv[1:] if argv is None else argv))
-    return EXIT_OK if args is None else main(args)
+    return EXIT_OK if args is None else console_main(args)

@@ -155,8 +155,8 @@ async def serve(
                 nursery.start_soon(_run_fuse, nursery.cancel_scope)
                 nursery.start_soon(_set_read_ahead_once_initialized, ops, config, real_mountpoint)
                 # The mountpoint is live from here on; requests wait for the core, which starts
-                # now. Its imports (the S3 client's: ~0.4 s) run in a thread so that the event
-                # loop answers the kernel meanwhile (a `stat` of the mountpoint, for one).
+                # now. Its imports (its HTTP client's: ~25 ms warm) run in a thread so that the
+                # event loop answers the kernel meanwhile (a `stat` of the mountpoint, for one).
                 open_filesystem = await trio.to_thread.run_sync(_import_core)
                 try:
                     async with open_filesystem(config) as fs:
