@@ -10,7 +10,9 @@ told apart from a floor:
   itself), and zarrfs's command and mount modules (all a mount imports before it goes live); then
   numpy (what serving a Zarr's index needs, imported in the background once a mount serves);
 - **the disk, page cache dropped** (what a remount over the disk cache reads from): a file of
-  `--size` MiB read once with buffered 1 MiB reads, as the disk cache's files are read.
+  `--size` MiB read once in 1 MiB `read` calls through the page cache (unbuffered in Python), as the
+  disk cache's files are read. Put `--dir` on the cache dir's filesystem: the default, the system's
+  temporary directory, is tmpfs on some machines.
 
 Each figure is the median of `--repeat` runs, every one after a `drop_caches` (root only: without it
 the figures are warm, and the script says so). An interpreter is timed from its spawn until its code
@@ -35,6 +37,8 @@ from pathlib import Path
 
 from harness import drop_caches
 
+from zarrfs.faces.cli import BLAS_THREAD_VARIABLES
+
 MiB = 1 << 20
 
 #: (label, the code a fresh interpreter runs)
@@ -45,6 +49,11 @@ IMPORTS = (
     ("zarrfs's imports before the mount is live", "import zarrfs.faces.cli, zarrfs.faces.mount"),
     ("import numpy", "import numpy"),
 )
+
+
+#: The environment the `zarrfs` command gives itself (`faces.cli.single_threaded_blas`), so that
+#: numpy loads as it does in the daemon.
+DAEMON_ENV = {**os.environ, **dict.fromkeys(BLAS_THREAD_VARIABLES, "1")}
 
 
 def cold(dropped: list[bool]) -> None:
@@ -58,7 +67,9 @@ def time_imports(code: str, repeat: int, dropped: list[bool]) -> float:
         cold(dropped)
         start = time.perf_counter()
         # os._exit: the interpreter's teardown (30-40 ms with trio loaded) is not part of going live
-        subprocess.run([sys.executable, "-c", f"{code}\nimport os\nos._exit(0)"], check=True)
+        subprocess.run(
+            [sys.executable, "-c", f"{code}\nimport os\nos._exit(0)"], check=True, env=DAEMON_ENV
+        )
         runs.append(time.perf_counter() - start)
     return statistics.median(runs)
 
@@ -79,7 +90,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--size", type=int, default=128, help="MiB read from the disk")
-    parser.add_argument("--dir", type=Path, default=None, help="where the scratch file goes")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where the scratch file goes (the cache dir's filesystem)",
+    )
     args = parser.parse_args()
     dropped = [True]
     print(f"{'figure':<48} {'seconds':>8}")
