@@ -306,17 +306,25 @@ async def test_abandon_with_a_ticket_leaves_later_claims_alone() -> None:
     assert cache._inflight[(REF.key, REF.version_id, 0)].ticket is second
 
 
-async def test_verifiable_objects_are_one_unit_within_an_eighth_of_the_budget() -> None:
+async def test_verifiable_objects_are_fetched_only_whole_and_one_unit_within_an_eighth() -> None:
+    """An object whose MD5 can be checked is fetched only whole, so the S3 seam checks its body
+    before a byte is served, whatever the memory budget: one unit while it fits an eighth of the
+    budget, else kept by blocks, all of them from that one fetch (the next block's reader does not
+    fetch the whole object again)."""
     md5 = "0" * 32
     small = Ref("zarr/z/c", "v", 3000, md5)
     cache = BlockCache(max_bytes=8 * 3000, block_size=1000, lower=FetchLower())
     fetch = FakeFetch()
     await read(cache, small, 1500, 10, fetch)
     assert [c[2:] for c in fetch.calls] == [(0, 3000)]  # the whole object: its MD5 is checkable
+    assert cache.unit(small) == 3000
     tight = BlockCache(max_bytes=8 * 3000 - 1, block_size=1000, lower=FetchLower())
     fetch = FakeFetch()
-    await read(tight, small, 1500, 10, fetch)
-    assert [c[2:] for c in fetch.calls] == [(1000, 2000)]  # too big to keep whole: by blocks
+    assert await read(tight, small, 1500, 10, fetch) == content(small)[1500:1510]
+    assert tight.unit(small) == 1000  # kept by blocks
+    assert [c[2:] for c in fetch.calls] == [(0, 3000)]  # but fetched whole: checked, not by range
+    assert await read(tight, small, 0, 3000, fetch) == content(small)
+    assert len(fetch.calls) == 1  # every block came with the first fetch
     multipart = Ref("zarr/z/d", "v", 3000, md5 + "-2")
     fetch = FakeFetch()
     await read(cache, multipart, 1500, 10, fetch)

@@ -8,6 +8,7 @@ from disk. Virtual time (trio's MockClock), so the fake S3's delays cost nothing
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from zarrfs.io.blocks import BlockCache
 from zarrfs.io.disk_store import DiskBlockCache
 from zarrfs.io.disk_tier import DiskTier
 from zarrfs.io.prefetch import PrefetchBudget, Prefetcher
-from zarrfs.io.stack import Lower
+from zarrfs.io.stack import Lower, ReadStack
 from zarrfs.s3_reader import S3Reader
 
 pytestmark = pytest.mark.trio
@@ -338,3 +339,61 @@ async def test_prefetch_reads_blocks_the_disk_has(tmp_path: Path) -> None:
         assert await read_all(cache, prefetcher) == DATA
         prefetcher.close()
     assert second.ranges == []  # every block from disk, none from S3
+
+
+class FlippingS3(FakeS3):
+    """A fake S3 holding one object with a plain-MD5 ETag, whose first `flips` responses arrive
+    with one byte flipped (damage in transit that only the MD5 can tell)."""
+
+    def __init__(self, data: bytes, flips: int) -> None:
+        super().__init__(latency=0.002, per_chunk=0.0)
+        self.data = data
+        self.etag = hashlib.md5(data).hexdigest()
+        self.flips = flips
+
+    async def get_object(self, **params: Any) -> dict[str, Any]:
+        await trio.sleep(self.latency)
+        first, last = (int(x) for x in params["Range"].removeprefix("bytes=").split("-"))
+        self.ranges.append((first, last + 1))
+        body = self.data[first : last + 1]
+        if self.flips:
+            self.flips -= 1
+            body = body[:5] + bytes([body[5] ^ 1]) + body[6:]
+        self.sent += len(body)
+        return {
+            "Body": StreamingBody(body, 0.0, self),
+            "ContentRange": f"bytes {first}-{last}/{len(self.data)}",
+            "ContentLength": len(body),
+            "ETag": f'"{self.etag}"',
+        }
+
+
+async def test_an_object_checked_whole_is_never_served_by_parts_even_in_a_small_cache(
+    tmp_path: Path,
+) -> None:
+    """A 12 MiB object with a plain-MD5 ETag and a 64 MiB memory cache (an eighth of it is 8 MiB,
+    so the object is kept in memory by blocks): it is still fetched only whole, its MD5 checked
+    before a byte is served (damage in transit is caught and fetched again), with no prefetch
+    stream of a part of it; a sequential reader gets every block from that one fetch, and a
+    remount reads it back from the disk, where it is one unit, without a request. (Real time: the
+    disk works in threads.)"""
+    data = random.Random(11).randbytes(12 << 20)
+    fake = FlippingS3(data, flips=1)
+    disk = DiskTier(DiskBlockCache(tmp_path, max_bytes=1 << 30, block_size=BLOCK), "bucket")
+    ref = ObjectRef("zarr/z/1/2", None, len(data), fake.etag)
+    for source in (fake, FlippingS3(data, flips=0)):
+        stack = ReadStack(
+            S3Reader(source, S3Settings()), memory_bytes=64 << 20, block_size=BLOCK, disk=disk
+        )
+        async with trio.open_nursery() as nursery:
+            stack.nursery = disk.nursery = nursery
+            reader = stack.open(ref)
+            assert reader.prefetcher is None and stack.blocks.unit(ref) == BLOCK
+            out = bytearray()
+            while len(out) < len(data):
+                out += await reader.read(len(out), 1 << 20)
+            reader.close()
+            await disk.flush()
+        assert bytes(out) == data
+    assert fake.ranges == [(0, len(data))] * 2  # whole, twice: the damaged body was refused
+    assert stack.blocks.stats()["disk_hits"] > 0  # the second stack (a remount) read the disk

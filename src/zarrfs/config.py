@@ -32,7 +32,8 @@ DATALAD_MANIFEST_ROOT = (
 #: asks for; sequential readers get long streamed GETs instead (`prefetch`).
 BLOCK_SIZE = 256 << 10
 #: An object with a plain-MD5 ETag up to this size is fetched whole, by one GET whose body is checked
-#: against the MD5 before any byte is served (most Zarr chunks). Larger ones go by blocks, unverified.
+#: against the MD5 before any byte is served (most Zarr chunks), whatever the memory cache's size.
+#: Larger ones go by blocks, unverified.
 VERIFY_WHOLE_OBJECT_MAX = 16 << 20
 #: Sequential prefetch (`prefetch`): how many bytes a run of reads that continue each other must
 #: have read before prefetch starts (random preads up to this size never start it); how far ahead of
@@ -264,7 +265,8 @@ HASH_IN_THREAD = 1 << 18
 HASH_AS_IT_ARRIVES_MAX = 1 << 20
 #: API answers larger than this are JSON-decoded in a worker thread.
 JSON_IN_THREAD = 1 << 20
-#: A whole-object unit may take at most 1/WHOLE_OBJECT_SHARE of the memory cache.
+#: A whole-object unit may take at most 1/WHOLE_OBJECT_SHARE of the memory cache; a bigger object
+#: fetched whole (its MD5 checked: VERIFY_WHOLE_OBJECT_MAX) is kept in memory by blocks instead.
 WHOLE_OBJECT_SHARE = 8
 #: How many objects' service counts the request scheduler remembers (least recently served forgotten).
 FLOWS_REMEMBERED = 1 << 16

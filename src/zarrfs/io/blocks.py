@@ -1,8 +1,9 @@
 """A byte-bounded in-memory LRU of immutable blocks, with one fetch per block at a time.
 
 Owns: splitting a read of an object version into aligned units (blocks of `block_size` bytes; an
-object whose ETag is a plain MD5 and that is small enough is one unit, fetched by one GET of the
-whole object so its MD5 can be checked before any byte is served), the LRU of those blocks
+object whose ETag is a plain MD5 and that is at most `whole_object_max` is fetched only whole, by one
+GET, so that its MD5 is checked before any byte is served: one unit when it is small enough for
+memory, else kept by blocks, and on disk as one unit), the LRU of those blocks
 (cachetools `LRUCache` sized by `len`, keyed by `(key, version_id, block_index)`), and single-flight
 fetching: a `dict[key, _Flight]` of blocks in flight, so that concurrent readers of one missing block
 share one fetch and get its bytes or its error. A read's missing blocks that are contiguous are
@@ -121,12 +122,19 @@ class BlockCache:
         self._disk_hits = 0
         self._fetches = 0
 
+    def checked_whole(self, ref: ObjectRef) -> bool:
+        """Whether `ref` is fetched only whole, so that its MD5 is checked before any byte of it is
+        served: its ETag is a plain MD5 and it is at most `whole_object_max` bytes."""
+        return ref.md5() is not None and 0 < ref.size <= self.whole_object_max
+
     def unit(self, ref: ObjectRef) -> int:
-        """The block size used for `ref`: the whole object when it is verifiable as a whole and
-        small enough to stay in memory while it is read (at most an eighth of the budget: a unit
-        the LRU cannot keep would be fetched again for every read request of the object)."""
+        """The block size used for `ref`: the whole object when it is fetched whole
+        (`checked_whole`) and small enough to stay in memory while it is read (at most
+        1/`config.WHOLE_OBJECT_SHARE` of the budget: a unit the LRU cannot keep would be fetched
+        again for every read request of the object). A bigger object fetched whole is kept in
+        memory by blocks (`_fill_from_whole`)."""
         whole_max = min(self.whole_object_max, self.max_bytes // config.WHOLE_OBJECT_SHARE)
-        if ref.md5() is not None and 0 < ref.size <= whole_max:
+        if self.checked_whole(ref) and ref.size <= whole_max:
             return ref.size
         return self.block_size
 
@@ -236,9 +244,13 @@ class BlockCache:
         self, ref: ObjectRef, run: list[int], ticket: Ticket, found: dict[int, bytes]
     ) -> None:
         """Produce the claimed blocks `run` (contiguous) into `found`: from disk where it has them,
-        else by one remote request per contiguous remainder. Claims not fulfilled are abandoned."""
+        else by one remote request per contiguous remainder (an object fetched only whole but kept
+        by blocks: `_fill_from_whole`). Claims not fulfilled are abandoned."""
         unit = self.unit(ref)
         try:
+            if unit < ref.size and self.checked_whole(ref):
+                await self._fill_from_whole(ref, run, ticket, found)
+                return
             remote: list[int] = []
             on_disk = await self.lower.from_disk(ref, run, unit)
             self._disk_hits += len(on_disk)
@@ -270,6 +282,38 @@ class BlockCache:
             raise
         finally:
             self.abandon(ref, run, None, ticket)  # still claimed (cancelled): waiters take over
+
+    async def _fill_from_whole(
+        self, ref: ObjectRef, run: list[int], ticket: Ticket, found: dict[int, bytes]
+    ) -> None:
+        """`_fill` for an object fetched only whole (`checked_whole`) whose whole is too big to be
+        one unit of memory: the whole object, from the disk tier (where it is one unit, written
+        only once checked) or by one GET whose body the S3 seam checks against the MD5, cut into
+        blocks: the run's, and the object's others that memory neither holds nor waits for (a
+        reader of the next block must not fetch the whole object again)."""
+        on_disk = await self.lower.from_disk(ref, [0], ref.size)
+        data = on_disk.get(0)
+        if data is not None:
+            self._disk_hits += len(run)
+        else:
+            self._misses += len(run)
+            self._fetches += 1
+            data = await self.lower.fetch(ref, 0, ref.size, ticket)
+            if len(data) != ref.size:
+                raise IntegrityError(
+                    f"{ref.key} (version {ref.version_id}): {len(data)} bytes, expected {ref.size}"
+                )
+            self.lower.keep(ref, 0, ref.size, data)
+        unit = self.unit(ref)
+        claimed = set(run)
+        for index in range(self.blocks_of(ref)):
+            key = (ref.key, ref.version_id, index)
+            if index not in claimed and (key in self._inflight or key in self._lru):
+                continue
+            piece = data[index * unit : (index + 1) * unit]
+            if index in claimed:
+                found[index] = piece
+            self.fulfil(ref, index, piece)
 
     # --- producers (`read` itself, and `prefetch` streams) ---------------------------------------
 

@@ -156,18 +156,27 @@ class ReadStack:
 
     def _recall(self, ref: ObjectRef, index: int, unit: int) -> bytes | None:
         """Block `index` of `ref` in units of `unit` bytes, from whichever memory cache reads
-        `ref` in that unit (checked there), or None when none holds it now."""
+        `ref` in that unit (checked there), or None when none holds it now. The whole of an
+        object fetched only whole but kept in memory by blocks is those blocks, joined, when
+        memory still holds them all."""
         for cache in (self.blocks, self.sparse):
             if cache.unit(ref) == unit:
                 data = cache.cached_block(ref, index)
                 if data is not None:
                     return data
+            elif unit == ref.size and index == 0 and cache.checked_whole(ref):
+                pieces = [cache.cached_block(ref, i) for i in range(cache.blocks_of(ref))]
+                if all(piece is not None for piece in pieces):
+                    return b"".join(piece for piece in pieces if piece is not None)
         return None
 
     def open(self, ref: ObjectRef) -> ObjectReader:
-        """A reader of `ref`, prefetching ahead of sequential reads when it has several blocks."""
+        """A reader of `ref`, prefetching ahead of sequential reads when it has several blocks and
+        may be fetched in parts (an object fetched only whole, `BlockCache.checked_whole`, comes
+        whole with its first read: a ranged prefetch stream of it could not be checked)."""
         prefetcher = None
-        if self.nursery is not None and self.blocks.blocks_of(ref) > 1:
+        blocks = self.blocks
+        if self.nursery is not None and blocks.blocks_of(ref) > 1 and not blocks.checked_whole(ref):
             prefetcher = Prefetcher(ref, self.blocks, self.prefetch_budget, self.nursery)
         return ObjectReader(self, ref, prefetcher)
 
