@@ -329,3 +329,29 @@ async def test_verifiable_objects_are_fetched_only_whole_and_one_unit_within_an_
     fetch = FakeFetch()
     await read(cache, multipart, 1500, 10, fetch)
     assert [c[2:] for c in fetch.calls] == [(1000, 2000)]  # not verifiable: by blocks
+
+
+async def test_concurrent_reads_of_an_object_kept_by_blocks_share_one_whole_fetch() -> None:
+    """Reads of different blocks of an object fetched only whole but kept by blocks, at the same
+    time (the kernel sends a file's read requests concurrently), and a read whose missing blocks
+    are not contiguous, each make no fetch beyond the one whole fetch that produces every block."""
+    small = Ref("zarr/z/e", "v", 3000, "0" * 32)
+    tight = BlockCache(max_bytes=8 * 3000 - 1, block_size=1000, lower=FetchLower())
+    fetch = FakeFetch(delay=0.01)
+    assert isinstance(tight.lower, FetchLower)
+    tight.lower.remote = fetch
+    got: dict[int, bytes] = {}
+
+    async def one(offset: int) -> None:
+        got[offset] = await tight.read(small, offset, 10)
+
+    async with trio.open_nursery() as nursery:
+        for offset in (0, 1500, 2500):
+            nursery.start_soon(one, offset)
+    assert got == {offset: content(small)[offset : offset + 10] for offset in (0, 1500, 2500)}
+    assert [c[2:] for c in fetch.calls] == [(0, 3000)]
+    other = BlockCache(max_bytes=8 * 3000 - 1, block_size=1000, lower=FetchLower())
+    other.fulfil(small, 1, content(small)[1000:2000])  # the middle block cached, its ends not
+    fetch = FakeFetch()
+    assert await read(other, small, 0, 3000, fetch) == content(small)
+    assert [c[2:] for c in fetch.calls] == [(0, 3000)]

@@ -196,10 +196,16 @@ class BlockCache:
                     missing.append(index)
             if not waiting and not missing:
                 return _slice(found, first, last, unit, offset, end)
-            runs = runs_of(missing)
-            tickets = [Ticket(priority, flow=ref.key) for _ in runs]
-            for run, ticket in zip(runs, tickets, strict=True):
-                self.claim(ref, run[0], run[-1], ticket)
+            if missing and unit < ref.size and self.checked_whole(ref):
+                # one fetch of the whole object produces every block of it: claim all that are
+                # neither cached nor in flight, so that no concurrent read fetches it again
+                tickets = [Ticket(priority, flow=ref.key)]
+                runs = [self.claim(ref, 0, self.blocks_of(ref) - 1, tickets[0])]
+            else:
+                runs = runs_of(missing)
+                tickets = [Ticket(priority, flow=ref.key) for _ in runs]
+                for run, ticket in zip(runs, tickets, strict=True):
+                    self.claim(ref, run[0], run[-1], ticket)
             errors: list[Exception] = []
             async with trio.open_nursery() as nursery:
                 for run, ticket in zip(runs, tickets, strict=True):
@@ -243,9 +249,10 @@ class BlockCache:
     async def _fill(
         self, ref: ObjectRef, run: list[int], ticket: Ticket, found: dict[int, bytes]
     ) -> None:
-        """Produce the claimed blocks `run` (contiguous) into `found`: from disk where it has them,
-        else by one remote request per contiguous remainder (an object fetched only whole but kept
-        by blocks: `_fill_from_whole`). Claims not fulfilled are abandoned."""
+        """Produce the claimed blocks `run` (contiguous; for an object fetched only whole but kept
+        by blocks, every block of it that was claimed: `_fill_from_whole`) into `found`: from disk
+        where it has them, else by one remote request per contiguous remainder. Claims not
+        fulfilled are abandoned."""
         unit = self.unit(ref)
         try:
             if unit < ref.size and self.checked_whole(ref):
@@ -289,8 +296,9 @@ class BlockCache:
         """`_fill` for an object fetched only whole (`checked_whole`) whose whole is too big to be
         one unit of memory: the whole object, from the disk tier (where it is one unit, written
         only once checked) or by one GET whose body the S3 seam checks against the MD5, cut into
-        blocks: the run's, and the object's others that memory neither holds nor waits for (a
-        reader of the next block must not fetch the whole object again)."""
+        blocks: those claimed (`read` claims all the object's missing ones), and any others that
+        memory neither holds nor waits for (a reader of the next block must not fetch the whole
+        object again)."""
         on_disk = await self.lower.from_disk(ref, [0], ref.size)
         data = on_disk.get(0)
         if data is not None:
