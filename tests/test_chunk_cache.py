@@ -355,3 +355,18 @@ async def test_concurrent_reads_of_an_object_kept_by_blocks_share_one_whole_fetc
     fetch = FakeFetch()
     assert await read(other, small, 0, 3000, fetch) == content(small)
     assert [c[2:] for c in fetch.calls] == [(0, 3000)]
+
+
+async def test_a_sequential_reader_of_an_object_bigger_than_memory_fetches_it_a_few_times() -> None:
+    """An object fetched only whole, three times the memory cache: each whole fetch leaves in
+    memory the blocks the reader reads next (kept last, so the LRU drops the others first), so a
+    sequential reader fetches it about three times, not once per read request (30 here)."""
+    big = Ref("zarr/z/f", "v", 3000, "0" * 32)
+    cache = BlockCache(max_bytes=1000, block_size=100, lower=FetchLower())
+    fetch = FakeFetch()
+    out = b""
+    while len(out) < big.size:
+        out += await read(cache, big, len(out), 100, fetch)
+    assert out == content(big)
+    assert 3 <= len(fetch.calls) <= 4, fetch.calls
+    assert all(c[2:] == (0, 3000) for c in fetch.calls)

@@ -209,7 +209,7 @@ class BlockCache:
             errors: list[Exception] = []
             async with trio.open_nursery() as nursery:
                 for run, ticket in zip(runs, tickets, strict=True):
-                    nursery.start_soon(self._fill_into, ref, run, ticket, found, errors)
+                    nursery.start_soon(self._fill_into, ref, run, ticket, found, errors, first)
                 for index, flight in waiting.items():
                     nursery.start_soon(self._wait_into, index, flight, found, errors, priority)
             if errors:
@@ -222,9 +222,10 @@ class BlockCache:
         ticket: Ticket,
         found: dict[int, bytes],
         errors: list[Exception],
+        near: int = 0,
     ) -> None:
         try:
-            await self._fill(ref, run, ticket, found)
+            await self._fill(ref, run, ticket, found, near)
         except Exception as exc:
             errors.append(exc)
 
@@ -247,16 +248,16 @@ class BlockCache:
         # abandoned by its producer: the reader's next round fetches it
 
     async def _fill(
-        self, ref: ObjectRef, run: list[int], ticket: Ticket, found: dict[int, bytes]
+        self, ref: ObjectRef, run: list[int], ticket: Ticket, found: dict[int, bytes], near: int = 0
     ) -> None:
         """Produce the claimed blocks `run` (contiguous; for an object fetched only whole but kept
         by blocks, every block of it that was claimed: `_fill_from_whole`) into `found`: from disk
         where it has them, else by one remote request per contiguous remainder. Claims not
-        fulfilled are abandoned."""
+        fulfilled are abandoned. `near`: the first block the reader asked for."""
         unit = self.unit(ref)
         try:
             if unit < ref.size and self.checked_whole(ref):
-                await self._fill_from_whole(ref, run, ticket, found)
+                await self._fill_from_whole(ref, run, ticket, found, near)
                 return
             remote: list[int] = []
             on_disk = await self.lower.from_disk(ref, run, unit)
@@ -291,14 +292,17 @@ class BlockCache:
             self.abandon(ref, run, None, ticket)  # still claimed (cancelled): waiters take over
 
     async def _fill_from_whole(
-        self, ref: ObjectRef, run: list[int], ticket: Ticket, found: dict[int, bytes]
+        self, ref: ObjectRef, run: list[int], ticket: Ticket, found: dict[int, bytes], near: int
     ) -> None:
         """`_fill` for an object fetched only whole (`checked_whole`) whose whole is too big to be
         one unit of memory: the whole object, from the disk tier (where it is one unit, written
         only once checked) or by one GET whose body the S3 seam checks against the MD5, cut into
         blocks: those claimed (`read` claims all the object's missing ones), and any others that
         memory neither holds nor waits for (a reader of the next block must not fetch the whole
-        object again)."""
+        object again). They are kept in the order that leaves the most useful ones in a memory
+        cache too small for them all: those behind `near` (the reader's first block) first, then
+        the rest from the far end back to `near`, so that the blocks a reader reads next are the
+        most recently used."""
         on_disk = await self.lower.from_disk(ref, [0], ref.size)
         data = on_disk.get(0)
         if data is not None:
@@ -314,7 +318,8 @@ class BlockCache:
             self.lower.keep(ref, 0, ref.size, data)
         unit = self.unit(ref)
         claimed = set(run)
-        for index in range(self.blocks_of(ref)):
+        count = self.blocks_of(ref)
+        for index in [*range(near), *range(count - 1, near - 1, -1)]:
             key = (ref.key, ref.version_id, index)
             if index not in claimed and (key in self._inflight or key in self._lru):
                 continue
