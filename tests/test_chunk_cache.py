@@ -357,6 +357,44 @@ async def test_concurrent_reads_of_an_object_kept_by_blocks_share_one_whole_fetc
     assert [c[2:] for c in fetch.calls] == [(0, 3000)]
 
 
+async def test_blocks_of_a_whole_fetch_not_asked_for_count_as_fetched_ahead() -> None:
+    """Reading an object kept by blocks one block at a time makes one fetch and one miss; the
+    other blocks came with it, as a prefetch's do, and are hits when read (not misses, then hits)."""
+    obj = Ref("zarr/z/g", "v", 3000, "0" * 32)
+    cache = BlockCache(max_bytes=8 * 3000 - 1, block_size=100, lower=FetchLower())
+    fetch = FakeFetch()
+    for offset in range(0, 3000, 100):
+        await read(cache, obj, offset, 100, fetch)
+    assert len(fetch.calls) == 1
+    assert (cache.stats()["misses"], cache.stats()["hits"]) == (1, 29), cache.stats()
+
+
+async def test_a_failed_whole_fetch_fails_every_concurrent_reader_of_the_object() -> None:
+    """Readers of different blocks of an object kept by blocks wait for the one whole fetch; when
+    it fails, each gets its error (none hangs, none fetches a range), and a later read fetches the
+    object whole again."""
+    obj = Ref("zarr/z/h", "v", 3000, "0" * 32)
+    cache = BlockCache(max_bytes=8 * 3000 - 1, block_size=1000, lower=FetchLower())
+    fetch = FakeFetch(delay=0.01, fail_with=[RemoteError("S3 is down")])
+    assert isinstance(cache.lower, FetchLower)
+    cache.lower.remote = fetch
+    failed: list[str] = []
+
+    async def one(offset: int) -> None:
+        try:
+            await cache.read(obj, offset, 10)
+        except RemoteError as e:
+            failed.append(str(e))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for offset in (0, 1500, 2500):
+                nursery.start_soon(one, offset)
+    assert failed == ["S3 is down"] * 3
+    assert await cache.read(obj, 1500, 10) == content(obj)[1500:1510]
+    assert [c[2:] for c in fetch.calls] == [(0, 3000), (0, 3000)]
+
+
 async def test_a_sequential_reader_of_an_object_bigger_than_memory_fetches_it_a_few_times() -> None:
     """An object fetched only whole, three times the memory cache: each whole fetch leaves in
     memory the blocks the reader reads next (kept last, so the LRU drops the others first), so a

@@ -209,7 +209,8 @@ class BlockCache:
             errors: list[Exception] = []
             async with trio.open_nursery() as nursery:
                 for run, ticket in zip(runs, tickets, strict=True):
-                    nursery.start_soon(self._fill_into, ref, run, ticket, found, errors, first)
+                    asked = (first, last)
+                    nursery.start_soon(self._fill_into, ref, run, ticket, found, errors, asked)
                 for index, flight in waiting.items():
                     nursery.start_soon(self._wait_into, index, flight, found, errors, priority)
             if errors:
@@ -222,10 +223,10 @@ class BlockCache:
         ticket: Ticket,
         found: dict[int, bytes],
         errors: list[Exception],
-        near: int = 0,
+        asked: tuple[int, int],
     ) -> None:
         try:
-            await self._fill(ref, run, ticket, found, near)
+            await self._fill(ref, run, ticket, found, asked)
         except Exception as exc:
             errors.append(exc)
 
@@ -248,16 +249,21 @@ class BlockCache:
         # abandoned by its producer: the reader's next round fetches it
 
     async def _fill(
-        self, ref: ObjectRef, run: list[int], ticket: Ticket, found: dict[int, bytes], near: int = 0
+        self,
+        ref: ObjectRef,
+        run: list[int],
+        ticket: Ticket,
+        found: dict[int, bytes],
+        asked: tuple[int, int],
     ) -> None:
         """Produce the claimed blocks `run` (contiguous; for an object fetched only whole but kept
         by blocks, every block of it that was claimed: `_fill_from_whole`) into `found`: from disk
         where it has them, else by one remote request per contiguous remainder. Claims not
-        fulfilled are abandoned. `near`: the first block the reader asked for."""
+        fulfilled are abandoned. `asked`: the first and last block the reader asked for."""
         unit = self.unit(ref)
         try:
             if unit < ref.size and self.checked_whole(ref):
-                await self._fill_from_whole(ref, run, ticket, found, near)
+                await self._fill_from_whole(ref, run, ticket, found, asked)
                 return
             remote: list[int] = []
             on_disk = await self.lower.from_disk(ref, run, unit)
@@ -292,7 +298,12 @@ class BlockCache:
             self.abandon(ref, run, None, ticket)  # still claimed (cancelled): waiters take over
 
     async def _fill_from_whole(
-        self, ref: ObjectRef, run: list[int], ticket: Ticket, found: dict[int, bytes], near: int
+        self,
+        ref: ObjectRef,
+        run: list[int],
+        ticket: Ticket,
+        found: dict[int, bytes],
+        asked: tuple[int, int],
     ) -> None:
         """`_fill` for an object fetched only whole (`checked_whole`) whose whole is too big to be
         one unit of memory: the whole object, from the disk tier (where it is one unit, written
@@ -300,22 +311,26 @@ class BlockCache:
         blocks: those claimed (`read` claims all the object's missing ones), and any others that
         memory neither holds nor waits for (a reader of the next block must not fetch the whole
         object again). They are kept in the order that leaves the most useful ones in a memory
-        cache too small for them all: those behind `near` (the reader's first block) first, then
-        the rest from the far end back to `near`, so that the blocks a reader reads next are the
-        most recently used."""
+        cache too small for them all: those behind the reader's first block first, then the rest
+        from the far end back to it, so that the blocks a reader reads next are the most recently
+        used. Only the blocks the reader asked for count as misses (or disk hits): the others are
+        fetched ahead, as a prefetch's are. The body goes to the disk tier once its blocks are
+        kept."""
+        near, last = asked
+        looked_up = sum(1 for index in run if near <= index <= last)
         on_disk = await self.lower.from_disk(ref, [0], ref.size)
         data = on_disk.get(0)
+        fetched = data is None
         if data is not None:
-            self._disk_hits += len(run)
+            self._disk_hits += looked_up
         else:
-            self._misses += len(run)
+            self._misses += looked_up
             self._fetches += 1
             data = await self.lower.fetch(ref, 0, ref.size, ticket)
             if len(data) != ref.size:
                 raise IntegrityError(
                     f"{ref.key} (version {ref.version_id}): {len(data)} bytes, expected {ref.size}"
                 )
-            self.lower.keep(ref, 0, ref.size, data)
         unit = self.unit(ref)
         claimed = set(run)
         count = self.blocks_of(ref)
@@ -327,6 +342,8 @@ class BlockCache:
             if index in claimed:
                 found[index] = piece
             self.fulfil(ref, index, piece)
+        if fetched:
+            self.lower.keep(ref, 0, ref.size, data)
 
     # --- producers (`read` itself, and `prefetch` streams) ---------------------------------------
 
