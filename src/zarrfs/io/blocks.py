@@ -138,6 +138,11 @@ class BlockCache:
             return ref.size
         return self.block_size
 
+    def kept_by_blocks(self, ref: ObjectRef) -> bool:
+        """Whether `ref` is fetched only whole but kept in memory by blocks (`_fill_from_whole`):
+        `checked_whole`, and bigger than its unit."""
+        return self.checked_whole(ref) and self.unit(ref) < ref.size
+
     def blocks_of(self, ref: ObjectRef) -> int:
         """How many blocks (units) `ref` has."""
         unit = self.unit(ref)
@@ -196,7 +201,7 @@ class BlockCache:
                     missing.append(index)
             if not waiting and not missing:
                 return _slice(found, first, last, unit, offset, end)
-            if missing and unit < ref.size and self.checked_whole(ref):
+            if missing and self.kept_by_blocks(ref):
                 # one fetch of the whole object produces every block of it: claim all that are
                 # neither cached nor in flight, so that no concurrent read fetches it again
                 tickets = [Ticket(priority, flow=ref.key)]
@@ -207,9 +212,9 @@ class BlockCache:
                 for run, ticket in zip(runs, tickets, strict=True):
                     self.claim(ref, run[0], run[-1], ticket)
             errors: list[Exception] = []
+            asked = (first, last)
             async with trio.open_nursery() as nursery:
                 for run, ticket in zip(runs, tickets, strict=True):
-                    asked = (first, last)
                     nursery.start_soon(self._fill_into, ref, run, ticket, found, errors, asked)
                 for index, flight in waiting.items():
                     nursery.start_soon(self._wait_into, index, flight, found, errors, priority)
@@ -225,10 +230,20 @@ class BlockCache:
         errors: list[Exception],
         asked: tuple[int, int],
     ) -> None:
+        """Produce the claimed blocks `run` into `found` (`_fill`, or `_fill_from_whole` for an
+        object kept by blocks; `asked`: the first and last block the reader asked for). An error
+        goes to `errors` and to the run's waiters; claims not fulfilled (a cancellation) are
+        abandoned, and their waiters fetch them themselves."""
         try:
-            await self._fill(ref, run, ticket, found, asked)
+            if self.kept_by_blocks(ref):
+                await self._fill_from_whole(ref, run, ticket, found, asked)
+            else:
+                await self._fill(ref, run, ticket, found)
         except Exception as exc:
+            self.abandon(ref, run, exc, ticket)
             errors.append(exc)
+        finally:
+            self.abandon(ref, run, None, ticket)  # still claimed (cancelled): waiters take over
 
     async def _wait_into(
         self,
@@ -249,53 +264,37 @@ class BlockCache:
         # abandoned by its producer: the reader's next round fetches it
 
     async def _fill(
-        self,
-        ref: ObjectRef,
-        run: list[int],
-        ticket: Ticket,
-        found: dict[int, bytes],
-        asked: tuple[int, int],
+        self, ref: ObjectRef, run: list[int], ticket: Ticket, found: dict[int, bytes]
     ) -> None:
-        """Produce the claimed blocks `run` (contiguous; for an object fetched only whole but kept
-        by blocks, every block of it that was claimed: `_fill_from_whole`) into `found`: from disk
-        where it has them, else by one remote request per contiguous remainder. Claims not
-        fulfilled are abandoned. `asked`: the first and last block the reader asked for."""
+        """Produce the claimed blocks `run` (contiguous) into `found`: from disk where it has them,
+        else by one remote request per contiguous remainder."""
         unit = self.unit(ref)
-        try:
-            if unit < ref.size and self.checked_whole(ref):
-                await self._fill_from_whole(ref, run, ticket, found, asked)
-                return
-            remote: list[int] = []
-            on_disk = await self.lower.from_disk(ref, run, unit)
-            self._disk_hits += len(on_disk)
-            for index in run:
-                data = on_disk.get(index)
-                if data is not None:
-                    found[index] = data
-                    self.fulfil(ref, index, data)
-                else:
-                    remote.append(index)
-            for part in runs_of(remote):
-                start = part[0] * unit
-                stop = min((part[-1] + 1) * unit, ref.size)
-                self._misses += len(part)
-                self._fetches += 1
-                data = await self.lower.fetch(ref, start, stop, ticket)
-                if len(data) != stop - start:
-                    raise IntegrityError(
-                        f"{ref.key} (version {ref.version_id}): blocks {part[0]}-{part[-1]} have "
-                        f"{len(data)} bytes, expected {stop - start}"
-                    )
-                for index in part:
-                    piece = data[(index - part[0]) * unit : (index - part[0] + 1) * unit]
-                    found[index] = piece
-                    self.fulfil(ref, index, piece)
-                    self.lower.keep(ref, index, unit, piece)
-        except Exception as exc:
-            self.abandon(ref, run, exc, ticket)
-            raise
-        finally:
-            self.abandon(ref, run, None, ticket)  # still claimed (cancelled): waiters take over
+        remote: list[int] = []
+        on_disk = await self.lower.from_disk(ref, run, unit)
+        self._disk_hits += len(on_disk)
+        for index in run:
+            data = on_disk.get(index)
+            if data is not None:
+                found[index] = data
+                self.fulfil(ref, index, data)
+            else:
+                remote.append(index)
+        for part in runs_of(remote):
+            start = part[0] * unit
+            stop = min((part[-1] + 1) * unit, ref.size)
+            self._misses += len(part)
+            self._fetches += 1
+            data = await self.lower.fetch(ref, start, stop, ticket)
+            if len(data) != stop - start:
+                raise IntegrityError(
+                    f"{ref.key} (version {ref.version_id}): blocks {part[0]}-{part[-1]} have "
+                    f"{len(data)} bytes, expected {stop - start}"
+                )
+            for index in part:
+                piece = data[(index - part[0]) * unit : (index - part[0] + 1) * unit]
+                found[index] = piece
+                self.fulfil(ref, index, piece)
+                self.lower.keep(ref, index, unit, piece)
 
     async def _fill_from_whole(
         self,
@@ -305,10 +304,9 @@ class BlockCache:
         found: dict[int, bytes],
         asked: tuple[int, int],
     ) -> None:
-        """`_fill` for an object fetched only whole (`checked_whole`) whose whole is too big to be
-        one unit of memory: the whole object, from the disk tier (where it is one unit, written
-        only once checked) or by one GET whose body the S3 seam checks against the MD5, cut into
-        blocks: those claimed (`read` claims all the object's missing ones), and any others that
+        """`_fill` for an object kept by blocks (`kept_by_blocks`): the whole object, from the
+        disk tier (where it is one unit, written only once checked) or by one GET whose body the
+        S3 seam checks against the MD5, cut into blocks: those claimed (`read` claims all the object's missing ones), and any others that
         memory neither holds nor waits for (a reader of the next block must not fetch the whole
         object again). They are kept in the order that leaves the most useful ones in a memory
         cache too small for them all: those behind the reader's first block first, then the rest

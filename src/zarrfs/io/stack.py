@@ -164,7 +164,7 @@ class ReadStack:
                 data = cache.cached_block(ref, index)
                 if data is not None:
                     return data
-            elif unit == ref.size and index == 0 and cache.checked_whole(ref):
+            elif unit == ref.size and index == 0 and cache.kept_by_blocks(ref):
                 pieces = [cache.cached_block(ref, i) for i in range(cache.blocks_of(ref))]
                 if all(piece is not None for piece in pieces):
                     return b"".join(piece for piece in pieces if piece is not None)
