@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from harness import drop_caches
@@ -56,34 +57,34 @@ IMPORTS = (
 DAEMON_ENV = {**os.environ, **dict.fromkeys(BLAS_THREAD_VARIABLES, "1")}
 
 
-def cold(dropped: list[bool]) -> None:
-    if not drop_caches():
-        dropped[0] = False
-
-
-def time_imports(code: str, repeat: int, dropped: list[bool]) -> float:
-    runs = []
+def cold_median(run: Callable[[], object], repeat: int) -> float:
+    """The median seconds of `run` over `repeat` runs, each after a `drop_caches` (which does
+    nothing without root: `main` says so)."""
+    times = []
     for _ in range(repeat):
-        cold(dropped)
+        drop_caches()
         start = time.perf_counter()
-        # os._exit: the interpreter's teardown (30-40 ms with trio loaded) is not part of going live
-        subprocess.run(
-            [sys.executable, "-c", f"{code}\nimport os\nos._exit(0)"], check=True, env=DAEMON_ENV
-        )
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
-def time_disk_read(path: Path, repeat: int, dropped: list[bool]) -> float:
-    runs = []
-    for _ in range(repeat):
-        cold(dropped)
-        start = time.perf_counter()
+def start_interpreter(code: str) -> Callable[[], object]:
+    """A fresh interpreter running `code`, timed until its code has run: `os._exit` skips the
+    teardown (30-40 ms with trio loaded), which is not part of going live."""
+    command = [sys.executable, "-c", f"{code}\nimport os\nos._exit(0)"]
+    return lambda: subprocess.run(command, check=True, env=DAEMON_ENV)
+
+
+def read_file(path: Path) -> Callable[[], object]:
+    """`path` read once in 1 MiB `read` calls."""
+
+    def run() -> None:
         with path.open("rb", buffering=0) as f:
             while f.read(MiB):
                 pass
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
+
+    return run
 
 
 def main() -> int:
@@ -97,10 +98,10 @@ def main() -> int:
         help="where the scratch file goes (the cache dir's filesystem)",
     )
     args = parser.parse_args()
-    dropped = [True]
+    dropped = drop_caches()
     print(f"{'figure':<48} {'seconds':>8}")
     for label, code in IMPORTS:
-        print(f"{label:<48} {time_imports(code, args.repeat, dropped):8.3f}", flush=True)
+        print(f"{label:<48} {cold_median(start_interpreter(code), args.repeat):8.3f}", flush=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
         path = Path(scratch) / "floor.bin"
         with path.open("wb") as f:
@@ -108,11 +109,11 @@ def main() -> int:
                 f.write(os.urandom(MiB))
             f.flush()
             os.fsync(f.fileno())
-        seconds = time_disk_read(path, args.repeat, dropped)
+        seconds = cold_median(read_file(path), args.repeat)
     print(
         f"{f'read {args.size} MiB from the disk':<48} {seconds:8.3f}  ({args.size / seconds:.0f} MiB/s)"
     )
-    if not dropped[0]:
+    if not dropped:
         print("note: not allowed to drop the page cache (run as root): these figures are warm")
     return 0
 
