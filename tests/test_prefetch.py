@@ -60,25 +60,37 @@ class StreamingBody:
 class FakeS3:
     """An aiobotocore stand-in: answers after `latency`, then streams `per_chunk`-delayed chunks."""
 
-    def __init__(self, latency: float = 0.02, per_chunk: float = 0.001) -> None:
+    def __init__(
+        self,
+        latency: float = 0.02,
+        per_chunk: float = 0.001,
+        data: bytes = DATA,
+        etag: str | None = REF.etag,
+    ) -> None:
         self.latency = latency
         self.per_chunk = per_chunk
+        self.data = data
+        self.etag = etag
         self.ranges: list[tuple[int, int]] = []
         self.sent = 0
         self.open_streams = 0
         self.peak_streams = 0
 
+    def body(self, first: int, last: int) -> bytes:
+        """What the response for bytes first..last carries."""
+        return self.data[first : last + 1]
+
     async def get_object(self, **params: Any) -> dict[str, Any]:
         await trio.sleep(self.latency)
         first, last = (int(x) for x in params["Range"].removeprefix("bytes=").split("-"))
         self.ranges.append((first, last + 1))
-        body = DATA[first : last + 1]
+        body = self.body(first, last)
         self.sent += len(body)
         return {
             "Body": StreamingBody(body, self.per_chunk, self),
-            "ContentRange": f"bytes {first}-{last}/{SIZE}",
+            "ContentRange": f"bytes {first}-{last}/{len(self.data)}",
             "ContentLength": len(body),
-            "ETag": f'"{REF.etag}"',
+            "ETag": f'"{self.etag}"',
         }
 
 
@@ -346,26 +358,17 @@ class FlippingS3(FakeS3):
     with one byte flipped (damage in transit that only the MD5 can tell)."""
 
     def __init__(self, data: bytes, flips: int) -> None:
-        super().__init__(latency=0.002, per_chunk=0.0)
-        self.data = data
-        self.etag = hashlib.md5(data).hexdigest()
+        super().__init__(
+            latency=0.002, per_chunk=0.0, data=data, etag=hashlib.md5(data).hexdigest()
+        )
         self.flips = flips
 
-    async def get_object(self, **params: Any) -> dict[str, Any]:
-        await trio.sleep(self.latency)
-        first, last = (int(x) for x in params["Range"].removeprefix("bytes=").split("-"))
-        self.ranges.append((first, last + 1))
-        body = self.data[first : last + 1]
+    def body(self, first: int, last: int) -> bytes:
+        body = super().body(first, last)
         if self.flips:
             self.flips -= 1
             body = body[:5] + bytes([body[5] ^ 1]) + body[6:]
-        self.sent += len(body)
-        return {
-            "Body": StreamingBody(body, 0.0, self),
-            "ContentRange": f"bytes {first}-{last}/{len(self.data)}",
-            "ContentLength": len(body),
-            "ETag": f'"{self.etag}"',
-        }
+        return body
 
 
 async def test_an_object_checked_whole_is_never_served_by_parts_even_in_a_small_cache(
