@@ -41,12 +41,13 @@ fi
 .venv/bin/pip install -q --upgrade pip
 
 # True when the venv's pyfuse3 has every part of the patch: opendir may ask for kernel caching, and
-# may reply ENOSYS so that readdir receives the inode (what zarrfs.fuse_ops detects), and the request
-# loop keeps its reader lock through handlers that do not wait (pyfuse3._pyfuse3.Drive).
+# may reply ENOSYS so that readdir receives the inode (what zarrfs.fuse_ops detects), open may reply
+# ENOSYS so that read receives the inode, and the request loop keeps its reader lock through
+# handlers that do not wait (pyfuse3._pyfuse3.Drive).
 has_readdir_cache() {
   .venv/bin/python -c 'import sys, pyfuse3, pyfuse3._pyfuse3 as p
 sys.exit(not (hasattr(pyfuse3.FileInfo, "cache_readdir") and hasattr(pyfuse3, "no_opendir_support")
-              and hasattr(p, "Drive")))' \
+              and hasattr(pyfuse3, "no_open_support") and hasattr(p, "Drive")))' \
     >/dev/null 2>&1
 }
 
