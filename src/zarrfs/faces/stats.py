@@ -46,6 +46,7 @@ def snapshot(fs: Filesystem, extra: dict[str, Any] | None = None) -> dict[str, A
             "loaded_bytes": fs.manifests.loaded_bytes,
         },
         "readahead": dict(fs.readahead.stats),
+        "unopened_streams": fs.streams.stats(),
         "descriptors": fs.descriptors.stats(),
         "memory": _memory(fs),
     }

@@ -57,6 +57,7 @@ from zarrfs.fs.namespace import (
     ZarrPlace,
 )
 from zarrfs.fs.readahead import ChunkReadahead
+from zarrfs.fs.streams import Streams
 from zarrfs.fs.synthetic import SyntheticLevels
 from zarrfs.fs.volumes import Volumes, report_unservable
 from zarrfs.fs.zarrs import Zarrs, ZarrView
@@ -151,6 +152,8 @@ class Filesystem:
         self.zarrs = Zarrs(manifests, catalog, stack, consolidate=consolidate)
         #: Chunks fetched ahead of a reader that opens an array's chunk files in order.
         self.readahead = ChunkReadahead(stack)
+        #: Readers of files read without being opened (zero-message open: `read_unopened`).
+        self.streams = Streams(self.open, self.reopen)
         #: The virtual Zarr views of HDF5 blobs (`--virtual-zarr`; None: not shown).
         self.virtual = virtual
         #: An operation fails with EIO rather than take longer than this.
@@ -312,18 +315,29 @@ class Filesystem:
         if self.levels.node(ino) is not None:
             raise IsADirectory(f"inode {ino} is a directory")
         source, where = await self._source(ino, opening=True)
+        return OpenFile(ino, source, where, self._reader_of(source))
+
+    def reopen(self, handle: OpenFile) -> OpenFile:
+        """The file of `handle` opened again, with a reader of its own (its own prefetch), without
+        finding it again."""
+        return OpenFile(handle.ino, handle.source, handle.path, self._reader_of(handle.source))
+
+    def _reader_of(self, source: FileSource) -> ObjectReader | None:
         if isinstance(source, ObjectRef):
-            reader = self.stack.open(source)
-        elif isinstance(source, BlobRange):
-            reader = self.stack.open_range(source.ref, source.offset, source.length)
-        else:
-            reader = None
-        return OpenFile(ino, source, where, reader)
+            return self.stack.open(source)
+        if isinstance(source, BlobRange):
+            return self.stack.open_range(source.ref, source.offset, source.length)
+        return None
 
     async def release(self, handle: OpenFile) -> None:
         """The file was closed by every process that had it open: its prefetch stops."""
         if handle.reader is not None:
             handle.reader.close()
+
+    async def read_unopened(self, ino: int, offset: int, size: int) -> bytes:
+        """Bytes of file `ino` that the kernel opened without asking (zero-message open): read
+        through the file's stream that this read continues (`streams`)."""
+        return await self.read(await self.streams.handle_for(ino, offset), offset, size)
 
     async def read(self, handle: OpenFile, offset: int, size: int) -> bytes:
         source, reader = handle.source, handle.reader

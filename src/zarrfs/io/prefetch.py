@@ -91,9 +91,7 @@ class Prefetcher:
         may send one reader's requests slightly out of order, or inside what was prefetched),
         drop the prefetch if it jumped elsewhere."""
         end = min(offset + size, self.ref.size)
-        near = abs(offset - self.next_offset) <= config.PREFETCH_TOLERANCE
-        inside = self.fetched_from <= offset < self.fetched_until
-        if not (near or inside):
+        if not self.continues(offset):
             self.next_offset = end
             self.run_bytes = end - offset
             if self.fetched_until:
@@ -129,6 +127,14 @@ class Prefetcher:
         for part_start in range(start, stop, self.part):
             self.segments += 1
             self.nursery.start_soon(self._segment, part_start, min(part_start + self.part, stop))
+
+    def continues(self, offset: int) -> bool:
+        """Whether a read at `offset` continues this reader's run: it starts where the reads
+        before it ended (within `PREFETCH_TOLERANCE`) or inside what was prefetched."""
+        return (
+            abs(offset - self.next_offset) <= config.PREFETCH_TOLERANCE
+            or self.fetched_from <= offset < self.fetched_until
+        )
 
     def close(self) -> None:
         """The file was closed: stop its segments, give its budget back."""

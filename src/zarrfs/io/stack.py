@@ -115,6 +115,11 @@ class ObjectReader:
         size = max(0, min(size, self.length - offset))
         return await self.stack.blocks.read(self.ref, self.start + offset, size)
 
+    def continues(self, offset: int) -> bool:
+        """Whether a read at `offset` continues this reader's sequential run (always, for a reader
+        without prefetch: it has no run to break)."""
+        return self.prefetcher is None or self.prefetcher.continues(offset)
+
     def close(self) -> None:
         """The object was closed: its prefetch stops and gives its budget back."""
         if self.prefetcher is not None:

@@ -1,0 +1,256 @@
+"""Read state for files read without being opened (zero-message open): `fs.streams.Streams`.
+
+Tier 1: `Streams` over fake handles whose readers follow the prefetcher's own rule for "continues"
+(`Prefetcher.continues`), with a fake clock. Tier 2: `Filesystem.read_unopened` over the sample
+dandiset, with real readers and prefetch, against the published bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from test_filesystem import make_fs, walk
+from test_prefetch import BLOCK, DATA, REF, SIZE, FakeS3
+from zarrfs import config
+from zarrfs.config import S3Settings
+from zarrfs.demo.sample import V1, SampleDandiset
+from zarrfs.errors import DataError
+from zarrfs.fs.filesystem import Filesystem, OpenFile
+from zarrfs.fs.namespace import ROOT_INO, InlineFile
+from zarrfs.fs.streams import Streams
+from zarrfs.io.stack import ReadStack
+from zarrfs.s3_reader import S3Reader
+
+pytestmark = pytest.mark.trio
+
+
+class FakeReader:
+    """Continues a read within the prefetcher's tolerance of where its last one ended."""
+
+    def __init__(self) -> None:
+        self.next_offset = 0
+        self.closed = False
+
+    def continues(self, offset: int) -> bool:
+        return abs(offset - self.next_offset) <= config.PREFETCH_TOLERANCE
+
+    def read(self, offset: int, size: int) -> None:
+        self.next_offset = offset + size
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Files:
+    """`Filesystem.open` and `reopen` for `Streams`, counting what they open."""
+
+    def __init__(self, *, fail: set[int] | None = None, inline: set[int] | None = None) -> None:
+        self.opens: list[int] = []
+        self.readers: list[FakeReader] = []
+        self.fail = fail or set()
+        self.inline = inline or set()
+        self.gate: trio.Event | None = None  # when set, `open` waits for it
+
+    def _handle(self, ino: int) -> OpenFile:
+        if ino in self.inline:
+            return OpenFile(ino, InlineFile(b"x"), f"file-{ino}", None)
+        reader = FakeReader()
+        self.readers.append(reader)
+        return OpenFile(ino, InlineFile(b""), f"file-{ino}", reader)  # type: ignore[arg-type]
+
+    async def open(self, ino: int) -> OpenFile:
+        self.opens.append(ino)
+        if self.gate is not None:
+            await self.gate.wait()
+        if ino in self.fail:
+            raise DataError(f"cannot open file-{ino}")
+        return self._handle(ino)
+
+    def reopen(self, handle: OpenFile) -> OpenFile:
+        return self._handle(handle.ino)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(files: Files, clock: Clock | None = None, **kwargs: int | float) -> Streams:
+    return Streams(files.open, files.reopen, clock=clock or Clock(), **kwargs)  # type: ignore[arg-type]
+
+
+async def read(streams: Streams, ino: int, offset: int, size: int = 1 << 17) -> FakeReader:
+    """What a read does with its stream: the stream's reader sees the read."""
+    handle = await streams.handle_for(ino, offset)
+    reader = handle.reader
+    assert isinstance(reader, FakeReader)
+    reader.read(offset, size)
+    return reader
+
+
+async def test_a_sequential_reader_keeps_one_stream_opened_once() -> None:
+    files = Files()
+    streams = make(files)
+    readers = {id(await read(streams, 5, offset)) for offset in range(0, 8 << 20, 1 << 17)}
+    assert len(readers) == 1 and files.opens == [5]
+    assert streams.stats() == {"open": 1, "opened": 1, "closed": 0}
+
+
+async def test_readers_far_apart_in_one_file_get_a_stream_each() -> None:
+    """Two processes reading one file in order from different places: each keeps its own run,
+    so each keeps its own prefetch (as two descriptors did), and the file is found once."""
+    files = Files()
+    streams = make(files)
+    first, second = [], []
+    for step in range(40):
+        first.append(await read(streams, 5, step << 17))
+        second.append(await read(streams, 5, (1 << 30) + (step << 17)))
+    assert len(set(map(id, first))) == 1 and len(set(map(id, second))) == 1
+    assert first[0] is not second[0]
+    assert files.opens == [5] and len(streams) == 2
+
+
+async def test_a_file_with_as_many_streams_as_it_may_reuses_its_least_recently_read() -> None:
+    files = Files()
+    streams = make(files, per_file=3)
+    places = [0, 1 << 30, 2 << 30]
+    readers = [await read(streams, 5, place) for place in places]
+    await read(streams, 5, places[0] + (1 << 17))  # the first stream read again: not the oldest
+    fourth = await read(streams, 5, 3 << 30)  # a fourth place: the least recently read stream
+    assert fourth is readers[1] and len(streams) == 3 and not fourth.closed
+    assert len(files.readers) == 3
+
+
+async def test_a_stream_idle_too_long_is_closed_at_the_next_read() -> None:
+    """No RELEASE comes: the idle time stands in for it, and gives the prefetch budget back."""
+    clock = Clock()
+    files = Files()
+    streams = make(files, clock, idle_close=5.0)
+    old = await read(streams, 5, 0)
+    clock.now += 4.9
+    await read(streams, 6, 0)
+    assert not old.closed
+    clock.now += 0.2  # file 5 unread for 5.1 s, file 6 for 0.2 s
+    await read(streams, 7, 0)
+    assert old.closed and not files.readers[1].closed
+    assert streams.stats() == {"open": 2, "opened": 3, "closed": 1}
+    again = await read(streams, 5, 1 << 17)  # file 5 read again: a new stream, found again
+    assert again is not old and files.opens == [5, 6, 7, 5]
+
+
+async def test_the_mount_keeps_at_most_so_many_streams() -> None:
+    files = Files()
+    streams = make(files, most=4)
+    readers = [await read(streams, ino, 0) for ino in range(10)]
+    assert len(streams) == 4
+    assert [reader.closed for reader in readers] == [True] * 6 + [False] * 4
+
+
+async def test_a_file_that_cannot_be_opened_keeps_nothing() -> None:
+    files = Files(fail={5})
+    streams = make(files)
+    with pytest.raises(DataError):
+        await streams.handle_for(5, 0)
+    assert len(streams) == 0
+    with pytest.raises(DataError):  # asked again, not remembered as failed
+        await streams.handle_for(5, 0)
+    assert files.opens == [5, 5]
+
+
+async def test_first_reads_that_race_keep_one_stream() -> None:
+    files = Files()
+    files.gate = trio.Event()
+    streams = make(files)
+    handles: list[OpenFile] = []
+
+    async def first_read(offset: int) -> None:
+        handles.append(await streams.handle_for(5, offset))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first_read, 0)
+        nursery.start_soon(first_read, 1 << 17)
+        await trio.testing.wait_all_tasks_blocked()
+        files.gate.set()
+    assert handles[0] is handles[1] and len(streams) == 1
+    assert len(files.readers) == 2 and sum(r.closed for r in files.readers) == 1
+
+
+async def test_a_file_without_a_reader_has_one_stream() -> None:
+    """A file held in memory has no run to break: every read goes through its one handle."""
+    files = Files(inline={5})
+    streams = make(files)
+    handles = {id(await streams.handle_for(5, offset)) for offset in (0, 1 << 30, 0)}
+    assert len(handles) == 1 and files.opens == [5]
+
+
+# --- the filesystem, with real readers -----------------------------------------------------------
+
+
+@pytest.fixture
+async def fs(sample: SampleDandiset, tmp_path: Path) -> AsyncIterator[Filesystem]:
+    async for filesystem in make_fs(sample, V1, tmp_path):
+        yield filesystem
+
+
+async def test_every_file_read_unopened_and_interleaved_is_the_published_bytes(
+    fs: Filesystem, sample: SampleDandiset
+) -> None:
+    """Every file of V1 read without being opened, two readers per file at once (one from the
+    start, one from the middle, their reads alternating): the published bytes, and each file found
+    once and read through its streams."""
+    expected = sample.versions[V1].files
+    files = await walk(fs, ROOT_INO)
+    step = 1 << 16
+    for path, ino in files.items():
+        data = expected[path]
+        middle = len(data) // 2 // step * step
+        parts: dict[int, bytes] = {}
+        for index in range(-(-max(middle, len(data) - middle) // step)):
+            for start in (index * step, middle + index * step):
+                if start < (middle if start < middle else len(data)):
+                    parts[start] = await fs.read_unopened(ino, start, step)
+        assert b"".join(parts[k] for k in sorted(parts))[: len(data)] == data, path
+    stats = fs.streams.stats()
+    assert stats["open"] >= len(files) and stats["closed"] == 0
+
+
+async def test_two_sequential_readers_of_one_object_each_keep_their_prefetch(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Two readers of one 32 MiB object, one from the start and one from the middle, their 1 MiB
+    reads alternating: each stream's run reaches its own prefetcher, so S3 sees a few long GETs;
+    one reader per file would see every read break the run and fetch 1 MiB at a time."""
+    fake = FakeS3()
+    stack = ReadStack(
+        S3Reader(fake, S3Settings(max_concurrency=32)), memory_bytes=512 << 20, block_size=BLOCK
+    )
+
+    async def open_file(ino: int) -> OpenFile:
+        return OpenFile(ino, REF, "x", stack.open(REF))
+
+    def reopen(handle: OpenFile) -> OpenFile:
+        return OpenFile(handle.ino, REF, "x", stack.open(REF))
+
+    async with trio.open_nursery() as nursery:
+        stack.nursery = nursery
+        streams = Streams(open_file, reopen)
+        half, step = SIZE // 2, 1 << 20
+        got = {0: b"", half: b""}
+        for offset in range(0, half, step):
+            for start in got:
+                handle = await streams.handle_for(1, start + offset)
+                assert handle.reader is not None
+                got[start] += await handle.reader.read(start + offset, step)
+        assert got[0] + got[half] == DATA
+        assert len(streams) == 2
+        assert len(fake.ranges) <= 12, fake.ranges
+        streams.close_all()
+        assert len(streams) == 0 and stack.prefetch_budget.used == 0
+        nursery.cancel_scope.cancel()
