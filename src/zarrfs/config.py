@@ -54,6 +54,14 @@ PREFETCH_MEMORY_SHARE = 0.5
 #: S3 connection carries some 100 MB/s; the AWS CRT client under mountpoint-s3 splits its GETs into
 #: parts fetched in parallel too).
 PREFETCH_PART = 8 << 20
+#: Where the kernel opens files without asking (zero-message open, `fs.streams`): a file's reads go
+#: through at most this many readers, each with its own sequential prefetch (several processes, or
+#: several descriptors of one, reading one file at different places); a reader nobody has read for
+#: this many seconds is closed (its prefetch stops and gives its budget back), as is the least
+#: recently read beyond the mount's total. A RELEASE would have closed it; nothing comes instead.
+STREAMS_PER_FILE = 8
+STREAM_IDLE_CLOSE = 5.0
+STREAMS_MAX = 1024
 #: Readahead across the chunk files of an array (`fs.readahead`): chunks fetched ahead of a reader
 #: that opens them in row-major order, first and at most (the window doubles while the order
 #: holds); arrays followed at once; a chunk larger than READAHEAD_FILE_MAX ends a window.
@@ -370,6 +378,18 @@ def env_kernel_readdir_cache() -> bool:
     return os.environ.get(KERNEL_READDIR_CACHE_ENV, "").strip() != "0"
 
 
+#: Environment variable that, set to `0`, keeps the version mount from asking the kernel to open
+#: files without a request (FUSE's zero-message open, `fuse_ops.ZarrfsOperations.no_open`) even
+#: where pyfuse3 and the kernel support it. Like `KERNEL_READDIR_CACHE_ENV`, an escape hatch: the
+#: test suite uses it to run the path with OPEN and RELEASE on a patched build.
+ZERO_MESSAGE_OPEN_ENV = "ZARRFS_ZERO_MESSAGE_OPEN"
+
+
+def env_zero_message_open() -> bool:
+    """False when the environment turns zero-message open off."""
+    return os.environ.get(ZERO_MESSAGE_OPEN_ENV, "").strip() != "0"
+
+
 @dataclass(frozen=True, slots=True)
 class Source:
     """One dandiset version: a dandiset id and a version (`0.YYMMDD.HHMM`, `draft` or `latest`)."""
@@ -464,6 +484,10 @@ class Config:
     #: Let the kernel cache directory listings for the life of the mount, where the running pyfuse3
     #: supports it (the tree never changes). Off only through `KERNEL_READDIR_CACHE_ENV`.
     kernel_readdir_cache: bool = True
+    #: On a version mount, let the kernel open files without asking the daemon (no OPEN, FLUSH or
+    #: RELEASE round trip per open file), where the running pyfuse3 and kernel support it. Off only
+    #: through `ZERO_MESSAGE_OPEN_ENV`.
+    zero_message_open: bool = True
     #: The kernel's readahead for the mount in bytes (`/sys/class/bdi/<dev>/read_ahead_kb`), set at
     #: mount when permitted; 0 leaves the kernel's default.
     read_ahead: int = DEFAULT_READ_AHEAD

@@ -113,6 +113,7 @@ class ZarrfsOperations(pyfuse3.Operations):
         negative_timeout: float = config.NEGATIVE_TIMEOUT,
         xattrs: bool = False,
         kernel_readdir_cache: bool = True,
+        zero_message_open: bool = True,
         fixed_tree: bool = False,
     ) -> None:
         super().__init__()
@@ -126,6 +127,13 @@ class ZarrfsOperations(pyfuse3.Operations):
         #: pyfuse3 that `patches/` builds sets `pyfuse3.no_opendir_support` while answering INIT
         #: (Linux 5.1 and libfuse 3.5 or newer); stock pyfuse3 has no such attribute.
         self.no_opendir = False
+        #: Ask for zero-message open where it can be had (a fixed tree, see `init`).
+        self.zero_message_open = zero_message_open
+        #: Zero-message open is in effect: `open` replies ENOSYS, the kernel then opens every file
+        #: without asking (no OPEN, no RELEASE) and keeps its page cache across opens, and `read`
+        #: receives inodes, not handles (`Filesystem.read_unopened` keeps the read state per file).
+        #: Decided in `init`, like `no_opendir`, from `pyfuse3.no_open_support` (the patched build).
+        self.no_open = False
         self._fs = fs
         self._ready = trio.Event()  # the core is attached (or failed): requests may proceed
         #: Set once the kernel's INIT request is answered: the mount's settings are final then.
@@ -161,6 +169,11 @@ class ZarrfsOperations(pyfuse3.Operations):
             self.kernel_readdir_cache
             and self.fixed_tree
             and bool(getattr(pyfuse3, "no_opendir_support", False))
+        )
+        self.no_open = (
+            self.zero_message_open
+            and self.fixed_tree
+            and bool(getattr(pyfuse3, "no_open_support", False))
         )
         self.initialized.set()
 
@@ -278,9 +291,12 @@ class ZarrfsOperations(pyfuse3.Operations):
             return await (await self._core()).readlink(inode)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        log.debug("open %d", inode)
         with _errors("open"):
             if flags & _WRITE_FLAGS:
                 raise ReadOnly("opened for writing")
+            if self.no_open:  # the kernel opens this and every later file without asking
+                raise pyfuse3.FUSEError(errno.ENOSYS)
             handle = await (await self._core()).open(inode)
             fh = next(self._handles)
             self._files[fh] = handle
@@ -288,8 +304,13 @@ class ZarrfsOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        """`fh` is a handle from `open`, or with zero-message open the file's inode."""
+        log.debug("read %d", fh)
         with _errors("read"):
-            return await (await self._core()).read(self._files[fh], off, size)
+            fs = await self._core()
+            if self.no_open:
+                return await fs.read_unopened(fh, off, size)
+            return await fs.read(self._files[fh], off, size)
 
     async def release(self, fh: int) -> None:
         with _errors("release"):
@@ -298,7 +319,11 @@ class ZarrfsOperations(pyfuse3.Operations):
                 await (await self._core()).release(handle)
 
     async def flush(self, fh: int) -> None:
-        return None
+        log.debug("flush %d", fh)
+        # Nothing is ever written, so a close has nothing to flush. ENOSYS (not success) makes the
+        # kernel stop sending FLUSH for good (`fc->no_flush`): every close(2) of a file waits for
+        # its FLUSH reply, one round trip to this daemon per close.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         return None  # nothing is ever dirty

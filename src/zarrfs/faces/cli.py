@@ -439,6 +439,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         virtual_zarr=getattr(args, "virtual_zarr", False),
         metrics_port=_port(getattr(args, "metrics_port", None)),
         kernel_readdir_cache=cfg.env_kernel_readdir_cache(),
+        zero_message_open=cfg.env_zero_message_open(),
         read_ahead=_size("read ahead", getattr(args, "read_ahead", None), cfg.DEFAULT_READ_AHEAD),
     )
 

@@ -137,6 +137,7 @@ async def serve(
             umask=config.umask,
             xattrs=config.xattrs,
             kernel_readdir_cache=config.kernel_readdir_cache,
+            zero_message_open=config.zero_message_open,
             # a version's tree is fixed for the mount; the archive's levels can change
             fixed_tree=config.source.kind == "version",
         )
@@ -185,7 +186,7 @@ async def _announce(
 ) -> None:
     """The core is ready: publish state and stats, and tell whoever waits that the mount serves."""
     await ops.initialized.wait()  # what the kernel supports is known from INIT
-    _log_listing_cache(ops, config)
+    _log_kernel_modes(ops, config)
     await trio.to_thread.run_sync(runtime.write_state, config)
     stack.callback(runtime.remove, config.mountpoint)
     nursery.start_soon(_publish_stats, fs, config)
@@ -209,7 +210,9 @@ async def _run_fuse(scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-def _log_listing_cache(ops: ZarrfsOperations, config: Config) -> None:
+def _log_kernel_modes(ops: ZarrfsOperations, config: Config) -> None:
+    if ops.no_open:
+        log.info("the kernel opens files without asking")
     if ops.no_opendir:
         log.info("the kernel caches directory listings, and opens directories without asking")
     elif ops.kernel_readdir_cache:
