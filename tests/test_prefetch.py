@@ -309,6 +309,20 @@ async def test_closing_the_file_stops_its_prefetch(autojump_clock: trio.abc.Cloc
         assert fake.sent == sent  # nothing more streams after close
 
 
+async def test_a_read_after_the_close_prefetches_nothing(autojump_clock: trio.abc.Clock) -> None:
+    """A read that raced the close (a file read without being opened, whose idle stream was just
+    closed) fetches its own blocks: no segment, no budget taken that nothing would give back."""
+    fake = FakeS3()
+    cache, budget = make(fake)
+    async with trio.open_nursery() as nursery:
+        prefetcher = Prefetcher(REF, cache, budget, nursery)
+        prefetcher.close()
+        for offset in range(0, 4 << 20, 1 << 20):
+            prefetcher.observe(offset, 1 << 20)
+            assert await cache.read(REF, offset, 1 << 20) == DATA[offset : offset + (1 << 20)]
+        assert prefetcher.segments == 0 and budget.used == 0
+
+
 async def test_every_open_file_shares_one_budget(autojump_clock: trio.abc.Clock) -> None:
     fake = FakeS3()
     cache, budget = make(fake, budget=3 << 20)

@@ -18,7 +18,7 @@ from test_prefetch import BLOCK, DATA, REF, SIZE, FakeS3
 from zarrfs import config
 from zarrfs.config import S3Settings
 from zarrfs.demo.sample import V1, SampleDandiset
-from zarrfs.errors import DataError
+from zarrfs.errors import DataError, RemoteError
 from zarrfs.fs.filesystem import Filesystem, OpenFile
 from zarrfs.fs.namespace import ROOT_INO, InlineFile
 from zarrfs.fs.streams import Streams
@@ -87,12 +87,30 @@ def make(files: Files, clock: Clock | None = None, **kwargs: int | float) -> Str
 
 
 async def read(streams: Streams, ino: int, offset: int, size: int = 1 << 17) -> FakeReader:
-    """What a read does with its stream: the stream's reader sees the read."""
-    handle = await streams.handle_for(ino, offset)
-    reader = handle.reader
-    assert isinstance(reader, FakeReader)
-    reader.read(offset, size)
-    return reader
+    """A read through `streams`; returns the reader that saw it."""
+    seen: list[FakeReader] = []
+
+    async def through(handle: OpenFile) -> bytes:
+        reader = handle.reader
+        assert isinstance(reader, FakeReader)
+        reader.read(offset, size)
+        seen.append(reader)
+        return b""
+
+    await streams.read(ino, offset, through)
+    return seen[0]
+
+
+async def handle_of(streams: Streams, ino: int, offset: int) -> OpenFile:
+    """The handle a read at `offset` goes through."""
+    seen: list[OpenFile] = []
+
+    async def through(handle: OpenFile) -> bytes:
+        seen.append(handle)
+        return b""
+
+    await streams.read(ino, offset, through)
+    return seen[0]
 
 
 async def test_a_sequential_reader_keeps_one_stream_opened_once() -> None:
@@ -157,10 +175,10 @@ async def test_a_file_that_cannot_be_opened_keeps_nothing() -> None:
     files = Files(fail={5})
     streams = make(files)
     with pytest.raises(DataError):
-        await streams.handle_for(5, 0)
+        await handle_of(streams, 5, 0)
     assert len(streams) == 0
     with pytest.raises(DataError):  # asked again, not remembered as failed
-        await streams.handle_for(5, 0)
+        await handle_of(streams, 5, 0)
     assert files.opens == [5, 5]
 
 
@@ -171,7 +189,7 @@ async def test_first_reads_that_race_keep_one_stream() -> None:
     handles: list[OpenFile] = []
 
     async def first_read(offset: int) -> None:
-        handles.append(await streams.handle_for(5, offset))
+        handles.append(await handle_of(streams, 5, offset))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(first_read, 0)
@@ -182,11 +200,51 @@ async def test_first_reads_that_race_keep_one_stream() -> None:
     assert len(files.readers) == 2 and sum(r.closed for r in files.readers) == 1
 
 
+async def test_first_reads_far_apart_that_race_keep_at_most_so_many_streams() -> None:
+    files = Files()
+    files.gate = trio.Event()
+    streams = make(files, per_file=2)
+    async with trio.open_nursery() as nursery:
+        for place in range(4):
+            nursery.start_soon(read, streams, 5, place << 30)
+        await trio.testing.wait_all_tasks_blocked()
+        files.gate.set()
+    assert len(streams) == 2 and files.opens == [5] * 4
+    open_readers = [reader for reader in files.readers if not reader.closed]
+    assert len(files.readers) == 4 and len(open_readers) == 2
+
+
+async def test_a_stream_whose_read_is_in_progress_is_not_closed_as_idle() -> None:
+    """A read waiting on a slow S3 for longer than the idle time keeps its stream (and prefetch)."""
+    clock = Clock()
+    files = Files()
+    streams = make(files, clock, idle_close=5.0, most=1)
+    release = trio.Event()
+    seen: list[OpenFile] = []
+
+    async def slow(handle: OpenFile) -> bytes:
+        seen.append(handle)
+        await release.wait()
+        return b""
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(streams.read, 5, 0, slow)
+        await trio.testing.wait_all_tasks_blocked()
+        clock.now += 60
+        await read(streams, 6, 0)  # idle time long past, and over the mount's total of 1
+        assert seen[0].reader is not None and not seen[0].reader.closed  # type: ignore[attr-defined]
+        assert len(streams) == 2
+        release.set()
+    clock.now += 6  # now idle: closed at the next read
+    await read(streams, 7, 0)
+    assert seen[0].reader.closed  # type: ignore[union-attr, attr-defined]
+
+
 async def test_a_file_without_a_reader_has_one_stream() -> None:
     """A file held in memory has no run to break: every read goes through its one handle."""
     files = Files(inline={5})
     streams = make(files)
-    handles = {id(await streams.handle_for(5, offset)) for offset in (0, 1 << 30, 0)}
+    handles = {id(await handle_of(streams, 5, offset)) for offset in (0, 1 << 30, 0)}
     assert len(handles) == 1 and files.opens == [5]
 
 
@@ -200,25 +258,68 @@ async def fs(sample: SampleDandiset, tmp_path: Path) -> AsyncIterator[Filesystem
 
 
 async def test_every_file_read_unopened_and_interleaved_is_the_published_bytes(
+    sample: SampleDandiset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file of V1 read without being opened, from the start and from the middle at once
+    (their reads alternating): the published bytes, each file found (`Filesystem.open`) once."""
+    opened: list[int] = []
+    original = Filesystem.open
+
+    async def counting(self: Filesystem, ino: int) -> OpenFile:
+        opened.append(ino)
+        return await original(self, ino)
+
+    monkeypatch.setattr(Filesystem, "open", counting)
+    async for fs in make_fs(sample, V1, tmp_path):
+        expected = sample.versions[V1].files
+        files = await walk(fs, ROOT_INO)
+        step = 1 << 16
+        for path, ino in files.items():
+            data = expected[path]
+            middle = len(data) // 2 // step * step
+            parts: dict[int, bytes] = {}
+            for start in range(0, max(middle, len(data) - middle), step):
+                for at in (start, middle + start):
+                    if at < (middle if at < middle else len(data)):
+                        parts[at] = await fs.read_unopened(ino, at, min(step, len(data) - at))
+            assert b"".join(parts[k] for k in sorted(parts)) == data, path
+        assert sorted(opened) == sorted(ino for path, ino in files.items() if expected[path])
+
+
+async def test_a_file_reopened_reads_the_same_bytes_through_a_reader_of_its_own(
     fs: Filesystem, sample: SampleDandiset
 ) -> None:
-    """Every file of V1 read without being opened, two readers per file at once (one from the
-    start, one from the middle, their reads alternating): the published bytes, and each file found
-    once and read through its streams."""
     expected = sample.versions[V1].files
+    for path, ino in (await walk(fs, ROOT_INO)).items():
+        handle = await fs.open(ino)
+        again = fs.reopen(handle)
+        assert (again.ino, again.source, again.path) == (handle.ino, handle.source, handle.path)
+        assert again.reader is None or again.reader is not handle.reader
+        assert (again.reader is None) == (handle.reader is None)
+        size = len(expected[path])
+        assert await fs.read(again, 0, size + 1) == expected[path], path
+
+
+async def test_opening_and_reading_an_unopened_file_share_one_deadline(
+    fs: Filesystem, sample: SampleDandiset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An open that used up the deadline leaves the read none: EIO (RemoteError), not twice the
+    wait the kernel was promised."""
     files = await walk(fs, ROOT_INO)
-    step = 1 << 16
-    for path, ino in files.items():
-        data = expected[path]
-        middle = len(data) // 2 // step * step
-        parts: dict[int, bytes] = {}
-        for index in range(-(-max(middle, len(data) - middle) // step)):
-            for start in (index * step, middle + index * step):
-                if start < (middle if start < middle else len(data)):
-                    parts[start] = await fs.read_unopened(ino, start, step)
-        assert b"".join(parts[k] for k in sorted(parts))[: len(data)] == data, path
-    stats = fs.streams.stats()
-    assert stats["open"] >= len(files) and stats["closed"] == 0
+    path = max(files, key=lambda p: len(sample.versions[V1].files[p]))  # a blob: from S3
+    ino = files[path]
+    original = Filesystem.open
+
+    async def slow(self: Filesystem, ino: int) -> OpenFile:
+        await trio.sleep(0.3)
+        return await original(self, ino)
+
+    monkeypatch.setattr(fs.streams, "_open", slow.__get__(fs))
+    fs.read_deadline = 0.2
+    with pytest.raises(RemoteError):
+        await fs.read_unopened(ino, 0, 1000)
+    fs.read_deadline = 10.0
+    assert await fs.read_unopened(ino, 0, 1000) == sample.versions[V1].files[path][:1000]
 
 
 async def test_two_sequential_readers_of_one_object_each_keep_their_prefetch(
@@ -245,9 +346,12 @@ async def test_two_sequential_readers_of_one_object_each_keep_their_prefetch(
         got = {0: b"", half: b""}
         for offset in range(0, half, step):
             for start in got:
-                handle = await streams.handle_for(1, start + offset)
-                assert handle.reader is not None
-                got[start] += await handle.reader.read(start + offset, step)
+
+                async def through(handle: OpenFile, at: int = start + offset) -> bytes:
+                    assert handle.reader is not None
+                    return await handle.reader.read(at, step)
+
+                got[start] += await streams.read(1, start + offset, through)
         assert got[0] + got[half] == DATA
         assert len(streams) == 2
         assert len(fake.ranges) <= 12, fake.ranges

@@ -125,8 +125,8 @@ def test_verify_recomputes_the_published_digests(
 FLIP = """
 import zarrfs.fs.filesystem as f
 _read = f.Filesystem.read
-async def read(self, handle, offset, size):
-    data = await _read(self, handle, offset, size)
+async def read(self, handle, offset, size, **kwargs):
+    data = await _read(self, handle, offset, size, **kwargs)
     if handle.path.endswith("0/0/0/0/0") and offset == 0 and data:
         data = bytes([data[0] ^ 1]) + data[1:]
     return data

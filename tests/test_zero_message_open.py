@@ -1,6 +1,6 @@
 """Zero-message open: on a version mount the kernel opens files without asking the daemon.
 
-Where the kernel supports it (Linux 5.1+) and pyfuse3 can report it (`pyfuse3.no_open_support`,
+Where the kernel supports it and pyfuse3 can report it (`pyfuse3.no_open_support`,
 the build `patches/` makes), `open` replies ENOSYS once; the kernel then opens every file without an
 OPEN or RELEASE request, keeps each file's page cache across opens, and sends READs that carry the
 file's inode, whose read state `Filesystem.read_unopened` keeps (`fs.streams`). `flush` replies
@@ -163,9 +163,10 @@ def read_every_file(root: Path, sample: SampleDandiset) -> None:
 def test_a_version_mount_reads_every_file_without_an_open_request(
     mount: Callable[..., Mounted], sample: SampleDandiset
 ) -> None:
-    """Linux 5.1 or newer supports zero-message open: a version mount uses it. Every file reads
-    as published; the daemon is asked to open one file (the answer that switches the mode) and
-    sees a read of each file once: the second pass is served from the kernel's page cache."""
+    """Every kernel this runs on supports zero-message open: a version mount uses it. Every file
+    reads as published; the daemon is asked to open one file (the answer that switches the mode)
+    and sees reads of every non-empty file; the second pass is served from the kernel's page
+    cache."""
     mounted = mount(f"{sample.dandiset_id}@{V1}", "--debug")
     assert ZERO_MESSAGE_OPEN in mounted.output()
     read_every_file(mounted.path, sample)

@@ -56,9 +56,10 @@ PREFETCH_MEMORY_SHARE = 0.5
 PREFETCH_PART = 8 << 20
 #: Where the kernel opens files without asking (zero-message open, `fs.streams`): a file's reads go
 #: through at most this many readers, each with its own sequential prefetch (several processes, or
-#: several descriptors of one, reading one file at different places); a reader nobody has read for
-#: this many seconds is closed (its prefetch stops and gives its budget back), as is the least
-#: recently read beyond the mount's total. A RELEASE would have closed it; nothing comes instead.
+#: several descriptors of one, reading one file at different places); a reader with no read in
+#: progress and none for this many seconds is closed at the next read (its prefetch stops and gives
+#: its budget back), as is the least recently read idle one beyond the mount's total. A RELEASE
+#: would have closed it; nothing comes instead.
 STREAMS_PER_FILE = 8
 STREAM_IDLE_CLOSE = 5.0
 STREAMS_MAX = 1024
@@ -484,9 +485,9 @@ class Config:
     #: Let the kernel cache directory listings for the life of the mount, where the running pyfuse3
     #: supports it (the tree never changes). Off only through `KERNEL_READDIR_CACHE_ENV`.
     kernel_readdir_cache: bool = True
-    #: On a version mount, let the kernel open files without asking the daemon (no OPEN, FLUSH or
-    #: RELEASE round trip per open file), where the running pyfuse3 and kernel support it. Off only
-    #: through `ZERO_MESSAGE_OPEN_ENV`.
+    #: On a version mount, let the kernel open files without asking the daemon (no OPEN or RELEASE
+    #: per open file), where the running pyfuse3 and kernel support it. Off only through
+    #: `ZERO_MESSAGE_OPEN_ENV`. (FLUSH is turned off on every mount, whatever this says.)
     zero_message_open: bool = True
     #: The kernel's readahead for the mount in bytes (`/sys/class/bdi/<dev>/read_ahead_kb`), set at
     #: mount when permitted; 0 leaves the kernel's default.

@@ -336,17 +336,28 @@ class Filesystem:
 
     async def read_unopened(self, ino: int, offset: int, size: int) -> bytes:
         """Bytes of file `ino` that the kernel opened without asking (zero-message open): read
-        through the file's stream that this read continues (`streams`)."""
-        return await self.read(await self.streams.handle_for(ino, offset), offset, size)
+        through the file's stream that this read continues (`streams`). Opening it when it has
+        none and reading share one `read_deadline`."""
+        started = time.monotonic()
 
-    async def read(self, handle: OpenFile, offset: int, size: int) -> bytes:
+        async def through(handle: OpenFile) -> bytes:
+            left = self.read_deadline - (time.monotonic() - started)
+            return await self.read(handle, offset, size, deadline=left)
+
+        return await self.streams.read(ino, offset, through)
+
+    async def read(
+        self, handle: OpenFile, offset: int, size: int, *, deadline: float | None = None
+    ) -> bytes:
+        """Bytes [offset, offset + size) of the open file (fewer at its end), within `deadline`
+        seconds (default `read_deadline`)."""
         source, reader = handle.source, handle.reader
         if isinstance(source, InlineFile):
             return source.data[offset : offset + size]
         assert reader is not None  # every object file is opened with one
         started = time.monotonic()
         try:
-            with trio.fail_after(self.read_deadline):
+            with trio.fail_after(self.read_deadline if deadline is None else max(0.0, deadline)):
                 data = await reader.read(offset, size)
             self.read_latency.observe(time.monotonic() - started)
             self.read_stats["count"] += 1

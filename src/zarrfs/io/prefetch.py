@@ -90,6 +90,8 @@ class Prefetcher:
         it continues the reads before it (within `PREFETCH_TOLERANCE` either way, as the kernel
         may send one reader's requests slightly out of order, or inside what was prefetched),
         drop the prefetch if it jumped elsewhere."""
+        if self.closed:  # a read that raced the close: it fetches its own blocks
+            return
         end = min(offset + size, self.ref.size)
         if not self.continues(offset):
             self.next_offset = end
