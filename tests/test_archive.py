@@ -149,6 +149,17 @@ def test_the_webdav_layout_with_every_version_byte_for_byte(archive: Mounted, wo
 
 
 @pytest.mark.fuse
+def test_the_archive_mount_opens_files_without_asking(archive: Mounted, world: World) -> None:
+    """Zero-message open on the archive too (a file's bytes never change while mounted: a draft
+    stays pinned); its files read as published (the test above), now without an OPEN each."""
+    import pyfuse3
+
+    from conftest import require
+
+    require(hasattr(pyfuse3, "no_open_support"), "this pyfuse3 cannot report zero-message open")
+    assert "the kernel opens files without asking" in archive.output()
+
+
 def test_names_that_do_not_exist(archive: Mounted) -> None:
     dandisets = archive.path / "dandisets"
     for missing in ("999999", "abc", "000123/nope", f"000123/releases/{V1[:-1]}9", "000123/0.1"):

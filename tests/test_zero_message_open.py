@@ -1,11 +1,11 @@
-"""Zero-message open: on a version mount the kernel opens files without asking the daemon.
+"""Zero-message open: the kernel opens files without asking the daemon.
 
 Where the kernel supports it and pyfuse3 can report it (`pyfuse3.no_open_support`,
 the build `patches/` makes), `open` replies ENOSYS once; the kernel then opens every file without an
 OPEN or RELEASE request, keeps each file's page cache across opens, and sends READs that carry the
 file's inode, whose read state `Filesystem.read_unopened` keeps (`fs.streams`). `flush` replies
-ENOSYS too, so no close waits for a FLUSH. `ZARRFS_ZERO_MESSAGE_OPEN=0` keeps OPEN and RELEASE, and
-the archive mount (whose levels change) always does.
+ENOSYS too, so no close waits for a FLUSH. `ZARRFS_ZERO_MESSAGE_OPEN=0` keeps OPEN and RELEASE. Every
+kind of mount uses it: a file's bytes never change while it is mounted (a draft stays pinned).
 
 Observers: the handlers awaited directly over a stand-in core, and the daemon's `--debug` log,
 where `fuse_ops` writes one line per open and per read request before answering it. The oracle
@@ -83,10 +83,11 @@ def _initialized(
 
 
 @pytest.mark.trio
-async def test_a_fixed_tree_has_the_kernel_open_files_without_asking(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("fixed_tree", [True, False])  # a version mount, the archive's levels
+async def test_the_kernel_opens_files_without_asking_where_it_can(
+    monkeypatch: pytest.MonkeyPatch, fixed_tree: bool
 ) -> None:
-    ops, files = _initialized(monkeypatch, True, fixed_tree=True)
+    ops, files = _initialized(monkeypatch, True, fixed_tree=fixed_tree)
     assert ops.no_open
     with pytest.raises(pyfuse3.FUSEError) as raised:
         await ops.open(4242, os.O_RDONLY, None)  # type: ignore[arg-type]
@@ -103,7 +104,6 @@ async def test_a_fixed_tree_has_the_kernel_open_files_without_asking(
     ("kernel", "kwargs"),
     [
         (False, {"fixed_tree": True}),  # the kernel (or a stock pyfuse3) cannot
-        (True, {"fixed_tree": False}),  # the archive's levels
         (True, {"fixed_tree": True, "zero_message_open": False}),  # turned off
     ],
 )
@@ -163,7 +163,7 @@ def read_every_file(root: Path, sample: SampleDandiset) -> None:
 def test_a_version_mount_reads_every_file_without_an_open_request(
     mount: Callable[..., Mounted], sample: SampleDandiset
 ) -> None:
-    """Every kernel this runs on supports zero-message open: a version mount uses it. Every file
+    """Every kernel this runs on supports zero-message open, and a mount uses it. Every file
     reads as published; the daemon is asked to open one file (the answer that switches the mode)
     and sees reads of every non-empty file; the second pass is served from the kernel's page
     cache."""

@@ -379,7 +379,7 @@ def env_kernel_readdir_cache() -> bool:
     return os.environ.get(KERNEL_READDIR_CACHE_ENV, "").strip() != "0"
 
 
-#: Environment variable that, set to `0`, keeps the version mount from asking the kernel to open
+#: Environment variable that, set to `0`, keeps a mount from asking the kernel to open
 #: files without a request (FUSE's zero-message open, `fuse_ops.ZarrfsOperations.no_open`) even
 #: where pyfuse3 and the kernel support it. Like `KERNEL_READDIR_CACHE_ENV`, an escape hatch: the
 #: test suite uses it to run the path with OPEN and RELEASE on a patched build.
@@ -485,7 +485,7 @@ class Config:
     #: Let the kernel cache directory listings for the life of the mount, where the running pyfuse3
     #: supports it (the tree never changes). Off only through `KERNEL_READDIR_CACHE_ENV`.
     kernel_readdir_cache: bool = True
-    #: On a version mount, let the kernel open files without asking the daemon (no OPEN or RELEASE
+    #: Let the kernel open files without asking the daemon (no OPEN or RELEASE
     #: per open file), where the running pyfuse3 and kernel support it. Off only through
     #: `ZERO_MESSAGE_OPEN_ENV`. (FLUSH is turned off on every mount, whatever this says.)
     zero_message_open: bool = True

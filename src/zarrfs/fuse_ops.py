@@ -127,7 +127,7 @@ class ZarrfsOperations(pyfuse3.Operations):
         #: pyfuse3 that `patches/` builds sets `pyfuse3.no_opendir_support` while answering INIT
         #: (Linux 5.1 and libfuse 3.5 or newer); stock pyfuse3 has no such attribute.
         self.no_opendir = False
-        #: Ask for zero-message open where it can be had (a fixed tree, see `init`).
+        #: Ask for zero-message open where pyfuse3 and the kernel can (see `init`).
         self.zero_message_open = zero_message_open
         #: Zero-message open is in effect: `open` replies ENOSYS, the kernel then opens every file
         #: without asking (no OPEN, no RELEASE) and keeps its page cache across opens, and `read`
@@ -170,11 +170,9 @@ class ZarrfsOperations(pyfuse3.Operations):
             and self.fixed_tree
             and bool(getattr(pyfuse3, "no_opendir_support", False))
         )
-        self.no_open = (
-            self.zero_message_open
-            and self.fixed_tree
-            and bool(getattr(pyfuse3, "no_open_support", False))
-        )
+        # Every mount: a file's bytes never change while it is mounted (a draft stays pinned), so
+        # its page cache may be kept across opens, which zero-message open implies.
+        self.no_open = self.zero_message_open and bool(getattr(pyfuse3, "no_open_support", False))
         self.initialized.set()
 
     def attach(self, fs: Filesystem) -> None:

@@ -1,7 +1,7 @@
 """Read state for files the kernel opens without asking (FUSE's zero-message open).
 
-Owns: on a mount where the kernel sends READs with no OPEN before them and no RELEASE after (the
-version mount, where pyfuse3 and the kernel support it: `fuse_ops.ZarrfsOperations.no_open`), the
+Owns: on a mount where the kernel sends READs with no OPEN before them and no RELEASE after (where
+pyfuse3 and the kernel support it: `fuse_ops.ZarrfsOperations.no_open`), the
 readers those reads go through. A file has up to `config.STREAMS_PER_FILE` of them (*streams*), each
 an `OpenFile` with its own sequential prefetch, as separate descriptors had: several processes, or
 several descriptors of one process, may read one file at different places. A read goes to the
