@@ -6,8 +6,9 @@ operation, downwards only: an inode is a synthetic level of the archive (`synthe
 volume (`volumes`), whose namespace answers for its top-level tree and says which Zarr an inode inside
 one is in; that Zarr's view (`zarrs`, or `virtual_zarrs` for the virtual Zarr view of an HDF5 blob)
 answers for it. Also: a deadline on every operation that must wait (none is opened when the answer
-is in memory, which is nearly always), read statistics, and the log line naming the object whenever
-a read fails. Works in domain types and raises typed `ZarrfsError`s; knows nothing of pyfuse3, so it
+is in memory, which is nearly always), read statistics, the log line naming the object whenever
+a read fails, and reads of files the kernel opened without asking (`read_unopened`, through the
+readers `streams` keeps per file). Works in domain types and raises typed `ZarrfsError`s; knows nothing of pyfuse3, so it
 is tested by awaiting it directly. Never parses, never retries, never decides cache policy.
 
 Every operation answers within `config.READ_DEADLINE` or fails with EIO (a lookup never waits without
