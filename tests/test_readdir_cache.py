@@ -25,7 +25,7 @@ import pytest
 
 from conftest import Mounted, require
 from zarrfs import fuse_ops
-from zarrfs.config import KERNEL_READDIR_CACHE_ENV
+from zarrfs.config import KERNEL_READDIR_CACHE_ENV, ZERO_MESSAGE_OPEN_ENV
 from zarrfs.demo.sample import OME_PATH, V1, SampleDandiset
 from zarrfs.errors import DataError
 from zarrfs.faces.cli import build_parser, config_from_args
@@ -171,17 +171,30 @@ async def test_opendir_answers_a_plain_handle_on_stock_pyfuse3(
 
 
 @pytest.mark.parametrize(
-    ("value", "cached"), [(None, True), ("0", False), (" 0 ", False), ("1", True), ("", True)]
+    ("variable", "setting"),
+    [
+        (KERNEL_READDIR_CACHE_ENV, "kernel_readdir_cache"),
+        (ZERO_MESSAGE_OPEN_ENV, "zero_message_open"),  # tests/test_zero_message_open.py
+    ],
+)
+@pytest.mark.parametrize(
+    ("value", "on"), [(None, True), ("0", False), (" 0 ", False), ("1", True), ("", True)]
 )
 def test_the_environment_turns_the_request_off(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str | None, cached: bool
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    variable: str,
+    setting: str,
+    value: str | None,
+    on: bool,
 ) -> None:
+    """Each kernel feature's escape hatch: `0` turns it off, anything else leaves it on."""
     if value is None:
-        monkeypatch.delenv(KERNEL_READDIR_CACHE_ENV, raising=False)
+        monkeypatch.delenv(variable, raising=False)
     else:
-        monkeypatch.setenv(KERNEL_READDIR_CACHE_ENV, value)
+        monkeypatch.setenv(variable, value)
     args = build_parser().parse_args(["mount", "000123@0.251101.1200", str(tmp_path)])
-    assert config_from_args(args).kernel_readdir_cache is cached
+    assert getattr(config_from_args(args), setting) is on
 
 
 # --- real mounts ------------------------------------------------------------------------------

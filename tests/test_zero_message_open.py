@@ -7,6 +7,7 @@ file's inode, whose read state `Filesystem.read_unopened` keeps (`fs.streams`). 
 ENOSYS too, so no close waits for a FLUSH. `ZARRFS_ZERO_MESSAGE_OPEN=0` keeps OPEN and RELEASE. Every
 kind of mount uses it: a file's bytes never change while it is mounted (a draft stays pinned).
 
+The environment variable's parsing is tested with its sibling's in `test_readdir_cache.py`.
 Observers: the handlers awaited directly over a stand-in core, and the daemon's `--debug` log,
 where `fuse_ops` writes one line per open and per read request before answering it. The oracle
 for bytes is the sample's published files. Tests of a real zero-message mount need the patched
@@ -27,7 +28,6 @@ import pytest
 from conftest import Mounted, require
 from zarrfs.config import ZERO_MESSAGE_OPEN_ENV
 from zarrfs.demo.sample import V1, SampleDandiset
-from zarrfs.faces.cli import build_parser, config_from_args
 from zarrfs.fs.filesystem import OpenFile
 from zarrfs.fs.namespace import InlineFile
 from zarrfs.fuse_ops import ZarrfsOperations
@@ -127,20 +127,6 @@ async def test_flush_tells_the_kernel_to_stop_asking(monkeypatch: pytest.MonkeyP
     with pytest.raises(pyfuse3.FUSEError) as raised:
         await ops.flush(1)
     assert raised.value.errno == errno.ENOSYS
-
-
-@pytest.mark.parametrize(
-    ("value", "wanted"), [(None, True), ("0", False), (" 0 ", False), ("1", True), ("", True)]
-)
-def test_the_environment_turns_it_off(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str | None, wanted: bool
-) -> None:
-    if value is None:
-        monkeypatch.delenv(ZERO_MESSAGE_OPEN_ENV, raising=False)
-    else:
-        monkeypatch.setenv(ZERO_MESSAGE_OPEN_ENV, value)
-    args = build_parser().parse_args(["mount", "000123@0.251101.1200", str(tmp_path)])
-    assert config_from_args(args).zero_message_open is wanted
 
 
 # --- real mounts ------------------------------------------------------------------------------
