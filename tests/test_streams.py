@@ -322,12 +322,15 @@ async def test_opening_and_reading_an_unopened_file_share_one_deadline(
     assert await fs.read_unopened(ino, 0, 1000) == sample.versions[V1].files[path][:1000]
 
 
-async def test_two_sequential_readers_of_one_object_each_keep_their_prefetch(
-    autojump_clock: trio.abc.Clock,
+@pytest.mark.parametrize(("readers", "most_gets"), [(2, 12), (16, 80)])
+async def test_sequential_readers_of_one_object_each_keep_their_prefetch(
+    autojump_clock: trio.abc.Clock, readers: int, most_gets: int
 ) -> None:
-    """Two readers of one 32 MiB object, one from the start and one from the middle, their 1 MiB
-    reads alternating: each stream's run reaches its own prefetcher, so S3 sees a few long GETs;
-    one reader per file would see every read break the run and fetch 1 MiB at a time."""
+    """Readers of one 32 MiB object, each from its own place, their reads alternating (threads of a
+    job reading their parts of a blob): each keeps its own stream with the default limit, so each
+    run reaches its own prefetcher and S3 sees a few long GETs. One stream per file would see every
+    read break the run (2 readers: 33 GETs, a read each); 8 per file made 16 readers take over
+    each other's streams at every read (128 GETs, a read each, against 68)."""
     fake = FakeS3()
     stack = ReadStack(
         S3Reader(fake, S3Settings(max_concurrency=32)), memory_bytes=512 << 20, block_size=BLOCK
@@ -342,9 +345,10 @@ async def test_two_sequential_readers_of_one_object_each_keep_their_prefetch(
     async with trio.open_nursery() as nursery:
         stack.nursery = nursery
         streams = Streams(open_file, reopen)
-        half, step = SIZE // 2, 1 << 20
-        got = {0: b"", half: b""}
-        for offset in range(0, half, step):
+        part = SIZE // readers
+        step = min(1 << 20, part // 8)
+        got = {k * part: b"" for k in range(readers)}
+        for offset in range(0, part, step):
             for start in got:
 
                 async def through(handle: OpenFile, at: int = start + offset) -> bytes:
@@ -352,9 +356,9 @@ async def test_two_sequential_readers_of_one_object_each_keep_their_prefetch(
                     return await handle.reader.read(at, step)
 
                 got[start] += await streams.read(1, start + offset, through)
-        assert got[0] + got[half] == DATA
-        assert len(streams) == 2
-        assert len(fake.ranges) <= 12, fake.ranges
+        assert b"".join(got[k] for k in sorted(got)) == DATA
+        assert len(streams) == readers and streams.opened == readers
+        assert len(fake.ranges) <= most_gets, fake.ranges
         streams.close_all()
         assert len(streams) == 0 and stack.prefetch_budget.used == 0
         nursery.cancel_scope.cancel()

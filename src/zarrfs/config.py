@@ -56,11 +56,14 @@ PREFETCH_MEMORY_SHARE = 0.5
 PREFETCH_PART = 8 << 20
 #: Where the kernel opens files without asking (zero-message open, `fs.streams`): a file's reads go
 #: through at most this many readers, each with its own sequential prefetch (several processes, or
-#: several descriptors of one, reading one file at different places); a reader with no read in
+#: several descriptors of one, reading one file at different places: 16 threads of one job reading
+#: their parts of a blob took 0.43-0.72 s and 63-132 GETs with 8, against 0.39 s and 51-54 with a
+#: descriptor each, as every read beyond the eighth place restarted another's prefetch; benchmarks/
+#: RESULTS.md, "zero-message open"); a reader with no read in
 #: progress and none for this many seconds is closed at the next read (its prefetch stops and gives
 #: its budget back), as is the least recently read idle one beyond the mount's total. A RELEASE
 #: would have closed it; nothing comes instead.
-STREAMS_PER_FILE = 8
+STREAMS_PER_FILE = 64
 STREAM_IDLE_CLOSE = 5.0
 STREAMS_MAX = 1024
 #: Readahead across the chunk files of an array (`fs.readahead`): chunks fetched ahead of a reader

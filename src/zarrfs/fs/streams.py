@@ -122,7 +122,7 @@ class Streams:
         return stream
 
     def _continued(self, ino: int, offset: int) -> _Stream | None:
-        for stream in self._by_file.get(ino, ()):
+        for stream in reversed(self._by_file.get(ino, ())):  # the most recently read first
             reader = stream.handle.reader
             if reader is None or reader.continues(offset):
                 return stream
