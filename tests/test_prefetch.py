@@ -346,24 +346,25 @@ async def test_every_open_file_shares_one_budget(autojump_clock: trio.abc.Clock)
     assert budget.used == 0
 
 
+async def read_with_disk(fake: FakeS3, disk: DiskTier) -> Prefetcher:
+    """One sequential read of REF by a new mount (empty memory) over `disk`; its prefetcher."""
+    cache, budget = make(fake, disk=disk)
+    async with trio.open_nursery() as nursery:
+        disk.nursery = nursery
+        prefetcher = Prefetcher(REF, cache, budget, nursery)
+        assert await read_all(cache, prefetcher) == DATA
+        prefetcher.close()
+    return prefetcher
+
+
 async def test_prefetch_reads_blocks_the_disk_has(tmp_path: Path) -> None:
     # real time: the disk works in threads, and virtual time would jump past its stall timeout
     disk = DiskTier(DiskBlockCache(tmp_path, max_bytes=1 << 30, block_size=BLOCK), "bucket")
     first = FakeS3(latency=0.002, per_chunk=0.0)
-    cache, budget = make(first, disk=disk)
-    async with trio.open_nursery() as nursery:
-        disk.nursery = nursery
-        prefetcher = Prefetcher(REF, cache, budget, nursery)
-        assert await read_all(cache, prefetcher) == DATA
-        prefetcher.close()
+    await read_with_disk(first, disk)
     assert first.sent >= SIZE
     second = FakeS3(latency=0.002, per_chunk=0.0)  # a new mount: empty memory, the same disk
-    cache, budget = make(second, disk=disk)
-    async with trio.open_nursery() as nursery:
-        disk.nursery = nursery
-        prefetcher = Prefetcher(REF, cache, budget, nursery)
-        assert await read_all(cache, prefetcher) == DATA
-        prefetcher.close()
+    await read_with_disk(second, disk)
     assert second.ranges == []  # every block from disk, none from S3
 
 
@@ -380,19 +381,12 @@ async def test_a_reader_streaming_from_s3_stops_asking_the_disk(tmp_path: Path) 
         return await original(ref, indexes, block_size)
 
     disk.get_many = counting  # type: ignore[method-assign]
-    fake = FakeS3(latency=0.002, per_chunk=0.0)
-    cache, budget = make(fake, disk=disk)
-    async with trio.open_nursery() as nursery:
-        disk.nursery = nursery
-        prefetcher = Prefetcher(REF, cache, budget, nursery)
-        assert await read_all(cache, prefetcher) == DATA
-        segments = prefetcher.segments
-        prefetcher.close()
-    assert prefetcher.disk_empty and segments >= 4
+    prefetcher = await read_with_disk(FakeS3(latency=0.002, per_chunk=0.0), disk)
+    assert prefetcher.disk_empty and prefetcher.segments >= 4
     # the reader's own first reads and the segments already started when the first lookup came
     # back empty asked; the rest did not
     prefetch_lookups = [n for n in lookups if n > 4]  # a demand read asks for its 4 blocks
-    assert len(prefetch_lookups) < segments, (lookups, segments)
+    assert len(prefetch_lookups) < prefetcher.segments, (lookups, prefetcher.segments)
 
 
 class FlippingS3(FakeS3):
