@@ -65,7 +65,9 @@ def machine_info() -> list[tuple[str, str]]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     # The warm `find` rate depends on it (see patches/README.md).
-    cached = fuse_ops.kernel_readdir_cache_supported() and config.env_kernel_readdir_cache()
+    cached = fuse_ops.kernel_readdir_cache_supported() and config.env_switch(
+        config.KERNEL_READDIR_CACHE_ENV
+    )
     readdir_cache = "yes" if cached else "no"
     repo = Path(__file__).resolve().parent.parent
     try:

@@ -58,11 +58,11 @@ PREFETCH_PART = 8 << 20
 #: through at most this many readers, each with its own sequential prefetch (several processes, or
 #: several descriptors of one, reading one file at different places: 16 threads of one job reading
 #: their parts of a blob took 0.43-0.72 s and 63-132 GETs with 8, against 0.39 s and 51-54 with a
-#: descriptor each, as every read beyond the eighth place restarted another's prefetch; benchmarks/
-#: RESULTS.md, "zero-message open"); a reader with no read in
-#: progress and none for this many seconds is closed at the next read (its prefetch stops and gives
-#: its budget back), as is the least recently read idle one beyond the mount's total. A RELEASE
-#: would have closed it; nothing comes instead.
+#: descriptor each, as every read beyond the eighth place restarted another's prefetch;
+#: benchmarks/RESULTS.md, "zero-message open"); a reader with no read in progress and none for this
+#: many seconds is closed at the next read (its prefetch stops and gives its budget back), as is the
+#: least recently read idle one beyond the mount's total. A RELEASE would have closed it; nothing
+#: comes instead.
 STREAMS_PER_FILE = 64
 STREAM_IDLE_CLOSE = 5.0
 STREAMS_MAX = 1024
@@ -375,13 +375,6 @@ def env_endpoint_url() -> str | None:
 #: test suite exercise the stock-pyfuse3 path on a patched build, and rules the cache out when
 #: debugging. Any other value, or none, leaves the cache on where supported.
 KERNEL_READDIR_CACHE_ENV = "ZARRFS_KERNEL_READDIR_CACHE"
-
-
-def env_kernel_readdir_cache() -> bool:
-    """False when the environment turns kernel caching of directory listings off."""
-    return os.environ.get(KERNEL_READDIR_CACHE_ENV, "").strip() != "0"
-
-
 #: Environment variable that, set to `0`, keeps a mount from asking the kernel to open
 #: files without a request (FUSE's zero-message open, `fuse_ops.ZarrfsOperations.no_open`) even
 #: where pyfuse3 and the kernel support it. Like `KERNEL_READDIR_CACHE_ENV`, an escape hatch: the
@@ -389,9 +382,10 @@ def env_kernel_readdir_cache() -> bool:
 ZERO_MESSAGE_OPEN_ENV = "ZARRFS_ZERO_MESSAGE_OPEN"
 
 
-def env_zero_message_open() -> bool:
-    """False when the environment turns zero-message open off."""
-    return os.environ.get(ZERO_MESSAGE_OPEN_ENV, "").strip() != "0"
+def env_switch(variable: str) -> bool:
+    """An escape hatch's state (`KERNEL_READDIR_CACHE_ENV`, `ZERO_MESSAGE_OPEN_ENV`): False when
+    `variable` is `0` (spaces aside), True for any other value or none."""
+    return os.environ.get(variable, "").strip() != "0"
 
 
 @dataclass(frozen=True, slots=True)

@@ -438,8 +438,8 @@ def config_from_args(args: argparse.Namespace) -> cfg.Config:
         consolidate=getattr(args, "consolidate", False),
         virtual_zarr=getattr(args, "virtual_zarr", False),
         metrics_port=_port(getattr(args, "metrics_port", None)),
-        kernel_readdir_cache=cfg.env_kernel_readdir_cache(),
-        zero_message_open=cfg.env_zero_message_open(),
+        kernel_readdir_cache=cfg.env_switch(cfg.KERNEL_READDIR_CACHE_ENV),
+        zero_message_open=cfg.env_switch(cfg.ZERO_MESSAGE_OPEN_ENV),
         read_ahead=_size("read ahead", getattr(args, "read_ahead", None), cfg.DEFAULT_READ_AHEAD),
     )
 
