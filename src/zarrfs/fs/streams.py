@@ -46,7 +46,7 @@ class _Stream:
 
     ino: int
     handle: OpenFile
-    last_read: float = 0.0  # when its last read started or ended
+    last_read: float = 0.0  # when its last read ended (or it was found busy by `_close_idle`)
     reading: int = 0  # reads in progress
 
 
@@ -101,7 +101,7 @@ class Streams:
             self._close(stream)
 
     async def _stream_for(self, ino: int, offset: int) -> _Stream:
-        self._close_idle(self._clock())
+        self._close_idle(self._clock())  # a busy stream is never closed: no stamp needed here
         stream = self._continued(ino, offset)
         if stream is None:
             if ino not in self._by_file:
@@ -113,7 +113,6 @@ class Streams:
                     handle.reader.close()
             else:
                 stream = self._place(ino, None)
-        stream.last_read = self._clock()
         self._recent.move_to_end(stream)
         streams = self._by_file[ino]
         if streams[-1] is not stream:
